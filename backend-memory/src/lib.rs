@@ -1,0 +1,707 @@
+//! An in-process broker for polybus that keeps the same contract as a real one.
+//!
+//! Not a channel: topics are named, retained logs; consumer groups are cursors
+//! with competing consumers inside a group and every group getting every message;
+//! a declared group keeps what is published before it subscribes; deliveries are
+//! leased until acked, released, or their ack deadline passes (keep-alives extend
+//! it), and are redelivered with a raised attempt count otherwise; a subscription
+//! that goes away (closed or dropped, as in a crash) gives its leases back at once;
+//! and each subscription holds at most its prefetch of unsettled deliveries.
+//!
+//! Unit tests use the helpers on [`MemoryBroker`]: what was published to a topic,
+//! and waiting until every delivery has been settled, so tests need no sleeps.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> polybus_core::Result<()> {
+//! use polybus_core::{Message, Producer};
+//! use polybus_memory::MemoryBroker;
+//!
+//! let broker = MemoryBroker::new();
+//! let conn = broker.connection();
+//! conn.producer.send("rides", Message::new("created")).await?;
+//! assert_eq!(broker.published("rides").len(), 1);
+//! # Ok(()) }
+//! ```
+//!
+//! The whole log is kept in memory for the broker's life: it is meant for tests
+//! and examples, not for unbounded streams.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use polybus_core::{
+    AckHandle, Acker, Capabilities, Connection, Consumer, Delivery, Error, Event, Message, Origin, Producer,
+    Result, StartFrom, SubscribeOptions, Subscription, names,
+};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Settings of an in-memory broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    /// How long a delivery stays leased without an ack, release or keep-alive
+    /// before it is redelivered (default 30 s).
+    pub ack_deadline: Duration,
+    /// The largest payload accepted, in bytes (default 1 MiB).
+    pub max_payload: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            ack_deadline: Duration::from_secs(30),
+            max_payload: 1024 * 1024,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// Sets the ack deadline.
+    pub fn ack_deadline(mut self, deadline: Duration) -> Self {
+        self.ack_deadline = deadline;
+        self
+    }
+
+    /// Sets the maximum payload.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+}
+
+/// A snapshot of one group's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct GroupStats {
+    /// Messages not yet delivered, or released and waiting for redelivery.
+    pub pending: usize,
+    /// Messages delivered and not yet settled.
+    pub unacked: usize,
+}
+
+/// An in-process broker. Cheap to clone; clones share the same topics.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Notify,
+    config: MemoryConfig,
+    ids: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    topics: HashMap<String, TopicLog>,
+    subs: HashMap<u64, SubState>,
+}
+
+#[derive(Default)]
+struct TopicLog {
+    messages: Vec<Message>,
+    groups: HashMap<String, Group>,
+}
+
+struct Group {
+    cursor: usize,
+    /// Released or expired deliveries, by sequence, with the earliest redelivery time.
+    redeliver: BTreeMap<usize, Instant>,
+    leases: HashMap<usize, Lease>,
+    deliveries: HashMap<usize, u32>,
+    anonymous: bool,
+}
+
+struct Lease {
+    sub: u64,
+    token: u64,
+    deadline: Instant,
+}
+
+struct SubState {
+    outstanding: usize,
+    prefetch: usize,
+}
+
+impl Group {
+    fn new(cursor: usize, anonymous: bool) -> Self {
+        Group {
+            cursor,
+            redeliver: BTreeMap::new(),
+            leases: HashMap::new(),
+            deliveries: HashMap::new(),
+            anonymous,
+        }
+    }
+
+    fn is_settled(&self, log_len: usize) -> bool {
+        self.cursor >= log_len && self.redeliver.is_empty() && self.leases.is_empty()
+    }
+}
+
+static NAMED: OnceLock<Mutex<HashMap<String, MemoryBroker>>> = OnceLock::new();
+
+/// Connects to the named in-process broker of a `memory://` or `memory://<name>`
+/// URL; every connect with the same name in one process shares one broker.
+pub fn connect(url: &str) -> Result<Connection> {
+    let name = url
+        .strip_prefix("memory://")
+        .ok_or_else(|| Error::InvalidConfig(format!("{url:?} is not a memory:// URL")))?;
+    let name = name.trim_end_matches('/');
+    let mut brokers = NAMED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let broker = brokers.entry(name.to_owned()).or_default().clone();
+    Ok(broker.connection())
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBroker {
+    /// A new, empty broker with the default settings.
+    pub fn new() -> Self {
+        Self::with_config(MemoryConfig::default())
+    }
+
+    /// A new, empty broker.
+    pub fn with_config(config: MemoryConfig) -> Self {
+        MemoryBroker {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+                config,
+                ids: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// A new producer.
+    pub fn producer(&self) -> MemoryProducer {
+        MemoryProducer {
+            shared: Arc::clone(&self.shared),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// A new consumer.
+    pub fn consumer(&self) -> MemoryConsumer {
+        MemoryConsumer {
+            shared: Arc::clone(&self.shared),
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A new producer and consumer.
+    pub fn connection(&self) -> Connection {
+        Connection {
+            producer: Arc::new(self.producer()),
+            consumer: Arc::new(self.consumer()),
+        }
+    }
+
+    /// What this broker promises.
+    pub fn capabilities(&self) -> Capabilities {
+        capabilities(&self.shared.config)
+    }
+
+    /// Every message published to `topic` so far, in publish order.
+    pub fn published(&self, topic: &str) -> Vec<Message> {
+        self.shared
+            .lock()
+            .topics
+            .get(topic)
+            .map(|t| t.messages.clone())
+            .unwrap_or_default()
+    }
+
+    /// The state of `group` on `topic`, if it exists.
+    pub fn group_stats(&self, topic: &str, group: &str) -> Option<GroupStats> {
+        let state = self.shared.lock();
+        let log = state.topics.get(topic)?;
+        let g = log.groups.get(group)?;
+        Some(GroupStats {
+            pending: log.messages.len().saturating_sub(g.cursor) + g.redeliver.len(),
+            unacked: g.leases.len(),
+        })
+    }
+
+    /// Whether `group` has nothing pending and nothing unacked on `topic`.
+    pub fn is_settled(&self, topic: &str, group: &str) -> bool {
+        self.group_stats(topic, group)
+            .is_some_and(|s| s.pending == 0 && s.unacked == 0)
+    }
+
+    /// Waits until every group of every topic has settled every message (or
+    /// `timeout` passes, which gives [`Error::Timeout`]).
+    pub async fn wait_until_settled(&self, timeout: Duration) -> Result<()> {
+        let until = Instant::now() + timeout;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let all_settled = {
+                let state = self.shared.lock();
+                state
+                    .topics
+                    .values()
+                    .all(|t| t.groups.values().all(|g| g.is_settled(t.messages.len())))
+            };
+            if all_settled {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return Err(Error::timeout("waiting for every delivery to be settled", timeout));
+            }
+        }
+    }
+}
+
+fn capabilities(config: &MemoryConfig) -> Capabilities {
+    let mut caps = Capabilities::new("memory", config.max_payload);
+    caps.ack_deadline = Some(config.ack_deadline);
+    caps.networked = false;
+    caps
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn declare_topic(state: &mut State, topic: &str) {
+        state.topics.entry(topic.to_owned()).or_default();
+    }
+
+    fn declare_group(state: &mut State, topic: &str, group: &str, start: StartFrom, anonymous: bool) {
+        let log = state.topics.entry(topic.to_owned()).or_default();
+        let len = log.messages.len();
+        log.groups.entry(group.to_owned()).or_insert_with(|| {
+            let cursor = match start {
+                StartFrom::Earliest => 0,
+                _ => len,
+            };
+            Group::new(cursor, anonymous)
+        });
+    }
+
+    /// Finds a lease by token and applies `f` to the group and lease.
+    fn with_lease(&self, target: &LeaseRef, f: impl FnOnce(&mut State, Instant)) -> bool {
+        let mut state = self.lock();
+        let owned = state
+            .topics
+            .get(&target.topic)
+            .and_then(|t| t.groups.get(&target.group))
+            .and_then(|g| g.leases.get(&target.seq))
+            .is_some_and(|l| l.token == target.token);
+        if owned {
+            f(&mut state, Instant::now());
+        }
+        drop(state);
+        if owned {
+            self.changed.notify_waiters();
+        }
+        owned
+    }
+}
+
+/// Sends messages to a [`MemoryBroker`].
+pub struct MemoryProducer {
+    shared: Arc<Shared>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for MemoryProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryProducer")
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Producer for MemoryProducer {
+    fn max_payload(&self) -> usize {
+        self.shared.config.max_payload
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("producer"));
+        }
+        self.shared
+            .lock()
+            .topics
+            .entry(topic.to_owned())
+            .or_default()
+            .messages
+            .push(message);
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Declares topics and groups on a [`MemoryBroker`] and subscribes to them.
+pub struct MemoryConsumer {
+    shared: Arc<Shared>,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for MemoryConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryConsumer")
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl MemoryConsumer {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed("consumer"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    fn capabilities(&self) -> Capabilities {
+        capabilities(&self.shared.config)
+    }
+
+    async fn declare_topic_unchecked(&self, topic: &str) -> Result<()> {
+        self.check_open()?;
+        let mut state = self.shared.lock();
+        Shared::declare_topic(&mut state, topic);
+        Shared::declare_topic(&mut state, &names::dead_letter_topic(topic));
+        Ok(())
+    }
+
+    async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        self.check_open()?;
+        Shared::declare_group(&mut self.shared.lock(), topic, group, start, false);
+        Ok(())
+    }
+
+    async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        self.check_open()?;
+        let id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
+        let group = options.group.clone().unwrap_or_else(|| format!("~anonymous-{id}"));
+        let mut state = self.shared.lock();
+        for topic in &options.topics {
+            Shared::declare_group(&mut state, topic, &group, options.start, options.group.is_none());
+        }
+        state.subs.insert(
+            id,
+            SubState {
+                outstanding: 0,
+                prefetch: options.prefetch.max(1),
+            },
+        );
+        drop(state);
+        Ok(Box::new(MemorySubscription {
+            shared: Arc::clone(&self.shared),
+            consumer_closed: Arc::clone(&self.closed),
+            id,
+            topics: options.topics,
+            group,
+            named_group: options.group,
+            turn: 0,
+            closed: false,
+        }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+struct MemorySubscription {
+    shared: Arc<Shared>,
+    consumer_closed: Arc<AtomicBool>,
+    id: u64,
+    topics: Vec<String>,
+    group: String,
+    named_group: Option<String>,
+    turn: usize,
+    closed: bool,
+}
+
+struct LeaseRef {
+    topic: String,
+    group: String,
+    seq: usize,
+    token: u64,
+}
+
+struct MemoryAck {
+    shared: Arc<Shared>,
+    lease: LeaseRef,
+}
+
+fn end_lease(state: &mut State, target: &LeaseRef) {
+    let Some(group) = state
+        .topics
+        .get_mut(&target.topic)
+        .and_then(|t| t.groups.get_mut(&target.group))
+    else {
+        return;
+    };
+    if let Some(lease) = group.leases.remove(&target.seq)
+        && let Some(sub) = state.subs.get_mut(&lease.sub)
+    {
+        sub.outstanding = sub.outstanding.saturating_sub(1);
+    }
+}
+
+#[async_trait]
+impl AckHandle for MemoryAck {
+    async fn ack(&self) -> Result<()> {
+        self.shared.with_lease(&self.lease, |state, _| {
+            end_lease(state, &self.lease);
+            if let Some(g) = state
+                .topics
+                .get_mut(&self.lease.topic)
+                .and_then(|t| t.groups.get_mut(&self.lease.group))
+            {
+                g.deliveries.remove(&self.lease.seq);
+            }
+        });
+        Ok(())
+    }
+
+    async fn release(&self, delay: Option<Duration>) -> Result<()> {
+        self.shared.with_lease(&self.lease, |state, now| {
+            end_lease(state, &self.lease);
+            if let Some(g) = state
+                .topics
+                .get_mut(&self.lease.topic)
+                .and_then(|t| t.groups.get_mut(&self.lease.group))
+            {
+                g.redeliver.insert(self.lease.seq, now + delay.unwrap_or_default());
+            }
+        });
+        Ok(())
+    }
+
+    async fn keep_alive(&self) -> Result<()> {
+        let extend = self.shared.config.ack_deadline;
+        self.shared.with_lease(&self.lease, |state, now| {
+            if let Some(lease) = state
+                .topics
+                .get_mut(&self.lease.topic)
+                .and_then(|t| t.groups.get_mut(&self.lease.group))
+                .and_then(|g| g.leases.get_mut(&self.lease.seq))
+            {
+                lease.deadline = now + extend;
+            }
+        });
+        Ok(())
+    }
+}
+
+impl MemorySubscription {
+    /// Takes the next available delivery, or tells when to look again.
+    fn try_take(&mut self) -> std::result::Result<Event, Option<Instant>> {
+        let now = Instant::now();
+        let mut guard = self.shared.lock();
+        let state = &mut *guard;
+        let mut wake: Option<Instant> = None;
+        // Expire overdue leases of every group this subscription reads.
+        for topic in &self.topics {
+            let Some(group) = state.topics.get_mut(topic).and_then(|t| t.groups.get_mut(&self.group)) else {
+                continue;
+            };
+            let expired: Vec<usize> = group
+                .leases
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in expired {
+                if let Some(lease) = group.leases.remove(&seq) {
+                    tracing::debug!(topic, group = %self.group, seq, "ack deadline passed; redelivering");
+                    if let Some(sub) = state.subs.get_mut(&lease.sub) {
+                        sub.outstanding = sub.outstanding.saturating_sub(1);
+                    }
+                    group.redeliver.insert(seq, now);
+                }
+            }
+            for lease in group.leases.values() {
+                wake = Some(wake.map_or(lease.deadline, |w| w.min(lease.deadline)));
+            }
+        }
+        let Some(sub) = state.subs.get(&self.id) else {
+            return Err(None);
+        };
+        if sub.outstanding >= sub.prefetch {
+            return Err(wake);
+        }
+        let n = self.topics.len();
+        for i in 0..n {
+            let index = (self.turn + i) % n;
+            let topic = &self.topics[index];
+            let Some(log) = state.topics.get_mut(topic) else {
+                continue;
+            };
+            let Some(group) = log.groups.get_mut(&self.group) else {
+                continue;
+            };
+            let redelivery = group
+                .redeliver
+                .iter()
+                .find(|(_, at)| **at <= now)
+                .map(|(seq, _)| *seq);
+            if redelivery.is_none()
+                && let Some(at) = group.redeliver.values().min()
+            {
+                wake = Some(wake.map_or(*at, |w| w.min(*at)));
+            }
+            let seq = match redelivery {
+                Some(seq) => {
+                    group.redeliver.remove(&seq);
+                    seq
+                }
+                None if group.cursor < log.messages.len() => {
+                    group.cursor += 1;
+                    group.cursor - 1
+                }
+                None => continue,
+            };
+            let token = self.shared.ids.fetch_add(1, Ordering::Relaxed);
+            group.leases.insert(
+                seq,
+                Lease {
+                    sub: self.id,
+                    token,
+                    deadline: now + self.shared.config.ack_deadline,
+                },
+            );
+            let attempt = group.deliveries.entry(seq).or_insert(0);
+            *attempt += 1;
+            let attempt = *attempt;
+            if let Some(sub) = state.subs.get_mut(&self.id) {
+                sub.outstanding += 1;
+            }
+            self.turn = index + 1;
+            let origin = Origin {
+                topic: topic.clone(),
+                group: self.named_group.clone(),
+                partition: None,
+                sequence: Some(seq as u64),
+            };
+            let delivery = Delivery::new(log.messages[seq].clone(), origin, attempt);
+            let acker = Acker::new(MemoryAck {
+                shared: Arc::clone(&self.shared),
+                lease: LeaseRef {
+                    topic: topic.clone(),
+                    group: self.group.clone(),
+                    seq,
+                    token,
+                },
+            });
+            return Ok(Event::Delivery(delivery, acker));
+        }
+        Err(wake)
+    }
+
+    /// Gives back every lease this subscription holds and forgets it.
+    fn leave(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let now = Instant::now();
+        let mut state = self.shared.lock();
+        state.subs.remove(&self.id);
+        for topic in &self.topics {
+            let Some(log) = state.topics.get_mut(topic) else {
+                continue;
+            };
+            if let Some(group) = log.groups.get_mut(&self.group) {
+                let mine: Vec<usize> = group
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.sub == self.id)
+                    .map(|(seq, _)| *seq)
+                    .collect();
+                for seq in mine {
+                    group.leases.remove(&seq);
+                    group.redeliver.insert(seq, now);
+                }
+                if group.anonymous {
+                    log.groups.remove(&self.group);
+                }
+            }
+        }
+        drop(state);
+        self.shared.changed.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl Subscription for MemorySubscription {
+    async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            if self.closed || self.consumer_closed.load(Ordering::Acquire) {
+                return None;
+            }
+            let shared = Arc::clone(&self.shared);
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.try_take() {
+                Ok(event) => return Some(Ok(event)),
+                Err(wake) => {
+                    let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep_until(wake) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.leave();
+        Ok(())
+    }
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}

@@ -1,0 +1,397 @@
+//! The backend interface: what each broker implements, kept small.
+//!
+//! A backend provides a [`Producer`] and a [`Consumer`]. The consumer opens a
+//! [`Subscription`] that yields [`Event`]s; each delivery comes with an [`Acker`]
+//! that settles it (ack, release, keep-alive). Everything else — concurrency,
+//! ordering lanes, retries, dead letters, shutdown — is the [`Runner`](crate::Runner)'s job,
+//! written once for all backends.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::message::{Delivery, Message};
+use crate::names;
+
+/// What a backend promises. The conformance suite runs or skips its cases by these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The backend's name (`"memory"`, `"kafka"`, …).
+    pub backend: &'static str,
+    /// Messages are redelivered until acknowledged (false for core NATS).
+    pub at_least_once: bool,
+    /// The largest payload `send` accepts, in bytes, after the library's headers.
+    pub max_payload: usize,
+    /// A new group can start from the earliest retained message.
+    pub replay: bool,
+    /// Messages published while no group is declared are kept (false on RabbitMQ).
+    pub retains_without_group: bool,
+    /// Acks are positions (Kafka offsets): on shutdown the runner drains what it
+    /// holds instead of releasing it.
+    pub positional_acks: bool,
+    /// The broker redelivers a held message after this long without an ack or a
+    /// keep-alive; the runner sends keep-alives well before it.
+    pub ack_deadline: Option<Duration>,
+    /// Per-key order holds across several instances of one group.
+    pub key_order_across_instances: bool,
+    /// `release` honours a delay.
+    pub delayed_release: bool,
+    /// The backend talks to a broker over the network (so "unreachable" means something).
+    pub networked: bool,
+}
+
+impl Capabilities {
+    /// Capabilities of an at-least-once backend with everything supported; adjust
+    /// the fields that differ.
+    pub fn new(backend: &'static str, max_payload: usize) -> Self {
+        Capabilities {
+            backend,
+            at_least_once: true,
+            max_payload,
+            replay: true,
+            retains_without_group: true,
+            positional_acks: false,
+            ack_deadline: None,
+            key_order_across_instances: false,
+            delayed_release: true,
+            networked: true,
+        }
+    }
+}
+
+/// Where a new consumer group starts. Applies only when the group is first declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// Only messages published after the group was declared (the default).
+    #[default]
+    Latest,
+    /// Every message the broker still retains for the topic.
+    Earliest,
+}
+
+/// What to subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// The topics to consume.
+    pub topics: Vec<String>,
+    /// The consumer group; `None` for a private, non-durable subscription.
+    pub group: Option<String>,
+    /// Where a group that does not exist yet starts.
+    pub start: StartFrom,
+    /// How many unsettled deliveries the backend may hand out at once.
+    pub prefetch: usize,
+}
+
+impl SubscribeOptions {
+    /// A subscription to `topic` in no group, starting at the latest message.
+    pub fn new(topic: impl Into<String>) -> Self {
+        SubscribeOptions {
+            topics: vec![topic.into()],
+            group: None,
+            start: StartFrom::Latest,
+            prefetch: 32,
+        }
+    }
+
+    /// Also consume `topic`.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topics.push(topic.into());
+        self
+    }
+
+    /// Consume as a member of `group`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Where a new group starts.
+    pub fn start(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// How many unsettled deliveries may be outstanding (at least 1).
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Checks every name against the portable grammar.
+    pub fn validate(&self) -> Result<()> {
+        if self.topics.is_empty() {
+            return Err(crate::Error::InvalidConfig(
+                "a subscription needs at least one topic".into(),
+            ));
+        }
+        for topic in &self.topics {
+            names::validate_topic(topic)?;
+        }
+        if let Some(group) = &self.group {
+            names::validate_group(group)?;
+        }
+        if self.prefetch == 0 {
+            return Err(crate::Error::InvalidConfig("prefetch must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Sends messages to a broker. Implemented by each backend.
+///
+/// Applications call [`send`](Producer::send) (and [`ProducerExt::send_json`]);
+/// backends implement [`publish`](Producer::publish), which `send` calls after
+/// checking the topic, headers and payload size the same way on every backend.
+#[async_trait]
+pub trait Producer: Send + Sync + 'static {
+    /// The largest payload this producer accepts, in bytes.
+    fn max_payload(&self) -> usize;
+
+    /// Backend hook: sends an already validated message. Resolves once the broker
+    /// has taken responsibility for it. Applications call [`send`](Producer::send).
+    async fn publish(&self, topic: &str, message: Message) -> Result<()>;
+
+    /// Waits until every message accepted so far has been taken by the broker.
+    async fn flush(&self) -> Result<()>;
+
+    /// Flushes, then closes. Later sends fail with [`Error::Closed`](crate::Error::Closed).
+    async fn close(&self) -> Result<()>;
+
+    /// Sends `message` to `topic`; resolves when the broker has taken it.
+    ///
+    /// Fails with a typed error, before anything reaches the broker, for a bad
+    /// topic name, a header outside the portable grammar or a payload over
+    /// [`max_payload`](Producer::max_payload).
+    async fn send(&self, topic: &str, message: Message) -> Result<()> {
+        message.validate(topic, self.max_payload())?;
+        self.publish(topic, message).await
+    }
+
+    /// Sends many messages, pipelined; resolves when the broker has taken all of
+    /// them. Every message is validated before any is sent.
+    async fn send_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        let max = self.max_payload();
+        for message in &messages {
+            message.validate(topic, max)?;
+        }
+        let sends = messages.into_iter().map(|m| self.publish(topic, m));
+        futures::future::try_join_all(sends).await.map(|_| ())
+    }
+}
+
+/// Conveniences for every [`Producer`].
+#[async_trait]
+pub trait ProducerExt: Producer {
+    /// Sends `value` as a JSON payload.
+    async fn send_json<T: Serialize + Sync + ?Sized>(&self, topic: &str, value: &T) -> Result<()> {
+        self.send(topic, Message::json(value)?).await
+    }
+
+    /// Sends `value` as a JSON payload with an ordering key.
+    async fn send_json_keyed<T: Serialize + Sync + ?Sized>(
+        &self,
+        topic: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<()> {
+        self.send(topic, Message::json(value)?.with_key(key)).await
+    }
+}
+
+impl<P: Producer + ?Sized> ProducerExt for P {}
+
+/// Declares topics and groups and opens subscriptions. Implemented by each backend.
+///
+/// As with [`Producer`], applications call the provided methods, which check
+/// names the same way everywhere, and backends implement the `*_unchecked` hooks.
+#[async_trait]
+pub trait Consumer: Send + Sync + 'static {
+    /// What this backend promises.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Backend hook: creates the topic and its `<topic>.dlq` if they are missing.
+    async fn declare_topic_unchecked(&self, topic: &str) -> Result<()>;
+
+    /// Backend hook: creates the group if it is missing, starting at `start`; from
+    /// then on it keeps every message published to the topic.
+    async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom)
+    -> Result<()>;
+
+    /// Backend hook: opens a subscription; returns once it is ready to receive.
+    async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>>;
+
+    /// Closes the consumer's connections. Open subscriptions end.
+    async fn close(&self) -> Result<()>;
+
+    /// Creates `topic` (and its dead-letter topic) if missing.
+    async fn declare_topic(&self, topic: &str) -> Result<()> {
+        names::validate_topic(topic)?;
+        self.declare_topic_unchecked(topic).await
+    }
+
+    /// Creates `group` on `topic` if missing. Declaring fixes the group's start:
+    /// it keeps every message published from then on, even before its first
+    /// subscriber connects. `start` applies only to a new group.
+    async fn declare_group(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        names::validate_topic(topic)?;
+        names::validate_group(group)?;
+        self.declare_group_unchecked(topic, group, start).await
+    }
+
+    /// Opens a subscription (declaring its group if needed); returns once ready.
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        options.validate()?;
+        self.subscribe_unchecked(options).await
+    }
+}
+
+/// A partition of a topic, on brokers that have them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Partition {
+    /// The topic.
+    pub topic: String,
+    /// The partition number.
+    pub partition: i32,
+}
+
+/// What a subscription yields.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A message to handle, and the handle that settles it.
+    Delivery(Delivery, Acker),
+    /// Partitions were assigned to this subscription.
+    Assigned(Vec<Partition>),
+    /// Partitions were taken away; held deliveries from them should not be acked
+    /// any more (they are released by the runner and redelivered elsewhere).
+    Revoked(Vec<Partition>),
+}
+
+/// An open subscription. Owned by one runner (or test).
+///
+/// Dropping it without [`close`](Subscription::close) is a crash: nothing more is
+/// settled and the broker redelivers what was not acknowledged.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next event, or `None` once the subscription has ended.
+    ///
+    /// Must be cancel-safe: if the future is dropped before it completes, no
+    /// delivery is lost (the runner polls it inside `select!`).
+    async fn next(&mut self) -> Option<Result<Event>>;
+
+    /// Graceful close: gives back deliveries fetched but not yet yielded, commits
+    /// what was acked, leaves the group and closes the connection.
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// Backend hook behind an [`Acker`]: settles one delivery.
+#[async_trait]
+pub trait AckHandle: Send + Sync + 'static {
+    /// Acknowledges: the broker will not deliver it to this group again.
+    async fn ack(&self) -> Result<()>;
+    /// Gives it back for redelivery, at once or after `delay`.
+    async fn release(&self, delay: Option<Duration>) -> Result<()>;
+    /// Extends the broker's ack deadline for a delivery still held.
+    async fn keep_alive(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Settles one delivery. Settling is idempotent: only the first `ack` or `release`
+/// reaches the broker, later ones (and keep-alives after settling) do nothing.
+pub struct Acker {
+    handle: Box<dyn AckHandle>,
+    settled: AtomicBool,
+}
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acker")
+            .field("settled", &self.is_settled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acker {
+    /// Wraps a backend's settlement handle.
+    pub fn new(handle: impl AckHandle) -> Self {
+        Acker {
+            handle: Box::new(handle),
+            settled: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `ack` or `release` has been called.
+    pub fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+
+    fn settle_once(&self) -> bool {
+        !self.settled.swap(true, Ordering::AcqRel)
+    }
+
+    /// Acknowledges the delivery (once).
+    pub async fn ack(&self) -> Result<()> {
+        if self.settle_once() {
+            self.handle.ack().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Gives the delivery back for redelivery (once), optionally after `delay`.
+    pub async fn release(&self, delay: Option<Duration>) -> Result<()> {
+        if self.settle_once() {
+            self.handle.release(delay).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Extends the ack deadline while the delivery is held; nothing once settled.
+    pub async fn keep_alive(&self) -> Result<()> {
+        if self.is_settled() {
+            Ok(())
+        } else {
+            self.handle.keep_alive().await
+        }
+    }
+}
+
+/// A producer and a consumer for one broker.
+#[derive(Clone)]
+pub struct Connection {
+    /// Sends messages.
+    pub producer: Arc<dyn Producer>,
+    /// Declares topics and groups, opens subscriptions.
+    pub consumer: Arc<dyn Consumer>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("backend", &self.consumer.capabilities().backend)
+            .finish()
+    }
+}
+
+impl Connection {
+    /// A runner on this connection (dead letters go through its producer).
+    pub fn runner(&self) -> crate::Runner {
+        crate::Runner::new(Arc::clone(&self.consumer), Arc::clone(&self.producer))
+    }
+
+    /// Flushes and closes the producer, then closes the consumer.
+    pub async fn close(&self) -> Result<()> {
+        let produced = self.producer.close().await;
+        let consumed = self.consumer.close().await;
+        produced.and(consumed)
+    }
+}

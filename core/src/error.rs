@@ -1,0 +1,200 @@
+//! The one public error type of polybus.
+
+use std::time::Duration;
+
+/// A boxed error from a backend's client library, kept as the `source` of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Shorthand for `Result<T, polybus_core::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of name an [`Error::InvalidName`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NameKind {
+    /// A topic name.
+    Topic,
+    /// A consumer group name.
+    Group,
+}
+
+impl std::fmt::Display for NameKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NameKind::Topic => "topic",
+            NameKind::Group => "group",
+        })
+    }
+}
+
+/// Every error polybus returns, keyed by what it means rather than by backend.
+///
+/// Backends keep their own client errors private and map them into one of these
+/// variants, keeping the original as the [`source`](std::error::Error::source).
+/// Use [`Error::is_retryable`] to decide whether trying again can help; never match
+/// on the message text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker could not be reached, or the connection to it was lost.
+    #[error("connection to {backend} failed: {message}")]
+    Connection {
+        /// The backend that failed (`"kafka"`, `"rabbitmq"`, …).
+        backend: &'static str,
+        /// What went wrong, with credentials removed.
+        message: String,
+        /// The client library's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// An operation did not finish within its configured time.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// The operation that timed out.
+        operation: String,
+        /// The limit that ran out.
+        after: Duration,
+    },
+    /// A topic, group or other resource does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+    },
+    /// A topic or group name outside the portable grammar.
+    #[error("invalid {kind} name {name:?}: {reason}")]
+    InvalidName {
+        /// Topic or group.
+        kind: NameKind,
+        /// The rejected name.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A header key or value outside the portable grammar, or a reserved key.
+    #[error("invalid header {key:?}: {reason}")]
+    InvalidHeader {
+        /// The rejected key.
+        key: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A configuration value or URL that cannot work.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// A payload larger than the backend accepts.
+    #[error("payload of {size} bytes exceeds the maximum of {max} bytes")]
+    PayloadTooLarge {
+        /// The payload's size in bytes.
+        size: usize,
+        /// The backend's maximum payload in bytes.
+        max: usize,
+    },
+    /// The backend cannot do what was asked (see its capabilities).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The producer, consumer or subscription was closed.
+    #[error("{0} is closed")]
+    Closed(&'static str),
+    /// A payload could not be encoded or decoded (for example as JSON).
+    #[error("cannot {action} payload: {source}")]
+    Codec {
+        /// `"encode"` or `"decode"`.
+        action: &'static str,
+        /// The serializer's error.
+        #[source]
+        source: BoxError,
+    },
+    /// Any other failure of the backend's client or broker.
+    #[error("{backend} error: {message}")]
+    Backend {
+        /// The backend that failed.
+        backend: &'static str,
+        /// What went wrong, with credentials removed.
+        message: String,
+        /// Whether trying again may succeed.
+        retryable: bool,
+        /// The client library's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl Error {
+    /// Whether the same operation may succeed if tried again later.
+    ///
+    /// Lost connections, timeouts and transient broker errors are retryable; bad
+    /// names, bad configuration, oversized payloads, decode failures and closed
+    /// clients are not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connection { .. } | Error::Timeout { .. } => true,
+            Error::Backend { retryable, .. } => *retryable,
+            Error::NotFound { .. }
+            | Error::InvalidName { .. }
+            | Error::InvalidHeader { .. }
+            | Error::InvalidConfig(_)
+            | Error::PayloadTooLarge { .. }
+            | Error::Unsupported(_)
+            | Error::Closed(_)
+            | Error::Codec { .. } => false,
+        }
+    }
+
+    /// A [`Error::Connection`] without a source.
+    pub fn connection(backend: &'static str, message: impl Into<String>) -> Self {
+        Error::Connection {
+            backend,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A [`Error::Timeout`] for `operation` after `after`.
+    pub fn timeout(operation: impl Into<String>, after: Duration) -> Self {
+        Error::Timeout {
+            operation: operation.into(),
+            after,
+        }
+    }
+}
+
+/// Removes the password (and user) of a URL so it can appear in errors and logs.
+///
+/// `amqp://guest:secret@host:5672/%2f` becomes `amqp://***@host:5672/%2f`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryability_follows_meaning() {
+        assert!(Error::connection("kafka", "refused").is_retryable());
+        assert!(Error::timeout("send", Duration::from_secs(1)).is_retryable());
+        assert!(!Error::Closed("producer").is_retryable());
+        assert!(
+            !Error::PayloadTooLarge {
+                size: 2,
+                max: 1
+            }
+            .is_retryable()
+        );
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+}

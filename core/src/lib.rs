@@ -1,0 +1,34 @@
+//! The core of [polybus](https://docs.rs/polybus): traits, message types, errors,
+//! the runner and built-in middleware.
+//!
+//! Backend crates depend on this crate only; applications depend on the `polybus`
+//! facade, which re-exports everything here.
+//!
+//! * [`Producer`] and [`Consumer`] (with [`Subscription`] and [`Acker`]) are the
+//!   small backend interface.
+//! * [`Handler`]s (plain async functions and closures) and [`Middleware`]
+//!   (`middleware::from_fn`) are what applications write.
+//! * The [`Runner`] joins them and owns concurrency, ordering lanes, retries, dead
+//!   letters, backpressure, keep-alives and shutdown.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod backend;
+mod error;
+mod handler;
+mod message;
+pub mod middleware;
+pub mod names;
+mod runner;
+
+pub use backend::{
+    AckHandle, Acker, Capabilities, Connection, Consumer, Event, Partition, Producer, ProducerExt, StartFrom,
+    SubscribeOptions, Subscription,
+};
+pub use error::{BoxError, Error, NameKind, Result, redact_url};
+pub use handler::{FailureKind, Handler, HandlerError, HandlerResult};
+pub use message::{DeadLetter, Delivery, Headers, Message, Origin, dlq_headers};
+pub use middleware::{Middleware, Next, Pipeline, from_fn};
+pub use runner::{Order, RetryPolicy, RunHandle, Runner, ShutdownReport};
+pub use async_trait::async_trait;
+pub use bytes::Bytes;

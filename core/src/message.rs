@@ -1,0 +1,309 @@
+//! Messages going out and deliveries coming in.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::names::{self, RESERVED_PREFIX};
+
+/// Header keys of a dead-lettered message (reserved, see [`DeadLetter`]).
+pub mod dlq_headers {
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "polybus-dlq-reason";
+    /// The topic the message was originally consumed from.
+    pub const TOPIC: &str = "polybus-dlq-topic";
+    /// How many times the handler was attempted.
+    pub const ATTEMPTS: &str = "polybus-dlq-attempts";
+    /// The consumer group that gave up on the message, if any.
+    pub const GROUP: &str = "polybus-dlq-group";
+}
+
+/// Ordered string headers. Keys and values are checked against the portable
+/// grammar (see [`crate::names`]) when the message is sent.
+pub type Headers = BTreeMap<String, String>;
+
+/// An event to publish, or the body of a delivery.
+///
+/// Payload, key, user headers and id round-trip unchanged on every backend.
+///
+/// ```
+/// use polybus_core::Message;
+/// let msg = Message::new("hello").with_key("ride-42").with_header("source", "app");
+/// assert_eq!(msg.key.as_deref(), Some("ride-42"));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The payload bytes (may be empty, need not be UTF-8).
+    pub payload: Bytes,
+    /// The ordering key: messages with the same key keep their order.
+    pub key: Option<String>,
+    /// User headers. Keys starting with `polybus-` are rejected on send.
+    pub headers: Headers,
+    /// The library's own headers (`polybus-…`), such as dead-letter information.
+    /// Set by polybus, not by applications; not part of [`Message::headers`].
+    pub system_headers: Headers,
+    /// A unique id, a UUID v4 by default.
+    pub id: String,
+    /// When the message was created.
+    pub timestamp: SystemTime,
+}
+
+impl Message {
+    /// A message with this payload, a fresh id and the current time.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            payload: payload.into(),
+            key: None,
+            headers: Headers::new(),
+            system_headers: Headers::new(),
+            id: uuid::Uuid::new_v4().to_string(),
+            timestamp: SystemTime::now(),
+        }
+    }
+
+    /// A message whose payload is `value` as JSON.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        let payload = serde_json::to_vec(value).map_err(|e| Error::Codec {
+            action: "encode",
+            source: Box::new(e),
+        })?;
+        Ok(Message::new(payload))
+    }
+
+    /// Sets the ordering key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a user header.
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the id (by default a fresh UUID).
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Checks what a producer must check before sending: the topic name, the
+    /// header grammar, reserved keys, and the payload against `max_payload`.
+    pub fn validate(&self, topic: &str, max_payload: usize) -> Result<()> {
+        names::validate_topic(topic)?;
+        for (key, value) in &self.headers {
+            names::validate_header_key(key)?;
+            if key.starts_with(RESERVED_PREFIX) {
+                return Err(Error::InvalidHeader {
+                    key: key.clone(),
+                    reason: "keys starting with 'polybus-' are reserved",
+                });
+            }
+            names::validate_header_value(key, value)?;
+        }
+        for (key, value) in &self.system_headers {
+            names::validate_header_key(key)?;
+            if !key.starts_with(RESERVED_PREFIX) {
+                return Err(Error::InvalidHeader {
+                    key: key.clone(),
+                    reason: "system header keys must start with 'polybus-'",
+                });
+            }
+            names::validate_header_value(key, value)?;
+        }
+        if let Some(key) = &self.key {
+            names::validate_header_value("message key", key)?;
+        }
+        if self.id.is_empty() {
+            return Err(Error::InvalidHeader {
+                key: "message id".into(),
+                reason: "must not be empty",
+            });
+        }
+        names::validate_header_value("message id", &self.id)?;
+        if self.payload.len() > max_payload {
+            return Err(Error::PayloadTooLarge {
+                size: self.payload.len(),
+                max: max_payload,
+            });
+        }
+        Ok(())
+    }
+
+    /// Splits a flat header list as a broker returns it into user headers and
+    /// `polybus-` system headers. For backends.
+    pub fn split_headers(all: impl IntoIterator<Item = (String, String)>) -> (Headers, Headers) {
+        all.into_iter()
+            .partition(|(k, _)| !k.starts_with(RESERVED_PREFIX))
+    }
+}
+
+/// Where a delivery came from, as far as the broker tells.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Origin {
+    /// The topic it was published to.
+    pub topic: String,
+    /// The consumer group it was delivered to, if any.
+    pub group: Option<String>,
+    /// The partition, on partitioned brokers (Kafka).
+    pub partition: Option<i32>,
+    /// The position in the topic, partition or stream, where the broker has one.
+    pub sequence: Option<u64>,
+}
+
+#[derive(Debug)]
+struct DeliveryInner {
+    message: Message,
+    origin: Origin,
+}
+
+/// A message as a handler receives it: the message, where it came from, and which
+/// attempt this is. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    inner: Arc<DeliveryInner>,
+    attempt: u32,
+}
+
+impl Delivery {
+    /// A delivery of `message` from `origin`; `attempt` is the broker's delivery
+    /// count (1 on first delivery). For backends.
+    pub fn new(message: Message, origin: Origin, attempt: u32) -> Self {
+        Delivery {
+            inner: Arc::new(DeliveryInner { message, origin }),
+            attempt: attempt.max(1),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.inner.message
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.inner.message.payload
+    }
+
+    /// The key, if the message has one.
+    pub fn key(&self) -> Option<&str> {
+        self.inner.message.key.as_deref()
+    }
+
+    /// A user header's value.
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.inner.message.headers.get(key).map(String::as_str)
+    }
+
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.inner.message.id
+    }
+
+    /// The topic the message was published to.
+    pub fn topic(&self) -> &str {
+        &self.inner.origin.topic
+    }
+
+    /// Where the message came from.
+    pub fn origin(&self) -> &Origin {
+        &self.inner.origin
+    }
+
+    /// Which attempt this is, counting broker redeliveries and in-process retries;
+    /// 1 on the first.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// This delivery with another attempt number.
+    pub fn with_attempt(&self, attempt: u32) -> Self {
+        Delivery {
+            inner: Arc::clone(&self.inner),
+            attempt,
+        }
+    }
+
+    /// Decodes the payload as JSON.
+    ///
+    /// A payload that does not decode gives [`Error::Codec`], which is not
+    /// retryable: returned from a handler with `?`, it dead-letters the message.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.inner.message.payload).map_err(|e| Error::Codec {
+            action: "decode",
+            source: Box::new(e),
+        })
+    }
+
+    /// The dead-letter information, when this message was dead-lettered by polybus.
+    pub fn dead_letter(&self) -> Option<DeadLetter> {
+        let sys = &self.inner.message.system_headers;
+        Some(DeadLetter {
+            reason: sys.get(dlq_headers::REASON)?.clone(),
+            topic: sys.get(dlq_headers::TOPIC)?.clone(),
+            attempts: sys.get(dlq_headers::ATTEMPTS)?.parse().ok()?,
+            group: sys.get(dlq_headers::GROUP).cloned(),
+        })
+    }
+}
+
+/// Why and where from a message was dead-lettered (read from its `polybus-` headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The handler's error, or "too many attempts: …".
+    pub reason: String,
+    /// The topic it was consumed from.
+    pub topic: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// The group that consumed it.
+    pub group: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_rejects_reserved_and_oversized() {
+        let ok = Message::new("x").with_header("k", "v");
+        ok.validate("t", 10).unwrap();
+        assert!(matches!(
+            Message::new("x")
+                .with_header("polybus-x", "v")
+                .validate("t", 10),
+            Err(Error::InvalidHeader { .. })
+        ));
+        assert!(matches!(
+            Message::new(vec![0u8; 11]).validate("t", 10),
+            Err(Error::PayloadTooLarge { size: 11, max: 10 })
+        ));
+        assert!(matches!(
+            Message::new("x").validate("bad topic", 10),
+            Err(Error::InvalidName { .. })
+        ));
+    }
+
+    #[test]
+    fn json_decode_error_is_permanent() {
+        let d = Delivery::new(Message::new("not json"), Origin::default(), 1);
+        let err = d.json::<u32>().unwrap_err();
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn split_headers_separates_reserved() {
+        let (user, sys) = Message::split_headers([
+            ("a".to_string(), "1".to_string()),
+            ("polybus-id".to_string(), "2".to_string()),
+        ]);
+        assert_eq!(user.len(), 1);
+        assert_eq!(sys.len(), 1);
+    }
+}

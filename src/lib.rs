@@ -1,0 +1,94 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub use polybus_core::*;
+
+/// The in-process broker (feature `memory`, on by default).
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use polybus_memory as memory;
+
+/// Everything most applications need, for `use polybus::prelude::*`.
+pub mod prelude {
+    pub use polybus_core::{
+        Connection, Consumer, Delivery, HandlerError, HandlerResult, Message, Order, Producer, ProducerExt,
+        RetryPolicy, RunHandle, StartFrom,
+    };
+}
+
+/// Connects to the broker a URL names and returns its producer and consumer.
+///
+/// | scheme | backend | feature |
+/// |---|---|---|
+/// | `memory://` or `memory://<name>` | in-process broker (same name, same broker) | `memory` (default) |
+/// | `kafka://host:port,host:port` | Kafka | `kafka` (not yet available) |
+/// | `amqp://…`, `amqps://…` | RabbitMQ | `rabbitmq` (not yet available) |
+/// | `nats://host:port` | NATS | `nats` (not yet available) |
+///
+/// A scheme whose backend was not compiled in gives [`Error::InvalidConfig`]
+/// naming the feature to enable. Credentials in the URL never appear in errors.
+pub async fn connect(url: &str) -> Result<Connection> {
+    let Some((scheme, _rest)) = url.split_once("://") else {
+        return Err(Error::InvalidConfig(format!(
+            "{:?} is not a broker URL: expected <scheme>://…, e.g. memory:// or kafka://localhost:9092",
+            redact_url(url)
+        )));
+    };
+    let feature = match scheme {
+        "memory" => {
+            #[cfg(feature = "memory")]
+            {
+                return polybus_memory::connect(url);
+            }
+            #[cfg(not(feature = "memory"))]
+            "memory"
+        }
+        "kafka" => "kafka",
+        "amqp" | "amqps" => "rabbitmq",
+        "nats" => "nats",
+        other => {
+            return Err(Error::InvalidConfig(format!(
+                "unknown broker URL scheme {other:?}: expected memory, kafka, amqp, amqps or nats"
+            )));
+        }
+    };
+    Err(Error::InvalidConfig(format!(
+        "the {scheme}:// scheme needs the `{feature}` feature of polybus, which this build does not enable"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_and_missing_schemes_are_clear_errors() {
+        let err = connect("amqp://guest:secret@localhost:5672/%2f").await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("`rabbitmq` feature"), "{text}");
+        assert!(!text.contains("secret"));
+        assert!(matches!(connect("ftp://x").await, Err(Error::InvalidConfig(_))));
+        assert!(matches!(connect("localhost:9092").await, Err(Error::InvalidConfig(_))));
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn memory_urls_share_a_broker_by_name() {
+        let a = connect("memory://shared-by-name").await.unwrap();
+        let b = connect("memory://shared-by-name").await.unwrap();
+        a.consumer.declare_group("t", "g", StartFrom::Latest).await.unwrap();
+        a.producer.send("t", Message::new("x")).await.unwrap();
+        let mut sub = b
+            .consumer
+            .subscribe(SubscribeOptions::new("t").group("g"))
+            .await
+            .unwrap();
+        match sub.next().await {
+            Some(Ok(Event::Delivery(d, acker))) => {
+                assert_eq!(d.payload().as_ref(), b"x");
+                acker.ack().await.unwrap();
+            }
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+}
