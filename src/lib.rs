@@ -63,12 +63,17 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_and_missing_schemes_are_clear_errors() {
-        let err = connect("amqp://guest:secret@localhost:5672/%2f").await.unwrap_err();
+        let err = connect("amqp://guest:secret@localhost:5672/%2f")
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("`rabbitmq` feature"), "{text}");
         assert!(!text.contains("secret"));
         assert!(matches!(connect("ftp://x").await, Err(Error::InvalidConfig(_))));
-        assert!(matches!(connect("localhost:9092").await, Err(Error::InvalidConfig(_))));
+        assert!(matches!(
+            connect("localhost:9092").await,
+            Err(Error::InvalidConfig(_))
+        ));
     }
 
     #[cfg(feature = "memory")]
@@ -76,7 +81,10 @@ mod tests {
     async fn memory_urls_share_a_broker_by_name() {
         let a = connect("memory://shared-by-name").await.unwrap();
         let b = connect("memory://shared-by-name").await.unwrap();
-        a.consumer.declare_group("t", "g", StartFrom::Latest).await.unwrap();
+        a.consumer
+            .declare_group("t", "g", StartFrom::Latest)
+            .await
+            .unwrap();
         a.producer.send("t", Message::new("x")).await.unwrap();
         let mut sub = b
             .consumer

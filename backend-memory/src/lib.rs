@@ -269,7 +269,10 @@ impl MemoryBroker {
                 return Ok(());
             }
             if tokio::time::timeout_at(until, changed).await.is_err() {
-                return Err(Error::timeout("waiting for every delivery to be settled", timeout));
+                return Err(Error::timeout(
+                    "waiting for every delivery to be settled",
+                    timeout,
+                ));
             }
         }
     }
@@ -415,7 +418,10 @@ impl Consumer for MemoryConsumer {
     async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
         self.check_open()?;
         let id = self.shared.ids.fetch_add(1, Ordering::Relaxed);
-        let group = options.group.clone().unwrap_or_else(|| format!("~anonymous-{id}"));
+        let group = options
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("~anonymous-{id}"));
         let mut state = self.shared.lock();
         for topic in &options.topics {
             Shared::declare_group(&mut state, topic, &group, options.start, options.group.is_none());
@@ -509,7 +515,8 @@ impl AckHandle for MemoryAck {
                 .get_mut(&self.lease.topic)
                 .and_then(|t| t.groups.get_mut(&self.lease.group))
             {
-                g.redeliver.insert(self.lease.seq, now + delay.unwrap_or_default());
+                g.redeliver
+                    .insert(self.lease.seq, now + delay.unwrap_or_default());
             }
         });
         Ok(())
@@ -540,7 +547,11 @@ impl MemorySubscription {
         let mut wake: Option<Instant> = None;
         // Expire overdue leases of every group this subscription reads.
         for topic in &self.topics {
-            let Some(group) = state.topics.get_mut(topic).and_then(|t| t.groups.get_mut(&self.group)) else {
+            let Some(group) = state
+                .topics
+                .get_mut(topic)
+                .and_then(|t| t.groups.get_mut(&self.group))
+            else {
                 continue;
             };
             let expired: Vec<usize> = group

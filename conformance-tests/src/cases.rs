@@ -61,7 +61,12 @@ pub async fn roundtrip<H: Harness>(cx: Ctx<H>) -> CaseResult {
             .unwrap_or_else(|| panic!("unexpected message id {}", d.id()));
         assert_eq!(d.payload(), &original.payload, "payload of {}", d.id());
         assert_eq!(d.message().key, original.key, "key of {}", d.id());
-        assert_eq!(d.message().headers, original.headers, "user headers of {}", d.id());
+        assert_eq!(
+            d.message().headers,
+            original.headers,
+            "user headers of {}",
+            d.id()
+        );
         assert_eq!(d.topic(), topic);
     }
     assert_eq!(unique_ids(&got).len(), 100, "every message arrives");
@@ -75,8 +80,15 @@ pub async fn roundtrip<H: Harness>(cx: Ctx<H>) -> CaseResult {
 pub async fn edge_payloads<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let max = cx.caps().max_payload;
-    assert_eq!(conn.producer.max_payload(), max, "producer and capabilities agree");
-    assert!(max >= 512 * 1024, "the maximum payload is at least 512 KiB (it is {max})");
+    assert_eq!(
+        conn.producer.max_payload(),
+        max,
+        "producer and capabilities agree"
+    );
+    assert!(
+        max >= 512 * 1024,
+        "the maximum payload is at least 512 KiB (it is {max})"
+    );
     let topic = cx.topic(&conn, "edge").await?;
     let group = cx.group_name("g");
     conn.consumer
@@ -101,10 +113,7 @@ pub async fn edge_payloads<H: Harness>(cx: Ctx<H>) -> CaseResult {
     )
     .await?;
 
-    let over = conn
-        .producer
-        .send(&topic, Message::new(vec![7u8; max + 1]))
-        .await;
+    let over = conn.producer.send(&topic, Message::new(vec![7u8; max + 1])).await;
     assert!(
         matches!(over, Err(Error::PayloadTooLarge { size, max: m }) if size == max + 1 && m == max),
         "one byte over the maximum is PayloadTooLarge, got {over:?}"
@@ -123,7 +132,10 @@ pub async fn edge_payloads<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .producer
         .send(&topic, Message::new("x").with_header("k", "line\r\nbreak"))
         .await;
-    assert!(matches!(result, Err(Error::InvalidHeader { .. })), "CR/LF in a value: {result:?}");
+    assert!(
+        matches!(result, Err(Error::InvalidHeader { .. })),
+        "CR/LF in a value: {result:?}"
+    );
 
     let recorder = Recorder::new();
     let handle = cx.runner(&conn, &topic, &group).run(recorder.handler()).await?;
@@ -195,7 +207,9 @@ pub async fn concurrent_publishers<H: Harness>(cx: Ctx<H>) -> CaseResult {
         task.await??;
     }
     recorder
-        .wait_until("1000 distinct messages", cx.secs(60.0), |seen| unique_ids(seen).len() >= 1000)
+        .wait_until("1000 distinct messages", cx.secs(60.0), |seen| {
+            unique_ids(seen).len() >= 1000
+        })
         .await?;
     handle.shutdown(cx.secs(10.0)).await;
     let got = recorder.all();
@@ -248,9 +262,11 @@ pub async fn key_order_under_concurrency<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let peak = Arc::new(AtomicUsize::new(0));
     let recorder = Recorder::new();
     let handler = {
-        let (handled, in_flight, peak, recorder) = (handled.clone(), in_flight.clone(), peak.clone(), recorder.clone());
+        let (handled, in_flight, peak, recorder) =
+            (handled.clone(), in_flight.clone(), peak.clone(), recorder.clone());
         move |d: Delivery| {
-            let (handled, in_flight, peak, recorder) = (handled.clone(), in_flight.clone(), peak.clone(), recorder.clone());
+            let (handled, in_flight, peak, recorder) =
+                (handled.clone(), in_flight.clone(), peak.clone(), recorder.clone());
             async move {
                 let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
@@ -303,7 +319,10 @@ pub async fn key_order_across_retries<H: Harness>(cx: Ctx<H>) -> CaseResult {
             async move {
                 let seq = seq_of(&d);
                 if seq % 5 == 2 && d.attempt() < 3 {
-                    return Err(HandlerError::retryable(format!("flaky on attempt {}", d.attempt())));
+                    return Err(HandlerError::retryable(format!(
+                        "flaky on attempt {}",
+                        d.attempt()
+                    )));
                 }
                 handled
                     .lock()
@@ -323,8 +342,17 @@ pub async fn key_order_across_retries<H: Harness>(cx: Ctx<H>) -> CaseResult {
     recorder.wait_for(keys * per_key, cx.secs(60.0)).await?;
     let report = handle.shutdown(cx.secs(10.0)).await;
     assert_key_order(&handled.lock().unwrap(), keys, per_key);
-    assert_eq!(report.retried, (keys * 5 * 2) as u64, "each flaky message was retried twice");
-    assert!(recorder.all().iter().all(|d| seq_of(d) % 5 != 2 || d.attempt() == 3));
+    assert_eq!(
+        report.retried,
+        (keys * 5 * 2) as u64,
+        "each flaky message was retried twice"
+    );
+    assert!(
+        recorder
+            .all()
+            .iter()
+            .all(|d| seq_of(d) % 5 != 2 || d.attempt() == 3)
+    );
     Ok(Outcome::Passed)
 }
 
@@ -393,9 +421,17 @@ pub async fn ack_is_final<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let handle = cx.runner(&conn2, &topic, &group).run(second.handler()).await?;
     let marker = Message::new("marker").with_header("index", "999");
     conn2.producer.send(&topic, marker.clone()).await?;
-    second.wait_until("the marker", cx.secs(30.0), |seen| seen.iter().any(|d| d.id() == marker.id)).await?;
+    second
+        .wait_until("the marker", cx.secs(30.0), |seen| {
+            seen.iter().any(|d| d.id() == marker.id)
+        })
+        .await?;
     handle.shutdown(cx.secs(10.0)).await;
-    assert_eq!(second.ids(), vec![marker.id.clone()], "only the new message arrives after the restart");
+    assert_eq!(
+        second.ids(),
+        vec![marker.id.clone()],
+        "only the new message arrives after the restart"
+    );
     assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
     Ok(Outcome::Passed)
 }
@@ -443,7 +479,9 @@ async fn dead_letter_listener<H: Harness>(
 ) -> Result<(Recorder, polybus_core::RunHandle), Error> {
     let dlq = polybus_core::names::dead_letter_topic(topic);
     let group = cx.group_name("dlq");
-    conn.consumer.declare_group(&dlq, &group, StartFrom::Latest).await?;
+    conn.consumer
+        .declare_group(&dlq, &group, StartFrom::Latest)
+        .await?;
     let recorder = Recorder::new();
     let handle = cx.runner(conn, &dlq, &group).run(recorder.handler()).await?;
     Ok((recorder, handle))
@@ -476,7 +514,12 @@ pub async fn permanent_error_dead_letters<H: Harness>(cx: Ctx<H>) -> CaseResult 
         }
     };
     let handle = cx.runner(&conn, &topic, &group).run(handler).await?;
-    let sent = publish(&conn, &topic, (0..5).map(|i| numbered("perm", i).with_key("k")).collect()).await?;
+    let sent = publish(
+        &conn,
+        &topic,
+        (0..5).map(|i| numbered("perm", i).with_key("k")).collect(),
+    )
+    .await?;
     handled.wait_for(4, cx.secs(30.0)).await?;
     let dead_letters = dead.wait_for(1, cx.secs(30.0)).await?;
     let report = handle.shutdown(cx.secs(10.0)).await;
@@ -484,7 +527,11 @@ pub async fn permanent_error_dead_letters<H: Harness>(cx: Ctx<H>) -> CaseResult 
     let d = &dead_letters[0];
     assert_eq!(d.id(), sent[1].id);
     assert_eq!(d.payload(), &sent[1].payload);
-    assert_eq!(d.message().headers, sent[1].headers, "user headers survive; polybus- ones are not among them");
+    assert_eq!(
+        d.message().headers,
+        sent[1].headers,
+        "user headers survive; polybus- ones are not among them"
+    );
     let info = d.dead_letter().expect("dead-letter headers");
     assert!(info.reason.contains("malformed ride"), "reason: {}", info.reason);
     assert_eq!(info.topic, topic);
@@ -529,7 +576,11 @@ pub async fn max_attempts_then_dead_letter<H: Harness>(cx: Ctx<H>) -> CaseResult
     dlq_handle.shutdown(cx.secs(10.0)).await;
     let info = dead_letters[0].dead_letter().expect("dead-letter headers");
     assert_eq!(info.attempts, 3);
-    assert!(info.reason.contains("dependency down") && info.reason.contains("3 attempts"), "{}", info.reason);
+    assert!(
+        info.reason.contains("dependency down") && info.reason.contains("3 attempts"),
+        "{}",
+        info.reason
+    );
     let attempts: Vec<u32> = calls.all().iter().map(Delivery::attempt).collect();
     assert_eq!(attempts, vec![1, 2, 3]);
     assert_eq!((report.retried, report.dead_lettered, report.handled), (2, 1, 0));
@@ -637,7 +688,10 @@ pub async fn crashed_consumer_work_is_redelivered<H: Harness>(cx: Ctx<H>) -> Cas
         .await?;
     b.shutdown(cx.secs(10.0)).await;
     let b_ids: HashSet<String> = b_seen.ids().into_iter().collect();
-    assert!(stuck.is_subset(&b_ids), "the stuck messages were redelivered to B");
+    assert!(
+        stuck.is_subset(&b_ids),
+        "the stuck messages were redelivered to B"
+    );
     let duplicates = b_ids.intersection(&a_ids).count() + (b_seen.len() - b_ids.len());
     crate::loud(&format!(
         "INFO {}: {} duplicates after the crash ({} acked by A, {} handled by B)",
@@ -736,7 +790,14 @@ pub async fn competing_consumers_share_work<H: Harness>(cx: Ctx<H>) -> CaseResul
         .concurrency(4)
         .run(slow(all.clone(), rec_b.clone()))
         .await?;
-    let sent = publish(&conn_a, &topic, (0..200).map(|i| numbered("compete", i).with_key(format!("k{}", i % 20))).collect()).await?;
+    let sent = publish(
+        &conn_a,
+        &topic,
+        (0..200)
+            .map(|i| numbered("compete", i).with_key(format!("k{}", i % 20)))
+            .collect(),
+    )
+    .await?;
     all.wait_for(200, cx.secs(60.0)).await?;
     a.shutdown(cx.secs(10.0)).await;
     b.shutdown(cx.secs(10.0)).await;
@@ -744,7 +805,12 @@ pub async fn competing_consumers_share_work<H: Harness>(cx: Ctx<H>) -> CaseResul
     assert_eq!(got.len(), 200, "none handled twice");
     let expected: HashSet<String> = sent.iter().map(|m| m.id.clone()).collect();
     assert_eq!(unique_ids(&got), expected);
-    assert!(!rec_a.is_empty() && !rec_b.is_empty(), "both consumers got work ({} / {})", rec_a.len(), rec_b.len());
+    assert!(
+        !rec_a.is_empty() && !rec_b.is_empty(),
+        "both consumers got work ({} / {})",
+        rec_a.len(),
+        rec_b.len()
+    );
     Ok(Outcome::Passed)
 }
 
@@ -802,7 +868,11 @@ pub async fn replay_from_earliest<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let all: HashSet<String> = old.iter().chain(&new).map(|m| m.id.clone()).collect();
     assert_eq!(unique_ids(&r_early.all()), all, "earliest replays everything");
     let new_ids: HashSet<String> = new.iter().map(|m| m.id.clone()).collect();
-    assert_eq!(unique_ids(&r_late.all()), new_ids, "latest sees only what came after");
+    assert_eq!(
+        unique_ids(&r_late.all()),
+        new_ids,
+        "latest sees only what came after"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -838,7 +908,12 @@ pub async fn keep_alive_holds_slow_handlers<H: Harness>(cx: Ctx<H>) -> CaseResul
         .order(Order::ByKey)
         .run(handler)
         .await?;
-    publish(&conn, &topic, (0..2).map(|i| numbered("ka", i).with_key("same")).collect()).await?;
+    publish(
+        &conn,
+        &topic,
+        (0..2).map(|i| numbered("ka", i).with_key("same")).collect(),
+    )
+    .await?;
     calls.wait_for(2, deadline * 10 + cx.secs(10.0)).await?;
     let report = handle.shutdown(deadline * 4 + cx.secs(10.0)).await;
     let attempts: Vec<u32> = calls.all().iter().map(Delivery::attempt).collect();
@@ -880,7 +955,11 @@ pub async fn graceful_drain<H: Harness>(cx: Ctx<H>) -> CaseResult {
     publish(&conn, &topic, (0..4).map(|i| numbered("drain", i)).collect()).await?;
     started.wait_for(4, cx.secs(30.0)).await?;
     let report = handle.shutdown(cx.secs(20.0)).await;
-    assert_eq!(finished.len(), 4, "every in-flight handler finished before shutdown returned");
+    assert_eq!(
+        finished.len(),
+        4,
+        "every in-flight handler finished before shutdown returned"
+    );
     assert_eq!((report.handled, report.abandoned), (4, 0));
     assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
     Ok(Outcome::Passed)
@@ -924,7 +1003,11 @@ pub async fn no_handler_after_shutdown<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let count = started.len();
     // A negative check: give a stray handler a moment to show itself.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(late.load(Ordering::SeqCst), 0, "a handler started after shutdown returned");
+    assert_eq!(
+        late.load(Ordering::SeqCst),
+        0,
+        "a handler started after shutdown returned"
+    );
     assert_eq!(started.len(), count);
     assert!(handle.is_finished());
     Ok(Outcome::Passed)
@@ -963,7 +1046,10 @@ pub async fn shutdown_deadline_cancels_stuck_handlers<H: Harness>(cx: Ctx<H>) ->
     let began = tokio::time::Instant::now();
     let report = handle.shutdown(deadline).await;
     let took = began.elapsed();
-    assert!(took < deadline + cx.secs(5.0), "shutdown returned {took:?} after a {deadline:?} deadline");
+    assert!(
+        took < deadline + cx.secs(5.0),
+        "shutdown returned {took:?} after a {deadline:?} deadline"
+    );
     assert_eq!((report.abandoned, report.handled), (2, 0));
 
     let conn2 = cx.connect().await?;
@@ -972,7 +1058,11 @@ pub async fn shutdown_deadline_cancels_stuck_handlers<H: Harness>(cx: Ctx<H>) ->
     next.wait_for(2, cx.secs(30.0)).await?;
     handle2.shutdown(cx.secs(10.0)).await;
     let expected: HashSet<String> = sent.iter().map(|m| m.id.clone()).collect();
-    assert_eq!(unique_ids(&next.all()), expected, "the cancelled messages were redelivered");
+    assert_eq!(
+        unique_ids(&next.all()),
+        expected,
+        "the cancelled messages were redelivered"
+    );
     assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
     Ok(Outcome::Passed)
 }
@@ -997,7 +1087,10 @@ pub async fn shutdown_is_idempotent<H: Harness>(cx: Ctx<H>) -> CaseResult {
     });
     let reports = futures::future::try_join_all(calls).await?;
     let again = handle.shutdown(timeout).await;
-    assert!(reports.iter().all(|r| *r == again), "every caller gets the same report");
+    assert!(
+        reports.iter().all(|r| *r == again),
+        "every caller gets the same report"
+    );
     assert_eq!(again.handled, 10);
     assert!(handle.is_finished());
     Ok(Outcome::Passed)
@@ -1029,14 +1122,21 @@ pub async fn producer_close_flushes<H: Harness>(cx: Ctx<H>) -> CaseResult {
     }
     conn.producer.close().await?;
     let after = conn.producer.send(&topic, numbered("close", 99)).await;
-    assert!(matches!(after, Err(Error::Closed(_))), "send after close: {after:?}");
+    assert!(
+        matches!(after, Err(Error::Closed(_))),
+        "send after close: {after:?}"
+    );
     assert!(!after.unwrap_err().is_retryable());
     let conn2 = cx.connect().await?;
     let recorder = Recorder::new();
     let handle = cx.runner(&conn2, &topic, &group).run(recorder.handler()).await?;
     recorder.wait_for(20, cx.secs(30.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
-    assert_eq!(unique_ids(&recorder.all()), accepted, "everything accepted before close arrives");
+    assert_eq!(
+        unique_ids(&recorder.all()),
+        accepted,
+        "everything accepted before close arrives"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -1102,8 +1202,14 @@ pub async fn unreachable_broker_errors_in_time<H: Harness>(cx: Ctx<H>) -> CaseRe
         Err(_) => panic!("no error within {:?}: the client hangs", timeout * 3),
         Ok(Ok(_)) => panic!("connecting to an unreachable broker succeeded"),
         Ok(Err(e)) => {
-            assert!(e.is_retryable(), "an unreachable broker is a retryable error: {e}");
-            assert!(took < timeout + cx.secs(2.0), "the error took {took:?} with a {timeout:?} timeout");
+            assert!(
+                e.is_retryable(),
+                "an unreachable broker is a retryable error: {e}"
+            );
+            assert!(
+                took < timeout + cx.secs(2.0),
+                "the error took {took:?} with a {timeout:?} timeout"
+            );
         }
     }
     Ok(Outcome::Passed)
@@ -1115,23 +1221,62 @@ pub async fn invalid_names_are_rejected<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let good = cx.topic(&conn, "names").await?;
     let too_long = "t".repeat(121);
-    for bad in ["", "has space", "slash/name", "ünïcode", "star*", too_long.as_str()] {
+    for bad in [
+        "",
+        "has space",
+        "slash/name",
+        "ünïcode",
+        "star*",
+        too_long.as_str(),
+    ] {
         let declared = conn.consumer.declare_topic(bad).await;
         assert!(
-            matches!(&declared, Err(Error::InvalidName { kind: NameKind::Topic, .. })),
+            matches!(
+                &declared,
+                Err(Error::InvalidName {
+                    kind: NameKind::Topic,
+                    ..
+                })
+            ),
             "declare_topic({bad:?}): {declared:?}"
         );
         let sent = conn.producer.send(bad, Message::new("x")).await;
-        assert!(matches!(&sent, Err(Error::InvalidName { kind: NameKind::Topic, .. })), "send to {bad:?}");
+        assert!(
+            matches!(
+                &sent,
+                Err(Error::InvalidName {
+                    kind: NameKind::Topic,
+                    ..
+                })
+            ),
+            "send to {bad:?}"
+        );
         let group = conn.consumer.declare_group(&good, bad, StartFrom::Latest).await;
         assert!(
-            matches!(&group, Err(Error::InvalidName { kind: NameKind::Group, .. })),
+            matches!(
+                &group,
+                Err(Error::InvalidName {
+                    kind: NameKind::Group,
+                    ..
+                })
+            ),
             "declare_group(.., {bad:?}): {group:?}"
         );
         let sub = conn.consumer.subscribe(SubscribeOptions::new(bad)).await;
-        assert!(matches!(&sub, Err(Error::InvalidName { .. })), "subscribe to {bad:?}");
-        let run = conn.runner().topic(&good).group(bad).run(Recorder::new().handler()).await;
-        assert!(matches!(&run, Err(Error::InvalidName { .. })), "runner in group {bad:?}");
+        assert!(
+            matches!(&sub, Err(Error::InvalidName { .. })),
+            "subscribe to {bad:?}"
+        );
+        let run = conn
+            .runner()
+            .topic(&good)
+            .group(bad)
+            .run(Recorder::new().handler())
+            .await;
+        assert!(
+            matches!(&run, Err(Error::InvalidName { .. })),
+            "runner in group {bad:?}"
+        );
     }
     let message = Error::InvalidName {
         kind: NameKind::Topic,

@@ -5,7 +5,7 @@
 //! broker-side "drained" probe, …) and expands every case into its own test with
 //! [`conformance_suite!`]:
 //!
-//! ```ignore
+//! ```text
 //! polybus_conformance::conformance_suite!(MyBackendHarness);
 //! ```
 //!
@@ -256,7 +256,7 @@ where
 
 /// Expands every conformance case into a `#[test]` for the harness type given.
 ///
-/// ```ignore
+/// ```text
 /// polybus_conformance::conformance_suite!(MemoryHarness);
 /// ```
 #[macro_export]

@@ -221,8 +221,7 @@ pub trait Consumer: Send + Sync + 'static {
 
     /// Backend hook: creates the group if it is missing, starting at `start`; from
     /// then on it keeps every message published to the topic.
-    async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom)
-    -> Result<()>;
+    async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()>;
 
     /// Backend hook: opens a subscription; returns once it is ready to receive.
     async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>>;

@@ -180,13 +180,7 @@ mod tests {
         assert!(Error::connection("kafka", "refused").is_retryable());
         assert!(Error::timeout("send", Duration::from_secs(1)).is_retryable());
         assert!(!Error::Closed("producer").is_retryable());
-        assert!(
-            !Error::PayloadTooLarge {
-                size: 2,
-                max: 1
-            }
-            .is_retryable()
-        );
+        assert!(!Error::PayloadTooLarge { size: 2, max: 1 }.is_retryable());
     }
 
     #[test]

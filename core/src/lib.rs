@@ -21,14 +21,14 @@ pub mod middleware;
 pub mod names;
 mod runner;
 
+pub use async_trait::async_trait;
 pub use backend::{
     AckHandle, Acker, Capabilities, Connection, Consumer, Event, Partition, Producer, ProducerExt, StartFrom,
     SubscribeOptions, Subscription,
 };
+pub use bytes::Bytes;
 pub use error::{BoxError, Error, NameKind, Result, redact_url};
 pub use handler::{FailureKind, Handler, HandlerError, HandlerResult};
 pub use message::{DeadLetter, Delivery, Headers, Message, Origin, dlq_headers};
 pub use middleware::{Middleware, Next, Pipeline, from_fn};
 pub use runner::{Order, RetryPolicy, RunHandle, Runner, ShutdownReport};
-pub use async_trait::async_trait;
-pub use bytes::Bytes;

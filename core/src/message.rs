@@ -275,9 +275,7 @@ mod tests {
         let ok = Message::new("x").with_header("k", "v");
         ok.validate("t", 10).unwrap();
         assert!(matches!(
-            Message::new("x")
-                .with_header("polybus-x", "v")
-                .validate("t", 10),
+            Message::new("x").with_header("polybus-x", "v").validate("t", 10),
             Err(Error::InvalidHeader { .. })
         ));
         assert!(matches!(

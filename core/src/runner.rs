@@ -35,7 +35,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 
-use crate::backend::{Acker, Consumer, Event, Partition, Producer, StartFrom, SubscribeOptions, Subscription};
+use crate::backend::{
+    Acker, Consumer, Event, Partition, Producer, StartFrom, SubscribeOptions, Subscription,
+};
 use crate::error::{Error, Result};
 use crate::handler::{Handler, HandlerError};
 use crate::message::{Delivery, dlq_headers};
@@ -411,11 +413,7 @@ impl RunHandle {
     /// once: the first call's deadline counts, every call gets the same report.
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         {
-            let mut deadline = self
-                .shared
-                .deadline
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut deadline = self.shared.deadline.lock().unwrap_or_else(|p| p.into_inner());
             if deadline.is_none() {
                 *deadline = Some(Instant::now() + timeout);
             }
@@ -448,12 +446,7 @@ impl RunHandle {
     /// the subscription is dropped without a graceful close, and the broker
     /// redelivers what was not acked. For tests of crash recovery.
     pub async fn abort(&self) {
-        let task = self
-            .shared
-            .task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let task = self.shared.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(task) = task {
             task.abort();
             let _ = task.await;
@@ -738,7 +731,10 @@ impl Dispatcher {
     }
 
     fn revoke(&mut self, partitions: &[Partition]) {
-        tracing::info!(?partitions, "partitions revoked; releasing their waiting deliveries");
+        tracing::info!(
+            ?partitions,
+            "partitions revoked; releasing their waiting deliveries"
+        );
         self.release_where(|held| {
             let origin = held.delivery.origin();
             partitions
@@ -852,7 +848,12 @@ impl Dispatcher {
 struct Panicked(String);
 
 /// Runs one attempt of one delivery and settles it.
-async fn handle_one(pipeline: Pipeline, settings: Arc<Settings>, delivery: Delivery, acker: Arc<Acker>) -> Done {
+async fn handle_one(
+    pipeline: Pipeline,
+    settings: Arc<Settings>,
+    delivery: Delivery,
+    acker: Arc<Acker>,
+) -> Done {
     let attempt = delivery.attempt();
     let call = AssertUnwindSafe(async { pipeline.call(delivery.clone()).await });
     let error = match call.catch_unwind().await {
@@ -947,7 +948,10 @@ mod tests {
         let jittered = RetryPolicy::default().backoff(Duration::from_millis(100), Duration::from_secs(1));
         for _ in 0..100 {
             let d = jittered.delay_after(1);
-            assert!(d >= Duration::from_millis(80) && d <= Duration::from_millis(120), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(80) && d <= Duration::from_millis(120),
+                "{d:?}"
+            );
         }
     }
 
