@@ -224,6 +224,23 @@ fn keyed(key: usize, seq: usize, i: usize) -> Message {
         .with_header("seq", seq.to_string())
 }
 
+/// `keys * per_key` messages in runs of five consecutive messages per key, so that
+/// same-key messages are close together and unordered handling would be visible.
+fn bursts(keys: usize, per_key: usize) -> Vec<Message> {
+    let mut next_seq = vec![0; keys];
+    let mut messages = Vec::with_capacity(keys * per_key);
+    let mut i = 0;
+    while messages.len() < keys * per_key {
+        let key = (i / 5) % keys;
+        if next_seq[key] < per_key {
+            messages.push(keyed(key, next_seq[key], messages.len()));
+            next_seq[key] += 1;
+        }
+        i += 1;
+    }
+    messages
+}
+
 fn assert_key_order(handled: &[(String, usize)], keys: usize, per_key: usize) {
     let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
     for (key, seq) in handled {
@@ -253,9 +270,7 @@ pub async fn key_order_under_concurrency<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .declare_group(&topic, &group, StartFrom::Latest)
         .await?;
     let (keys, per_key) = (16, 1000 / 16);
-    let messages = (0..keys * per_key)
-        .map(|i| keyed(i % keys, i / keys, i))
-        .collect();
+    let messages = bursts(keys, per_key);
     publish(&conn, &topic, messages).await?;
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -306,9 +321,7 @@ pub async fn key_order_across_retries<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .declare_group(&topic, &group, StartFrom::Latest)
         .await?;
     let (keys, per_key) = (8, 25);
-    let messages = (0..keys * per_key)
-        .map(|i| keyed(i % keys, i / keys, i))
-        .collect();
+    let messages = bursts(keys, per_key);
     publish(&conn, &topic, messages).await?;
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
     let recorder = Recorder::new();
