@@ -153,6 +153,12 @@ impl Group {
     }
 }
 
+/// `now + d`, saturating far in the future instead of overflowing.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 static NAMED: OnceLock<Mutex<HashMap<String, MemoryBroker>>> = OnceLock::new();
 
 /// Connects to the named in-process broker of a `memory://` or `memory://<name>`
@@ -308,15 +314,18 @@ impl Shared {
 
     /// Finds a lease by token and applies `f` to the group and lease.
     fn with_lease(&self, target: &LeaseRef, f: impl FnOnce(&mut State, Instant)) -> bool {
+        let now = Instant::now();
         let mut state = self.lock();
+        // A lease past its deadline is lost even if no one has reaped it yet: the
+        // broker has (logically) given the message to someone else.
         let owned = state
             .topics
             .get(&target.topic)
             .and_then(|t| t.groups.get(&target.group))
             .and_then(|g| g.leases.get(&target.seq))
-            .is_some_and(|l| l.token == target.token);
+            .is_some_and(|l| l.token == target.token && l.deadline > now);
         if owned {
-            f(&mut state, Instant::now());
+            f(&mut state, now);
         }
         drop(state);
         if owned {
@@ -509,14 +518,14 @@ impl AckHandle for MemoryAck {
 
     async fn release(&self, delay: Option<Duration>) -> Result<()> {
         self.shared.with_lease(&self.lease, |state, now| {
+            let at = later(now, delay.unwrap_or_default());
             end_lease(state, &self.lease);
             if let Some(g) = state
                 .topics
                 .get_mut(&self.lease.topic)
                 .and_then(|t| t.groups.get_mut(&self.lease.group))
             {
-                g.redeliver
-                    .insert(self.lease.seq, now + delay.unwrap_or_default());
+                g.redeliver.insert(self.lease.seq, at);
             }
         });
         Ok(())
@@ -531,7 +540,7 @@ impl AckHandle for MemoryAck {
                 .and_then(|t| t.groups.get_mut(&self.lease.group))
                 .and_then(|g| g.leases.get_mut(&self.lease.seq))
             {
-                lease.deadline = now + extend;
+                lease.deadline = later(now, extend);
             }
         });
         Ok(())
@@ -579,6 +588,7 @@ impl MemorySubscription {
         if sub.outstanding >= sub.prefetch {
             return Err(wake);
         }
+        let deadline = later(now, self.shared.config.ack_deadline);
         let n = self.topics.len();
         for i in 0..n {
             let index = (self.turn + i) % n;
@@ -616,7 +626,7 @@ impl MemorySubscription {
                 Lease {
                     sub: self.id,
                     token,
-                    deadline: now + self.shared.config.ack_deadline,
+                    deadline,
                 },
             );
             let attempt = group.deliveries.entry(seq).or_insert(0);

@@ -270,27 +270,35 @@ pub async fn key_order_under_concurrency<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .declare_group(&topic, &group, StartFrom::Latest)
         .await?;
     let (keys, per_key) = (16, 1000 / 16);
-    let messages = bursts(keys, per_key);
-    publish(&conn, &topic, messages).await?;
+    publish(&conn, &topic, bursts(keys, per_key)).await?;
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let running_keys = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let overlaps = Arc::new(AtomicUsize::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let recorder = Recorder::new();
     let handler = {
-        let (handled, in_flight, peak, recorder) =
-            (handled.clone(), in_flight.clone(), peak.clone(), recorder.clone());
+        let state = (handled.clone(), running_keys.clone(), overlaps.clone());
+        let gauges = (in_flight.clone(), peak.clone(), recorder.clone());
         move |d: Delivery| {
-            let (handled, in_flight, peak, recorder) =
-                (handled.clone(), in_flight.clone(), peak.clone(), recorder.clone());
+            let (handled, running_keys, overlaps) = state.clone();
+            let (in_flight, peak, recorder) = gauges.clone();
             async move {
+                let key = d.key().unwrap_or_default().to_owned();
+                {
+                    let mut running = running_keys.lock().unwrap();
+                    let n = running.entry(key.clone()).or_default();
+                    *n += 1;
+                    if *n > 1 {
+                        overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                handled.lock().unwrap().push((key.clone(), seq_of(&d)));
                 let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
-                handled
-                    .lock()
-                    .unwrap()
-                    .push((d.key().unwrap_or_default().to_owned(), seq_of(&d)));
                 in_flight.fetch_sub(1, Ordering::SeqCst);
+                *running_keys.lock().unwrap().get_mut(&key).expect("key") -= 1;
                 recorder.record(&d);
                 HandlerResult::Ok(())
             }
@@ -305,6 +313,11 @@ pub async fn key_order_under_concurrency<H: Harness>(cx: Ctx<H>) -> CaseResult {
     recorder.wait_for(keys * per_key, cx.secs(60.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     assert_key_order(&handled.lock().unwrap(), keys, per_key);
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two handlers of one key never overlap"
+    );
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak <= 8, "at most 8 handlers at once, saw {peak}");
     assert!(peak >= 2, "different keys ran concurrently (peak {peak})");
@@ -360,6 +373,10 @@ pub async fn key_order_across_retries<H: Harness>(cx: Ctx<H>) -> CaseResult {
         (keys * 5 * 2) as u64,
         "each flaky message was retried twice"
     );
+    assert_eq!(
+        report.released, 0,
+        "retries stay in process, nothing goes back to the broker"
+    );
     assert!(
         recorder
             .all()
@@ -378,7 +395,17 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
     conn.consumer
         .declare_group(&topic, &group, StartFrom::Latest)
         .await?;
-    publish(&conn, &topic, (0..200).map(|i| keyed(0, i, i)).collect()).await?;
+    // Several keys and keyless messages: sequential means one at a time overall.
+    let messages = (0..200)
+        .map(|i| {
+            if i % 3 == 0 {
+                numbered("ordered", i).with_header("seq", i.to_string())
+            } else {
+                keyed(i % 5, i, i)
+            }
+        })
+        .collect();
+    publish(&conn, &topic, messages).await?;
     let in_flight = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let recorder = Recorder::new();
@@ -389,8 +416,8 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
             async move {
                 let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
-                tokio::task::yield_now().await;
                 recorder.record(&d);
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..300))).await;
                 in_flight.fetch_sub(1, Ordering::SeqCst);
                 HandlerResult::Ok(())
             }
@@ -405,8 +432,22 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let got = recorder.wait_for(200, cx.secs(60.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     assert_eq!(peak.load(Ordering::SeqCst), 1, "one at a time");
-    let order: Vec<usize> = got.iter().map(seq_of).collect();
-    assert_eq!(order, (0..200).collect::<Vec<_>>(), "publish order");
+    if cx.caps().key_order_across_instances {
+        // Partitioned brokers order per partition only; check per key there.
+        let mut by_key: HashMap<Option<String>, Vec<usize>> = HashMap::new();
+        for d in &got {
+            by_key.entry(d.message().key.clone()).or_default().push(seq_of(d));
+        }
+        for (key, seqs) in by_key {
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "key {key:?} in publish order"
+            );
+        }
+    } else {
+        let order: Vec<usize> = got.iter().map(seq_of).collect();
+        assert_eq!(order, (0..200).collect::<Vec<_>>(), "publish order");
+    }
     Ok(Outcome::Passed)
 }
 
@@ -481,6 +522,7 @@ pub async fn retryable_error_is_retried<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let seen: Vec<u32> = attempts.all().iter().map(Delivery::attempt).collect();
     assert_eq!(seen, vec![1, 2, 3], "attempt numbers");
     assert_eq!((report.handled, report.retried, report.dead_lettered), (1, 2, 0));
+    assert_eq!(report.released, 0, "retries stay in process");
     assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
     Ok(Outcome::Passed)
 }
@@ -597,6 +639,7 @@ pub async fn max_attempts_then_dead_letter<H: Harness>(cx: Ctx<H>) -> CaseResult
     let attempts: Vec<u32> = calls.all().iter().map(Delivery::attempt).collect();
     assert_eq!(attempts, vec![1, 2, 3]);
     assert_eq!((report.retried, report.dead_lettered, report.handled), (2, 1, 0));
+    assert_eq!(report.released, 0, "retries stay in process");
     assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
     Ok(Outcome::Passed)
 }
@@ -963,17 +1006,39 @@ pub async fn graceful_drain<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .runner(&conn, &topic, &group)
         .order(Order::Unordered)
         .concurrency(4)
+        .buffer(8)
         .run(handler)
         .await?;
-    publish(&conn, &topic, (0..4).map(|i| numbered("drain", i)).collect()).await?;
+    // Four run at once; the rest wait in the runner or the broker.
+    let sent = publish(&conn, &topic, (0..12).map(|i| numbered("drain", i)).collect()).await?;
     started.wait_for(4, cx.secs(30.0)).await?;
     let report = handle.shutdown(cx.secs(20.0)).await;
     assert_eq!(
         finished.len(),
-        4,
-        "every in-flight handler finished before shutdown returned"
+        started.len(),
+        "every started handler finished before shutdown returned"
     );
-    assert_eq!((report.handled, report.abandoned), (4, 0));
+    assert_eq!(report.handled as usize, finished.len());
+    assert_eq!(report.abandoned, 0);
+    // What was not handled was given back: the next consumer gets exactly the rest.
+    let handled: HashSet<String> = finished.ids().into_iter().collect();
+    let rest: HashSet<String> = sent
+        .iter()
+        .map(|m| m.id.clone())
+        .filter(|id| !handled.contains(id))
+        .collect();
+    let conn2 = cx.connect().await?;
+    let next = Recorder::new();
+    let handle2 = cx.runner(&conn2, &topic, &group).run(next.handler()).await?;
+    next.wait_until("the rest", cx.secs(30.0), |seen| {
+        unique_ids(seen).is_superset(&rest)
+    })
+    .await?;
+    handle2.shutdown(cx.secs(10.0)).await;
+    assert!(
+        unique_ids(&next.all()).is_disjoint(&handled),
+        "acked messages are not redelivered"
+    );
     assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
     Ok(Outcome::Passed)
 }
@@ -990,16 +1055,22 @@ pub async fn no_handler_after_shutdown<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let started = Recorder::new();
     let closed = Arc::new(AtomicBool::new(false));
     let late = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let handler = {
-        let (started, closed, late) = (started.clone(), closed.clone(), late.clone());
+        let state = (started.clone(), closed.clone(), late.clone(), in_flight.clone());
         move |d: Delivery| {
-            let (started, closed, late) = (started.clone(), closed.clone(), late.clone());
+            let (started, closed, late, in_flight) = state.clone();
             async move {
+                in_flight.fetch_add(1, Ordering::SeqCst);
                 if closed.load(Ordering::SeqCst) {
                     late.fetch_add(1, Ordering::SeqCst);
                 }
                 started.record(&d);
                 tokio::time::sleep(Duration::from_millis(5)).await;
+                if closed.load(Ordering::SeqCst) {
+                    late.fetch_add(1, Ordering::SeqCst);
+                }
+                in_flight.fetch_sub(1, Ordering::SeqCst);
                 HandlerResult::Ok(())
             }
         }
@@ -1013,13 +1084,18 @@ pub async fn no_handler_after_shutdown<H: Harness>(cx: Ctx<H>) -> CaseResult {
     started.wait_for(20, cx.secs(30.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     closed.store(true, Ordering::SeqCst);
+    assert_eq!(
+        in_flight.load(Ordering::SeqCst),
+        0,
+        "no handler is running when shutdown returns"
+    );
     let count = started.len();
     // A negative check: give a stray handler a moment to show itself.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         late.load(Ordering::SeqCst),
         0,
-        "a handler started after shutdown returned"
+        "a handler ran after shutdown returned"
     );
     assert_eq!(started.len(), count);
     assert!(handle.is_finished());
@@ -1090,13 +1166,28 @@ pub async fn shutdown_is_idempotent<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .declare_group(&topic, &group, StartFrom::Latest)
         .await?;
     let recorder = Recorder::new();
-    let handle = cx.runner(&conn, &topic, &group).run(recorder.handler()).await?;
+    let handler = {
+        let recorder = recorder.clone();
+        move |d: Delivery| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.record(&d);
+                if index_of(&d) == 9 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let handle = cx.runner(&conn, &topic, &group).run(handler).await?;
     publish(&conn, &topic, (0..10).map(|i| numbered("idem", i)).collect()).await?;
     recorder.wait_for(10, cx.secs(30.0)).await?;
+    // The last handler still runs while ten tasks shut down at once with different
+    // deadlines, all long enough for it to finish.
     let timeout = cx.secs(10.0);
-    let calls = (0..10).map(|_| {
+    let calls = (0..10u64).map(|i| {
         let handle = handle.clone();
-        tokio::spawn(async move { handle.shutdown(timeout).await })
+        tokio::spawn(async move { handle.shutdown(timeout + Duration::from_millis(100 * i)).await })
     });
     let reports = futures::future::try_join_all(calls).await?;
     let again = handle.shutdown(timeout).await;
@@ -1104,7 +1195,7 @@ pub async fn shutdown_is_idempotent<H: Harness>(cx: Ctx<H>) -> CaseResult {
         reports.iter().all(|r| *r == again),
         "every caller gets the same report"
     );
-    assert_eq!(again.handled, 10);
+    assert_eq!((again.handled, again.abandoned), (10, 0));
     assert!(handle.is_finished());
     Ok(Outcome::Passed)
 }
@@ -1234,6 +1325,35 @@ pub async fn invalid_names_are_rejected<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let good = cx.topic(&conn, "names").await?;
     let too_long = "t".repeat(121);
+    let longest = cx.harness().unique_name("t");
+    let longest = format!(
+        "{longest}{}",
+        "t".repeat(polybus_core::names::MAX_TOPIC_LEN - longest.len())
+    );
+    cx.track(&longest);
+    conn.consumer.declare_topic(&longest).await?;
+    let over = format!("{longest}x");
+    assert!(
+        matches!(
+            conn.consumer.declare_topic(&over).await,
+            Err(Error::InvalidName {
+                kind: NameKind::Topic,
+                ..
+            })
+        ),
+        "declaring a topic whose dead-letter topic would not fit is rejected"
+    );
+    let run = conn.runner().topic(&over).run(Recorder::new().handler()).await;
+    assert!(
+        matches!(&run, Err(Error::InvalidName { .. })),
+        "a runner on a topic without room for .dlq is rejected"
+    );
+    conn.producer
+        .send(
+            &polybus_core::names::dead_letter_topic(&longest),
+            Message::new("fits"),
+        )
+        .await?;
     for bad in [
         "",
         "has space",

@@ -172,13 +172,18 @@ impl<H: Harness> Ctx<H> {
         self.harness.unique_name(prefix)
     }
 
-    /// Declares a unique topic (and its dead-letter topic), remembered for cleanup.
-    pub async fn topic(&self, conn: &Connection, prefix: &str) -> Result<String> {
-        let topic = self.harness.unique_name(prefix);
+    /// Remembers a topic created outside [`Ctx::topic`] for cleanup.
+    pub fn track(&self, topic: &str) {
         self.created
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(topic.clone());
+            .push(topic.to_owned());
+    }
+
+    /// Declares a unique topic (and its dead-letter topic), remembered for cleanup.
+    pub async fn topic(&self, conn: &Connection, prefix: &str) -> Result<String> {
+        let topic = self.harness.unique_name(prefix);
+        self.track(&topic);
         conn.consumer.declare_topic(&topic).await?;
         Ok(topic)
     }

@@ -231,7 +231,7 @@ pub trait Consumer: Send + Sync + 'static {
 
     /// Creates `topic` (and its dead-letter topic) if missing.
     async fn declare_topic(&self, topic: &str) -> Result<()> {
-        names::validate_topic(topic)?;
+        names::validate_declared_topic(topic)?;
         self.declare_topic_unchecked(topic).await
     }
 
@@ -239,7 +239,7 @@ pub trait Consumer: Send + Sync + 'static {
     /// it keeps every message published from then on, even before its first
     /// subscriber connects. `start` applies only to a new group.
     async fn declare_group(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
-        names::validate_topic(topic)?;
+        names::validate_declared_topic(topic)?;
         names::validate_group(group)?;
         self.declare_group_unchecked(topic, group, start).await
     }

@@ -2,9 +2,10 @@
 //!
 //! The same input is accepted or rejected the same way on every backend:
 //!
-//! * **topic and group names**: 1 to [`MAX_NAME_LEN`] characters from ASCII letters,
-//!   digits, `.`, `_` and `-`. (The bound leaves room for `<topic>.dlq` and for
-//!   RabbitMQ's `<topic>.<group>` queue names.)
+//! * **topic and group names**: 1 to [`MAX_NAME_LEN`] (120) characters from ASCII
+//!   letters, digits, `.`, `_` and `-`. A topic that is *declared* or consumed by a
+//!   runner has at most [`MAX_TOPIC_LEN`] (116), so its `<topic>.dlq` fits too.
+//!   (The bounds leave room for RabbitMQ's `<topic>.<group>` queues, 255 at most.)
 //! * **header keys**: 1 to [`MAX_HEADER_KEY_LEN`] printable ASCII characters
 //!   (`!` to `~`) other than `:`. Keys starting with [`RESERVED_PREFIX`] belong to
 //!   the library.
@@ -14,6 +15,8 @@ use crate::error::{Error, NameKind, Result};
 
 /// The longest topic or group name, in bytes.
 pub const MAX_NAME_LEN: usize = 120;
+/// The longest topic name, in bytes: [`MAX_NAME_LEN`] less room for [`DLQ_SUFFIX`].
+pub const MAX_TOPIC_LEN: usize = MAX_NAME_LEN - DLQ_SUFFIX.len();
 /// The longest header key, in bytes.
 pub const MAX_HEADER_KEY_LEN: usize = 128;
 /// Header keys with this prefix are reserved for polybus itself.
@@ -47,6 +50,20 @@ fn check_name(kind: NameKind, name: &str) -> Result<()> {
 /// Checks a topic name against the portable grammar.
 pub fn validate_topic(name: &str) -> Result<()> {
     check_name(NameKind::Topic, name)
+}
+
+/// Checks a topic that is declared or consumed by a runner: the portable grammar,
+/// and room for its dead-letter topic `<topic>.dlq` (at most [`MAX_TOPIC_LEN`]).
+pub fn validate_declared_topic(name: &str) -> Result<()> {
+    validate_topic(name)?;
+    if name.len() > MAX_TOPIC_LEN {
+        return Err(Error::InvalidName {
+            kind: NameKind::Topic,
+            name: name.to_owned(),
+            reason: "longer than 116 characters: no room for its '<topic>.dlq'",
+        });
+    }
+    Ok(())
 }
 
 /// Checks a consumer group name against the portable grammar.
@@ -96,10 +113,14 @@ mod tests {
 
     #[test]
     fn portable_names() {
-        for ok in ["rides", "rides-fulfillment", "a.b_c-1", &"x".repeat(120)] {
-            validate_topic(ok).unwrap();
+        for ok in ["rides", "rides-fulfillment", "a.b_c-1", &"x".repeat(116)] {
+            validate_declared_topic(ok).unwrap();
+            validate_topic(&dead_letter_topic(ok)).unwrap();
             validate_group(ok).unwrap();
         }
+        validate_group(&"x".repeat(120)).unwrap();
+        validate_topic(&"x".repeat(120)).unwrap();
+        assert!(validate_declared_topic(&"x".repeat(117)).is_err());
         for bad in ["", "has space", "a/b", "ünï", "a:b", "*", &"x".repeat(121)] {
             assert!(matches!(
                 validate_topic(bad),

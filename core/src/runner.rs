@@ -21,7 +21,7 @@
 //!    deadline), waits for running handlers until the deadline, cancels and
 //!    releases the rest, then closes the subscription.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -56,6 +56,15 @@ pub enum Order {
     ByKey,
     /// One delivery at a time, in delivery order.
     Sequential,
+}
+
+/// No backoff is longer than a day, whatever the policy says.
+const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
+
+/// `now + d`, saturating far in the future instead of overflowing.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// How failed deliveries are retried in process.
@@ -105,10 +114,27 @@ impl RetryPolicy {
     /// The backoff after failed attempt number `attempt` (1-based), with jitter.
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let exponent = attempt.saturating_sub(1).min(64) as i32;
-        let base = self.initial_backoff.as_secs_f64() * self.multiplier.max(1.0).powi(exponent);
-        let capped = base.min(self.max_backoff.as_secs_f64());
-        let spread = self.jitter.clamp(0.0, 1.0) * (fastrand::f64() * 2.0 - 1.0);
-        Duration::from_secs_f64((capped * (1.0 + spread)).max(0.0))
+        let multiplier = if self.multiplier.is_finite() {
+            self.multiplier.max(1.0)
+        } else {
+            1.0
+        };
+        let base = self.initial_backoff.as_secs_f64() * multiplier.powi(exponent);
+        let capped = base
+            .min(self.max_backoff.as_secs_f64())
+            .min(MAX_BACKOFF.as_secs_f64());
+        let jitter = if self.jitter.is_finite() {
+            self.jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let spread = jitter * (fastrand::f64() * 2.0 - 1.0);
+        let secs = capped * (1.0 + spread);
+        if secs.is_finite() && secs > 0.0 {
+            Duration::from_secs_f64(secs.min(MAX_BACKOFF.as_secs_f64()))
+        } else {
+            Duration::ZERO
+        }
     }
 }
 
@@ -294,7 +320,7 @@ impl Runner {
             self.concurrency
         };
         let buffer = self.buffer.unwrap_or(concurrency.max(8));
-        Ok((concurrency, concurrency + buffer))
+        Ok((concurrency, concurrency.saturating_add(buffer)))
     }
 
     /// Subscribes (returning once the subscription is ready) and starts handling
@@ -305,6 +331,10 @@ impl Runner {
             return Err(Error::InvalidConfig("the runner needs at least one topic".into()));
         }
         let (_, max_held) = self.limits()?;
+        for topic in &self.topics {
+            // Failures must be able to reach `<topic>.dlq`.
+            names::validate_declared_topic(topic)?;
+        }
         let mut options = SubscribeOptions::new(self.topics[0].clone())
             .start(self.start)
             .prefetch(max_held);
@@ -354,6 +384,7 @@ impl Runner {
             next_solo: 0,
             counters: Arc::clone(&counters),
             side: JoinSet::new(),
+            revoked: HashSet::new(),
         };
         let stop = CancellationToken::new();
         let deadline = Arc::new(std::sync::Mutex::new(None));
@@ -411,11 +442,14 @@ impl RunHandle {
     /// `timeout` and releases their messages, then closes the subscription. After it
     /// returns no handler runs. Safe to call many times and from many tasks at
     /// once: the first call's deadline counts, every call gets the same report.
+    ///
+    /// Do not call it from inside a handler of the same runner: it waits for that
+    /// handler, so it would wait out the whole deadline and then cancel it.
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         {
             let mut deadline = self.shared.deadline.lock().unwrap_or_else(|p| p.into_inner());
             if deadline.is_none() {
-                *deadline = Some(Instant::now() + timeout);
+                *deadline = Some(later(Instant::now(), timeout));
             }
         }
         self.shared.stop.cancel();
@@ -505,7 +539,6 @@ struct Lane {
 enum Done {
     Acked,
     DeadLettered,
-    Released,
     Retry(Duration),
     Cancelled,
 }
@@ -528,24 +561,33 @@ struct Dispatcher {
     next_solo: u64,
     counters: Arc<Counters>,
     side: JoinSet<()>,
+    /// Partitions taken away from this subscription (until assigned again).
+    revoked: HashSet<Partition>,
 }
 
 impl Dispatcher {
+    fn keep_alive_timer(&self) -> tokio::time::Interval {
+        let mut timer = tokio::time::interval(self.keep_alive.unwrap_or(Duration::from_secs(3600)));
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    }
+
     async fn run(
         mut self,
         stop: CancellationToken,
         deadline: Arc<std::sync::Mutex<Option<Instant>>>,
     ) -> ShutdownReport {
-        let mut keep_alive = tokio::time::interval(self.keep_alive.unwrap_or(Duration::from_secs(3600)));
-        keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut keep_alive = self.keep_alive_timer();
         let mut subscription_open = true;
+        // After a transient subscription error, pulling pauses until then.
+        let mut pull_paused_until: Option<Instant> = None;
         loop {
             self.start_ready();
             if !subscription_open && self.held == 0 {
                 tracing::debug!("subscription ended; runner stops");
                 break;
             }
-            let can_pull = subscription_open && self.held < self.max_held;
+            let can_pull = subscription_open && self.held < self.max_held && pull_paused_until.is_none();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -562,13 +604,20 @@ impl Dispatcher {
                 }
                 _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
                 Some(_) = self.side.join_next(), if !self.side.is_empty() => {}
+                _ = tokio::time::sleep_until(pull_paused_until.unwrap_or_else(Instant::now)), if pull_paused_until.is_some() => {
+                    pull_paused_until = None;
+                }
                 event = self.sub.next(), if can_pull => match event {
                     Some(Ok(Event::Delivery(delivery, acker))) => self.enqueue(delivery, acker),
-                    Some(Ok(Event::Revoked(partitions))) => self.revoke(&partitions),
-                    Some(Ok(_)) => {}
+                    Some(Ok(Event::Assigned(partitions))) => {
+                        for p in &partitions {
+                            self.revoked.remove(p);
+                        }
+                    }
+                    Some(Ok(Event::Revoked(partitions))) => self.revoke(partitions),
                     Some(Err(e)) if e.is_retryable() => {
-                        tracing::warn!(error = %e, "subscription error; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tracing::warn!(error = %e, "subscription error; pulling again shortly");
+                        pull_paused_until = Some(Instant::now() + Duration::from_millis(100));
                     }
                     Some(Err(e)) => {
                         tracing::error!(error = %e, "subscription failed; runner stops taking messages");
@@ -582,7 +631,7 @@ impl Dispatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
-        self.finish(deadline).await
+        self.finish(deadline, keep_alive).await
     }
 
     fn enqueue(&mut self, delivery: Delivery, acker: Acker) {
@@ -636,7 +685,18 @@ impl Dispatcher {
         }
     }
 
-    /// A worker ended. `stopping`: do not retry or start more from this lane.
+    fn is_revoked(&self, delivery: &Delivery) -> bool {
+        let origin = delivery.origin();
+        !self.revoked.is_empty()
+            && origin.partition.is_some_and(|partition| {
+                self.revoked.contains(&Partition {
+                    topic: origin.topic.clone(),
+                    partition,
+                })
+            })
+    }
+
+    /// A worker ended. `stopping`: retry nothing, give the rest of its lane back.
     fn finished(&mut self, joined: Result<(tokio::task::Id, Done), JoinError>, stopping: bool) {
         let (id, done) = match joined {
             Ok(pair) => pair,
@@ -649,11 +709,16 @@ impl Dispatcher {
         let Some(key) = self.running_lanes.remove(&id) else {
             return;
         };
+        let revoked = self
+            .lanes
+            .get(&key)
+            .and_then(|lane| lane.items.front())
+            .is_some_and(|h| self.is_revoked(&h.delivery));
         let Some(lane) = self.lanes.get_mut(&key) else {
             return;
         };
         match done {
-            Done::Retry(delay) if !stopping => {
+            Done::Retry(delay) if !stopping && !revoked => {
                 Counters::bump(&self.counters.retried, 1);
                 if let Some(head) = lane.items.front_mut() {
                     head.delivery = head.delivery.with_attempt(head.delivery.attempt() + 1);
@@ -662,24 +727,23 @@ impl Dispatcher {
                 lane.backoff_key = Some(self.backoff.insert(key, delay));
                 return;
             }
-            Done::Acked => Counters::bump(&self.counters.handled, 1),
-            Done::DeadLettered => Counters::bump(&self.counters.dead_lettered, 1),
-            Done::Released => Counters::bump(&self.counters.released, 1),
             Done::Retry(_) | Done::Cancelled => {
+                // Not handled: give it back with everything behind it in its lane, so
+                // the key's order survives redelivery (and positional acks never
+                // commit past it).
                 if matches!(done, Done::Cancelled) {
                     Counters::bump(&self.counters.abandoned, 1);
                 } else {
                     Counters::bump(&self.counters.released, 1);
                 }
-                if let Some(head) = lane.items.front() {
-                    let acker = Arc::clone(&head.acker);
-                    self.side.spawn(async move {
-                        if let Err(e) = acker.release(None).await {
-                            tracing::warn!(error = %e, "release failed; the broker will redeliver");
-                        }
-                    });
+                if let Some(lane) = self.lanes.get_mut(&key) {
+                    lane.head = Head::Waiting;
                 }
+                self.release_lane(&key, true);
+                return;
             }
+            Done::Acked => Counters::bump(&self.counters.handled, 1),
+            Done::DeadLettered => Counters::bump(&self.counters.dead_lettered, 1),
         }
         lane.items.pop_front();
         self.held -= 1;
@@ -715,13 +779,32 @@ impl Dispatcher {
         for key in emptied {
             self.lanes.remove(&key);
         }
-        if released.is_empty() {
-            return;
-        }
         self.held -= released.len();
         Counters::bump(&self.counters.released, released.len() as u64);
+        self.release_all(released);
+    }
+
+    /// Releases a whole lane; `head_counted`: its head was already counted.
+    fn release_lane(&mut self, key: &LaneKey, head_counted: bool) {
+        let Some(lane) = self.lanes.remove(key) else {
+            return;
+        };
+        if let Some(k) = lane.backoff_key {
+            self.backoff.remove(&k);
+        }
+        let n = lane.items.len();
+        self.held -= n;
+        let uncounted = if head_counted { n.saturating_sub(1) } else { n };
+        Counters::bump(&self.counters.released, uncounted as u64);
+        self.release_all(lane.items.into_iter().map(|h| h.acker).collect());
+    }
+
+    fn release_all(&mut self, ackers: Vec<Arc<Acker>>) {
+        if ackers.is_empty() {
+            return;
+        }
         self.side.spawn(async move {
-            let releases = released.iter().map(|a| a.release(None));
+            let releases = ackers.iter().map(|a| a.release(None));
             for result in futures::future::join_all(releases).await {
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "release failed; the broker will redeliver");
@@ -730,17 +813,23 @@ impl Dispatcher {
         });
     }
 
-    fn revoke(&mut self, partitions: &[Partition]) {
+    fn revoke(&mut self, partitions: Vec<Partition>) {
         tracing::info!(
             ?partitions,
             "partitions revoked; releasing their waiting deliveries"
         );
+        self.revoked.extend(partitions);
+        let revoked = std::mem::take(&mut self.revoked);
         self.release_where(|held| {
             let origin = held.delivery.origin();
-            partitions
-                .iter()
-                .any(|p| origin.partition == Some(p.partition) && origin.topic == p.topic)
+            origin.partition.is_some_and(|partition| {
+                revoked.contains(&Partition {
+                    topic: origin.topic.clone(),
+                    partition,
+                })
+            })
         });
+        self.revoked = revoked;
     }
 
     fn keep_alive_all(&mut self) {
@@ -762,84 +851,83 @@ impl Dispatcher {
         });
     }
 
-    async fn finish(mut self, deadline: Instant) -> ShutdownReport {
-        // Give back at once what has not started: everything in backoff, and (unless
-        // acks are positional, where we drain instead) everything waiting.
-        let positional = self.positional;
-        self.release_where(|_| !positional);
-        let in_backoff: Vec<delay_queue::Key> = self.lanes.values().filter_map(|l| l.backoff_key).collect();
-        if !in_backoff.is_empty() {
-            let backoff_heads: Vec<LaneKey> = self
-                .lanes
-                .iter()
-                .filter(|(_, l)| l.head == Head::Backoff)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for key in backoff_heads {
-                self.release_lane(&key);
-            }
+    async fn finish(mut self, deadline: Instant, mut keep_alive: tokio::time::Interval) -> ShutdownReport {
+        // Give back at once what has not started: every lane in backoff, and (unless
+        // acks are positional, where fetched messages are drained instead) every
+        // waiting delivery.
+        let in_backoff: Vec<LaneKey> = self
+            .lanes
+            .iter()
+            .filter(|(_, lane)| lane.head == Head::Backoff)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in in_backoff {
+            self.release_lane(&key, false);
         }
-        // Let running handlers finish (and, when draining, start what waits).
+        if !self.positional {
+            self.release_where(|_| true);
+        }
+        // Let running handlers finish (and, when draining, start what waits), keeping
+        // held deliveries alive meanwhile.
         loop {
-            if positional {
-                self.start_ready_while_draining();
+            if self.positional {
+                self.start_ready();
             }
             if self.running.is_empty() {
                 break;
             }
             tokio::select! {
                 Some(joined) = self.running.join_next_with_id() => self.finished(joined, true),
+                _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        // The deadline has passed: cancel what still runs; their messages are released.
+        // The deadline has passed: cancel what still runs; its messages are released.
         if !self.running.is_empty() {
             tracing::warn!(
                 running = self.running.len(),
                 "shutdown deadline reached; cancelling handlers"
             );
             self.running.abort_all();
-            while let Some(joined) = self.running.join_next_with_id().await {
-                self.finished(joined, true);
+            let cancel_wait = Instant::now() + Duration::from_secs(2);
+            loop {
+                tokio::select! {
+                    joined = self.running.join_next_with_id() => match joined {
+                        Some(joined) => self.finished(joined, true),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(cancel_wait) => {
+                        // A handler blocking its thread cannot be cancelled: give its
+                        // message back anyway and stop waiting for it.
+                        tracing::error!(
+                            stuck = self.running.len(),
+                            "handlers did not yield to cancellation; releasing their messages"
+                        );
+                        let stuck = self.running.len() as u64;
+                        Counters::bump(&self.counters.abandoned, stuck);
+                        let keys: Vec<LaneKey> = self.running_lanes.drain().map(|(_, key)| key).collect();
+                        for key in keys {
+                            self.release_lane(&key, true);
+                        }
+                        self.running.detach_all();
+                        break;
+                    }
+                }
             }
         }
         self.release_where(|_| true);
         // Wait for releases to reach the broker before closing.
-        let settle_limit = deadline.max(Instant::now()) + Duration::from_secs(5);
+        let settle_limit = later(deadline.max(Instant::now()), Duration::from_secs(5));
         while !self.side.is_empty() {
             tokio::select! {
                 _ = self.side.join_next() => {}
-                _ = tokio::time::sleep_until(settle_limit) => {
-                    self.side.abort_all();
-                }
+                _ = tokio::time::sleep_until(settle_limit) => self.side.abort_all(),
             }
         }
         if let Err(e) = self.sub.close().await {
             tracing::warn!(error = %e, "closing the subscription failed");
         }
         self.counters.report(false)
-    }
-
-    fn release_lane(&mut self, key: &LaneKey) {
-        if let Some(lane) = self.lanes.remove(key) {
-            if let Some(k) = lane.backoff_key {
-                self.backoff.remove(&k);
-            }
-            self.held -= lane.items.len();
-            Counters::bump(&self.counters.released, lane.items.len() as u64);
-            let ackers: Vec<Arc<Acker>> = lane.items.into_iter().map(|h| h.acker).collect();
-            self.side.spawn(async move {
-                for acker in ackers {
-                    let _ = acker.release(None).await;
-                }
-            });
-        }
-    }
-
-    fn start_ready_while_draining(&mut self) {
-        // Backoff heads were released at the start of shutdown, so every ready lane
-        // holds fetched-but-unstarted deliveries that positional acks want drained.
-        self.start_ready();
     }
 }
 
@@ -882,25 +970,34 @@ async fn handle_one(
     } else {
         format!("gave up after {attempt} attempts: {error}")
     };
-    match dead_letter(&settings, &delivery, &reason).await {
-        Ok(()) => {
-            tracing::warn!(id = delivery.id(), topic = delivery.topic(), %reason, "dead-lettered");
-            if let Err(e) = acker.ack().await {
-                tracing::warn!(error = %e, id = delivery.id(), "ack after dead letter failed");
+    // The message stays held (its lane blocked) until the dead letter is confirmed:
+    // a failed publish is retried here with backoff, never turned into a release
+    // that would let the key's next message overtake it. Shutdown cancels this
+    // loop at its deadline, which releases the message.
+    let mut failures = 0;
+    loop {
+        match dead_letter(&settings, &delivery, &reason).await {
+            Ok(()) => break,
+            Err(e) => {
+                failures += 1;
+                tracing::error!(
+                    error = %e,
+                    id = delivery.id(),
+                    failures,
+                    "dead-letter publish failed; retrying (the message stays held)"
+                );
+                tokio::time::sleep(settings.retry.delay_after(failures)).await;
             }
-            Done::DeadLettered
-        }
-        Err(e) => {
-            tracing::error!(error = %e, id = delivery.id(), "dead-letter publish failed; releasing the message");
-            let delay = settings.retry.delay_after(attempt);
-            if let Err(e) = acker.release(Some(delay)).await {
-                tracing::warn!(error = %e, "release failed; the broker will redeliver");
-            }
-            Done::Released
         }
     }
+    tracing::warn!(id = delivery.id(), topic = delivery.topic(), %reason, "dead-lettered");
+    if let Err(e) = acker.ack().await {
+        tracing::warn!(error = %e, id = delivery.id(), "ack after dead letter failed");
+    }
+    Done::DeadLettered
 }
 
+/// Text made safe for a header value: no CR/LF, at most 1024 bytes.
 fn header_safe(text: &str) -> String {
     let mut out: String = text
         .chars()
@@ -916,9 +1013,34 @@ fn header_safe(text: &str) -> String {
     out
 }
 
+/// Publishes a copy of the delivery to `<topic>.dlq` with the reason headers.
+///
+/// The message may come from a producer that did not follow the portable grammar
+/// (another client on the same broker), so it is made valid rather than checked:
+/// header keys outside the grammar are dropped, values, key and id lose CR/LF.
 async fn dead_letter(settings: &Settings, delivery: &Delivery, reason: &str) -> Result<()> {
-    let mut message = delivery.message().clone();
+    let original = delivery.message();
+    let mut message = original.clone();
+    message.headers = original
+        .headers
+        .iter()
+        .filter(|(k, _)| names::validate_header_key(k).is_ok() && !k.starts_with(names::RESERVED_PREFIX))
+        .map(|(k, v)| (k.clone(), header_safe(v)))
+        .collect();
+    if message.headers.len() < original.headers.len() {
+        tracing::warn!(
+            id = delivery.id(),
+            dropped = original.headers.len() - message.headers.len(),
+            "dead letter: dropped header keys outside the portable grammar"
+        );
+    }
+    message.key = original.key.as_deref().map(header_safe);
+    message.id = header_safe(&original.id);
+    if message.id.is_empty() {
+        message.id = uuid::Uuid::new_v4().to_string();
+    }
     let sys = &mut message.system_headers;
+    sys.retain(|k, _| names::validate_header_key(k).is_ok() && k.starts_with(names::RESERVED_PREFIX));
     sys.insert(dlq_headers::REASON.into(), header_safe(reason));
     sys.insert(dlq_headers::TOPIC.into(), delivery.topic().to_owned());
     sys.insert(dlq_headers::ATTEMPTS.into(), delivery.attempt().to_string());
@@ -926,10 +1048,9 @@ async fn dead_letter(settings: &Settings, delivery: &Delivery, reason: &str) -> 
         Some(group) => sys.insert(dlq_headers::GROUP.into(), group.clone()),
         None => sys.remove(dlq_headers::GROUP),
     };
-    settings
-        .producer
-        .send(&names::dead_letter_topic(delivery.topic()), message)
-        .await
+    let topic = names::dead_letter_topic(delivery.topic());
+    names::validate_topic(&topic)?;
+    settings.producer.publish(&topic, message).await
 }
 
 #[cfg(test)]
