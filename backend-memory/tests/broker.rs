@@ -228,3 +228,103 @@ fn named_urls_share_a_broker_and_bad_urls_are_errors() {
         Err(polybus_core::Error::InvalidConfig(_))
     ));
 }
+
+/// A producer whose first `failures` publishes to a dead-letter topic fail.
+struct FlakyDeadLetters {
+    inner: Arc<dyn polybus_core::Producer>,
+    failures: AtomicUsize,
+}
+
+#[polybus_core::async_trait]
+impl polybus_core::Producer for FlakyDeadLetters {
+    fn max_payload(&self) -> usize {
+        self.inner.max_payload()
+    }
+    async fn publish(&self, topic: &str, message: Message) -> polybus_core::Result<()> {
+        if topic.ends_with(".dlq")
+            && self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(polybus_core::Error::connection(
+                "memory",
+                "dead-letter topic unavailable",
+            ));
+        }
+        self.inner.publish(topic, message).await
+    }
+    async fn flush(&self) -> polybus_core::Result<()> {
+        self.inner.flush().await
+    }
+    async fn close(&self) -> polybus_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// A failed dead-letter publish keeps the message held and its key blocked until a
+/// retry succeeds: nothing is released, nothing overtakes it, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dead_letter_publish_is_retried_and_keeps_key_order() {
+    let broker = MemoryBroker::new();
+    let conn = broker.connection();
+    conn.consumer.declare_topic("t").await.unwrap();
+    conn.consumer
+        .declare_group("t", "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    conn.consumer
+        .declare_group("t.dlq", "dlq", StartFrom::Latest)
+        .await
+        .unwrap();
+    let producer = Arc::new(FlakyDeadLetters {
+        inner: Arc::clone(&conn.producer),
+        failures: AtomicUsize::new(3),
+    });
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handle = polybus_core::Runner::new(Arc::clone(&conn.consumer), producer)
+        .topic("t")
+        .group("g")
+        .retry(
+            polybus_core::RetryPolicy::attempts(3)
+                .backoff(Duration::from_millis(5), Duration::from_millis(20)),
+        )
+        .run({
+            let (order, broker) = (Arc::clone(&order), broker.clone());
+            move |d: Delivery| {
+                let (order, broker) = (Arc::clone(&order), broker.clone());
+                async move {
+                    if d.payload().as_ref() == b"poison" {
+                        return Err(polybus_core::HandlerError::permanent("poison"));
+                    }
+                    order.lock().unwrap().push(format!(
+                        "{}:{}",
+                        String::from_utf8_lossy(d.payload()),
+                        broker.published("t.dlq").len()
+                    ));
+                    Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+    for payload in ["poison", "after-1", "after-2"] {
+        conn.producer
+            .send("t", Message::new(payload).with_key("k"))
+            .await
+            .unwrap();
+    }
+    while broker.published("t.dlq").is_empty() || order.lock().unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.released, 0, "never released back to the broker");
+    assert_eq!(report.dead_lettered, 1);
+    assert_eq!(broker.published("t.dlq").len(), 1, "dead-lettered exactly once");
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["after-1:1", "after-2:1"],
+        "the key's later messages waited"
+    );
+    assert!(broker.is_settled("t", "g"));
+}
