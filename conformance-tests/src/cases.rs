@@ -42,11 +42,7 @@ fn unique_ids(deliveries: &[Delivery]) -> HashSet<String> {
 /// arrive with payload, key, user headers and id intact.
 pub async fn roundtrip<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "roundtrip").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "roundtrip").await?;
     let message = |i: usize| numbered("roundtrip", i).with_key(format!("key-{}", i % 7));
     let mut sent = publish(&conn, &topic, (0..50).map(message).collect()).await?;
     let recorder = Recorder::new();
@@ -89,11 +85,7 @@ pub async fn edge_payloads<H: Harness>(cx: Ctx<H>) -> CaseResult {
         max >= 512 * 1024,
         "the maximum payload is at least 512 KiB (it is {max})"
     );
-    let topic = cx.topic(&conn, "edge").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "edge").await?;
 
     let binary: Vec<u8> = (0..=255u8).cycle().take(1024).collect();
     assert!(std::str::from_utf8(&binary).is_err());
@@ -183,11 +175,7 @@ pub async fn topics_are_isolated<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// 1,000 messages from 10 concurrent tasks all arrive, none twice.
 pub async fn concurrent_publishers<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "pubs").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "pubs").await?;
     let recorder = Recorder::new();
     let handle = cx
         .runner(&conn, &topic, &group)
@@ -264,11 +252,7 @@ fn seq_of(d: &Delivery) -> usize {
 /// handled in publish order.
 pub async fn key_order_under_concurrency<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "order").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "order").await?;
     let (keys, per_key) = (16, 1000 / 16);
     publish(&conn, &topic, bursts(keys, per_key)).await?;
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -328,11 +312,7 @@ pub async fn key_order_under_concurrency<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// retrying message blocks its own key only.
 pub async fn key_order_across_retries<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "order-retry").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "order-retry").await?;
     let (keys, per_key) = (8, 25);
     let messages = bursts(keys, per_key);
     publish(&conn, &topic, messages).await?;
@@ -390,11 +370,7 @@ pub async fn key_order_across_retries<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// even with a higher concurrency configured.
 pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "sequential").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "sequential").await?;
     // Several keys and keyless messages: sequential means one at a time overall.
     let messages = (0..200)
         .map(|i| {
@@ -455,11 +431,7 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// redelivered.
 pub async fn ack_is_final<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "ackfinal").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "ackfinal").await?;
     publish(&conn, &topic, (0..20).map(|i| numbered("ack", i)).collect()).await?;
     let first = Recorder::new();
     let handle = cx.runner(&conn, &topic, &group).run(first.handler()).await?;
@@ -494,11 +466,7 @@ pub async fn ack_is_final<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// attempt 3.
 pub async fn retryable_error_is_retried<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "retry").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "retry").await?;
     let attempts = Recorder::new();
     let handled = Recorder::new();
     let handler = {
@@ -546,11 +514,7 @@ async fn dead_letter_listener<H: Harness>(
 /// headers, and later messages keep flowing.
 pub async fn permanent_error_dead_letters<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "perm").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "perm").await?;
     let (dead, dlq_handle) = dead_letter_listener(&cx, &conn, &topic).await?;
     let calls = Recorder::new();
     let handled = Recorder::new();
@@ -602,11 +566,7 @@ pub async fn permanent_error_dead_letters<H: Harness>(cx: Ctx<H>) -> CaseResult 
 /// dead-lettered.
 pub async fn max_attempts_then_dead_letter<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "maxatt").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "maxatt").await?;
     let (dead, dlq_handle) = dead_letter_listener(&cx, &conn, &topic).await?;
     let calls = Recorder::new();
     let handler = {
@@ -648,11 +608,7 @@ pub async fn max_attempts_then_dead_letter<H: Harness>(cx: Ctx<H>) -> CaseResult
 /// going.
 pub async fn panic_is_retried<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "panic").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "panic").await?;
     let handled = Recorder::new();
     let handler = {
         let handled = handled.clone();
@@ -683,12 +639,7 @@ pub async fn panic_is_retried<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// loss; duplicates are counted and reported.
 pub async fn crashed_consumer_work_is_redelivered<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn_a = cx.connect().await?;
-    let topic = cx.topic(&conn_a, "crash").await?;
-    let group = cx.group_name("g");
-    conn_a
-        .consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn_a, "crash").await?;
     let sent = publish(&conn_a, &topic, (0..30).map(|i| numbered("crash", i)).collect()).await?;
     let started = Recorder::new();
     let acked_by_a = Recorder::new();
@@ -781,11 +732,7 @@ async fn next_delivery(
 /// released message comes back once, and the group ends drained.
 pub async fn settling_twice_is_harmless<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "settle").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "settle").await?;
     publish(&conn, &topic, (0..2).map(|i| numbered("settle", i)).collect()).await?;
     let mut sub = conn
         .consumer
@@ -817,12 +764,7 @@ pub async fn settling_twice_is_harmless<H: Harness>(cx: Ctx<H>) -> CaseResult {
 pub async fn competing_consumers_share_work<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn_a = cx.connect().await?;
     let conn_b = cx.connect().await?;
-    let topic = cx.topic(&conn_a, "compete").await?;
-    let group = cx.group_name("g");
-    conn_a
-        .consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn_a, "compete").await?;
     let all = Recorder::new();
     let slow = |rec: Recorder, mine: Recorder| {
         move |d: Delivery| {
@@ -942,11 +884,7 @@ pub async fn keep_alive_holds_slow_handlers<H: Harness>(cx: Ctx<H>) -> CaseResul
         )));
     };
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "keepalive").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "keepalive").await?;
     let calls = Recorder::new();
     let handler = {
         let calls = calls.clone();
@@ -983,11 +921,7 @@ pub async fn keep_alive_holds_slow_handlers<H: Harness>(cx: Ctx<H>) -> CaseResul
 /// the group is drained afterwards.
 pub async fn graceful_drain<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "drain").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "drain").await?;
     let started = Recorder::new();
     let finished = Recorder::new();
     let handler = {
@@ -1046,11 +980,7 @@ pub async fn graceful_drain<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// No handler starts after shutdown has returned, even with a backlog.
 pub async fn no_handler_after_shutdown<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "noafter").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "noafter").await?;
     publish(&conn, &topic, (0..200).map(|i| numbered("noafter", i)).collect()).await?;
     let started = Recorder::new();
     let closed = Arc::new(AtomicBool::new(false));
@@ -1106,11 +1036,7 @@ pub async fn no_handler_after_shutdown<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// released and redelivered to the next consumer.
 pub async fn shutdown_deadline_cancels_stuck_handlers<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "stuck").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "stuck").await?;
     let started = Recorder::new();
     let handler = {
         let started = started.clone();
@@ -1160,11 +1086,7 @@ pub async fn shutdown_deadline_cancels_stuck_handlers<H: Harness>(cx: Ctx<H>) ->
 /// caller the same report.
 pub async fn shutdown_is_idempotent<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "idem").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "idem").await?;
     let recorder = Recorder::new();
     let handler = {
         let recorder = recorder.clone();
@@ -1203,11 +1125,7 @@ pub async fn shutdown_is_idempotent<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// `close` delivers everything accepted; `send` after `close` is an error.
 pub async fn producer_close_flushes<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "close").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "close").await?;
     let producer = Arc::clone(&conn.producer);
     let sends: Vec<_> = (0..20)
         .map(|i| {
@@ -1247,11 +1165,7 @@ pub async fn producer_close_flushes<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// In-flight handlers never exceed the configured concurrency.
 pub async fn concurrency_is_bounded<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
-    let topic = cx.topic(&conn, "bound").await?;
-    let group = cx.group_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await?;
+    let (topic, group) = cx.topic_and_group(&conn, "bound").await?;
     publish(&conn, &topic, (0..100).map(|i| numbered("bound", i)).collect()).await?;
     let in_flight = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));

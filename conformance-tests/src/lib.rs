@@ -188,6 +188,17 @@ impl<H: Harness> Ctx<H> {
         Ok(topic)
     }
 
+    /// Declares a unique topic and a unique group on it (starting at the latest
+    /// message), both remembered for cleanup.
+    pub async fn topic_and_group(&self, conn: &Connection, prefix: &str) -> Result<(String, String)> {
+        let topic = self.topic(conn, prefix).await?;
+        let group = self.group_name("g");
+        conn.consumer
+            .declare_group(&topic, &group, polybus_core::StartFrom::Latest)
+            .await?;
+        Ok((topic, group))
+    }
+
     /// A runner on `topic` in `group` with quick retries, tuned by the harness.
     pub fn runner(&self, conn: &Connection, topic: &str, group: &str) -> Runner {
         let retry = polybus_core::RetryPolicy::attempts(5)
