@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use polybus_core::time::later;
 use polybus_core::{
     AckHandle, Acker, Capabilities, Connection, Consumer, Delivery, Error, Event, Message, Origin, Producer,
     Result, StartFrom, SubscribeOptions, Subscription, names,
@@ -151,12 +152,6 @@ impl Group {
     fn is_settled(&self, log_len: usize) -> bool {
         self.cursor >= log_len && self.redeliver.is_empty() && self.leases.is_empty()
     }
-}
-
-/// `now + d`, saturating far in the future instead of overflowing.
-fn later(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 static NAMED: OnceLock<Mutex<HashMap<String, MemoryBroker>>> = OnceLock::new();

@@ -17,20 +17,27 @@ async fn next(sub: &mut Box<dyn Subscription>) -> (Delivery, polybus_core::Acker
     }
 }
 
-#[tokio::test]
-async fn an_expired_lease_is_redelivered_with_a_higher_attempt() {
-    let broker = MemoryBroker::with_config(MemoryConfig::default().ack_deadline(Duration::from_millis(100)));
+/// A broker with `deadline` as its ack deadline, one message on `t`, and a
+/// subscription of group `g` to it.
+async fn one_message(deadline: Duration) -> (MemoryBroker, polybus_core::Connection, Box<dyn Subscription>) {
+    let broker = MemoryBroker::with_config(MemoryConfig::default().ack_deadline(deadline));
     let conn = broker.connection();
     conn.consumer
         .declare_group("t", "g", StartFrom::Latest)
         .await
         .unwrap();
     conn.producer.send("t", Message::new("x")).await.unwrap();
-    let mut sub = conn
+    let sub = conn
         .consumer
         .subscribe(SubscribeOptions::new("t").group("g"))
         .await
         .unwrap();
+    (broker, conn, sub)
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_redelivered_with_a_higher_attempt() {
+    let (broker, _conn, mut sub) = one_message(Duration::from_millis(100)).await;
     let (first, stale) = next(&mut sub).await;
     assert_eq!(first.attempt(), 1);
     let (again, acker) = next(&mut sub).await;
@@ -46,18 +53,7 @@ async fn an_expired_lease_is_redelivered_with_a_higher_attempt() {
 
 #[tokio::test]
 async fn keep_alive_extends_the_deadline() {
-    let broker = MemoryBroker::with_config(MemoryConfig::default().ack_deadline(Duration::from_millis(200)));
-    let conn = broker.connection();
-    conn.consumer
-        .declare_group("t", "g", StartFrom::Latest)
-        .await
-        .unwrap();
-    conn.producer.send("t", Message::new("x")).await.unwrap();
-    let mut sub = conn
-        .consumer
-        .subscribe(SubscribeOptions::new("t").group("g"))
-        .await
-        .unwrap();
+    let (broker, _conn, mut sub) = one_message(Duration::from_millis(200)).await;
     let (_, acker) = next(&mut sub).await;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -75,18 +71,7 @@ async fn keep_alive_extends_the_deadline() {
 
 #[tokio::test]
 async fn a_dropped_subscription_gives_its_leases_back_at_once() {
-    let broker = MemoryBroker::new();
-    let conn = broker.connection();
-    conn.consumer
-        .declare_group("t", "g", StartFrom::Latest)
-        .await
-        .unwrap();
-    conn.producer.send("t", Message::new("x")).await.unwrap();
-    let mut crashed = conn
-        .consumer
-        .subscribe(SubscribeOptions::new("t").group("g"))
-        .await
-        .unwrap();
+    let (_broker, conn, mut crashed) = one_message(Duration::from_secs(30)).await;
     let (d, _acker) = next(&mut crashed).await;
     drop(crashed);
     let mut sub = conn

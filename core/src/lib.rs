@@ -20,6 +20,7 @@ mod message;
 pub mod middleware;
 pub mod names;
 mod runner;
+pub mod time;
 
 pub use async_trait::async_trait;
 pub use backend::{

@@ -43,6 +43,7 @@ use crate::handler::{Handler, HandlerError};
 use crate::message::{Delivery, dlq_headers};
 use crate::middleware::{Middleware, Pipeline};
 use crate::names;
+use crate::time::later;
 
 /// How deliveries are ordered relative to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,12 +61,6 @@ pub enum Order {
 
 /// No backoff is longer than a day, whatever the policy says.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
-
-/// `now + d`, saturating far in the future instead of overflowing.
-fn later(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-}
 
 /// How failed deliveries are retried in process.
 #[derive(Debug, Clone, PartialEq)]
@@ -735,9 +730,6 @@ impl Dispatcher {
                     Counters::bump(&self.counters.abandoned, 1);
                 } else {
                     Counters::bump(&self.counters.released, 1);
-                }
-                if let Some(lane) = self.lanes.get_mut(&key) {
-                    lane.head = Head::Waiting;
                 }
                 self.release_lane(&key, true);
                 return;
