@@ -15,12 +15,14 @@
 
 mod backend;
 mod error;
+mod gate;
 mod handler;
 mod message;
 pub mod middleware;
 pub mod names;
 mod runner;
 pub mod time;
+pub mod wire;
 
 pub use async_trait::async_trait;
 pub use backend::{
@@ -29,6 +31,7 @@ pub use backend::{
 };
 pub use bytes::Bytes;
 pub use error::{BoxError, Error, NameKind, Result, redact_url};
+pub use gate::{SendGate, SendGuard};
 pub use handler::{FailureKind, Handler, HandlerError, HandlerResult};
 pub use message::{DeadLetter, Delivery, Headers, Message, Origin, dlq_headers};
 pub use middleware::{Middleware, Next, Pipeline, from_fn};

@@ -3,7 +3,9 @@
 //! The same input is accepted or rejected the same way on every backend:
 //!
 //! * **topic and group names**: 1 to [`MAX_NAME_LEN`] (120) characters from ASCII
-//!   letters, digits, `.`, `_` and `-`. A topic that is *declared* or consumed by a
+//!   letters, digits, `.`, `_` and `-`, where `.` separates non-empty segments
+//!   (no leading, trailing or doubled `.`, since NATS subjects and AMQP routing
+//!   keys cannot carry empty segments). A topic that is *declared* or consumed by a
 //!   runner has at most [`MAX_TOPIC_LEN`] (116), so its `<topic>.dlq` fits too.
 //!   (The bounds leave room for RabbitMQ's `<topic>.<group>` queues, 255 at most.)
 //! * **header keys**: 1 to [`MAX_HEADER_KEY_LEN`] printable ASCII characters
@@ -34,6 +36,10 @@ fn check_name(kind: NameKind, name: &str) -> Result<()> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
         Some("only ASCII letters, digits, '.', '_' and '-' are allowed")
+    } else if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+        // Dots separate non-empty segments: brokers that route on dotted names
+        // (NATS subjects, AMQP routing keys) cannot carry empty segments.
+        Some("'.' must separate non-empty segments (no leading, trailing or doubled '.')")
     } else {
         None
     };
@@ -121,7 +127,7 @@ mod tests {
         validate_group(&"x".repeat(120)).unwrap();
         validate_topic(&"x".repeat(120)).unwrap();
         assert!(validate_declared_topic(&"x".repeat(117)).is_err());
-        for bad in ["", "has space", "a/b", "ünï", "a:b", "*", &"x".repeat(121)] {
+        for bad in ["", "has space", "a/b", "ünï", "a:b", "*", ".a", "a.", "a..b", &"x".repeat(121)] {
             assert!(matches!(
                 validate_topic(bad),
                 Err(Error::InvalidName {

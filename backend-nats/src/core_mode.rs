@@ -1,0 +1,227 @@
+//! Core NATS mode: subjects and queue groups, at-most-once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::Client;
+use async_trait::async_trait;
+use futures::StreamExt;
+use polybus_core::{
+    AckHandle, Acker, Capabilities, Consumer, Delivery, Error, Event, Message, Origin, Producer, Result,
+    SendGate, StartFrom, SubscribeOptions, Subscription,
+};
+
+use crate::{BACKEND, NatsConfig, headers};
+
+fn backend_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: format!("{what}: {e}"),
+        retryable: true,
+        source: Some(Box::new(e)),
+    }
+}
+
+fn capabilities(server_max: usize) -> Capabilities {
+    let mut caps = Capabilities::new(BACKEND, server_max.saturating_sub(crate::HEADER_ROOM));
+    caps.at_least_once = false;
+    caps.replay = false;
+    caps.retains_without_group = false;
+    caps.delayed_release = false;
+    caps
+}
+
+/// Publishes on core NATS; `send` resolves once the server has the message
+/// (a flush), with no persistence behind it.
+pub struct CoreProducer {
+    client: Client,
+    server_max: usize,
+    gate: SendGate,
+}
+
+impl std::fmt::Debug for CoreProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreProducer")
+            .field("closed", &self.gate.is_closed())
+            .finish()
+    }
+}
+
+impl CoreProducer {
+    /// Opens a NATS connection for publishing.
+    pub async fn connect(config: &NatsConfig) -> Result<Self> {
+        let client = config.client("polybus-core-producer").await?;
+        let server_max = client.server_info().max_payload;
+        Ok(CoreProducer {
+            client,
+            server_max,
+            gate: SendGate::new("producer"),
+        })
+    }
+}
+
+#[async_trait]
+impl Producer for CoreProducer {
+    fn max_payload(&self) -> usize {
+        capabilities(self.server_max).max_payload
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        let _in_flight = self.gate.enter()?;
+        let headers = headers::encode(&message, false)?;
+        let size = message.payload.len() + headers::wire_len(&headers);
+        if size > self.server_max {
+            return Err(Error::PayloadTooLarge {
+                size,
+                max: self.server_max,
+            });
+        }
+        self.client
+            .publish_with_headers(topic.to_owned(), headers, message.payload)
+            .await
+            .map_err(|e| backend_error(&format!("publishing to '{topic}'"), e))?;
+        self.flush().await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.client.flush().await.map_err(|e| Error::Connection {
+            backend: BACKEND,
+            message: format!("flushing to the NATS server: {e}"),
+            source: Some(Box::new(e)),
+        })
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.gate.close().await;
+        let flushed = self.flush().await;
+        let _ = self.client.drain().await;
+        flushed
+    }
+}
+
+/// Subscribes on core NATS: a group is a queue group; nothing is stored, so
+/// declaring is a no-op and messages sent while nobody listens are gone.
+pub struct CoreConsumer {
+    client: Client,
+    server_max: usize,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for CoreConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreConsumer").finish_non_exhaustive()
+    }
+}
+
+impl CoreConsumer {
+    /// Opens a NATS connection for subscribing.
+    pub async fn connect(config: &NatsConfig) -> Result<Self> {
+        let client = config.client("polybus-core-consumer").await?;
+        let server_max = client.server_info().max_payload;
+        Ok(CoreConsumer {
+            client,
+            server_max,
+            closed: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+#[async_trait]
+impl Consumer for CoreConsumer {
+    fn capabilities(&self) -> Capabilities {
+        capabilities(self.server_max)
+    }
+
+    async fn declare_topic_unchecked(&self, _topic: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn declare_group_unchecked(&self, _topic: &str, _group: &str, _start: StartFrom) -> Result<()> {
+        Ok(())
+    }
+
+    async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("consumer"));
+        }
+        let mut subscribers = Vec::new();
+        for topic in &options.topics {
+            let subscriber = match &options.group {
+                Some(group) => self.client.queue_subscribe(topic.clone(), group.clone()).await,
+                None => self.client.subscribe(topic.clone()).await,
+            }
+            .map_err(|e| backend_error(&format!("subscribing to '{topic}'"), e))?;
+            subscribers.push(subscriber);
+        }
+        // Once the server has the subscription, messages published after this
+        // point reach it.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| backend_error("flushing the subscription", e))?;
+        Ok(Box::new(CoreSubscription {
+            messages: futures::stream::select_all(subscribers),
+            group: options.group,
+            consumer_closed: Arc::clone(&self.closed),
+        }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        self.client
+            .drain()
+            .await
+            .map_err(|e| backend_error("closing the NATS connection", e))
+    }
+}
+
+struct CoreSubscription {
+    messages: futures::stream::SelectAll<async_nats::Subscriber>,
+    group: Option<String>,
+    consumer_closed: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Subscription for CoreSubscription {
+    async fn next(&mut self) -> Option<Result<Event>> {
+        if self.consumer_closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let msg = self.messages.next().await?;
+        let message = headers::decode(msg.payload, msg.headers.as_ref(), || {
+            polybus_core::Message::new(polybus_core::Bytes::new()).id
+        });
+        let origin = Origin {
+            topic: msg.subject.to_string(),
+            group: self.group.clone(),
+            partition: None,
+            sequence: None,
+        };
+        Some(Ok(Event::Delivery(
+            Delivery::new(message, origin, 1),
+            Acker::new(NoAck),
+        )))
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        for subscriber in self.messages.iter_mut() {
+            let _ = subscriber.unsubscribe().await;
+        }
+        Ok(())
+    }
+}
+
+/// Core NATS has nothing to settle: a message is gone once delivered.
+struct NoAck;
+
+#[async_trait]
+impl AckHandle for NoAck {
+    async fn ack(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn release(&self, _delay: Option<Duration>) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,697 @@
+//! JetStream mode: streams, durable pull consumers, acks, naks and in-progress acks.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::message::{AckKind, PublishMessage};
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::{Client, StatusCode};
+use async_trait::async_trait;
+use futures::StreamExt;
+use polybus_core::{
+    AckHandle, Acker, Bytes, Capabilities, Consumer, Delivery, Error, Event, Message, Origin, Producer, Result,
+    SendGate, StartFrom, SubscribeOptions, Subscription,
+};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::{BACKEND, HEADER_ROOM, NatsConfig, Storage, headers, stream_name};
+
+
+fn backend_error(what: &str, e: impl std::error::Error + Send + Sync + 'static, retryable: bool) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: format!("{what}: {e}"),
+        retryable,
+        source: Some(Box::new(e)),
+    }
+}
+
+/// What both halves need to create streams: the JetStream context and settings.
+#[derive(Clone)]
+struct Streams {
+    js: jetstream::Context,
+    config: NatsConfig,
+    known: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Streams {
+    fn new(client: Client, config: &NatsConfig) -> Self {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client);
+        Streams {
+            js,
+            config: config.clone(),
+            known: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    fn stream_config(&self, topic: &str) -> stream::Config {
+        let c = &self.config;
+        stream::Config {
+            name: stream_name(topic),
+            subjects: vec![topic.to_owned()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: match c.storage {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            num_replicas: c.replicas,
+            max_age: c.max_age,
+            max_bytes: c.max_bytes.map_or(-1, |b| b.min(i64::MAX as u64) as i64),
+            max_messages: c.max_messages.map_or(-1, |m| m.min(i64::MAX as u64) as i64),
+            max_messages_per_subject: -1,
+            max_consumers: -1,
+            max_message_size: -1,
+            duplicate_window: c.duplicate_window,
+            ..Default::default()
+        }
+    }
+
+    /// Creates the stream for `topic` unless it exists (remembered per connection).
+    async fn ensure(&self, topic: &str) -> Result<jetstream::stream::Stream> {
+        let stream = self
+            .js
+            .get_or_create_stream(self.stream_config(topic))
+            .await
+            .map_err(|e| {
+                let retryable = !matches!(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::InvalidStreamName
+                        | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
+                );
+                backend_error(&format!("creating the stream for topic '{topic}'"), e, retryable)
+            })?;
+        let subjects = &stream.cached_info().config.subjects;
+        if !subjects.iter().any(|s| s == topic) {
+            return Err(Error::InvalidConfig(format!(
+                "the NATS stream '{}' exists but does not carry subject '{topic}' (it has {subjects:?})",
+                stream_name(topic)
+            )));
+        }
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_owned());
+        Ok(stream)
+    }
+}
+
+/// Publishes to JetStream; `send` resolves on the PubAck.
+pub struct JetStreamProducer {
+    streams: Streams,
+    client: Client,
+    server_max: usize,
+    gate: SendGate,
+}
+
+impl std::fmt::Debug for JetStreamProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamProducer")
+            .field("config", &self.streams.config)
+            .field("closed", &self.gate.is_closed())
+            .finish()
+    }
+}
+
+impl JetStreamProducer {
+    /// Opens a NATS connection for publishing.
+    pub async fn connect(config: &NatsConfig) -> Result<Self> {
+        let client = config.client("polybus-producer").await?;
+        let server_max = client.server_info().max_payload;
+        Ok(JetStreamProducer {
+            streams: Streams::new(client.clone(), config),
+            client,
+            server_max,
+            gate: SendGate::new("producer"),
+        })
+    }
+
+    async fn publish_once(&self, topic: &str, payload: Bytes, headers: async_nats::HeaderMap) -> Result<bool> {
+        let publish = PublishMessage::build().payload(payload).headers(headers);
+        let acked = match self.streams.js.send_publish(topic.to_owned(), publish).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match acked {
+            Ok(_) => Ok(true),
+            Err(e) => match e.kind() {
+                PublishErrorKind::StreamNotFound => Ok(false),
+                PublishErrorKind::TimedOut => Err(Error::timeout(
+                    format!("publishing to '{topic}' (waiting for the PubAck)"),
+                    self.streams.config.request_timeout,
+                )),
+                PublishErrorKind::BrokenPipe => Err(Error::Connection {
+                    backend: BACKEND,
+                    message: format!("publishing to '{topic}': {e}"),
+                    source: Some(Box::new(e)),
+                }),
+                PublishErrorKind::MaxPayloadExceeded => Err(Error::PayloadTooLarge {
+                    size: 0,
+                    max: self.max_payload(),
+                }),
+                _ => Err(backend_error(&format!("publishing to '{topic}'"), e, true)),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Producer for JetStreamProducer {
+    fn max_payload(&self) -> usize {
+        self.server_max.saturating_sub(HEADER_ROOM)
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        let _in_flight = self.gate.enter()?;
+        let headers = headers::encode(&message, true)?;
+        let size = message.payload.len() + headers::wire_len(&headers);
+        if size > self.server_max {
+            return Err(Error::PayloadTooLarge {
+                size,
+                max: self.server_max,
+            });
+        }
+        if self.publish_once(topic, message.payload.clone(), headers.clone()).await? {
+            return Ok(());
+        }
+        // No stream carries the subject yet: create it (and its dead-letter stream
+        // is created when the topic is declared), then publish again. The same
+        // Nats-Msg-Id makes the retry safe.
+        self.streams.ensure(topic).await?;
+        if self.publish_once(topic, message.payload, headers).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound {
+                what: format!("a NATS stream for subject '{topic}'"),
+            })
+        }
+    }
+
+    async fn flush(&self) -> Result<()> {
+        // Every send already waits for its PubAck; flushing the connection makes
+        // sure nothing is left in the client's buffer.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| backend_error("flushing the NATS connection", e, true))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.gate.close().await;
+        let flushed = self.flush().await;
+        let _ = self.client.drain().await;
+        flushed
+    }
+}
+
+/// Declares streams and durable consumers and opens pull subscriptions.
+pub struct JetStreamConsumer {
+    streams: Streams,
+    client: Client,
+    server_max: usize,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for JetStreamConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamConsumer")
+            .field("config", &self.streams.config)
+            .finish()
+    }
+}
+
+impl JetStreamConsumer {
+    /// Opens a NATS connection for consuming.
+    pub async fn connect(config: &NatsConfig) -> Result<Self> {
+        let client = config.client("polybus-consumer").await?;
+        let server_max = client.server_info().max_payload;
+        Ok(JetStreamConsumer {
+            streams: Streams::new(client.clone(), config),
+            client,
+            server_max,
+            closed: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn consumer_config(&self, name: Option<String>, start: StartFrom, prefetch: usize) -> pull::Config {
+        let c = &self.streams.config;
+        pull::Config {
+            durable_name: name,
+            deliver_policy: match start {
+                StartFrom::Earliest => DeliverPolicy::All,
+                _ => DeliverPolicy::New,
+            },
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: c.ack_wait,
+            max_deliver: c.max_deliver.map_or(-1, i64::from),
+            max_ack_pending: c.max_ack_pending.max(prefetch).min(i64::MAX as usize) as i64,
+            // An anonymous subscription's consumer goes away soon after its client.
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        }
+    }
+
+    /// The group's durable consumer, created (starting at `start`) if missing.
+    async fn group_consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartFrom,
+        prefetch: usize,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>> {
+        let stream = self.streams.ensure(topic).await?;
+        let name = stream_name(group);
+        let mut config = self.consumer_config(Some(name.clone()), start, prefetch);
+        config.inactive_threshold = Duration::ZERO;
+        let consumer = stream
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(|e| backend_error(&format!("creating group '{group}' on '{topic}'"), e, true))?;
+        let existing = &consumer.cached_info().config;
+        if existing.ack_wait != self.streams.config.ack_wait {
+            tracing::warn!(
+                target: "polybus_nats",
+                topic, group,
+                server = ?existing.ack_wait, configured = ?self.streams.config.ack_wait,
+                "the group's consumer exists with another AckWait; keep-alives follow the configured one"
+            );
+        }
+        Ok(consumer)
+    }
+
+    /// Whether `group` on `topic` has nothing pending and nothing unacknowledged.
+    pub async fn is_drained(&self, topic: &str, group: &str) -> Result<bool> {
+        let stream = self
+            .streams
+            .js
+            .get_stream(stream_name(topic))
+            .await
+            .map_err(|e| backend_error(&format!("looking up topic '{topic}'"), e, true))?;
+        let info = stream
+            .consumer_info(stream_name(group))
+            .await
+            .map_err(|e| backend_error(&format!("looking up group '{group}'"), e, true))?;
+        Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+    }
+
+    /// Deletes the streams of `topic` and its dead-letter topic (for tests and tools).
+    pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        for t in [topic.to_owned(), polybus_core::names::dead_letter_topic(topic)] {
+            match self.streams.js.delete_stream(stream_name(&t)).await {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => return Err(backend_error(&format!("deleting topic '{t}'"), e, true)),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Consumer for JetStreamConsumer {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::new(BACKEND, self.server_max.saturating_sub(HEADER_ROOM));
+        caps.ack_deadline = Some(self.streams.config.ack_wait);
+        caps
+    }
+
+    async fn declare_topic_unchecked(&self, topic: &str) -> Result<()> {
+        self.streams.ensure(topic).await?;
+        self.streams
+            .ensure(&polybus_core::names::dead_letter_topic(topic))
+            .await?;
+        Ok(())
+    }
+
+    async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        self.group_consumer(topic, group, start, 1).await.map(|_| ())
+    }
+
+    async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("consumer"));
+        }
+        let shared = Arc::new(Shared::new(options.prefetch));
+        let mut pumps = Vec::new();
+        let mut ephemeral = Vec::new();
+        for topic in &options.topics {
+            let consumer = match &options.group {
+                Some(group) => {
+                    self.group_consumer(topic, group, options.start, options.prefetch)
+                        .await?
+                }
+                None => {
+                    let stream = self.streams.ensure(topic).await?;
+                    let consumer = stream
+                        .create_consumer(self.consumer_config(None, options.start, options.prefetch))
+                        .await
+                        .map_err(|e| backend_error(&format!("subscribing to '{topic}'"), e, true))?;
+                    ephemeral.push((stream, consumer.cached_info().name.clone()));
+                    consumer
+                }
+            };
+            let info = consumer.cached_info();
+            let inbox = self.client.new_inbox();
+            let replies = self
+                .client
+                .subscribe(format!("{inbox}.*"))
+                .await
+                .map_err(|e| backend_error("subscribing to the pull inbox", e, true))?;
+            let pump = Pump {
+                client: self.client.clone(),
+                js: self.streams.js.clone(),
+                shared: Arc::clone(&shared),
+                next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", info.stream_name, info.name),
+                inbox,
+                expiry: self.streams.config.pull_expiry,
+                keep_alive: info.config.ack_wait.min(self.streams.config.ack_wait) / 3,
+            };
+            pumps.push(tokio::spawn(pump.run(replies)));
+        }
+        self.client
+            .flush()
+            .await
+            .map_err(|e| backend_error("flushing the subscription", e, true))?;
+        Ok(Box::new(JetStreamSubscription {
+            shared,
+            pumps,
+            ephemeral,
+            client: self.client.clone(),
+            group: options.group.clone(),
+            consumer_closed: Arc::clone(&self.closed),
+        }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        self.client
+            .drain()
+            .await
+            .map_err(|e| backend_error("closing the NATS connection", e, false))
+    }
+}
+
+/// Fetched messages not yet handed out, and the credit that bounds fetching.
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a message is buffered or the subscription fails.
+    data: Notify,
+    /// Signalled when a delivery is settled (credit returns).
+    credit: Notify,
+    prefetch: usize,
+}
+
+struct State {
+    buffer: VecDeque<jetstream::Message>,
+    /// Buffered + handed out and unsettled + asked for in a pull request.
+    outstanding: usize,
+    failure: Option<Error>,
+}
+
+impl Shared {
+    fn new(prefetch: usize) -> Self {
+        Shared {
+            state: Mutex::new(State {
+                buffer: VecDeque::new(),
+                outstanding: 0,
+                failure: None,
+            }),
+            data: Notify::new(),
+            credit: Notify::new(),
+            prefetch: prefetch.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn give_back(&self, n: usize) {
+        if n > 0 {
+            let mut state = self.lock();
+            state.outstanding = state.outstanding.saturating_sub(n);
+            drop(state);
+            self.credit.notify_waiters();
+        }
+    }
+}
+
+/// One topic's pull loop: asks for as many messages as there is credit, buffers
+/// them, and keeps the buffered ones alive with in-progress acks.
+struct Pump {
+    client: Client,
+    js: jetstream::Context,
+    shared: Arc<Shared>,
+    next_subject: String,
+    inbox: String,
+    expiry: Duration,
+    keep_alive: Duration,
+}
+
+impl Pump {
+    async fn run(self, mut replies: async_nats::Subscriber) {
+        let mut tick = tokio::time::interval(self.keep_alive.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut request_no: u64 = 0;
+        loop {
+            let credit_returned = self.shared.credit.notified();
+            tokio::pin!(credit_returned);
+            credit_returned.as_mut().enable();
+            let credits = {
+                let mut state = self.shared.lock();
+                let credits = self.shared.prefetch.saturating_sub(state.outstanding);
+                state.outstanding += credits;
+                credits
+            };
+            if credits == 0 {
+                tokio::select! {
+                    _ = credit_returned => {}
+                    _ = tick.tick() => self.keep_buffered_alive().await,
+                }
+                continue;
+            }
+            request_no += 1;
+            let reply = format!("{}.{request_no}", self.inbox);
+            let body = format!(
+                r#"{{"batch":{credits},"expires":{}}}"#,
+                self.expiry.as_nanos().min(i64::MAX as u128)
+            );
+            if let Err(e) = self
+                .client
+                .publish_with_reply(self.next_subject.clone(), reply.clone(), body.into())
+                .await
+            {
+                tracing::warn!(target: "polybus_nats", error = %e, "pull request failed; retrying");
+                self.shared.give_back(credits);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let deadline = tokio::time::Instant::now() + self.expiry + Duration::from_secs(2);
+            let mut remaining = credits;
+            let mut pause = None;
+            while remaining > 0 {
+                tokio::select! {
+                    biased;
+                    incoming = replies.next() => {
+                        let Some(msg) = incoming else {
+                            // The connection was closed: the subscription ends.
+                            self.shared.give_back(remaining);
+                            self.shared.data.notify_waiters();
+                            return;
+                        };
+                        match msg.status {
+                            None | Some(StatusCode::OK) => {
+                                let mut state = self.shared.lock();
+                                if remaining > 0 {
+                                    remaining -= 1;
+                                } else {
+                                    state.outstanding += 1;
+                                }
+                                state.buffer.push_back(jetstream::Message { message: msg, context: self.js.clone() });
+                                drop(state);
+                                self.shared.data.notify_waiters();
+                            }
+                            Some(StatusCode::IDLE_HEARTBEAT) => {}
+                            Some(status) => {
+                                if msg.subject.as_str() != reply {
+                                    continue; // the end of an earlier, abandoned request
+                                }
+                                if status != StatusCode::TIMEOUT && status != StatusCode::NOT_FOUND {
+                                    tracing::warn!(
+                                        target: "polybus_nats", %status,
+                                        description = msg.description.as_deref().unwrap_or(""),
+                                        "pull request ended by the server"
+                                    );
+                                    pause = Some(Duration::from_millis(250));
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    _ = tick.tick() => self.keep_buffered_alive().await,
+                    _ = tokio::time::sleep_until(deadline) => break, // lost (e.g. a reconnect): ask again
+                }
+            }
+            self.shared.give_back(remaining);
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    /// In-progress acks for fetched messages the runner has not taken yet.
+    async fn keep_buffered_alive(&self) {
+        let replies: Vec<_> = {
+            let state = self.shared.lock();
+            state.buffer.iter().filter_map(|m| m.message.reply.clone()).collect()
+        };
+        for reply in replies {
+            let _ = self.client.publish(reply, Bytes::from_static(b"+WPI")).await;
+        }
+    }
+}
+
+struct JetStreamSubscription {
+    shared: Arc<Shared>,
+    pumps: Vec<JoinHandle<()>>,
+    ephemeral: Vec<(jetstream::stream::Stream, String)>,
+    client: Client,
+    group: Option<String>,
+    consumer_closed: Arc<AtomicBool>,
+}
+
+impl Drop for JetStreamSubscription {
+    fn drop(&mut self) {
+        // A crash: stop fetching; nothing more is settled and the server redelivers
+        // what was not acknowledged once AckWait runs out.
+        for pump in &self.pumps {
+            pump.abort();
+        }
+    }
+}
+
+impl JetStreamSubscription {
+    fn delivery(&self, msg: jetstream::Message) -> Event {
+        let (attempt, sequence, fallback) = match msg.info() {
+            Ok(info) => (
+                u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
+                Some(info.stream_sequence),
+                format!("{}:{}", info.stream, info.stream_sequence),
+            ),
+            Err(_) => (1, None, String::new()),
+        };
+        let topic = msg.message.subject.to_string();
+        let message = headers::decode(msg.message.payload.clone(), msg.message.headers.as_ref(), || {
+            if fallback.is_empty() {
+                polybus_core::Message::new(Bytes::new()).id
+            } else {
+                fallback
+            }
+        });
+        let origin = Origin {
+            topic,
+            group: self.group.clone(),
+            partition: None,
+            sequence,
+        };
+        let acker = Acker::new(JetStreamAck {
+            message: msg,
+            shared: Arc::clone(&self.shared),
+            returned: AtomicBool::new(false),
+        });
+        Event::Delivery(Delivery::new(message, origin, attempt), acker)
+    }
+}
+
+#[async_trait]
+impl Subscription for JetStreamSubscription {
+    async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            let arrived = self.shared.data.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let mut state = self.shared.lock();
+                if let Some(msg) = state.buffer.pop_front() {
+                    drop(state);
+                    return Some(Ok(self.delivery(msg)));
+                }
+                if let Some(e) = state.failure.take() {
+                    return Some(Err(e));
+                }
+            }
+            if self.consumer_closed.load(Ordering::Acquire) || self.pumps.iter().all(|p| p.is_finished()) {
+                return None;
+            }
+            arrived.await;
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        for pump in &self.pumps {
+            pump.abort();
+        }
+        // Give back what was fetched but not handed out, at once.
+        let unhanded: Vec<_> = self.shared.lock().buffer.drain(..).collect();
+        for msg in unhanded {
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+        }
+        for (stream, name) in std::mem::take(&mut self.ephemeral) {
+            let _ = stream.delete_consumer(&name).await;
+        }
+        self.client
+            .flush()
+            .await
+            .map_err(|e| backend_error("flushing acknowledgements", e, true))
+    }
+}
+
+struct JetStreamAck {
+    message: jetstream::Message,
+    shared: Arc<Shared>,
+    returned: AtomicBool,
+}
+
+impl JetStreamAck {
+    fn give_back(&self) {
+        if !self.returned.swap(true, Ordering::AcqRel) {
+            self.shared.give_back(1);
+        }
+    }
+
+    async fn send(&self, kind: AckKind, what: &str) -> Result<()> {
+        self.message.ack_with(kind).await.map_err(|e| Error::Backend {
+            backend: BACKEND,
+            message: format!("{what}: {e}"),
+            retryable: true,
+            source: Some(e),
+        })
+    }
+}
+
+impl Drop for JetStreamAck {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+#[async_trait]
+impl AckHandle for JetStreamAck {
+    async fn ack(&self) -> Result<()> {
+        let result = self.send(AckKind::Ack, "ack").await;
+        self.give_back();
+        result
+    }
+
+    async fn release(&self, delay: Option<Duration>) -> Result<()> {
+        let result = self.send(AckKind::Nak(delay.filter(|d| !d.is_zero())), "nak").await;
+        self.give_back();
+        result
+    }
+
+    async fn keep_alive(&self) -> Result<()> {
+        self.send(AckKind::Progress, "in-progress ack").await
+    }
+}

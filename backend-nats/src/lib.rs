@@ -1,0 +1,359 @@
+//! NATS backend for [polybus](https://docs.rs/polybus), on
+//! [async-nats](https://docs.rs/async-nats).
+//!
+//! Two modes:
+//!
+//! * **JetStream** (the default): at-least-once. A topic is a stream (Limits
+//!   retention) over the subject named like the topic; a group is a durable pull
+//!   consumer with explicit acks. Acks are `+ACK`, releases are `-NAK` (with a
+//!   delay when asked), keep-alives are in-progress acks (`+WPI`), and every
+//!   message carries `Nats-Msg-Id` so the server drops duplicate publishes.
+//!   Fetched messages not yet handed to the runner get keep-alives too, so
+//!   nothing held is redelivered while AckWait runs.
+//! * **Core NATS** (`?mode=core`, or [`Mode::Core`]): at-most-once. A group is a
+//!   queue group; nothing is stored or acknowledged; `send` resolves on flush.
+//!
+//! ```no_run
+//! # async fn demo() -> polybus_core::Result<()> {
+//! let bus = polybus_nats::connect("nats://127.0.0.1:4222").await?;
+//! bus.consumer.declare_topic("rides").await?; // stream `rides` over subject `rides`
+//! # Ok(()) }
+//! ```
+//!
+//! Names: a topic `orders.created` is the subject `orders.created` and the stream
+//! `orders~created` (stream and consumer names cannot hold `.`; `~` is outside
+//! the portable grammar, so the mapping is one to one).
+
+use std::fmt;
+use std::time::Duration;
+
+use async_nats::ConnectOptions;
+use polybus_core::{Connection, Error, Result, redact_url};
+
+mod core_mode;
+mod headers;
+mod jetstream;
+
+pub use core_mode::{CoreConsumer, CoreProducer};
+pub use jetstream::{JetStreamConsumer, JetStreamProducer};
+
+const BACKEND: &str = "nats";
+
+/// Room left in the server's `max_payload` for the library's and the user's
+/// headers: the largest payload `send` accepts is `max_payload` less this.
+pub const HEADER_ROOM: usize = 16 * 1024;
+
+/// Which NATS API carries the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Mode {
+    /// JetStream streams and durable pull consumers: at-least-once (the default).
+    #[default]
+    JetStream,
+    /// Plain subjects and queue groups: at-most-once, nothing stored.
+    Core,
+}
+
+/// Where JetStream keeps a topic's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Storage {
+    /// On disk (the default): survives a server restart.
+    #[default]
+    File,
+    /// In memory: faster, lost when the server stops.
+    Memory,
+}
+
+/// How to reach NATS and how topics and groups are created.
+///
+/// `Debug` never shows credentials.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct NatsConfig {
+    /// Server URLs (`nats://[user:pass@]host:port`), tried in order.
+    pub servers: Vec<String>,
+    /// JetStream (default) or core NATS.
+    pub mode: Mode,
+    /// How long connecting may take before it fails (default 5 s).
+    pub connect_timeout: Duration,
+    /// How long a request (PubAck, stream and consumer API) may take (default 10 s).
+    pub request_timeout: Duration,
+    /// JetStream AckWait: a held message is redelivered after this long without an
+    /// ack or keep-alive (default 30 s; the runner sends keep-alives every third).
+    pub ack_wait: Duration,
+    /// JetStream MaxDeliver for new groups; `None` (the default) is unlimited, so
+    /// the server never silently stops delivering a message the runner still
+    /// retries (the runner's max attempts decides when to dead-letter).
+    pub max_deliver: Option<u32>,
+    /// JetStream MaxAckPending for new groups, shared by all instances (default
+    /// 1024). A subscription whose prefetch is larger raises it.
+    pub max_ack_pending: usize,
+    /// Where streams are kept (default on disk).
+    pub storage: Storage,
+    /// Stream replicas (default 1).
+    pub replicas: usize,
+    /// The oldest message a stream keeps; zero (default) keeps them regardless of age.
+    pub max_age: Duration,
+    /// The most bytes a stream keeps; `None` (default) is unlimited.
+    pub max_bytes: Option<u64>,
+    /// The most messages a stream keeps; `None` (default) is unlimited.
+    pub max_messages: Option<u64>,
+    /// The window in which a repeated `Nats-Msg-Id` is dropped (default 2 min).
+    pub duplicate_window: Duration,
+    /// How long one pull request waits on the server for messages (default 5 s).
+    pub pull_expiry: Duration,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let servers: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
+        f.debug_struct("NatsConfig")
+            .field("servers", &servers)
+            .field("mode", &self.mode)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("ack_wait", &self.ack_wait)
+            .field("max_deliver", &self.max_deliver)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("storage", &self.storage)
+            .field("replicas", &self.replicas)
+            .field("max_age", &self.max_age)
+            .field("max_bytes", &self.max_bytes)
+            .field("max_messages", &self.max_messages)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("pull_expiry", &self.pull_expiry)
+            .finish()
+    }
+}
+
+impl NatsConfig {
+    /// Parses `nats://[user:pass@]host:port[,host:port…][?mode=core|jetstream]`.
+    ///
+    /// `tls://` URLs (and `nats+tls://`) require TLS. Other settings are fields.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let invalid = |why: String| Error::InvalidConfig(format!("NATS URL {}: {why}", redact_url(url)));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("expected nats://host:port".into()))?;
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "nats" => "nats",
+            "tls" | "nats+tls" => "tls",
+            other => return Err(invalid(format!("unknown scheme '{other}'"))),
+        };
+        let (hosts, query) = match rest.split_once('?') {
+            Some((h, q)) => (h, Some(q)),
+            None => (rest, None),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.contains('/') {
+            return Err(invalid("a NATS URL has no path".into()));
+        }
+        let (credentials, hosts) = match hosts.rsplit_once('@') {
+            Some((c, h)) => (Some(c), h),
+            None => (None, hosts),
+        };
+        let mut servers = Vec::new();
+        for host in hosts.split(',') {
+            let host = host.trim();
+            if host.is_empty() {
+                return Err(invalid("empty host".into()));
+            }
+            if let Some((_, port)) = host.rsplit_once(':')
+                && !port.ends_with(']')
+                && port.parse::<u16>().is_err()
+            {
+                return Err(invalid(format!("bad port '{port}'")));
+            }
+            let server = match credentials {
+                Some(c) => format!("{scheme}://{c}@{host}"),
+                None => format!("{scheme}://{host}"),
+            };
+            server
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| invalid(format!("bad server address '{host}': {e}")))?;
+            servers.push(server);
+        }
+        let mut config = NatsConfig::new(servers);
+        for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match (key, value) {
+                ("mode", "jetstream" | "js") => config.mode = Mode::JetStream,
+                ("mode", "core") => config.mode = Mode::Core,
+                ("mode", other) => {
+                    return Err(invalid(format!("mode must be 'jetstream' or 'core', not '{other}'")));
+                }
+                (other, _) => return Err(invalid(format!("unknown option '{other}'"))),
+            }
+        }
+        Ok(config)
+    }
+
+    /// Defaults for these servers.
+    pub fn new(servers: Vec<String>) -> Self {
+        NatsConfig {
+            servers,
+            mode: Mode::JetStream,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: None,
+            max_ack_pending: 1024,
+            storage: Storage::File,
+            replicas: 1,
+            max_age: Duration::ZERO,
+            max_bytes: None,
+            max_messages: None,
+            duplicate_window: Duration::from_secs(120),
+            pull_expiry: Duration::from_secs(5),
+        }
+    }
+
+    /// Sets the mode.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets the connection timeout.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the request timeout.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets JetStream's AckWait for new groups (at least 1 s).
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Sets where streams are stored.
+    pub fn storage(mut self, storage: Storage) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.servers.is_empty() {
+            return Err(Error::InvalidConfig("NATS: no server given".into()));
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return Err(Error::InvalidConfig("NATS: ack_wait must be at least 1 s".into()));
+        }
+        if self.max_deliver == Some(0) || self.replicas == 0 || self.max_ack_pending == 0 {
+            return Err(Error::InvalidConfig(
+                "NATS: max_deliver, replicas and max_ack_pending must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens one NATS connection with these settings.
+    pub(crate) async fn client(&self, name: &str) -> Result<async_nats::Client> {
+        self.validate()?;
+        let addrs = self
+            .servers
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::InvalidConfig(format!("NATS server address: {e}")))?;
+        let options = ConnectOptions::new()
+            .name(name)
+            .connection_timeout(self.connect_timeout)
+            .request_timeout(Some(self.request_timeout))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                tracing::debug!(target: "polybus_nats", %event, "NATS connection event");
+            });
+        let connecting = options.connect(addrs);
+        // The connection timeout applies to each attempt; bound the whole connect too.
+        match tokio::time::timeout(self.connect_timeout + Duration::from_millis(500), connecting).await {
+            Err(_) => Err(Error::timeout("connecting to NATS", self.connect_timeout)),
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => {
+                use async_nats::ConnectErrorKind as K;
+                let servers: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
+                let message = format!("cannot connect to {}: {e}", servers.join(","));
+                Err(match e.kind() {
+                    K::ServerParse | K::Tls => Error::InvalidConfig(message),
+                    K::Authentication | K::AuthorizationViolation => Error::Connection {
+                        backend: BACKEND,
+                        message,
+                        source: None,
+                    },
+                    _ => Error::connection(BACKEND, message),
+                })
+            }
+        }
+    }
+}
+
+/// Connects with a URL (`nats://host:port`, `?mode=core` for core NATS): a
+/// producer and a consumer, each on its own NATS connection.
+pub async fn connect(url: &str) -> Result<Connection> {
+    connect_with(NatsConfig::from_url(url)?).await
+}
+
+/// Connects with a full configuration.
+pub async fn connect_with(config: NatsConfig) -> Result<Connection> {
+    Ok(match config.mode {
+        Mode::JetStream => Connection {
+            producer: std::sync::Arc::new(JetStreamProducer::connect(&config).await?),
+            consumer: std::sync::Arc::new(JetStreamConsumer::connect(&config).await?),
+        },
+        Mode::Core => Connection {
+            producer: std::sync::Arc::new(CoreProducer::connect(&config).await?),
+            consumer: std::sync::Arc::new(CoreConsumer::connect(&config).await?),
+        },
+    })
+}
+
+/// The JetStream stream (or consumer) name for a portable topic (or group) name:
+/// `.` becomes `~`, which the portable grammar does not allow, so no two names meet.
+pub fn stream_name(portable: &str) -> String {
+    portable.replace('.', "~")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let c = NatsConfig::from_url("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(c.servers, vec!["nats://127.0.0.1:4222"]);
+        assert_eq!(c.mode, Mode::JetStream);
+        let c = NatsConfig::from_url("nats://u:secret@a:1,b:2/?mode=core").unwrap();
+        assert_eq!(c.servers, vec!["nats://u:secret@a:1", "nats://u:secret@b:2"]);
+        assert_eq!(c.mode, Mode::Core);
+        assert!(!format!("{c:?}").contains("secret"), "{c:?}");
+        for bad in [
+            "127.0.0.1:4222",
+            "http://a:1",
+            "nats://",
+            "nats://a:1,,b:2",
+            "nats://a:port",
+            "nats://a:1/path",
+            "nats://a:1?mode=x",
+            "nats://a:1?colour=red",
+        ] {
+            let err = NatsConfig::from_url(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidConfig(_)), "{bad}: {err:?}");
+        }
+        let err = NatsConfig::from_url("nats://u:hunter2@a:x").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn names_map_one_to_one() {
+        assert_eq!(stream_name("orders.created"), "orders~created");
+        assert_ne!(stream_name("a.b_c"), stream_name("a_b.c"));
+        assert_eq!(stream_name("rides.dlq"), "rides~dlq");
+    }
+}

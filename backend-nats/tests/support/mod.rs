@@ -1,0 +1,90 @@
+//! The NATS harness for the conformance suite, in JetStream (`CORE = false`) or
+//! core NATS (`CORE = true`) mode. The server comes from `POLYBUS_TEST_NATS_URL`.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use polybus_conformance::{Harness, Setup, timeout_multiplier};
+use polybus_core::{Capabilities, Connection, Result, async_trait};
+use polybus_nats::{JetStreamConsumer, Mode, NatsConfig, Storage};
+
+/// The variable naming the NATS server the tests use.
+pub(crate) const URL_ENV: &str = "POLYBUS_TEST_NATS_URL";
+
+pub(crate) struct NatsHarness<const CORE: bool> {
+    pub(crate) config: NatsConfig,
+    admin: JetStreamConsumer,
+    caps: Capabilities,
+}
+
+/// The test settings: a short AckWait (2 s × the multiplier) so crash
+/// redelivery is quick, and streams in memory.
+pub(crate) fn test_config(url: &str, core: bool) -> NatsConfig {
+    let config = NatsConfig::from_url(url)
+        .expect("a valid POLYBUS_TEST_NATS_URL")
+        .ack_wait(Duration::from_secs_f64(2.0 * timeout_multiplier()))
+        .storage(Storage::Memory)
+        .mode(if core { Mode::Core } else { Mode::JetStream });
+    let mut config = config.connect_timeout(Duration::from_secs_f64(5.0 * timeout_multiplier()));
+    config.pull_expiry = Duration::from_secs(2);
+    config
+}
+
+#[async_trait]
+impl<const CORE: bool> Harness for NatsHarness<CORE> {
+    async fn setup() -> Setup<Self> {
+        let Ok(url) = std::env::var(URL_ENV) else {
+            return Setup::MissingBroker(format!("set {URL_ENV}=nats://127.0.0.1:4222"));
+        };
+        let config = test_config(&url, CORE);
+        let admin = JetStreamConsumer::connect(&config)
+            .await
+            .unwrap_or_else(|e| panic!("{URL_ENV}={url} is set but NATS cannot be reached: {e}"));
+        let probe = polybus_nats::connect_with(config.clone())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        let caps = probe.consumer.capabilities();
+        let _ = probe.close().await;
+        Setup::Ready(NatsHarness { config, admin, caps })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps.clone()
+    }
+
+    async fn connect(&self) -> Result<Connection> {
+        polybus_nats::connect_with(self.config.clone()).await
+    }
+
+    async fn drained(&self, topic: &str, group: &str) -> Result<bool> {
+        if CORE {
+            // Core NATS holds nothing for a group.
+            return Ok(true);
+        }
+        self.admin.is_drained(topic, group).await
+    }
+
+    async fn connect_unreachable(&self, timeout: Duration) -> Result<Connection> {
+        // A port nothing listens on: bind one, then let it go.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| polybus_core::Error::InvalidConfig(format!("no free port: {e}")))?
+            .port();
+        let config = NatsConfig::from_url(&format!("nats://127.0.0.1:{port}"))?
+            .mode(self.config.mode)
+            .connect_timeout(timeout);
+        polybus_nats::connect_with(config).await
+    }
+
+    async fn cleanup(&self, topics: &[String]) {
+        if CORE {
+            return;
+        }
+        for topic in topics {
+            if let Err(e) = self.admin.delete_topic(topic).await {
+                eprintln!("cleanup of {topic}: {e}");
+            }
+        }
+    }
+}
