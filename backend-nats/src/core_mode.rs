@@ -24,7 +24,7 @@ fn backend_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) 
 }
 
 fn capabilities(server_max: usize) -> Capabilities {
-    let mut caps = Capabilities::new(BACKEND, server_max.saturating_sub(crate::HEADER_ROOM));
+    let mut caps = Capabilities::new("nats-core", server_max.saturating_sub(crate::HEADER_ROOM));
     caps.at_least_once = false;
     caps.replay = false;
     caps.retains_without_group = false;
@@ -36,6 +36,7 @@ fn capabilities(server_max: usize) -> Capabilities {
 /// (a flush), with no persistence behind it.
 pub struct CoreProducer {
     client: Client,
+    timeout: Duration,
     server_max: usize,
     gate: SendGate,
 }
@@ -55,6 +56,7 @@ impl CoreProducer {
         let server_max = client.server_info().max_payload;
         Ok(CoreProducer {
             client,
+            timeout: config.request_timeout,
             server_max,
             gate: SendGate::new("producer"),
         })
@@ -85,11 +87,7 @@ impl Producer for CoreProducer {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.client.flush().await.map_err(|e| Error::Connection {
-            backend: BACKEND,
-            message: format!("flushing to the NATS server: {e}"),
-            source: Some(Box::new(e)),
-        })
+        crate::round_trip(&self.client, self.timeout).await
     }
 
     async fn close(&self) -> Result<()> {
@@ -104,6 +102,7 @@ impl Producer for CoreProducer {
 /// declaring is a no-op and messages sent while nobody listens are gone.
 pub struct CoreConsumer {
     client: Client,
+    timeout: Duration,
     server_max: usize,
     closed: Arc<AtomicBool>,
 }
@@ -121,6 +120,7 @@ impl CoreConsumer {
         let server_max = client.server_info().max_payload;
         Ok(CoreConsumer {
             client,
+            timeout: config.request_timeout,
             server_max,
             closed: Arc::new(AtomicBool::new(false)),
         })
@@ -156,10 +156,7 @@ impl Consumer for CoreConsumer {
         }
         // Once the server has the subscription, messages published after this
         // point reach it.
-        self.client
-            .flush()
-            .await
-            .map_err(|e| backend_error("flushing the subscription", e))?;
+        crate::round_trip(&self.client, self.timeout).await?;
         Ok(Box::new(CoreSubscription {
             messages: futures::stream::select_all(subscribers),
             group: options.group,

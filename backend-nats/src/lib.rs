@@ -28,7 +28,7 @@ use std::fmt;
 use std::time::Duration;
 
 use async_nats::ConnectOptions;
-use polybus_core::{Connection, Error, Result, redact_url};
+use polybus_core::{Bytes, Connection, Error, Result, redact_url};
 
 mod core_mode;
 mod headers;
@@ -291,6 +291,24 @@ impl NatsConfig {
                 })
             }
         }
+    }
+}
+
+/// Waits until the server has processed everything this client sent before: a
+/// request to a subject nobody serves comes back as "no responders" only after
+/// the server has read every earlier command on the connection. (async-nats's
+/// `flush` only empties the client's write buffer.)
+pub(crate) async fn round_trip(client: &async_nats::Client, timeout: Duration) -> Result<()> {
+    let probe = format!("_POLYBUS.PING.{}", client.new_inbox().replace('.', "_"));
+    match tokio::time::timeout(timeout, client.request(probe, Bytes::new())).await {
+        Err(_) => Err(Error::timeout("a round trip to the NATS server", timeout)),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Ok(Err(e)) => Err(Error::Connection {
+            backend: BACKEND,
+            message: format!("round trip to the NATS server: {e}"),
+            source: Some(Box::new(e)),
+        }),
+        Ok(Ok(_)) => Ok(()),
     }
 }
 

@@ -34,6 +34,23 @@ fn index_of(d: &Delivery) -> usize {
         .expect("every test message has an index header")
 }
 
+/// Skips a case that needs redelivery or retention on an at-most-once backend.
+fn needs_at_least_once<H: Harness>(cx: &Ctx<H>) -> Option<Outcome> {
+    let caps = cx.caps();
+    (!caps.at_least_once).then(|| {
+        Outcome::Skipped(format!(
+            "{} is at-most-once: nothing is redelivered or kept for a group (capabilities.at_least_once = false)",
+            caps.backend
+        ))
+    })
+}
+
+/// Whether messages may be published before the runner starts (so it begins
+/// with a backlog): only where a declared group keeps them.
+fn backlog_first<H: Harness>(cx: &Ctx<H>) -> bool {
+    cx.caps().at_least_once
+}
+
 fn unique_ids(deliveries: &[Delivery]) -> HashSet<String> {
     deliveries.iter().map(|d| d.id().to_owned()).collect()
 }
@@ -44,10 +61,12 @@ pub async fn roundtrip<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "roundtrip").await?;
     let message = |i: usize| numbered("roundtrip", i).with_key(format!("key-{}", i % 7));
-    let mut sent = publish(&conn, &topic, (0..50).map(message).collect()).await?;
+    // Half before the runner subscribes (where a declared group keeps them), half after.
+    let before = if backlog_first(&cx) { 50 } else { 0 };
+    let mut sent = publish(&conn, &topic, (0..before).map(message).collect()).await?;
     let recorder = Recorder::new();
     let handle = cx.runner(&conn, &topic, &group).run(recorder.handler()).await?;
-    sent.extend(publish(&conn, &topic, (50..100).map(message).collect()).await?);
+    sent.extend(publish(&conn, &topic, (before..100).map(message).collect()).await?);
     let got = recorder.wait_for(100, cx.secs(30.0)).await?;
     let report = handle.shutdown(cx.secs(10.0)).await;
     let by_id: HashMap<&str, &Message> = sent.iter().map(|m| (m.id.as_str(), m)).collect();
@@ -87,6 +106,8 @@ pub async fn edge_payloads<H: Harness>(cx: Ctx<H>) -> CaseResult {
     );
     let (topic, group) = cx.topic_and_group(&conn, "edge").await?;
 
+    let recorder = Recorder::new();
+    let handle = cx.runner(&conn, &topic, &group).run(recorder.handler()).await?;
     let binary: Vec<u8> = (0..=255u8).cycle().take(1024).collect();
     assert!(std::str::from_utf8(&binary).is_err());
     let largest: Vec<u8> = (0..max).map(|i| (i % 251) as u8).collect();
@@ -129,8 +150,6 @@ pub async fn edge_payloads<H: Harness>(cx: Ctx<H>) -> CaseResult {
         "CR/LF in a value: {result:?}"
     );
 
-    let recorder = Recorder::new();
-    let handle = cx.runner(&conn, &topic, &group).run(recorder.handler()).await?;
     let got = recorder.wait_for(4, cx.secs(30.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     assert_eq!(got.len(), 4, "rejected messages were not sent");
@@ -152,11 +171,11 @@ pub async fn topics_are_isolated<H: Harness>(cx: Ctx<H>) -> CaseResult {
     for t in [&a, &b] {
         conn.consumer.declare_group(t, &group, StartFrom::Latest).await?;
     }
-    publish(&conn, &a, (0..10).map(|i| numbered("a", i)).collect()).await?;
-    publish(&conn, &b, (0..15).map(|i| numbered("b", i)).collect()).await?;
     let (rec_a, rec_b) = (Recorder::new(), Recorder::new());
     let ha = cx.runner(&conn, &a, &group).run(rec_a.handler()).await?;
     let hb = cx.runner(&conn, &b, &group).run(rec_b.handler()).await?;
+    publish(&conn, &a, (0..10).map(|i| numbered("a", i)).collect()).await?;
+    publish(&conn, &b, (0..15).map(|i| numbered("b", i)).collect()).await?;
     rec_a.wait_for(10, cx.secs(30.0)).await?;
     rec_b.wait_for(15, cx.secs(30.0)).await?;
     ha.shutdown(cx.secs(10.0)).await;
@@ -254,7 +273,10 @@ pub async fn key_order_under_concurrency<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "order").await?;
     let (keys, per_key) = (16, 1000 / 16);
-    publish(&conn, &topic, bursts(keys, per_key)).await?;
+    let early = backlog_first(&cx);
+    if early {
+        publish(&conn, &topic, bursts(keys, per_key)).await?;
+    }
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
     let running_keys = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
     let overlaps = Arc::new(AtomicUsize::new(0));
@@ -294,6 +316,9 @@ pub async fn key_order_under_concurrency<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .concurrency(8)
         .run(handler)
         .await?;
+    if !early {
+        publish(&conn, &topic, bursts(keys, per_key)).await?;
+    }
     recorder.wait_for(keys * per_key, cx.secs(60.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     assert_key_order(&handled.lock().unwrap(), keys, per_key);
@@ -314,8 +339,10 @@ pub async fn key_order_across_retries<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "order-retry").await?;
     let (keys, per_key) = (8, 25);
-    let messages = bursts(keys, per_key);
-    publish(&conn, &topic, messages).await?;
+    let early = backlog_first(&cx);
+    if early {
+        publish(&conn, &topic, bursts(keys, per_key)).await?;
+    }
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
     let recorder = Recorder::new();
     let handler = {
@@ -345,6 +372,9 @@ pub async fn key_order_across_retries<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .concurrency(8)
         .run(handler)
         .await?;
+    if !early {
+        publish(&conn, &topic, bursts(keys, per_key)).await?;
+    }
     recorder.wait_for(keys * per_key, cx.secs(60.0)).await?;
     let report = handle.shutdown(cx.secs(10.0)).await;
     assert_key_order(&handled.lock().unwrap(), keys, per_key);
@@ -372,7 +402,7 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "sequential").await?;
     // Several keys and keyless messages: sequential means one at a time overall.
-    let messages = (0..200)
+    let messages: Vec<Message> = (0..200)
         .map(|i| {
             if i % 3 == 0 {
                 numbered("ordered", i).with_header("seq", i.to_string())
@@ -381,7 +411,13 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
             }
         })
         .collect();
-    publish(&conn, &topic, messages).await?;
+    let early = backlog_first(&cx);
+    let messages = if early {
+        publish(&conn, &topic, messages).await?;
+        Vec::new()
+    } else {
+        messages
+    };
     let in_flight = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let recorder = Recorder::new();
@@ -405,6 +441,7 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .concurrency(8)
         .run(handler)
         .await?;
+    publish(&conn, &topic, messages).await?;
     let got = recorder.wait_for(200, cx.secs(60.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     assert_eq!(peak.load(Ordering::SeqCst), 1, "one at a time");
@@ -430,6 +467,9 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// After acks and a graceful restart the group is drained and nothing is
 /// redelivered.
 pub async fn ack_is_final<H: Harness>(cx: Ctx<H>) -> CaseResult {
+    if let Some(skip) = needs_at_least_once(&cx) {
+        return Ok(skip);
+    }
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "ackfinal").await?;
     publish(&conn, &topic, (0..20).map(|i| numbered("ack", i)).collect()).await?;
@@ -638,6 +678,9 @@ pub async fn panic_is_retried<H: Harness>(cx: Ctx<H>) -> CaseResult {
 /// A crashed consumer's unacked messages go to the next consumer in the group: no
 /// loss; duplicates are counted and reported.
 pub async fn crashed_consumer_work_is_redelivered<H: Harness>(cx: Ctx<H>) -> CaseResult {
+    if let Some(skip) = needs_at_least_once(&cx) {
+        return Ok(skip);
+    }
     let conn_a = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn_a, "crash").await?;
     let sent = publish(&conn_a, &topic, (0..30).map(|i| numbered("crash", i)).collect()).await?;
@@ -731,6 +774,9 @@ async fn next_delivery(
 /// Acking twice, releasing after an ack, and releasing twice are harmless: the
 /// released message comes back once, and the group ends drained.
 pub async fn settling_twice_is_harmless<H: Harness>(cx: Ctx<H>) -> CaseResult {
+    if let Some(skip) = needs_at_least_once(&cx) {
+        return Ok(skip);
+    }
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "settle").await?;
     publish(&conn, &topic, (0..2).map(|i| numbered("settle", i)).collect()).await?;
@@ -820,12 +866,19 @@ pub async fn independent_groups_each_get_everything<H: Harness>(cx: Ctx<H>) -> C
     for g in [&g1, &g2] {
         conn.consumer.declare_group(&topic, g, StartFrom::Latest).await?;
     }
-    let sent = publish(&conn, &topic, (0..50).map(|i| numbered("groups", i)).collect()).await?;
-    let expected: HashSet<String> = sent.iter().map(|m| m.id.clone()).collect();
+    let messages: Vec<Message> = (0..50).map(|i| numbered("groups", i)).collect();
+    let expected: HashSet<String> = messages.iter().map(|m| m.id.clone()).collect();
+    let early = backlog_first(&cx);
+    if early {
+        publish(&conn, &topic, messages.clone()).await?;
+    }
     let (r1, r2) = (Recorder::new(), Recorder::new());
     let h1 = cx.runner(&conn, &topic, &g1).run(r1.handler()).await?;
     let conn2 = cx.connect().await?;
     let h2 = cx.runner(&conn2, &topic, &g2).run(r2.handler()).await?;
+    if !early {
+        publish(&conn, &topic, messages).await?;
+    }
     r1.wait_for(50, cx.secs(30.0)).await?;
     r2.wait_for(50, cx.secs(30.0)).await?;
     h1.shutdown(cx.secs(10.0)).await;
@@ -920,6 +973,9 @@ pub async fn keep_alive_holds_slow_handlers<H: Harness>(cx: Ctx<H>) -> CaseResul
 /// Shutdown lets slow in-flight handlers finish and acks them before it returns;
 /// the group is drained afterwards.
 pub async fn graceful_drain<H: Harness>(cx: Ctx<H>) -> CaseResult {
+    if let Some(skip) = needs_at_least_once(&cx) {
+        return Ok(skip);
+    }
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "drain").await?;
     let started = Recorder::new();
@@ -981,7 +1037,11 @@ pub async fn graceful_drain<H: Harness>(cx: Ctx<H>) -> CaseResult {
 pub async fn no_handler_after_shutdown<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "noafter").await?;
-    publish(&conn, &topic, (0..200).map(|i| numbered("noafter", i)).collect()).await?;
+    let backlog: Vec<Message> = (0..200).map(|i| numbered("noafter", i)).collect();
+    let early = backlog_first(&cx);
+    if early {
+        publish(&conn, &topic, backlog.clone()).await?;
+    }
     let started = Recorder::new();
     let closed = Arc::new(AtomicBool::new(false));
     let late = Arc::new(AtomicUsize::new(0));
@@ -1011,6 +1071,9 @@ pub async fn no_handler_after_shutdown<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .concurrency(4)
         .run(handler)
         .await?;
+    if !early {
+        publish(&conn, &topic, backlog).await?;
+    }
     started.wait_for(20, cx.secs(30.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     closed.store(true, Ordering::SeqCst);
@@ -1066,6 +1129,10 @@ pub async fn shutdown_deadline_cancels_stuck_handlers<H: Harness>(cx: Ctx<H>) ->
         "shutdown returned {took:?} after a {deadline:?} deadline"
     );
     assert_eq!((report.abandoned, report.handled), (2, 0));
+    if !cx.caps().at_least_once {
+        // Nothing is redelivered on an at-most-once backend; the deadline held.
+        return Ok(Outcome::Passed);
+    }
 
     let conn2 = cx.connect().await?;
     let next = Recorder::new();
@@ -1126,6 +1193,15 @@ pub async fn shutdown_is_idempotent<H: Harness>(cx: Ctx<H>) -> CaseResult {
 pub async fn producer_close_flushes<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "close").await?;
+    let conn2 = cx.connect().await?;
+    let recorder = Recorder::new();
+    // Where a declared group keeps messages, the consumer starts after the close.
+    let early = (!backlog_first(&cx))
+        .then(|| cx.runner(&conn2, &topic, &group).run(recorder.handler()));
+    let early = match early {
+        Some(run) => Some(run.await?),
+        None => None,
+    };
     let producer = Arc::clone(&conn.producer);
     let sends: Vec<_> = (0..20)
         .map(|i| {
@@ -1149,9 +1225,10 @@ pub async fn producer_close_flushes<H: Harness>(cx: Ctx<H>) -> CaseResult {
         "send after close: {after:?}"
     );
     assert!(!after.unwrap_err().is_retryable());
-    let conn2 = cx.connect().await?;
-    let recorder = Recorder::new();
-    let handle = cx.runner(&conn2, &topic, &group).run(recorder.handler()).await?;
+    let handle = match early {
+        Some(handle) => handle,
+        None => cx.runner(&conn2, &topic, &group).run(recorder.handler()).await?,
+    };
     recorder.wait_for(20, cx.secs(30.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     assert_eq!(
@@ -1166,7 +1243,11 @@ pub async fn producer_close_flushes<H: Harness>(cx: Ctx<H>) -> CaseResult {
 pub async fn concurrency_is_bounded<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn = cx.connect().await?;
     let (topic, group) = cx.topic_and_group(&conn, "bound").await?;
-    publish(&conn, &topic, (0..100).map(|i| numbered("bound", i)).collect()).await?;
+    let backlog: Vec<Message> = (0..100).map(|i| numbered("bound", i)).collect();
+    let early = backlog_first(&cx);
+    if early {
+        publish(&conn, &topic, backlog.clone()).await?;
+    }
     let in_flight = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let recorder = Recorder::new();
@@ -1190,6 +1271,9 @@ pub async fn concurrency_is_bounded<H: Harness>(cx: Ctx<H>) -> CaseResult {
         .concurrency(4)
         .run(handler)
         .await?;
+    if !early {
+        publish(&conn, &topic, backlog).await?;
+    }
     recorder.wait_for(100, cx.secs(60.0)).await?;
     handle.shutdown(cx.secs(10.0)).await;
     let peak = peak.load(Ordering::SeqCst);
