@@ -8,6 +8,11 @@ pub use polybus_core::*;
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use polybus_memory as memory;
 
+/// The NATS backend: JetStream (default) and core NATS (feature `nats`).
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use polybus_nats as nats;
+
 /// Everything most applications need, for `use polybus::prelude::*`.
 pub mod prelude {
     pub use polybus_core::{
@@ -23,7 +28,7 @@ pub mod prelude {
 /// | `memory://` or `memory://<name>` | in-process broker (same name, same broker) | `memory` (default) |
 /// | `kafka://host:port,host:port` | Kafka | `kafka` (not yet available) |
 /// | `amqp://…`, `amqps://…` | RabbitMQ | `rabbitmq` (not yet available) |
-/// | `nats://host:port` | NATS | `nats` (not yet available) |
+/// | `nats://host:port[,host:port][?mode=core]` | NATS JetStream (core NATS with `mode=core`) | `nats` |
 ///
 /// A scheme whose backend was not compiled in gives [`Error::InvalidConfig`]
 /// naming the feature to enable. Credentials in the URL never appear in errors.
@@ -45,10 +50,17 @@ pub async fn connect(url: &str) -> Result<Connection> {
         }
         "kafka" => "kafka",
         "amqp" | "amqps" => "rabbitmq",
-        "nats" => "nats",
+        "nats" | "tls" => {
+            #[cfg(feature = "nats")]
+            {
+                return polybus_nats::connect(url).await;
+            }
+            #[cfg(not(feature = "nats"))]
+            "nats"
+        }
         other => {
             return Err(Error::InvalidConfig(format!(
-                "unknown broker URL scheme {other:?}: expected memory, kafka, amqp, amqps or nats"
+                "unknown broker URL scheme {other:?}: expected memory, kafka, amqp, amqps, nats or tls (NATS over TLS)"
             )));
         }
     };
@@ -74,6 +86,17 @@ mod tests {
             connect("localhost:9092").await,
             Err(Error::InvalidConfig(_))
         ));
+    }
+
+    #[cfg(feature = "nats")]
+    #[tokio::test]
+    async fn nats_urls_reach_the_nats_backend() {
+        let err = connect("nats://127.0.0.1:bad").await.unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+        // Nothing listens on port 1: a retryable connection error, not a hang.
+        let err = connect("nats://user:secret@127.0.0.1:1").await.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 
     #[cfg(feature = "memory")]
