@@ -13,7 +13,8 @@ const SERVER_PREFIX: &str = "nats-";
 pub(crate) fn encode(message: &Message, dedup: bool) -> Result<HeaderMap> {
     let mut map = HeaderMap::new();
     for (key, value) in wire::encode(message) {
-        if key.len() >= SERVER_PREFIX.len() && key[..SERVER_PREFIX.len()].eq_ignore_ascii_case(SERVER_PREFIX) {
+        if key.len() >= SERVER_PREFIX.len() && key[..SERVER_PREFIX.len()].eq_ignore_ascii_case(SERVER_PREFIX)
+        {
             return Err(Error::InvalidHeader {
                 key: key.to_owned(),
                 reason: "keys starting with 'Nats-' are interpreted by the NATS server",
@@ -40,13 +41,18 @@ pub(crate) fn encode(message: &Message, dedup: bool) -> Result<HeaderMap> {
 }
 
 /// Rebuilds a message; the server's own `Nats-` headers are left out.
-pub(crate) fn decode(payload: Bytes, headers: Option<&HeaderMap>, fallback_id: impl FnOnce() -> String) -> Message {
+pub(crate) fn decode(
+    payload: Bytes,
+    headers: Option<&HeaderMap>,
+    fallback_id: impl FnOnce() -> String,
+) -> Message {
     let pairs = headers
         .into_iter()
         .flat_map(|map| map.iter())
         .filter(|(name, _)| {
             let name: &str = name.as_ref();
-            !(name.len() >= SERVER_PREFIX.len() && name[..SERVER_PREFIX.len()].eq_ignore_ascii_case(SERVER_PREFIX))
+            !(name.len() >= SERVER_PREFIX.len()
+                && name[..SERVER_PREFIX.len()].eq_ignore_ascii_case(SERVER_PREFIX))
         })
         .filter_map(|(name, values)| {
             let name: &str = name.as_ref();
@@ -72,14 +78,23 @@ mod tests {
 
     #[test]
     fn round_trip_and_rejections() {
-        let m = Message::new("x").with_key("k").with_header("unicode", "héllo ✓").with_header("empty", "");
+        let m = Message::new("x")
+            .with_key("k")
+            .with_header("unicode", "héllo ✓")
+            .with_header("empty", "");
         let map = encode(&m, true).unwrap();
         assert_eq!(map.get("Nats-Msg-Id").map(|v| v.as_str()), Some(m.id.as_str()));
         let back = decode(m.payload.clone(), Some(&map), || unreachable!());
-        assert_eq!((back.id, back.key, back.headers), (m.id.clone(), m.key.clone(), m.headers.clone()));
+        assert_eq!(
+            (back.id, back.key, back.headers),
+            (m.id.clone(), m.key.clone(), m.headers.clone())
+        );
         for key in ["Nats-Expected-Stream", "nats-msg-id"] {
             let bad = Message::new("x").with_header(key, "v");
-            assert!(matches!(encode(&bad, true), Err(Error::InvalidHeader { .. })), "{key}");
+            assert!(
+                matches!(encode(&bad, true), Err(Error::InvalidHeader { .. })),
+                "{key}"
+            );
         }
         assert!(wire_len(&map) > m.id.len());
     }

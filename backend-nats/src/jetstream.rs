@@ -12,14 +12,13 @@ use async_nats::{Client, StatusCode};
 use async_trait::async_trait;
 use futures::StreamExt;
 use polybus_core::{
-    AckHandle, Acker, Bytes, Capabilities, Consumer, Delivery, Error, Event, Message, Origin, Producer, Result,
-    SendGate, StartFrom, SubscribeOptions, Subscription,
+    AckHandle, Acker, Bytes, Capabilities, Consumer, Delivery, Error, Event, Message, Origin, Producer,
+    Result, SendGate, StartFrom, SubscribeOptions, Subscription,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::{BACKEND, HEADER_ROOM, NatsConfig, Storage, headers, stream_name};
-
 
 fn backend_error(what: &str, e: impl std::error::Error + Send + Sync + 'static, retryable: bool) -> Error {
     Error::Backend {
@@ -93,7 +92,10 @@ impl Streams {
                 stream_name(topic)
             )));
         }
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_owned());
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_owned());
         Ok(stream)
     }
 }
@@ -128,7 +130,12 @@ impl JetStreamProducer {
         })
     }
 
-    async fn publish_once(&self, topic: &str, payload: Bytes, headers: async_nats::HeaderMap) -> Result<bool> {
+    async fn publish_once(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        headers: async_nats::HeaderMap,
+    ) -> Result<bool> {
         let publish = PublishMessage::build().payload(payload).headers(headers);
         let acked = match self.streams.js.send_publish(topic.to_owned(), publish).await {
             Ok(ack) => ack.await,
@@ -173,7 +180,10 @@ impl Producer for JetStreamProducer {
                 max: self.server_max,
             });
         }
-        if self.publish_once(topic, message.payload.clone(), headers.clone()).await? {
+        if self
+            .publish_once(topic, message.payload.clone(), headers.clone())
+            .await?
+        {
             return Ok(());
         }
         // No stream carries the subject yet: create it (and its dead-letter stream
@@ -545,7 +555,11 @@ impl Pump {
     async fn keep_buffered_alive(&self) {
         let replies: Vec<_> = {
             let state = self.shared.lock();
-            state.buffer.iter().filter_map(|m| m.message.reply.clone()).collect()
+            state
+                .buffer
+                .iter()
+                .filter_map(|m| m.message.reply.clone())
+                .collect()
         };
         for reply in replies {
             let _ = self.client.publish(reply, Bytes::from_static(b"+WPI")).await;
@@ -686,7 +700,9 @@ impl AckHandle for JetStreamAck {
     }
 
     async fn release(&self, delay: Option<Duration>) -> Result<()> {
-        let result = self.send(AckKind::Nak(delay.filter(|d| !d.is_zero())), "nak").await;
+        let result = self
+            .send(AckKind::Nak(delay.filter(|d| !d.is_zero())), "nak")
+            .await;
         self.give_back();
         result
     }

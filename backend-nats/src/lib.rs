@@ -181,7 +181,9 @@ impl NatsConfig {
                 ("mode", "jetstream" | "js") => config.mode = Mode::JetStream,
                 ("mode", "core") => config.mode = Mode::Core,
                 ("mode", other) => {
-                    return Err(invalid(format!("mode must be 'jetstream' or 'core', not '{other}'")));
+                    return Err(invalid(format!(
+                        "mode must be 'jetstream' or 'core', not '{other}'"
+                    )));
                 }
                 (other, _) => return Err(invalid(format!("unknown option '{other}'"))),
             }

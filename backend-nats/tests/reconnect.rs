@@ -51,7 +51,10 @@ impl Server {
         self.child = Some(child);
         let until = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < until, "nats-server did not listen in 10 s");
+            assert!(
+                std::time::Instant::now() < until,
+                "nats-server did not listen in 10 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -96,8 +99,13 @@ fn server_binary() -> Option<String> {
 async fn producer_and_consumer_survive_a_server_restart() {
     let Some(binary) = server_binary() else {
         let why = "needs POLYBUS_TEST_NATS_URL set and nats-server on the PATH (or POLYBUS_TEST_NATS_SERVER)";
-        assert!(!brokers_required(), "POLYBUS_TEST_REQUIRE_BROKERS=1 but the reconnect test {why}");
-        loud(&format!("SKIP producer_and_consumer_survive_a_server_restart: {why}"));
+        assert!(
+            !brokers_required(),
+            "POLYBUS_TEST_REQUIRE_BROKERS=1 but the reconnect test {why}"
+        );
+        loud(&format!(
+            "SKIP producer_and_consumer_survive_a_server_restart: {why}"
+        ));
         return;
     };
     let secs = |s: f64| Duration::from_secs_f64(s * timeout_multiplier());
@@ -196,10 +204,14 @@ async fn producer_and_consumer_survive_a_server_restart() {
         .map(|m| m.id.clone())
         .collect();
     handled
-        .wait_until("every sent message handled by A after the restart", secs(60.0), |seen| {
-            let ids: HashSet<String> = seen.iter().map(|d| d.id().to_owned()).collect();
-            ids.is_superset(&expected_by_a)
-        })
+        .wait_until(
+            "every sent message handled by A after the restart",
+            secs(60.0),
+            |seen| {
+                let ids: HashSet<String> = seen.iter().map(|d| d.id().to_owned()).collect();
+                ids.is_superset(&expected_by_a)
+            },
+        )
         .await
         .unwrap();
 

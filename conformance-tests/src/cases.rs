@@ -1196,8 +1196,7 @@ pub async fn producer_close_flushes<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let conn2 = cx.connect().await?;
     let recorder = Recorder::new();
     // Where a declared group keeps messages, the consumer starts after the close.
-    let early = (!backlog_first(&cx))
-        .then(|| cx.runner(&conn2, &topic, &group).run(recorder.handler()));
+    let early = (!backlog_first(&cx)).then(|| cx.runner(&conn2, &topic, &group).run(recorder.handler()));
     let early = match early {
         Some(run) => Some(run.await?),
         None => None,

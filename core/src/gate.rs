@@ -107,6 +107,9 @@ mod tests {
         assert!(matches!(gate.enter(), Err(Error::Closed("producer"))));
         tx.send(()).unwrap();
         sender.await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), closing).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), closing)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -127,7 +127,18 @@ mod tests {
         validate_group(&"x".repeat(120)).unwrap();
         validate_topic(&"x".repeat(120)).unwrap();
         assert!(validate_declared_topic(&"x".repeat(117)).is_err());
-        for bad in ["", "has space", "a/b", "ünï", "a:b", "*", ".a", "a.", "a..b", &"x".repeat(121)] {
+        for bad in [
+            "",
+            "has space",
+            "a/b",
+            "ünï",
+            "a:b",
+            "*",
+            ".a",
+            "a.",
+            "a..b",
+            &"x".repeat(121),
+        ] {
             assert!(matches!(
                 validate_topic(bad),
                 Err(Error::InvalidName {

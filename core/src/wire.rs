@@ -72,19 +72,28 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let mut original = Message::new("p").with_key("k").with_header("a", "1").with_header("e", "");
+        let mut original = Message::new("p")
+            .with_key("k")
+            .with_header("a", "1")
+            .with_header("e", "");
         original
             .system_headers
             .insert("polybus-dlq-reason".into(), "bad".into());
         original.timestamp = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         let headers: Vec<(String, String)> = encode(&original).map(|(k, v)| (k.to_owned(), v)).collect();
-        let back = decode(original.payload.clone(), headers, || unreachable!("the id travels"));
+        let back = decode(original.payload.clone(), headers, || {
+            unreachable!("the id travels")
+        });
         assert_eq!(back, original);
     }
 
     #[test]
     fn foreign_message_gets_a_fallback_id() {
-        let back = decode(Bytes::from_static(b"x"), [("a".to_owned(), "b".to_owned())], || "s:7".into());
+        let back = decode(
+            Bytes::from_static(b"x"),
+            [("a".to_owned(), "b".to_owned())],
+            || "s:7".into(),
+        );
         assert_eq!(back.id, "s:7");
         assert_eq!(back.key, None);
         assert_eq!(back.headers.get("a").map(String::as_str), Some("b"));

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Makes sure the brokers the test suites need are running on 127.0.0.1, installing
+# them from Debian packages when they are missing, and exports the variables the
+# tests read. Source it:  . scripts/brokers.sh && cargo test --workspace
+# Brokers this script started are stopped by `stop_started_brokers` (CI traps it).
+
+POLYBUS_STARTED_PIDS=()
+
+_polybus_port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+_polybus_wait_port() {
+  local host=$1 port=$2 what=$3
+  for _ in $(seq 1 100); do
+    _polybus_port_open "$host" "$port" && return 0
+    sleep 0.2
+  done
+  echo "polybus: $what did not start listening on $host:$port" >&2
+  return 1
+}
+
+_polybus_apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "polybus: installing Debian package(s) $*" >&2
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
+}
+
+ensure_nats() {
+  export POLYBUS_TEST_NATS_URL="${POLYBUS_TEST_NATS_URL:-nats://127.0.0.1:4222}"
+  if ! command -v nats-server >/dev/null 2>&1; then
+    _polybus_apt_install nats-server || return 1
+  fi
+  if _polybus_port_open 127.0.0.1 4222; then
+    echo "polybus: NATS already listening on 127.0.0.1:4222" >&2
+    return 0
+  fi
+  local store="${POLYBUS_NATS_STORE:-${HOME:-/tmp}/.cache/polybus-nats-store}"
+  mkdir -p "$store"
+  echo "polybus: starting nats-server with JetStream on 127.0.0.1:4222 (store $store)" >&2
+  nats-server -a 127.0.0.1 -p 4222 -js -sd "$store" -l "$store/nats-server.log" &
+  POLYBUS_STARTED_PIDS+=($!)
+  _polybus_wait_port 127.0.0.1 4222 nats-server
+}
+
+stop_started_brokers() {
+  for pid in "${POLYBUS_STARTED_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  POLYBUS_STARTED_PIDS=()
+}
