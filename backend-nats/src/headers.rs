@@ -8,11 +8,15 @@ use polybus_core::{Bytes, Error, Message, Result, wire};
 /// Header keys NATS itself interprets (`Nats-Msg-Id`, `Nats-Expected-Stream`, …).
 const SERVER_PREFIX: &str = "nats-";
 
-/// The headers for `message`, including `Nats-Msg-Id` (the message id) when
-/// `dedup` is set.
+/// The headers for `message`. With `dedup` (JetStream) the id travels as
+/// `Nats-Msg-Id`, which the server also uses to drop duplicate publishes;
+/// otherwise as `polybus-id`.
 pub(crate) fn encode(message: &Message, dedup: bool) -> Result<HeaderMap> {
     let mut map = HeaderMap::new();
     for (key, value) in wire::encode(message) {
+        if dedup && key == wire::ID {
+            continue;
+        }
         if key.len() >= SERVER_PREFIX.len() && key[..SERVER_PREFIX.len()].eq_ignore_ascii_case(SERVER_PREFIX)
         {
             return Err(Error::InvalidHeader {
@@ -40,12 +44,18 @@ pub(crate) fn encode(message: &Message, dedup: bool) -> Result<HeaderMap> {
     Ok(map)
 }
 
-/// Rebuilds a message; the server's own `Nats-` headers are left out.
+/// Rebuilds a message; the server's own `Nats-` headers are left out, except
+/// `Nats-Msg-Id`, which is the id when there is no `polybus-id`.
 pub(crate) fn decode(
     payload: Bytes,
     headers: Option<&HeaderMap>,
     fallback_id: impl FnOnce() -> String,
 ) -> Message {
+    let msg_id = headers
+        .and_then(|map| map.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str().to_owned())
+        .filter(|id| !id.is_empty());
+    let fallback_id = move || msg_id.unwrap_or_else(fallback_id);
     let pairs = headers
         .into_iter()
         .flat_map(|map| map.iter())

@@ -180,16 +180,14 @@ impl Producer for JetStreamProducer {
                 max: self.server_max,
             });
         }
-        if self
-            .publish_once(topic, message.payload.clone(), headers.clone())
-            .await?
-        {
+        if self.publish_once(topic, message.payload.clone(), headers).await? {
             return Ok(());
         }
-        // No stream carries the subject yet: create it (and its dead-letter stream
-        // is created when the topic is declared), then publish again. The same
+        // No stream carries the subject yet: create it (its dead-letter stream is
+        // created when the topic is declared), then publish again. The same
         // Nats-Msg-Id makes the retry safe.
         self.streams.ensure(topic).await?;
+        let headers = headers::encode(&message, true)?;
         if self.publish_once(topic, message.payload, headers).await? {
             Ok(())
         } else {
@@ -519,9 +517,13 @@ impl Pump {
                                 } else {
                                     state.outstanding += 1;
                                 }
+                                let was_empty = state.buffer.is_empty();
                                 state.buffer.push_back(jetstream::Message { message: msg, context: self.js.clone() });
                                 drop(state);
-                                self.shared.data.notify_waiters();
+                                // `next` only waits on an empty buffer.
+                                if was_empty {
+                                    self.shared.data.notify_waiters();
+                                }
                             }
                             Some(StatusCode::IDLE_HEARTBEAT) => {}
                             Some(status) => {

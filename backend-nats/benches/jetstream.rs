@@ -1,0 +1,230 @@
+//! JetStream throughput of polybus against raw async-nats, same server, same run.
+//!
+//! * **publish**: `N` messages of 100 bytes, 256 sends in flight, each resolving
+//!   on its PubAck, every message with a `Nats-Msg-Id`.
+//! * **consume + ack**: a durable pull consumer (explicit acks) drains a stream
+//!   pre-filled with `N` messages; raw async-nats acks each message from its
+//!   `messages()` stream, polybus runs a no-op handler in the runner, which acks.
+//!
+//! Streams are in memory (the same for both), created fresh for every run and
+//! deleted afterwards. Raw and polybus alternate within each run.
+//!
+//! ```text
+//! POLYBUS_BENCH_NATS_URL=nats://127.0.0.1:4222 cargo bench -p polybus-nats --bench jetstream
+//! POLYBUS_BENCH_MESSAGES=200000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-nats --bench jetstream
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::StreamExt;
+use polybus_core::{Bytes, Delivery, HandlerResult, Message, Order, StartFrom};
+use polybus_nats::{NatsConfig, Storage, stream_name};
+use tokio::sync::Notify;
+
+const IN_FLIGHT: usize = 256;
+const PREFETCH: usize = 256;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn stream_config(topic: &str) -> stream::Config {
+    stream::Config {
+        name: stream_name(topic),
+        subjects: vec![topic.to_owned()],
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+async fn raw_publish(js: &jetstream::Context, topic: &str, n: usize, payload: &Bytes) -> Duration {
+    let began = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(format!("raw-{topic}-{i}"));
+            async move {
+                js.send_publish(topic.to_owned(), publish)
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("puback")
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|_| async {})
+        .await;
+    began.elapsed()
+}
+
+async fn polybus_publish(
+    conn: &polybus_core::Connection,
+    topic: &str,
+    n: usize,
+    payload: &Bytes,
+) -> Duration {
+    let began = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let message = Message::new(payload.clone());
+            async move { conn.producer.send(topic, message).await.expect("send") }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|_| async {})
+        .await;
+    began.elapsed()
+}
+
+async fn raw_consume(js: &jetstream::Context, topic: &str, n: usize) -> Duration {
+    let stream = js.get_stream(stream_name(topic)).await.expect("stream");
+    let consumer = stream
+        .get_or_create_consumer(
+            "raw",
+            pull::Config {
+                durable_name: Some("raw".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                max_ack_pending: 1024,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("consumer");
+    let began = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(PREFETCH)
+        .messages()
+        .await
+        .expect("messages");
+    let mut seen = 0;
+    while seen < n {
+        let message = messages.next().await.expect("open").expect("message");
+        message.ack().await.expect("ack");
+        seen += 1;
+    }
+    let took = began.elapsed();
+    js.get_stream(stream_name(topic))
+        .await
+        .expect("stream")
+        .delete_consumer("raw")
+        .await
+        .expect("delete consumer");
+    took
+}
+
+async fn polybus_consume(conn: &polybus_core::Connection, topic: &str, n: usize) -> Duration {
+    conn.consumer
+        .declare_group(topic, "polybus", StartFrom::Earliest)
+        .await
+        .expect("group");
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let began = Instant::now();
+    let handle = conn
+        .runner()
+        .topic(topic)
+        .group("polybus")
+        .order(Order::Unordered)
+        .concurrency(64)
+        .buffer(PREFETCH - 64)
+        .run({
+            let (count, done) = (Arc::clone(&count), Arc::clone(&done));
+            move |_d: Delivery| {
+                let (count, done) = (Arc::clone(&count), Arc::clone(&done));
+                async move {
+                    if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                        done.notify_one();
+                    }
+                    HandlerResult::Ok(())
+                }
+            }
+        })
+        .await
+        .expect("run");
+    done.notified().await;
+    let took = began.elapsed();
+    handle.shutdown(Duration::from_secs(10)).await;
+    took
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn main() {
+    let url = std::env::var("POLYBUS_BENCH_NATS_URL")
+        .or_else(|_| std::env::var("POLYBUS_TEST_NATS_URL"))
+        .unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let n = env_or("POLYBUS_BENCH_MESSAGES", 100_000);
+    let runs = env_or("POLYBUS_BENCH_RUNS", 5);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let client = async_nats::connect(url.as_str())
+            .await
+            .expect("NATS is reachable");
+        let js = jetstream::new(client);
+        let config = NatsConfig::from_url(&url).expect("url").storage(Storage::Memory);
+        let conn = polybus_nats::connect_with(config).await.expect("connect");
+        let payload = Bytes::from(vec![b'x'; 100]);
+        let mut rates: [Vec<f64>; 4] = Default::default();
+        println!("JetStream, {n} messages of 100 bytes per measurement, {runs} runs, {url}");
+        for run in 0..runs {
+            let raw_topic = format!("bench.raw{run}.{}", std::process::id());
+            let pb_topic = format!("bench.pb{run}.{}", std::process::id());
+            for t in [&raw_topic, &pb_topic] {
+                js.create_stream(stream_config(t)).await.expect("stream");
+            }
+            let rate = |d: Duration| n as f64 / d.as_secs_f64();
+            // Alternate which goes first, so drift in the machine hits both.
+            let (raw_pub, pb_pub) = if run % 2 == 0 {
+                let r = raw_publish(&js, &raw_topic, n, &payload).await;
+                (r, polybus_publish(&conn, &pb_topic, n, &payload).await)
+            } else {
+                let p = polybus_publish(&conn, &pb_topic, n, &payload).await;
+                (raw_publish(&js, &raw_topic, n, &payload).await, p)
+            };
+            // Both consumers drain a stream of n messages (each drains the other's
+            // stream, so the data is the same for both sides within a run).
+            let (raw_con, pb_con) = if run % 2 == 0 {
+                let r = raw_consume(&js, &pb_topic, n).await;
+                (r, polybus_consume(&conn, &raw_topic, n).await)
+            } else {
+                let p = polybus_consume(&conn, &raw_topic, n).await;
+                (raw_consume(&js, &pb_topic, n).await, p)
+            };
+            for (i, d) in [raw_pub, pb_pub, raw_con, pb_con].into_iter().enumerate() {
+                rates[i].push(rate(d));
+            }
+            println!(
+                "run {run}: publish raw {:.0}/s polybus {:.0}/s | consume+ack raw {:.0}/s polybus {:.0}/s",
+                rate(raw_pub),
+                rate(pb_pub),
+                rate(raw_con),
+                rate(pb_con)
+            );
+            for t in [&raw_topic, &pb_topic] {
+                let _ = js.delete_stream(stream_name(t)).await;
+            }
+        }
+        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(median);
+        println!(
+            "median publish:     raw {raw_pub:.0}/s, polybus {pb_pub:.0}/s, ratio {:.2}",
+            pb_pub / raw_pub
+        );
+        println!(
+            "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
+            pb_con / raw_con
+        );
+    });
+}
