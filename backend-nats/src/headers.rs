@@ -8,6 +8,13 @@ use polybus_core::{Bytes, Error, Message, Result, wire};
 /// Header keys NATS itself interprets (`Nats-Msg-Id`, `Nats-Expected-Stream`, …).
 const SERVER_PREFIX: &str = "nats-";
 
+/// Whether NATS itself interprets this header key (`Nats-…`, any case).
+fn is_server_header(key: &str) -> bool {
+    key.as_bytes()
+        .get(..SERVER_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(SERVER_PREFIX.as_bytes()))
+}
+
 /// The headers for `message`. With `dedup` (JetStream) the id travels as
 /// `Nats-Msg-Id`, which the server also uses to drop duplicate publishes;
 /// otherwise as `polybus-id`.
@@ -17,8 +24,7 @@ pub(crate) fn encode(message: &Message, dedup: bool) -> Result<HeaderMap> {
         if dedup && key == wire::ID {
             continue;
         }
-        if key.len() >= SERVER_PREFIX.len() && key[..SERVER_PREFIX.len()].eq_ignore_ascii_case(SERVER_PREFIX)
-        {
+        if is_server_header(key) {
             return Err(Error::InvalidHeader {
                 key: key.to_owned(),
                 reason: "keys starting with 'Nats-' are interpreted by the NATS server",
@@ -59,11 +65,7 @@ pub(crate) fn decode(
     let pairs = headers
         .into_iter()
         .flat_map(|map| map.iter())
-        .filter(|(name, _)| {
-            let name: &str = name.as_ref();
-            !(name.len() >= SERVER_PREFIX.len()
-                && name[..SERVER_PREFIX.len()].eq_ignore_ascii_case(SERVER_PREFIX))
-        })
+        .filter(|(name, _)| !is_server_header(name.as_ref()))
         .filter_map(|(name, values)| {
             let name: &str = name.as_ref();
             values.last().map(|v| (name.to_owned(), v.as_str().to_owned()))

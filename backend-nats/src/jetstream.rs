@@ -278,14 +278,33 @@ impl JetStreamConsumer {
             .await
             .map_err(|e| backend_error(&format!("creating group '{group}' on '{topic}'"), e, true))?;
         let existing = &consumer.cached_info().config;
-        if existing.ack_wait != self.streams.config.ack_wait {
-            tracing::warn!(
-                target: "polybus_nats",
-                topic, group,
-                server = ?existing.ack_wait, configured = ?self.streams.config.ack_wait,
-                "the group's consumer exists with another AckWait; keep-alives follow the configured one"
-            );
+        let configured = self.streams.config.ack_wait;
+        if existing.ack_wait < configured {
+            // Keep-alives every third of the configured AckWait would come too late
+            // for the server's shorter one: held messages would be redelivered.
+            return Err(Error::InvalidConfig(format!(
+                "NATS group '{group}' on '{topic}' exists with AckWait {:?}, shorter than the configured {configured:?}; \
+                 configure ack_wait of at most {:?} or delete the group's consumer",
+                existing.ack_wait, existing.ack_wait
+            )));
         }
+        Ok(consumer)
+    }
+
+    /// An ephemeral consumer for a subscription without a group (remembered in
+    /// `created` so it is deleted on close).
+    async fn anonymous_consumer(
+        &self,
+        topic: &str,
+        options: &SubscribeOptions,
+        created: &mut Vec<(jetstream::stream::Stream, String)>,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>> {
+        let stream = self.streams.ensure(topic).await?;
+        let consumer = stream
+            .create_consumer(self.consumer_config(None, options.start, options.prefetch))
+            .await
+            .map_err(|e| backend_error(&format!("subscribing to '{topic}'"), e, true))?;
+        created.push((stream, consumer.cached_info().name.clone()));
         Ok(consumer)
     }
 
@@ -341,43 +360,63 @@ impl Consumer for JetStreamConsumer {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("consumer"));
         }
-        let shared = Arc::new(Shared::new(options.prefetch));
-        let mut pumps = Vec::new();
+        // Create every consumer and inbox first, so a failure leaves nothing running.
+        let mut consumers = Vec::new();
         let mut ephemeral = Vec::new();
+        let mut failed = None;
         for topic in &options.topics {
-            let consumer = match &options.group {
+            let created = match &options.group {
                 Some(group) => {
                     self.group_consumer(topic, group, options.start, options.prefetch)
-                        .await?
-                }
-                None => {
-                    let stream = self.streams.ensure(topic).await?;
-                    let consumer = stream
-                        .create_consumer(self.consumer_config(None, options.start, options.prefetch))
                         .await
-                        .map_err(|e| backend_error(&format!("subscribing to '{topic}'"), e, true))?;
-                    ephemeral.push((stream, consumer.cached_info().name.clone()));
-                    consumer
                 }
+                None => self.anonymous_consumer(topic, &options, &mut ephemeral).await,
             };
-            let info = consumer.cached_info();
             let inbox = self.client.new_inbox();
-            let replies = self
-                .client
-                .subscribe(format!("{inbox}.*"))
-                .await
-                .map_err(|e| backend_error("subscribing to the pull inbox", e, true))?;
-            let pump = Pump {
-                client: self.client.clone(),
-                js: self.streams.js.clone(),
-                shared: Arc::clone(&shared),
-                next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", info.stream_name, info.name),
-                inbox,
-                expiry: self.streams.config.pull_expiry,
-                keep_alive: info.config.ack_wait.min(self.streams.config.ack_wait) / 3,
+            let replies = match created {
+                Ok(consumer) => self
+                    .client
+                    .subscribe(format!("{inbox}.*"))
+                    .await
+                    .map(|replies| (consumer, inbox, replies))
+                    .map_err(|e| backend_error("subscribing to the pull inbox", e, true)),
+                Err(e) => Err(e),
             };
-            pumps.push(tokio::spawn(pump.run(replies)));
+            match replies {
+                Ok(parts) => consumers.push(parts),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
+        if let Some(e) = failed {
+            drop(consumers);
+            for (stream, name) in ephemeral {
+                let _ = stream.delete_consumer(&name).await;
+            }
+            return Err(e);
+        }
+        let shared = Arc::new(Shared::new(options.prefetch, consumers.len()));
+        let pumps = consumers
+            .into_iter()
+            .enumerate()
+            .map(|(index, (consumer, inbox, replies))| {
+                let info = consumer.cached_info();
+                let pump = Pump {
+                    index,
+                    client: self.client.clone(),
+                    js: self.streams.js.clone(),
+                    shared: Arc::clone(&shared),
+                    next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", info.stream_name, info.name),
+                    inbox,
+                    expiry: self.streams.config.pull_expiry,
+                    keep_alive: info.config.ack_wait.min(self.streams.config.ack_wait) / 3,
+                    consumer_closed: Arc::clone(&self.closed),
+                };
+                tokio::spawn(pump.run(replies))
+            })
+            .collect();
         self.client
             .flush()
             .await
@@ -402,33 +441,42 @@ impl Consumer for JetStreamConsumer {
 }
 
 /// Fetched messages not yet handed out, and the credit that bounds fetching.
+/// Each topic's pump has its own share of the credit, so an idle topic cannot
+/// starve a busy one.
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when a message is buffered or the subscription fails.
+    /// Signalled when a message is buffered, a pump ends or fails.
     data: Notify,
     /// Signalled when a delivery is settled (credit returns).
     credit: Notify,
-    prefetch: usize,
+    per_pump: usize,
+    pumps: usize,
 }
 
 struct State {
-    buffer: VecDeque<jetstream::Message>,
-    /// Buffered + handed out and unsettled + asked for in a pull request.
-    outstanding: usize,
+    /// Fetched, not yet handed out: (pump, message).
+    buffer: VecDeque<(usize, jetstream::Message)>,
+    /// Per pump: buffered + handed out and unsettled + asked for in a pull request.
+    outstanding: Vec<usize>,
     failure: Option<Error>,
+    /// How many pumps have stopped.
+    ended: usize,
 }
 
 impl Shared {
-    fn new(prefetch: usize) -> Self {
+    fn new(prefetch: usize, pumps: usize) -> Self {
+        let pumps = pumps.max(1);
         Shared {
             state: Mutex::new(State {
                 buffer: VecDeque::new(),
-                outstanding: 0,
+                outstanding: vec![0; pumps],
                 failure: None,
+                ended: 0,
             }),
             data: Notify::new(),
             credit: Notify::new(),
-            prefetch: prefetch.max(1),
+            per_pump: (prefetch / pumps).max(1),
+            pumps,
         }
     }
 
@@ -436,19 +484,43 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn give_back(&self, n: usize) {
+    fn give_back(&self, pump: usize, n: usize) {
         if n > 0 {
             let mut state = self.lock();
-            state.outstanding = state.outstanding.saturating_sub(n);
+            if let Some(o) = state.outstanding.get_mut(pump) {
+                *o = o.saturating_sub(n);
+            }
             drop(state);
             self.credit.notify_waiters();
         }
     }
+
+    /// Records that a pump stopped (with `failure`, if any) and wakes the reader.
+    fn pump_ended(&self, failure: Option<Error>) {
+        let mut state = self.lock();
+        state.ended += 1;
+        if failure.is_some() {
+            state.failure = failure;
+        }
+        drop(state);
+        self.data.notify_waiters();
+    }
 }
 
-/// One topic's pull loop: asks for as many messages as there is credit, buffers
-/// them, and keeps the buffered ones alive with in-progress acks.
+/// What to do after a message arrived on a pump's inbox.
+enum Flow {
+    Continue,
+    /// The current pull request is over (pause before the next one, if set).
+    RequestDone(Option<Duration>),
+    Stop,
+}
+
+/// One topic's pull loop: asks for as many messages as its credit allows,
+/// buffers them, and keeps the buffered ones alive with in-progress acks. It
+/// reads its inbox in every state, so late deliveries from an abandoned request
+/// are buffered (and kept alive) too, never left unseen in the client.
 struct Pump {
+    index: usize,
     client: Client,
     js: jetstream::Context,
     shared: Arc<Shared>,
@@ -456,6 +528,7 @@ struct Pump {
     inbox: String,
     expiry: Duration,
     keep_alive: Duration,
+    consumer_closed: Arc<AtomicBool>,
 }
 
 impl Pump {
@@ -463,20 +536,36 @@ impl Pump {
         let mut tick = tokio::time::interval(self.keep_alive.max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut request_no: u64 = 0;
+        let mut none = 0;
         loop {
+            if self.consumer_closed.load(Ordering::Acquire) {
+                self.shared.pump_ended(None);
+                return;
+            }
             let credit_returned = self.shared.credit.notified();
             tokio::pin!(credit_returned);
             credit_returned.as_mut().enable();
-            let credits = {
+            let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+            let credits = if connected {
                 let mut state = self.shared.lock();
-                let credits = self.shared.prefetch.saturating_sub(state.outstanding);
-                state.outstanding += credits;
+                let mine = &mut state.outstanding[self.index];
+                let credits = self.shared.per_pump.saturating_sub(*mine);
+                *mine += credits;
                 credits
+            } else {
+                0
             };
             if credits == 0 {
+                // Wait for credit (or the connection), still reading the inbox.
                 tokio::select! {
                     _ = credit_returned => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)), if !connected => {}
                     _ = tick.tick() => self.keep_buffered_alive().await,
+                    incoming = replies.next() => {
+                        if let Flow::Stop = self.on_incoming(incoming, None, &mut none) {
+                            return;
+                        }
+                    }
                 }
                 continue;
             }
@@ -491,8 +580,12 @@ impl Pump {
                 .publish_with_reply(self.next_subject.clone(), reply.clone(), body.into())
                 .await
             {
+                self.shared.give_back(self.index, credits);
+                if self.consumer_closed.load(Ordering::Acquire) {
+                    self.shared.pump_ended(None);
+                    return;
+                }
                 tracing::warn!(target: "polybus_nats", error = %e, "pull request failed; retrying");
-                self.shared.give_back(credits);
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -502,53 +595,90 @@ impl Pump {
             while remaining > 0 {
                 tokio::select! {
                     biased;
-                    incoming = replies.next() => {
-                        let Some(msg) = incoming else {
-                            // The connection was closed: the subscription ends.
-                            self.shared.give_back(remaining);
-                            self.shared.data.notify_waiters();
-                            return;
-                        };
-                        match msg.status {
-                            None | Some(StatusCode::OK) => {
-                                let mut state = self.shared.lock();
-                                if remaining > 0 {
-                                    remaining -= 1;
-                                } else {
-                                    state.outstanding += 1;
-                                }
-                                let was_empty = state.buffer.is_empty();
-                                state.buffer.push_back(jetstream::Message { message: msg, context: self.js.clone() });
-                                drop(state);
-                                // `next` only waits on an empty buffer.
-                                if was_empty {
-                                    self.shared.data.notify_waiters();
-                                }
-                            }
-                            Some(StatusCode::IDLE_HEARTBEAT) => {}
-                            Some(status) => {
-                                if msg.subject.as_str() != reply {
-                                    continue; // the end of an earlier, abandoned request
-                                }
-                                if status != StatusCode::TIMEOUT && status != StatusCode::NOT_FOUND {
-                                    tracing::warn!(
-                                        target: "polybus_nats", %status,
-                                        description = msg.description.as_deref().unwrap_or(""),
-                                        "pull request ended by the server"
-                                    );
-                                    pause = Some(Duration::from_millis(250));
-                                }
-                                break;
-                            }
+                    incoming = replies.next() => match self.on_incoming(incoming, Some(&reply), &mut remaining) {
+                        Flow::Continue => {}
+                        Flow::RequestDone(p) => {
+                            pause = p;
+                            break;
                         }
-                    }
+                        Flow::Stop => {
+                            self.shared.give_back(self.index, remaining);
+                            return;
+                        }
+                    },
                     _ = tick.tick() => self.keep_buffered_alive().await,
                     _ = tokio::time::sleep_until(deadline) => break, // lost (e.g. a reconnect): ask again
                 }
             }
-            self.shared.give_back(remaining);
+            self.shared.give_back(self.index, remaining);
             if let Some(pause) = pause {
                 tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    /// Buffers a delivery, or reads a status: `current` is the reply subject of
+    /// the pull request in flight, if any.
+    fn on_incoming(
+        &self,
+        incoming: Option<async_nats::Message>,
+        current: Option<&str>,
+        remaining: &mut usize,
+    ) -> Flow {
+        let Some(msg) = incoming else {
+            // The connection was closed: the subscription ends.
+            self.shared.pump_ended(None);
+            return Flow::Stop;
+        };
+        match msg.status {
+            None | Some(StatusCode::OK) => {
+                let mut state = self.shared.lock();
+                if *remaining > 0 {
+                    *remaining -= 1;
+                } else {
+                    // A late delivery from an abandoned request: held all the same.
+                    state.outstanding[self.index] += 1;
+                }
+                let was_empty = state.buffer.is_empty();
+                state.buffer.push_back((
+                    self.index,
+                    jetstream::Message {
+                        message: msg,
+                        context: self.js.clone(),
+                    },
+                ));
+                drop(state);
+                // `next` only waits on an empty buffer.
+                if was_empty {
+                    self.shared.data.notify_waiters();
+                }
+                Flow::Continue
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => Flow::Continue,
+            Some(status) => {
+                if current != Some(msg.subject.as_str()) {
+                    return Flow::Continue; // the end of an earlier, abandoned request
+                }
+                if status == StatusCode::TIMEOUT || status == StatusCode::NOT_FOUND {
+                    return Flow::RequestDone(None);
+                }
+                let description = msg.description.clone().unwrap_or_default();
+                let lower = description.to_ascii_lowercase();
+                if lower.contains("consumer deleted")
+                    || lower.contains("push based")
+                    || status.as_u16() == 400
+                {
+                    tracing::error!(target: "polybus_nats", %status, %description, "pull consumer unusable; the subscription ends");
+                    self.shared.pump_ended(Some(Error::Backend {
+                        backend: BACKEND,
+                        message: format!("pull request refused by the server: {status} {description}"),
+                        retryable: false,
+                        source: None,
+                    }));
+                    return Flow::Stop;
+                }
+                tracing::warn!(target: "polybus_nats", %status, %description, "pull request ended by the server");
+                Flow::RequestDone(Some(Duration::from_millis(250)))
             }
         }
     }
@@ -560,7 +690,8 @@ impl Pump {
             state
                 .buffer
                 .iter()
-                .filter_map(|m| m.message.reply.clone())
+                .filter(|(pump, _)| *pump == self.index)
+                .filter_map(|(_, m)| m.message.reply.clone())
                 .collect()
         };
         for reply in replies {
@@ -589,7 +720,7 @@ impl Drop for JetStreamSubscription {
 }
 
 impl JetStreamSubscription {
-    fn delivery(&self, msg: jetstream::Message) -> Event {
+    fn delivery(&self, pump: usize, msg: jetstream::Message) -> Event {
         let (attempt, sequence, fallback) = match msg.info() {
             Ok(info) => (
                 u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
@@ -614,6 +745,7 @@ impl JetStreamSubscription {
         };
         let acker = Acker::new(JetStreamAck {
             message: msg,
+            pump,
             shared: Arc::clone(&self.shared),
             returned: AtomicBool::new(false),
         });
@@ -630,15 +762,18 @@ impl Subscription for JetStreamSubscription {
             arrived.as_mut().enable();
             {
                 let mut state = self.shared.lock();
-                if let Some(msg) = state.buffer.pop_front() {
+                if let Some((pump, msg)) = state.buffer.pop_front() {
                     drop(state);
-                    return Some(Ok(self.delivery(msg)));
+                    return Some(Ok(self.delivery(pump, msg)));
                 }
                 if let Some(e) = state.failure.take() {
                     return Some(Err(e));
                 }
+                if state.ended >= self.shared.pumps {
+                    return None;
+                }
             }
-            if self.consumer_closed.load(Ordering::Acquire) || self.pumps.iter().all(|p| p.is_finished()) {
+            if self.consumer_closed.load(Ordering::Acquire) {
                 return None;
             }
             arrived.await;
@@ -649,9 +784,12 @@ impl Subscription for JetStreamSubscription {
         for pump in &self.pumps {
             pump.abort();
         }
+        for pump in std::mem::take(&mut self.pumps) {
+            let _ = pump.await;
+        }
         // Give back what was fetched but not handed out, at once.
         let unhanded: Vec<_> = self.shared.lock().buffer.drain(..).collect();
-        for msg in unhanded {
+        for (_, msg) in unhanded {
             let _ = msg.ack_with(AckKind::Nak(None)).await;
         }
         for (stream, name) in std::mem::take(&mut self.ephemeral) {
@@ -666,6 +804,7 @@ impl Subscription for JetStreamSubscription {
 
 struct JetStreamAck {
     message: jetstream::Message,
+    pump: usize,
     shared: Arc<Shared>,
     returned: AtomicBool,
 }
@@ -673,7 +812,7 @@ struct JetStreamAck {
 impl JetStreamAck {
     fn give_back(&self) {
         if !self.returned.swap(true, Ordering::AcqRel) {
-            self.shared.give_back(1);
+            self.shared.give_back(self.pump, 1);
         }
     }
 

@@ -141,6 +141,11 @@ impl NatsConfig {
             "tls" | "nats+tls" => "tls",
             other => return Err(invalid(format!("unknown scheme '{other}'"))),
         };
+        // Credentials end at the last '@'; the query starts after them.
+        let (credentials, rest) = match rest.rsplit_once('@') {
+            Some((c, h)) => (Some(c), h),
+            None => (None, rest),
+        };
         let (hosts, query) = match rest.split_once('?') {
             Some((h, q)) => (h, Some(q)),
             None => (rest, None),
@@ -149,10 +154,6 @@ impl NatsConfig {
         if hosts.contains('/') {
             return Err(invalid("a NATS URL has no path".into()));
         }
-        let (credentials, hosts) = match hosts.rsplit_once('@') {
-            Some((c, h)) => (Some(c), h),
-            None => (None, hosts),
-        };
         let mut servers = Vec::new();
         for host in hosts.split(',') {
             let host = host.trim();
@@ -284,9 +285,11 @@ impl NatsConfig {
                 let message = format!("cannot connect to {}: {e}", servers.join(","));
                 Err(match e.kind() {
                     K::ServerParse | K::Tls => Error::InvalidConfig(message),
-                    K::Authentication | K::AuthorizationViolation => Error::Connection {
+                    // Wrong credentials do not get better by trying again.
+                    K::Authentication | K::AuthorizationViolation => Error::Backend {
                         backend: BACKEND,
                         message,
+                        retryable: false,
                         source: None,
                     },
                     _ => Error::connection(BACKEND, message),
@@ -366,8 +369,16 @@ mod tests {
             let err = NatsConfig::from_url(bad).unwrap_err();
             assert!(matches!(err, Error::InvalidConfig(_)), "{bad}: {err:?}");
         }
-        let err = NatsConfig::from_url("nats://u:hunter2@a:x").unwrap_err();
-        assert!(!err.to_string().contains("hunter2"), "{err}");
+        for leaky in [
+            "nats://u:hunter2@a:x",
+            "nats://u:hunter2?x@h:1",
+            "nats://s3cr?hunter2@h",
+        ] {
+            match NatsConfig::from_url(leaky) {
+                Err(err) => assert!(!err.to_string().contains("hunter2"), "{err}"),
+                Ok(c) => assert!(!format!("{c:?}").contains("hunter2"), "{c:?}"),
+            }
+        }
     }
 
     #[test]

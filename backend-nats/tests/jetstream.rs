@@ -1,0 +1,108 @@
+//! JetStream behaviour beyond the shared suite. Skips loudly without
+//! `POLYBUS_TEST_NATS_URL` (a failure under `POLYBUS_TEST_REQUIRE_BROKERS=1`).
+
+use std::time::Duration;
+
+use polybus_conformance::{Recorder, brokers_required, loud};
+use polybus_core::{Error, Event, Message, StartFrom, SubscribeOptions};
+use polybus_nats::{JetStreamConsumer, NatsConfig, Storage};
+
+fn config(test: &str) -> Option<NatsConfig> {
+    let Ok(url) = std::env::var("POLYBUS_TEST_NATS_URL") else {
+        assert!(
+            !brokers_required(),
+            "POLYBUS_TEST_REQUIRE_BROKERS=1 but POLYBUS_TEST_NATS_URL is not set"
+        );
+        loud(&format!(
+            "SKIP {test}: set POLYBUS_TEST_NATS_URL=nats://127.0.0.1:4222"
+        ));
+        return None;
+    };
+    Some(
+        NatsConfig::from_url(&url)
+            .unwrap()
+            .storage(Storage::Memory)
+            .ack_wait(Duration::from_secs(2)),
+    )
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &Message::new("").id[..8])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_a_shorter_ack_wait_is_refused() {
+    let Some(config) = config("a_group_with_a_shorter_ack_wait_is_refused") else {
+        return;
+    };
+    let topic = unique("ackwait");
+    let short = polybus_nats::connect_with(config.clone().ack_wait(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    short.consumer.declare_topic(&topic).await.unwrap();
+    short
+        .consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    // Keep-alives every third of 5 s would come too late for a 1 s AckWait.
+    let long = polybus_nats::connect_with(config.clone().ack_wait(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let result = long
+        .consumer
+        .subscribe(SubscribeOptions::new(&topic).group("g"))
+        .await;
+    assert!(
+        matches!(&result, Err(Error::InvalidConfig(m)) if m.contains("AckWait")),
+        "{:?}",
+        result.err()
+    );
+    JetStreamConsumer::connect(&config)
+        .await
+        .unwrap()
+        .delete_topic(&topic)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_topic_does_not_starve_a_busy_one() {
+    let Some(config) = config("an_idle_topic_does_not_starve_a_busy_one") else {
+        return;
+    };
+    let (idle, busy) = (unique("idle"), unique("busy"));
+    let conn = polybus_nats::connect_with(config.clone()).await.unwrap();
+    for t in [&idle, &busy] {
+        conn.consumer.declare_topic(t).await.unwrap();
+    }
+    let mut sub = conn
+        .consumer
+        .subscribe(SubscribeOptions::new(&idle).topic(&busy).group("g").prefetch(4))
+        .await
+        .unwrap();
+    let recorder = Recorder::new();
+    for i in 0..20 {
+        conn.producer
+            .send(&busy, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while recorder.len() < 20 {
+        match tokio::time::timeout_at(until, sub.next()).await {
+            Ok(Some(Ok(Event::Delivery(d, acker)))) => {
+                assert_eq!(d.topic(), busy);
+                recorder.record(&d);
+                acker.ack().await.unwrap();
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("after {} of 20: {other:?}", recorder.len()),
+        }
+    }
+    sub.close().await.unwrap();
+    let admin = JetStreamConsumer::connect(&config).await.unwrap();
+    for t in [&idle, &busy] {
+        admin.delete_topic(t).await.unwrap();
+    }
+}
