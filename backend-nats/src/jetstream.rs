@@ -484,14 +484,27 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A pump asks for more only once this much credit is free (or none is
+    /// outstanding), so pull requests stay large instead of one per ack.
+    fn threshold(&self) -> usize {
+        (self.per_pump / 2).max(1)
+    }
+
     fn give_back(&self, pump: usize, n: usize) {
         if n > 0 {
             let mut state = self.lock();
-            if let Some(o) = state.outstanding.get_mut(pump) {
-                *o = o.saturating_sub(n);
-            }
+            let Some(o) = state.outstanding.get_mut(pump) else {
+                return;
+            };
+            let before = *o;
+            *o = o.saturating_sub(n);
+            let after = *o;
             drop(state);
-            self.credit.notify_waiters();
+            // Wake the pump only when its free credit crosses the threshold.
+            let limit = self.per_pump.saturating_sub(self.threshold());
+            if after == 0 || (before > limit && after <= limit) {
+                self.credit.notify_waiters();
+            }
         }
     }
 
@@ -549,9 +562,13 @@ impl Pump {
             let credits = if connected {
                 let mut state = self.shared.lock();
                 let mine = &mut state.outstanding[self.index];
-                let credits = self.shared.per_pump.saturating_sub(*mine);
-                *mine += credits;
-                credits
+                let free = self.shared.per_pump.saturating_sub(*mine);
+                if free >= self.shared.threshold() || (*mine == 0 && free > 0) {
+                    *mine += free;
+                    free
+                } else {
+                    0
+                }
             } else {
                 0
             };
@@ -781,12 +798,21 @@ impl Subscription for JetStreamSubscription {
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
+        // Let what the server already sent us (e.g. redeliveries of messages the
+        // runner just released into our open pull request) reach the buffer: the
+        // server redelivers asynchronously, so allow it a moment after our NAKs.
+        let _ = crate::round_trip(&self.client, Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = crate::round_trip(&self.client, Duration::from_secs(5)).await;
         for pump in &self.pumps {
             pump.abort();
         }
         for pump in std::mem::take(&mut self.pumps) {
             let _ = pump.await;
         }
+        // The server has dropped our inbox before we give anything back, so what we
+        // release is not handed to our own pull request again.
+        let _ = crate::round_trip(&self.client, Duration::from_secs(5)).await;
         // Give back what was fetched but not handed out, at once.
         let unhanded: Vec<_> = self.shared.lock().buffer.drain(..).collect();
         for (_, msg) in unhanded {

@@ -57,13 +57,15 @@ pub fn decode(
         .and_then(|ms| ms.parse::<u64>().ok())
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
         .unwrap_or_else(SystemTime::now);
-    let mut message = Message::new(payload);
-    message.id = id.unwrap_or_else(fallback_id);
-    message.key = key;
-    message.headers = user;
-    message.system_headers = system;
-    message.timestamp = timestamp;
-    message
+    // Built directly: `Message::new` would generate an id only to drop it.
+    Message {
+        payload,
+        key,
+        headers: user,
+        system_headers: system,
+        id: id.unwrap_or_else(fallback_id),
+        timestamp,
+    }
 }
 
 #[cfg(test)]
