@@ -1,0 +1,83 @@
+//! The shared conformance suite against a live RabbitMQ. Skips loudly without
+//! `POLYBUS_TEST_AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`).
+
+use std::time::Duration;
+
+use polybus_conformance::{Harness, Setup, timeout_multiplier};
+use polybus_core::{Capabilities, Connection, Consumer, Result, async_trait};
+use polybus_rabbitmq::{RabbitConfig, RabbitConsumer};
+
+const URL_ENV: &str = "POLYBUS_TEST_AMQP_URL";
+
+struct RabbitHarness {
+    config: RabbitConfig,
+    admin: RabbitConsumer,
+}
+
+/// The group queues of `topic` that exist on the broker, found with `rabbitmqctl`
+/// (AMQP cannot list queues). Empty when `rabbitmqctl` is not available.
+fn queues_of(topic: &str) -> Vec<String> {
+    let Ok(out) = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "-q", "--no-table-headers"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let prefix = format!("{topic}.");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|q| q.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[async_trait]
+impl Harness for RabbitHarness {
+    async fn setup() -> Setup<Self> {
+        let Ok(url) = std::env::var(URL_ENV) else {
+            return Setup::MissingBroker(format!("set {URL_ENV}=amqp://guest:guest@127.0.0.1:5672/%2f"));
+        };
+        let config = RabbitConfig::new(&url)
+            .expect("a valid POLYBUS_TEST_AMQP_URL")
+            .connect_timeout(Duration::from_secs_f64(5.0 * timeout_multiplier()));
+        let admin = RabbitConsumer::connect(&config)
+            .await
+            .unwrap_or_else(|e| panic!("{URL_ENV} is set but RabbitMQ cannot be reached: {e}"));
+        Setup::Ready(RabbitHarness { config, admin })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.admin.capabilities()
+    }
+
+    async fn connect(&self) -> Result<Connection> {
+        polybus_rabbitmq::connect_with(self.config.clone()).await
+    }
+
+    async fn drained(&self, topic: &str, group: &str) -> Result<bool> {
+        Ok(self.admin.ready_messages(topic, group).await? == 0)
+    }
+
+    async fn connect_unreachable(&self, timeout: Duration) -> Result<Connection> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| polybus_core::Error::InvalidConfig(format!("no free port: {e}")))?
+            .port();
+        let config = RabbitConfig::new(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))?.connect_timeout(timeout);
+        polybus_rabbitmq::connect_with(config).await
+    }
+
+    async fn cleanup(&self, topics: &[String]) {
+        for topic in topics {
+            let queues = queues_of(topic);
+            if let Err(e) = self.admin.delete_topic(topic, &queues).await {
+                eprintln!("cleanup of {topic}: {e}");
+            }
+            let dlq = polybus_core::names::dead_letter_topic(topic);
+            let _ = self.admin.delete_topic(&dlq, &queues_of(&dlq)).await;
+        }
+    }
+}
+
+polybus_conformance::conformance_suite!(RabbitHarness);
