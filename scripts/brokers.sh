@@ -10,7 +10,7 @@ _polybus_port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 _polybus_wait_port() {
   local host=$1 port=$2 what=$3
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 300); do
     _polybus_port_open "$host" "$port" && return 0
     sleep 0.2
   done
@@ -42,7 +42,31 @@ ensure_nats() {
   _polybus_wait_port 127.0.0.1 4222 nats-server
 }
 
+ensure_rabbitmq() {
+  export POLYBUS_TEST_AMQP_URL="${POLYBUS_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    _polybus_apt_install rabbitmq-server || return 1
+  fi
+  if _polybus_port_open 127.0.0.1 5672; then
+    echo "polybus: RabbitMQ already listening on 127.0.0.1:5672" >&2
+    return 0
+  fi
+  echo "polybus: starting RabbitMQ on 127.0.0.1:5672" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo rabbitmq-server -detached >&2 || return 1
+  POLYBUS_STARTED_RABBITMQ=1
+  _polybus_wait_port 127.0.0.1 5672 rabbitmq-server || return 1
+  $sudo rabbitmqctl await_startup >&2 || true
+}
+
 stop_started_brokers() {
+  if [ "${POLYBUS_STARTED_RABBITMQ:-}" = 1 ]; then
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo rabbitmqctl stop >/dev/null 2>&1 || true
+    POLYBUS_STARTED_RABBITMQ=
+  fi
   for pid in "${POLYBUS_STARTED_PIDS[@]}"; do
     kill "$pid" 2>/dev/null || true
   done

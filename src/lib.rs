@@ -8,6 +8,11 @@ pub use polybus_core::*;
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use polybus_memory as memory;
 
+/// The RabbitMQ backend (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+pub use polybus_rabbitmq as rabbitmq;
+
 /// The NATS backend: JetStream (default) and core NATS (feature `nats`).
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
@@ -27,7 +32,7 @@ pub mod prelude {
 /// |---|---|---|
 /// | `memory://` or `memory://<name>` | in-process broker (same name, same broker) | `memory` (default) |
 /// | `kafka://host:port,host:port` | Kafka | `kafka` (not yet available) |
-/// | `amqp://…`, `amqps://…` | RabbitMQ | `rabbitmq` (not yet available) |
+/// | `amqp://user:pass@host:port/vhost`, `amqps://…` | RabbitMQ | `rabbitmq` |
 /// | `nats://host:port[,host:port][?mode=core]` | NATS JetStream (core NATS with `mode=core`) | `nats` |
 ///
 /// A scheme whose backend was not compiled in gives [`Error::InvalidConfig`]
@@ -49,7 +54,14 @@ pub async fn connect(url: &str) -> Result<Connection> {
             "memory"
         }
         "kafka" => "kafka",
-        "amqp" | "amqps" => "rabbitmq",
+        "amqp" | "amqps" => {
+            #[cfg(feature = "rabbitmq")]
+            {
+                return polybus_rabbitmq::connect(url).await;
+            }
+            #[cfg(not(feature = "rabbitmq"))]
+            "rabbitmq"
+        }
         "nats" | "tls" => {
             #[cfg(feature = "nats")]
             {
@@ -75,17 +87,34 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_and_missing_schemes_are_clear_errors() {
-        let err = connect("amqp://guest:secret@localhost:5672/%2f")
-            .await
-            .unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("`rabbitmq` feature"), "{text}");
-        assert!(!text.contains("secret"));
+        #[cfg(not(feature = "rabbitmq"))]
+        {
+            let err = connect("amqp://guest:secret@localhost:5672/%2f")
+                .await
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("`rabbitmq` feature"), "{text}");
+            assert!(!text.contains("secret"));
+        }
         assert!(matches!(connect("ftp://x").await, Err(Error::InvalidConfig(_))));
         assert!(matches!(
             connect("localhost:9092").await,
             Err(Error::InvalidConfig(_))
         ));
+    }
+
+    #[cfg(feature = "rabbitmq")]
+    #[tokio::test]
+    async fn amqp_urls_reach_the_rabbitmq_backend() {
+        let err = connect("amqp://guest:secret@127.0.0.1:bad/%2f")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+        // Nothing listens on port 1: a retryable error, not a hang.
+        let err = connect("amqp://guest:secret@127.0.0.1:1/%2f").await.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 
     #[cfg(feature = "nats")]

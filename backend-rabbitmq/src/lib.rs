@@ -39,8 +39,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, ConnectionProperties, ExchangeKind};
@@ -108,7 +108,12 @@ impl RabbitConfig {
                 e.replace(url, "<url>")
             ))
         })?;
-        let _ = parsed;
+        if parsed.authority.port == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "RabbitMQ URL {}: port 0",
+                redact_url(url)
+            )));
+        }
         Ok(RabbitConfig {
             url: url.to_owned(),
             queue_type: QueueType::Quorum,
@@ -336,7 +341,8 @@ impl Producer for RabbitProducer {
                 }
                 Err(e) => {
                     let what = format!("publishing to '{topic}'");
-                    let recovered = tokio::time::timeout_at(deadline, self.channel.wait_for_recovery(e)).await;
+                    let recovered =
+                        tokio::time::timeout_at(deadline, self.channel.wait_for_recovery(e)).await;
                     match recovered {
                         Ok(Ok(())) => continue,
                         Ok(Err(e)) => return Err(map_error(&what, e)),
@@ -418,7 +424,13 @@ impl RabbitConsumer {
             .map_err(|e| map_error(&format!("declaring exchange '{exchange}'"), e))
     }
 
-    async fn declare_bound_queue(&self, channel: &Channel, exchange: &str, queue: &str, quorum: bool) -> Result<()> {
+    async fn declare_bound_queue(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        queue: &str,
+        quorum: bool,
+    ) -> Result<()> {
         let mut arguments = FieldTable::default();
         if quorum {
             arguments.insert("x-queue-type".into(), long("quorum"));
@@ -595,16 +607,18 @@ impl Consumer for RabbitConsumer {
                 return Err(e);
             }
         };
-        let tags: Vec<String> = consumers.iter().map(|(_, c)| c.tag().as_str().to_owned()).collect();
-        let streams = consumers.into_iter().map(|(topic, consumer)| {
-            consumer.map(move |delivery| (topic.clone(), delivery)).boxed()
-        });
+        let tags: Vec<String> = consumers
+            .iter()
+            .map(|(_, c)| c.tag().as_str().to_owned())
+            .collect();
+        let streams = consumers
+            .into_iter()
+            .map(|(topic, consumer)| consumer.map(move |delivery| (topic.clone(), delivery)).boxed());
         Ok(Box::new(RabbitSubscription {
             channel: Some(channel),
             deliveries: futures::stream::select_all(streams),
             tags,
             group: options.group,
-            quorum: self.config.queue_type == QueueType::Quorum,
             request_timeout: self.config.request_timeout,
         }))
     }
@@ -623,7 +637,6 @@ struct RabbitSubscription {
     deliveries: futures::stream::SelectAll<DeliveryStream>,
     tags: Vec<String>,
     group: Option<String>,
-    quorum: bool,
     request_timeout: Duration,
 }
 
@@ -679,7 +692,6 @@ impl RabbitSubscription {
             partition: None,
             sequence: None,
         };
-        let _ = self.quorum;
         Event::Delivery(
             Delivery::new(message, origin, attempt),
             Acker::new(RabbitAck {

@@ -64,7 +64,8 @@ impl Harness for RabbitHarness {
             .and_then(|l| l.local_addr())
             .map_err(|e| polybus_core::Error::InvalidConfig(format!("no free port: {e}")))?
             .port();
-        let config = RabbitConfig::new(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))?.connect_timeout(timeout);
+        let config =
+            RabbitConfig::new(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))?.connect_timeout(timeout);
         polybus_rabbitmq::connect_with(config).await
     }
 

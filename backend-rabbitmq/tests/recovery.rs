@@ -68,7 +68,11 @@ fn through_proxy(url: &str, port: u16) -> (String, String) {
     } else {
         format!("{authority}:5672")
     };
-    let at = if creds.is_empty() { String::new() } else { format!("{creds}@") };
+    let at = if creds.is_empty() {
+        String::new()
+    } else {
+        format!("{creds}@")
+    };
     (format!("{scheme}://{at}127.0.0.1:{port}/{path}"), broker)
 }
 
@@ -136,7 +140,10 @@ async fn producer_and_consumer_recover_from_a_cut_connection() {
     held.wait_for(3, secs(30.0)).await.unwrap();
 
     let cut = proxy.cut();
-    assert!(cut >= 2, "the producer's and the consumer's connections were cut ({cut})");
+    assert!(
+        cut >= 2,
+        "the producer's and the consumer's connections were cut ({cut})"
+    );
     // Sends right after the cut wait for recovery or fail with a retryable error.
     let mut failed = 0;
     for i in 0..5 {
@@ -160,10 +167,14 @@ async fn producer_and_consumer_recover_from_a_cut_connection() {
     }
     let all: HashSet<String> = sent.iter().map(|m| m.id.clone()).collect();
     handled
-        .wait_until("every confirmed message handled after recovery", secs(60.0), |seen| {
-            let ids: HashSet<String> = seen.iter().map(|d| d.id().to_owned()).collect();
-            ids.is_superset(&all)
-        })
+        .wait_until(
+            "every confirmed message handled after recovery",
+            secs(60.0),
+            |seen| {
+                let ids: HashSet<String> = seen.iter().map(|d| d.id().to_owned()).collect();
+                ids.is_superset(&all)
+            },
+        )
         .await
         .unwrap();
     let held_ids: HashSet<String> = held.ids().into_iter().collect();
@@ -177,7 +188,9 @@ async fn producer_and_consumer_recover_from_a_cut_connection() {
     );
     runner.shutdown(secs(2.0)).await;
     let _ = conn.close().await;
-    let admin = RabbitConsumer::connect(&RabbitConfig::new(&url).unwrap()).await.unwrap();
+    let admin = RabbitConsumer::connect(&RabbitConfig::new(&url).unwrap())
+        .await
+        .unwrap();
     admin
         .delete_topic(&topic, &[polybus_rabbitmq::group_queue(&topic, "workers")])
         .await

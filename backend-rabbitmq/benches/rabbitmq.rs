@@ -1,0 +1,229 @@
+//! RabbitMQ throughput of polybus against raw lapin, same broker, same run.
+//!
+//! * **publish**: `N` persistent messages of 100 bytes to a topic exchange with
+//!   one quorum queue bound, 256 publishes in flight, each resolving on its
+//!   publisher confirm.
+//! * **consume + ack**: the quorum queue holding `N` messages is drained with
+//!   prefetch 256; raw lapin acks each delivery from its consumer stream,
+//!   polybus runs a no-op handler in the runner (concurrency 64, bound 256),
+//!   which acks.
+//!
+//! The topology is the same for both (declared by polybus) and deleted after
+//! each run; raw and polybus alternate which goes first.
+//!
+//! ```text
+//! POLYBUS_BENCH_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo bench -p polybus-rabbitmq --bench rabbitmq
+//! POLYBUS_BENCH_MESSAGES=100000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-rabbitmq --bench rabbitmq
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, ConnectionProperties};
+use polybus_core::{Bytes, Delivery, HandlerResult, Message, Order, StartFrom};
+use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
+use tokio::sync::Notify;
+
+const IN_FLIGHT: usize = 256;
+const PREFETCH: u16 = 256;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn raw_publish(channel: &lapin::Channel, exchange: &str, n: usize, payload: &Bytes) -> Duration {
+    let began = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(format!("raw-{i}").into());
+            async move {
+                channel
+                    .basic_publish(
+                        exchange.into(),
+                        "".into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        properties,
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("confirm")
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|_| async {})
+        .await;
+    began.elapsed()
+}
+
+async fn polybus_publish(
+    conn: &polybus_core::Connection,
+    topic: &str,
+    n: usize,
+    payload: &Bytes,
+) -> Duration {
+    let began = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let message = Message::new(payload.clone());
+            async move { conn.producer.send(topic, message).await.expect("send") }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|_| async {})
+        .await;
+    began.elapsed()
+}
+
+async fn raw_consume(connection: &lapin::Connection, queue: &str, n: usize) -> Duration {
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let began = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut seen = 0;
+    while seen < n {
+        let delivery = consumer.next().await.expect("open").expect("delivery");
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        seen += 1;
+    }
+    let took = began.elapsed();
+    let _ = channel.close(200, "bye".into()).await;
+    took
+}
+
+async fn polybus_consume(conn: &polybus_core::Connection, topic: &str, group: &str, n: usize) -> Duration {
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let began = Instant::now();
+    let handle = conn
+        .runner()
+        .topic(topic)
+        .group(group)
+        .order(Order::Unordered)
+        .concurrency(64)
+        .buffer(usize::from(PREFETCH) - 64)
+        .run({
+            let (count, done) = (Arc::clone(&count), Arc::clone(&done));
+            move |_d: Delivery| {
+                let (count, done) = (Arc::clone(&count), Arc::clone(&done));
+                async move {
+                    if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                        done.notify_one();
+                    }
+                    HandlerResult::Ok(())
+                }
+            }
+        })
+        .await
+        .expect("run");
+    done.notified().await;
+    let took = began.elapsed();
+    handle.shutdown(Duration::from_secs(10)).await;
+    took
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn main() {
+    let url = std::env::var("POLYBUS_BENCH_AMQP_URL")
+        .or_else(|_| std::env::var("POLYBUS_TEST_AMQP_URL"))
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let n = env_or("POLYBUS_BENCH_MESSAGES", 50_000);
+    let runs = env_or("POLYBUS_BENCH_RUNS", 5);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let raw_conn = lapin::Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ is reachable");
+        let raw_channel = raw_conn.create_channel().await.expect("channel");
+        raw_channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let config = RabbitConfig::new(&url).expect("url");
+        let conn = polybus_rabbitmq::connect_with(config.clone())
+            .await
+            .expect("connect");
+        let admin = RabbitConsumer::connect(&config).await.expect("admin");
+        let payload = Bytes::from(vec![b'x'; 100]);
+        let mut rates: [Vec<f64>; 4] = Default::default();
+        println!("RabbitMQ, {n} messages of 100 bytes per measurement, {runs} runs, quorum queues");
+        for run in 0..runs {
+            let raw_topic = format!("bench-raw{run}-{}", std::process::id());
+            let pb_topic = format!("bench-pb{run}-{}", std::process::id());
+            for t in [&raw_topic, &pb_topic] {
+                conn.consumer.declare_topic(t).await.expect("topic");
+                conn.consumer
+                    .declare_group(t, "g", StartFrom::Latest)
+                    .await
+                    .expect("group");
+            }
+            let rate = |d: Duration| n as f64 / d.as_secs_f64();
+            let (raw_pub, pb_pub) = if run % 2 == 0 {
+                let r = raw_publish(&raw_channel, &raw_topic, n, &payload).await;
+                (r, polybus_publish(&conn, &pb_topic, n, &payload).await)
+            } else {
+                let p = polybus_publish(&conn, &pb_topic, n, &payload).await;
+                (raw_publish(&raw_channel, &raw_topic, n, &payload).await, p)
+            };
+            // Each side drains the other's queue, so both get the same data.
+            let (raw_con, pb_con) = if run % 2 == 0 {
+                let r = raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await;
+                (r, polybus_consume(&conn, &raw_topic, "g", n).await)
+            } else {
+                let p = polybus_consume(&conn, &raw_topic, "g", n).await;
+                (raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await, p)
+            };
+            for (i, d) in [raw_pub, pb_pub, raw_con, pb_con].into_iter().enumerate() {
+                rates[i].push(rate(d));
+            }
+            println!(
+                "run {run}: publish raw {:.0}/s polybus {:.0}/s | consume+ack raw {:.0}/s polybus {:.0}/s",
+                rate(raw_pub),
+                rate(pb_pub),
+                rate(raw_con),
+                rate(pb_con)
+            );
+            for t in [&raw_topic, &pb_topic] {
+                let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
+            }
+        }
+        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(median);
+        println!(
+            "median publish:     raw {raw_pub:.0}/s, polybus {pb_pub:.0}/s, ratio {:.2}",
+            pb_pub / raw_pub
+        );
+        println!(
+            "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
+            pb_con / raw_con
+        );
+    });
+}
