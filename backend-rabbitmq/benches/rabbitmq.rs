@@ -4,8 +4,8 @@
 //!   one quorum queue bound, 256 publishes in flight, each resolving on its
 //!   publisher confirm.
 //! * **consume + ack**: the quorum queue holding `N` messages is drained with
-//!   prefetch 256; raw lapin acks each delivery from its consumer stream,
-//!   polybus runs a no-op handler in the runner (concurrency 64, bound 256),
+//!   prefetch 256; raw lapin acks each delivery from its consumer stream with
+//!   up to 256 acks in flight, polybus runs a no-op handler in the runner (concurrency 64, bound 256),
 //!   which acks.
 //!
 //! The topology is the same for both (declared by polybus) and deleted after
@@ -102,11 +102,18 @@ async fn raw_consume(connection: &lapin::Connection, queue: &str, n: usize) -> D
         )
         .await
         .expect("consume");
-    let mut seen = 0;
-    while seen < n {
-        let delivery = consumer.next().await.expect("open").expect("delivery");
-        delivery.ack(BasicAckOptions::default()).await.expect("ack");
-        seen += 1;
+    // Acks pipeline (up to the prefetch in flight), as the runner's do.
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let (mut received, mut acked) = (0, 0);
+    while acked < n {
+        tokio::select! {
+            delivery = consumer.next(), if received < n && acks.len() < usize::from(PREFETCH) => {
+                let delivery = delivery.expect("open").expect("delivery");
+                received += 1;
+                acks.push(async move { delivery.ack(BasicAckOptions::default()).await.expect("ack") });
+            }
+            Some(_) = acks.next(), if !acks.is_empty() => acked += 1,
+        }
     }
     let took = began.elapsed();
     let _ = channel.close(200, "bye".into()).await;
