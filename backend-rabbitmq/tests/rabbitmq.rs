@@ -1,0 +1,139 @@
+//! RabbitMQ behaviour beyond the shared suite: unroutable messages with
+//! `mandatory`, and single-active-consumer groups. Skips loudly without
+//! `POLYBUS_TEST_AMQP_URL` (a failure under `POLYBUS_TEST_REQUIRE_BROKERS=1`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use polybus_conformance::{Recorder, brokers_required, loud};
+use polybus_core::{Consumer, Delivery, Error, HandlerResult, Message, Order, StartFrom};
+use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
+
+fn config(test: &str) -> Option<RabbitConfig> {
+    let Ok(url) = std::env::var("POLYBUS_TEST_AMQP_URL") else {
+        assert!(
+            !brokers_required(),
+            "POLYBUS_TEST_REQUIRE_BROKERS=1 but POLYBUS_TEST_AMQP_URL is not set"
+        );
+        loud(&format!("SKIP {test}: set POLYBUS_TEST_AMQP_URL"));
+        return None;
+    };
+    Some(RabbitConfig::new(&url).unwrap())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &Message::new("").id[..8])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_messages_are_an_error_only_when_mandatory() {
+    let Some(config) = config("unroutable_messages_are_an_error_only_when_mandatory") else {
+        return;
+    };
+    let topic = unique("unroutable");
+    let relaxed = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    relaxed.consumer.declare_topic(&topic).await.unwrap();
+    // No group is bound: an event nobody listens to is normal by default.
+    relaxed.producer.send(&topic, Message::new("x")).await.unwrap();
+    let strict = polybus_rabbitmq::connect_with(config.clone().mandatory(true))
+        .await
+        .unwrap();
+    let err = strict.producer.send(&topic, Message::new("x")).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    // Once a group is bound, the same strict send goes through.
+    relaxed
+        .consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    strict.producer.send(&topic, Message::new("y")).await.unwrap();
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_active_consumer_keeps_key_order_across_instances() {
+    let Some(config) = config("single_active_consumer_keeps_key_order_across_instances") else {
+        return;
+    };
+    let config = config.single_active_consumer(true);
+    let topic = unique("sac");
+    let a = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    let b = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    assert!(a.consumer.capabilities().key_order_across_instances);
+    a.consumer.declare_topic(&topic).await.unwrap();
+    a.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let seen: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let all = Recorder::new();
+    let handler = |instance: &'static str| {
+        let (seen, all) = (Arc::clone(&seen), all.clone());
+        move |d: Delivery| {
+            let (seen, all) = (Arc::clone(&seen), all.clone());
+            async move {
+                let seq: usize = d.header("seq").and_then(|s| s.parse().ok()).unwrap();
+                let key = d.key().unwrap_or_default().to_owned();
+                seen.lock().unwrap().entry(key).or_default().push(seq);
+                tokio::time::sleep(Duration::from_micros(fastrand_like(seq))).await;
+                let _ = instance;
+                all.record(&d);
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let ha = a
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .order(Order::ByKey)
+        .concurrency(4)
+        .run(handler("a"))
+        .await
+        .unwrap();
+    let hb = b
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .order(Order::ByKey)
+        .concurrency(4)
+        .run(handler("b"))
+        .await
+        .unwrap();
+    let mut seq = HashMap::<usize, usize>::new();
+    for i in 0..400 {
+        let key = (i / 5) % 8;
+        let n = seq.entry(key).or_default();
+        let m = Message::new(format!("m{i}"))
+            .with_key(format!("k{key}"))
+            .with_header("seq", n.to_string());
+        *n += 1;
+        a.producer.send(&topic, m).await.unwrap();
+    }
+    all.wait_for(400, Duration::from_secs(60)).await.unwrap();
+    ha.shutdown(Duration::from_secs(10)).await;
+    hb.shutdown(Duration::from_secs(10)).await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 8);
+    for (key, seqs) in seen.iter() {
+        assert_eq!(
+            *seqs,
+            (0..50).collect::<Vec<_>>(),
+            "key {key} in publish order across both instances"
+        );
+    }
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+}
+
+fn fastrand_like(seed: usize) -> u64 {
+    (seed as u64).wrapping_mul(2_654_435_761) % 3000
+}
