@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use polybus_conformance::{Recorder, brokers_required, loud};
-use polybus_core::{Consumer, Delivery, Error, HandlerResult, Message, Order, StartFrom};
+use polybus_core::{Delivery, Error, HandlerResult, Message, Order, StartFrom};
 use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
 
 fn config(test: &str) -> Option<RabbitConfig> {
@@ -118,9 +118,9 @@ async fn single_active_consumer_keeps_key_order_across_instances() {
     all.wait_for(400, Duration::from_secs(60)).await.unwrap();
     ha.shutdown(Duration::from_secs(10)).await;
     hb.shutdown(Duration::from_secs(10)).await;
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert_eq!(seen.len(), 8);
-    for (key, seqs) in seen.iter() {
+    for (key, seqs) in &seen {
         assert_eq!(
             *seqs,
             (0..50).collect::<Vec<_>>(),
