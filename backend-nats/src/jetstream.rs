@@ -198,8 +198,9 @@ impl Producer for JetStreamProducer {
     }
 
     async fn flush(&self) -> Result<()> {
-        // Every send already waits for its PubAck; flushing the connection makes
+        // Every send resolves on its PubAck: wait for those in flight, then make
         // sure nothing is left in the client's buffer.
+        self.gate.wait_idle().await;
         self.client
             .flush()
             .await

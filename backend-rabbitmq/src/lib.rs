@@ -162,10 +162,30 @@ impl RabbitConfig {
     }
 }
 
+/// Whether the broker refused an operation on a channel (404 no such exchange
+/// or queue, 406 precondition failed, …): the channel is closed, the connection
+/// is fine, and trying the same again will not help.
+fn is_refusal(e: &lapin::Error) -> bool {
+    e.is_amqp_soft_error()
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(a)
+        if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// Whether a channel is usable now or will be after lapin's recovery.
+fn alive(channel: &Channel) -> bool {
+    channel.status().connected() || channel.status().reconnecting()
+}
+
 /// Maps a lapin error: broker-side refusals are not retryable, lost connections are.
 fn map_error(what: &str, e: lapin::Error) -> Error {
     let message = format!("{what}: {e}");
-    if e.is_amqp_error() && !e.can_be_recovered() {
+    if is_not_found(&e) {
+        Error::NotFound { what: message }
+    } else if is_refusal(&e) || e.is_amqp_hard_error() || (e.is_amqp_error() && !e.can_be_recovered()) {
         Error::Backend {
             backend: BACKEND,
             message,
@@ -206,6 +226,13 @@ pub fn group_queue(topic: &str, group: &str) -> String {
     format!("{topic}.{group}")
 }
 
+/// Headers RabbitMQ adds on delivery (not the user's).
+fn is_broker_header(key: &str) -> bool {
+    matches!(key, "x-delivery-count" | "x-death")
+        || key.starts_with("x-first-death-")
+        || key.starts_with("x-last-death-")
+}
+
 fn long(value: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.into()))
 }
@@ -226,7 +253,10 @@ fn value_text(value: &AMQPValue) -> Option<String> {
 /// Publishes persistent messages with publisher confirms.
 pub struct RabbitProducer {
     connection: lapin::Connection,
-    channel: Channel,
+    /// The confirm channel; replaced when the broker closes it (a refusal).
+    channel: std::sync::Mutex<Channel>,
+    /// Exchanges known to exist (declared on first send to a topic).
+    exchanges: std::sync::Mutex<std::collections::HashSet<String>>,
     config: RabbitConfig,
     gate: SendGate,
 }
@@ -243,6 +273,17 @@ impl RabbitProducer {
     /// Opens a connection and a confirm-mode channel.
     pub async fn connect(config: &RabbitConfig) -> Result<Self> {
         let connection = config.connection("polybus-producer").await?;
+        let channel = Self::confirm_channel(&connection).await?;
+        Ok(RabbitProducer {
+            connection,
+            channel: std::sync::Mutex::new(channel),
+            exchanges: std::sync::Mutex::default(),
+            config: config.clone(),
+            gate: SendGate::new("producer"),
+        })
+    }
+
+    async fn confirm_channel(connection: &lapin::Connection) -> Result<Channel> {
         let channel = connection
             .create_channel()
             .await
@@ -251,12 +292,62 @@ impl RabbitProducer {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| map_error("enabling publisher confirms", e))?;
-        Ok(RabbitProducer {
-            connection,
-            channel,
-            config: config.clone(),
-            gate: SendGate::new("producer"),
-        })
+        Ok(channel)
+    }
+
+    fn current(&self) -> Channel {
+        self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces `broken` (closed by a broker refusal, or given up by recovery)
+    /// with a new confirm channel, unless another send already did.
+    async fn reopen(&self, broken: &Channel) -> Result<()> {
+        if alive(broken) {
+            return Ok(());
+        }
+        let fresh = Self::confirm_channel(&self.connection).await?;
+        let mut current = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        if current.id() == broken.id() && !alive(&current) {
+            *current = fresh;
+        }
+        Ok(())
+    }
+
+    /// Declares the topic's exchange once per producer, so a send to a topic
+    /// nobody declared is not refused (which would close the channel).
+    async fn ensure_exchange(&self, topic: &str) -> Result<()> {
+        if self
+            .exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(topic)
+        {
+            return Ok(());
+        }
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| map_error("opening a channel", e))?;
+        let declared = channel
+            .exchange_declare(
+                topic.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_error(&format!("declaring exchange '{topic}'"), e));
+        let _ = channel.close(200, "bye".into()).await;
+        declared?;
+        self.exchanges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_owned());
+        Ok(())
     }
 
     fn properties(message: &Message) -> BasicProperties {
@@ -269,11 +360,16 @@ impl RabbitProducer {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        BasicProperties::default()
+        let properties = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_message_id(message.id.as_str().into())
             .with_timestamp(timestamp)
-            .with_headers(headers)
+            .with_headers(headers);
+        // The id always travels as `polybus-id`; the AMQP property (a short
+        // string, at most 255 bytes) is set too when it fits, for other tools.
+        match ShortString::try_new(message.id.as_str()) {
+            Ok(id) => properties.with_message_id(id),
+            Err(_) => properties,
+        }
     }
 }
 
@@ -286,21 +382,19 @@ impl Producer for RabbitProducer {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
         let properties = Self::properties(&message);
-        let routing_key = message.key.as_deref().unwrap_or("");
-        if routing_key.len() > 255 {
-            return Err(Error::InvalidHeader {
-                key: "message key".into(),
-                reason: "longer than 255 bytes (the AMQP routing key limit)",
-            });
-        }
+        // Groups bind with `#`; the key travels as `polybus-key`, so the routing
+        // key stays empty (and no key is too long for it).
+        let routing_key = "";
+        self.ensure_exchange(topic).await?;
         let options = BasicPublishOptions {
             mandatory: self.config.mandatory,
             ..Default::default()
         };
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         loop {
+            let channel = self.current();
             let attempt = async {
-                self.channel
+                channel
                     .basic_publish(
                         topic.into(),
                         routing_key.into(),
@@ -335,14 +429,26 @@ impl Producer for RabbitProducer {
                         source: None,
                     });
                 }
-                Err(e) if e.is_amqp_soft_error() && !e.can_be_recovered() => {
-                    // E.g. the exchange does not exist (404): the channel is closed.
+                Err(e) if is_refusal(&e) => {
+                    // E.g. the exchange was deleted (404): the broker closed the
+                    // channel. Open another for later sends; this one failed.
+                    if is_not_found(&e) {
+                        self.exchanges
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(topic);
+                    }
+                    let _ = self.reopen(&channel).await;
                     return Err(map_error(&format!("publishing to '{topic}'"), e));
                 }
                 Err(e) => {
                     let what = format!("publishing to '{topic}'");
-                    let recovered =
-                        tokio::time::timeout_at(deadline, self.channel.wait_for_recovery(e)).await;
+                    if !alive(&channel) {
+                        // Closed for good (recovery gave up): start a new channel.
+                        self.reopen(&channel).await?;
+                        continue;
+                    }
+                    let recovered = tokio::time::timeout_at(deadline, channel.wait_for_recovery(e)).await;
                     match recovered {
                         Ok(Ok(())) => continue,
                         Ok(Err(e)) => return Err(map_error(&what, e)),
@@ -360,13 +466,14 @@ impl Producer for RabbitProducer {
     }
 
     async fn flush(&self) -> Result<()> {
-        // Every send waits for its confirm already.
+        // Every send resolves on its confirm: wait for those in flight.
+        self.gate.wait_idle().await;
         Ok(())
     }
 
     async fn close(&self) -> Result<()> {
         self.gate.close().await;
-        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = self.current().close(200, "bye".into()).await;
         let _ = self.connection.close(200, "bye".into()).await;
         Ok(())
     }
@@ -531,9 +638,11 @@ impl Consumer for RabbitConsumer {
     async fn declare_group_unchecked(&self, topic: &str, group: &str, _start: StartFrom) -> Result<()> {
         // A queue keeps what arrives from its declaration on: earliest and latest
         // are the same for a new group (there is no replay).
+        // The topic comes first, with its dead-letter exchange and queue, so the
+        // runner's dead letters for this group are kept.
+        self.declare_topic_unchecked(topic).await?;
         let channel = self.channel().await?;
         let result = async {
-            self.declare_exchange(&channel, topic).await?;
             let quorum = self.config.queue_type == QueueType::Quorum;
             self.declare_bound_queue(&channel, topic, &group_queue(topic, group), quorum)
                 .await
@@ -546,7 +655,10 @@ impl Consumer for RabbitConsumer {
     async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
         let channel = self.channel().await?;
         let result = async {
-            let prefetch = u16::try_from(options.prefetch).unwrap_or(u16::MAX);
+            // `basic.qos` limits each consumer (quorum queues have no global
+            // qos), so the subscription's bound is split between its topics.
+            let per_consumer = (options.prefetch / options.topics.len().max(1)).max(1);
+            let prefetch = u16::try_from(per_consumer).unwrap_or(u16::MAX);
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())
                 .await
@@ -560,9 +672,12 @@ impl Consumer for RabbitConsumer {
                     }
                     None => {
                         self.declare_exchange(&channel, topic).await?;
+                        // Named here, not by the broker: lapin redeclares it after
+                        // a reconnect, which a server-named queue would refuse.
+                        let private = format!("{topic}.polybus-{}", &Message::new(Bytes::new()).id[..13]);
                         let queue = channel
                             .queue_declare(
-                                "".into(),
+                                private.as_str().into(),
                                 QueueDeclareOptions {
                                     exclusive: true,
                                     auto_delete: true,
@@ -682,7 +797,7 @@ impl RabbitSubscription {
             .as_ref()
             .map(|id| id.as_str().to_owned());
         let tag = delivery.delivery_tag;
-        let pairs = headers.into_iter().filter(|(k, _)| !k.starts_with("x-"));
+        let pairs = headers.into_iter().filter(|(k, _)| !is_broker_header(k));
         let message = wire::decode(Bytes::from(delivery.data), pairs, || {
             fallback.unwrap_or_else(|| format!("{topic}:{tag}"))
         });
@@ -714,11 +829,32 @@ impl Subscription for RabbitSubscription {
                     // consumer; unacknowledged deliveries come again.
                     match tokio::time::timeout(self.request_timeout, channel.wait_for_recovery(e)).await {
                         Ok(Ok(())) => continue,
-                        Ok(Err(e)) => return Some(Err(map_error("consuming", e))),
-                        Err(_) => {
+                        Ok(Err(e)) => {
+                            // Not recoverable (e.g. the broker's consumer timeout
+                            // closed the channel): end the subscription visibly
+                            // instead of waiting forever.
+                            tracing::error!(target: "polybus_rabbitmq", error = %e, "consumer channel lost; the subscription ends");
+                            self.deliveries = futures::stream::SelectAll::new();
+                            return Some(Err(Error::Backend {
+                                backend: BACKEND,
+                                message: format!("consuming: the channel was closed and cannot recover: {e}"),
+                                retryable: false,
+                                source: Some(Box::new(e)),
+                            }));
+                        }
+                        Err(_) if channel.status().reconnecting() => {
                             return Some(Err(Error::Connection {
                                 backend: BACKEND,
                                 message: "the RabbitMQ connection has not recovered yet".into(),
+                                source: None,
+                            }));
+                        }
+                        Err(_) => {
+                            self.deliveries = futures::stream::SelectAll::new();
+                            return Some(Err(Error::Backend {
+                                backend: BACKEND,
+                                message: "consuming: the channel was closed and did not recover".into(),
+                                retryable: false,
                                 source: None,
                             }));
                         }
@@ -730,13 +866,16 @@ impl Subscription for RabbitSubscription {
 
     async fn close(mut self: Box<Self>) -> Result<()> {
         if let Some(channel) = self.channel.take() {
-            for tag in &self.tags {
-                let _ = channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
-            }
-            // Closing the channel gives back what was delivered but not settled.
-            let _ = channel.close(200, "bye".into()).await;
+            let closing = async {
+                for tag in &self.tags {
+                    let _ = channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                }
+                // Closing the channel gives back what was delivered but not settled.
+                let _ = channel.close(200, "bye".into()).await;
+            };
+            let _ = tokio::time::timeout(self.request_timeout, closing).await;
         }
         Ok(())
     }

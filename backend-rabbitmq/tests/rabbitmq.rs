@@ -137,3 +137,66 @@ async fn single_active_consumer_keeps_key_order_across_instances() {
 fn fastrand_like(seed: usize) -> u64 {
     (seed as u64).wrapping_mul(2_654_435_761) % 3000
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_publish_does_not_break_the_producer() {
+    let Some(config) = config("a_refused_publish_does_not_break_the_producer") else {
+        return;
+    };
+    let topic = unique("refused");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    // A topic nobody declared: the producer declares its exchange itself.
+    conn.producer.send(&topic, Message::new("first")).await.unwrap();
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin.delete_topic(&topic, &[]).await.unwrap();
+    // The exchange is gone behind the producer's back: the broker refuses (404)
+    // and closes the channel; that send fails for good…
+    let err = conn
+        .producer
+        .send(&topic, Message::new("lost"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    assert!(!err.is_retryable());
+    // …and the producer keeps working on a new channel.
+    conn.producer.send(&topic, Message::new("again")).await.unwrap();
+    admin.delete_topic(&topic, &[]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_headers_and_long_ids_round_trip() {
+    let Some(config) = config("x_headers_and_long_ids_round_trip") else {
+        return;
+    };
+    let topic = unique("xhdr");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let recorder = Recorder::new();
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .run(recorder.handler())
+        .await
+        .unwrap();
+    let long_id = "i".repeat(300);
+    let sent = Message::new("x")
+        .with_id(long_id.clone())
+        .with_key("k".repeat(300))
+        .with_header("x-request-id", "abc");
+    conn.producer.send(&topic, sent.clone()).await.unwrap();
+    let got = recorder.wait_for(1, Duration::from_secs(30)).await.unwrap();
+    handle.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(got[0].id(), long_id);
+    assert_eq!(got[0].message().key, sent.key);
+    assert_eq!(got[0].header("x-request-id"), Some("abc"));
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+}

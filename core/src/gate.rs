@@ -50,12 +50,20 @@ impl SendGate {
             return Err(Error::Closed(self.what));
         }
         state.1 += 1;
+        self.idle.send_replace(state.1);
         Ok(SendGuard { gate: self })
     }
 
     /// Whether closing has begun.
     pub fn is_closed(&self) -> bool {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// Waits until no send is in flight (sends may start again afterwards): what
+    /// `flush` needs when every send resolves on the broker's confirmation.
+    pub async fn wait_idle(&self) {
+        let mut rx = self.idle.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// Refuses new sends and waits until those in flight have finished.
@@ -74,9 +82,7 @@ impl Drop for SendGuard<'_> {
     fn drop(&mut self) {
         let mut state = self.gate.state.lock().unwrap_or_else(|p| p.into_inner());
         state.1 -= 1;
-        if state.0 {
-            self.gate.idle.send_replace(state.1);
-        }
+        self.gate.idle.send_replace(state.1);
     }
 }
 
