@@ -196,3 +196,54 @@ async fn producer_and_consumer_recover_from_a_cut_connection() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_subscription_recovers_too() {
+    let Ok(url) = std::env::var("POLYBUS_TEST_AMQP_URL") else {
+        assert!(
+            !brokers_required(),
+            "POLYBUS_TEST_REQUIRE_BROKERS=1 but POLYBUS_TEST_AMQP_URL is not set"
+        );
+        loud("SKIP a_private_subscription_recovers_too: set POLYBUS_TEST_AMQP_URL");
+        return;
+    };
+    let secs = |s: f64| Duration::from_secs_f64(s * timeout_multiplier());
+    let (_, broker) = through_proxy(&url, 0);
+    let proxy = Proxy::start(broker).await;
+    let (proxied, _) = through_proxy(&url, proxy.port);
+    let mut config = RabbitConfig::new(&proxied).unwrap();
+    config.request_timeout = secs(20.0);
+    let conn = polybus_rabbitmq::connect_with(config).await.unwrap();
+    let topic = format!("recovery-private-{}", &Message::new("").id[..8]);
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    // No group: an exclusive, auto-delete queue that lapin must redeclare.
+    let seen = Recorder::new();
+    let runner = conn.runner().topic(&topic).run(seen.handler()).await.unwrap();
+    conn.producer.send(&topic, Message::new("before")).await.unwrap();
+    seen.wait_for(1, secs(30.0)).await.unwrap();
+    assert!(proxy.cut() >= 2);
+    // Give recovery a moment to redeclare the private queue and its binding,
+    // then publish: messages sent once it is back reach the subscription.
+    let after = Message::new("after");
+    let until = tokio::time::Instant::now() + secs(30.0);
+    loop {
+        conn.producer
+            .send(&topic, after.clone().with_id(Message::new("").id))
+            .await
+            .unwrap();
+        if seen.len() >= 2 || tokio::time::Instant::now() > until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        seen.len() >= 2,
+        "the private subscription receives again after recovery"
+    );
+    runner.shutdown(secs(5.0)).await;
+    let _ = conn.close().await;
+    let admin = RabbitConsumer::connect(&RabbitConfig::new(&url).unwrap())
+        .await
+        .unwrap();
+    admin.delete_topic(&topic, &[]).await.unwrap();
+}
