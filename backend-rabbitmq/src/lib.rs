@@ -351,8 +351,15 @@ impl RabbitProducer {
     }
 
     fn properties(message: &Message) -> BasicProperties {
+        // The id travels as the AMQP `message_id` property (a short string) when
+        // it fits in 255 bytes, else as the `polybus-id` header; the receiver
+        // reads whichever is there.
+        let id_property = ShortString::try_new(message.id.as_str()).ok();
         let mut headers = FieldTable::default();
         for (key, value) in wire::encode(message) {
+            if key == wire::ID && id_property.is_some() {
+                continue;
+            }
             headers.insert(ShortString::from(key), long(value));
         }
         let timestamp = message
@@ -364,11 +371,9 @@ impl RabbitProducer {
             .with_delivery_mode(2)
             .with_timestamp(timestamp)
             .with_headers(headers);
-        // The id always travels as `polybus-id`; the AMQP property (a short
-        // string, at most 255 bytes) is set too when it fits, for other tools.
-        match ShortString::try_new(message.id.as_str()) {
-            Ok(id) => properties.with_message_id(id),
-            Err(_) => properties,
+        match id_property {
+            Some(id) => properties.with_message_id(id),
+            None => properties,
         }
     }
 }
