@@ -106,3 +106,106 @@ async fn an_idle_topic_does_not_starve_a_busy_one() {
         admin.delete_topic(t).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_publish_is_stored_once() {
+    let Some(config) = config("a_repeated_publish_is_stored_once") else {
+        return;
+    };
+    let topic = unique("dedup");
+    let conn = polybus_nats::connect_with(config.clone()).await.unwrap();
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Earliest)
+        .await
+        .unwrap();
+    // The same message sent twice (as a retry after a lost PubAck would), then
+    // a marker: the server's duplicate window drops the second copy.
+    let twice = Message::new("once");
+    conn.producer.send(&topic, twice.clone()).await.unwrap();
+    conn.producer.send(&topic, twice.clone()).await.unwrap();
+    let marker = Message::new("marker");
+    conn.producer.send(&topic, marker.clone()).await.unwrap();
+    let recorder = Recorder::new();
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .run(recorder.handler())
+        .await
+        .unwrap();
+    recorder
+        .wait_until("the marker", Duration::from_secs(30), |seen| {
+            seen.iter().any(|d| d.id() == marker.id)
+        })
+        .await
+        .unwrap();
+    handle.shutdown(Duration::from_secs(10)).await;
+    let copies = recorder.all().iter().filter(|d| d.id() == twice.id).count();
+    assert_eq!(copies, 1, "Nats-Msg-Id deduplicates the repeated publish");
+    JetStreamConsumer::connect(&config)
+        .await
+        .unwrap()
+        .delete_topic(&topic)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_backoff_is_kept_alive() {
+    let Some(config) = config("a_message_in_backoff_is_kept_alive") else {
+        return;
+    };
+    let topic = unique("backoff");
+    let conn = polybus_nats::connect_with(config.clone()).await.unwrap();
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let calls = Recorder::new();
+    let handler = {
+        let calls = calls.clone();
+        move |d: polybus_core::Delivery| {
+            let calls = calls.clone();
+            async move {
+                calls.record(&d);
+                if d.attempt() == 1 {
+                    return Err(polybus_core::HandlerError::retryable("later"));
+                }
+                Ok(())
+            }
+        }
+    };
+    // The retry waits 2.5 × AckWait (2 s) in process: without in-progress acks
+    // for the held message the server would redeliver it meanwhile.
+    let retry =
+        polybus_core::RetryPolicy::attempts(3).backoff(Duration::from_secs(5), Duration::from_secs(5));
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .retry(retry)
+        .run(handler)
+        .await
+        .unwrap();
+    conn.producer.send(&topic, Message::new("slow")).await.unwrap();
+    calls.wait_for(2, Duration::from_secs(30)).await.unwrap();
+    // Long enough for a server redelivery and the in-process retry to both show
+    // up, if the message was not kept alive while it waited.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let report = handle.shutdown(Duration::from_secs(10)).await;
+    let attempts: Vec<u32> = calls.all().iter().map(polybus_core::Delivery::attempt).collect();
+    assert_eq!(
+        attempts,
+        vec![1, 2],
+        "retried once in process, never redelivered meanwhile"
+    );
+    assert_eq!((report.handled, report.retried, report.released), (1, 1, 0));
+    JetStreamConsumer::connect(&config)
+        .await
+        .unwrap()
+        .delete_topic(&topic)
+        .await
+        .unwrap();
+}
