@@ -588,6 +588,10 @@ impl Dispatcher {
                 _ = stop.cancelled() => break,
                 Some(joined) = self.running.join_next_with_id(), if !self.running.is_empty() => {
                     self.finished(joined, false);
+                    // Collect every other worker that is already done in one go.
+                    while let Some(joined) = self.running.try_join_next_with_id() {
+                        self.finished(joined, false);
+                    }
                 }
                 Some(expired) = self.backoff.next(), if !self.backoff.is_empty() => {
                     let key = expired.into_inner();
@@ -602,24 +606,18 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(pull_paused_until.unwrap_or_else(Instant::now)), if pull_paused_until.is_some() => {
                     pull_paused_until = None;
                 }
-                event = self.sub.next(), if can_pull => match event {
-                    Some(Ok(Event::Delivery(delivery, acker))) => self.enqueue(delivery, acker),
-                    Some(Ok(Event::Assigned(partitions))) => {
-                        for p in &partitions {
-                            self.revoked.remove(p);
+                event = self.sub.next(), if can_pull => {
+                    self.on_event(event, &mut subscription_open, &mut pull_paused_until);
+                    // Take the events that are already waiting without a round
+                    // through `select!` each (`next` is cancel-safe, so polling it
+                    // once and dropping it when it is not ready loses nothing).
+                    while subscription_open && pull_paused_until.is_none() && self.held < self.max_held {
+                        match self.sub.next().now_or_never() {
+                            Some(event) => self.on_event(event, &mut subscription_open, &mut pull_paused_until),
+                            None => break,
                         }
                     }
-                    Some(Ok(Event::Revoked(partitions))) => self.revoke(partitions),
-                    Some(Err(e)) if e.is_retryable() => {
-                        tracing::warn!(error = %e, "subscription error; pulling again shortly");
-                        pull_paused_until = Some(Instant::now() + Duration::from_millis(100));
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "subscription failed; runner stops taking messages");
-                        subscription_open = false;
-                    }
-                    None => subscription_open = false,
-                },
+                }
             }
         }
         let deadline = deadline
@@ -627,6 +625,33 @@ impl Dispatcher {
             .unwrap_or_else(|p| p.into_inner())
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
         self.finish(deadline, keep_alive).await
+    }
+
+    /// Handles one event from the subscription.
+    fn on_event(
+        &mut self,
+        event: Option<Result<Event>>,
+        subscription_open: &mut bool,
+        pull_paused_until: &mut Option<Instant>,
+    ) {
+        match event {
+            Some(Ok(Event::Delivery(delivery, acker))) => self.enqueue(delivery, acker),
+            Some(Ok(Event::Assigned(partitions))) => {
+                for p in &partitions {
+                    self.revoked.remove(p);
+                }
+            }
+            Some(Ok(Event::Revoked(partitions))) => self.revoke(partitions),
+            Some(Err(e)) if e.is_retryable() => {
+                tracing::warn!(error = %e, "subscription error; pulling again shortly");
+                *pull_paused_until = Some(Instant::now() + Duration::from_millis(100));
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "subscription failed; runner stops taking messages");
+                *subscription_open = false;
+            }
+            None => *subscription_open = false,
+        }
     }
 
     fn enqueue(&mut self, delivery: Delivery, acker: Acker) {
