@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the brokers the test suites need are running on 127.0.0.1, installing
 # them from Debian packages when they are missing, and exports the variables the
-# tests read. Source it:  . scripts/brokers.sh && cargo test --workspace
+# tests read. Source it, then call what you need:
+#   . scripts/brokers.sh && ensure_nats && ensure_rabbitmq && cargo test --workspace
 # Brokers this script started are stopped by `stop_started_brokers` (CI traps it).
 
 POLYBUS_STARTED_PIDS=()

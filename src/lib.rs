@@ -31,54 +31,65 @@ pub mod prelude {
 /// | scheme | backend | feature |
 /// |---|---|---|
 /// | `memory://` or `memory://<name>` | in-process broker (same name, same broker) | `memory` (default) |
-/// | `kafka://host:port,host:port` | Kafka | `kafka` (not yet available) |
+/// | `kafka://host:port,host:port` | Kafka | planned: gives `Error::Unsupported` today |
 /// | `amqp://user:pass@host:port/vhost`, `amqps://…` | RabbitMQ | `rabbitmq` |
-/// | `nats://host:port[,host:port][?mode=core]` | NATS JetStream (core NATS with `mode=core`) | `nats` |
+/// | `nats://host:port[,host:port][?mode=core]`, `tls://…`, `nats+tls://…` | NATS JetStream (core NATS with `mode=core`) | `nats` |
 ///
 /// A scheme whose backend was not compiled in gives [`Error::InvalidConfig`]
 /// naming the feature to enable. Credentials in the URL never appear in errors.
 pub async fn connect(url: &str) -> Result<Connection> {
     let Some((scheme, _rest)) = url.split_once("://") else {
         return Err(Error::InvalidConfig(format!(
-            "{:?} is not a broker URL: expected <scheme>://…, e.g. memory:// or kafka://localhost:9092",
+            "{:?} is not a broker URL: expected <scheme>://…, e.g. memory:// or nats://localhost:4222",
             redact_url(url)
         )));
     };
-    let feature = match scheme {
+    match scheme {
         "memory" => {
             #[cfg(feature = "memory")]
             {
-                return polybus_memory::connect(url);
+                polybus_memory::connect(url)
             }
             #[cfg(not(feature = "memory"))]
-            "memory"
+            {
+                Err(missing_feature(scheme, "memory"))
+            }
         }
-        "kafka" => "kafka",
         "amqp" | "amqps" => {
             #[cfg(feature = "rabbitmq")]
             {
-                return polybus_rabbitmq::connect(url).await;
+                polybus_rabbitmq::connect(url).await
             }
             #[cfg(not(feature = "rabbitmq"))]
-            "rabbitmq"
+            {
+                Err(missing_feature(scheme, "rabbitmq"))
+            }
         }
-        "nats" | "tls" => {
+        "nats" | "tls" | "nats+tls" => {
             #[cfg(feature = "nats")]
             {
-                return polybus_nats::connect(url).await;
+                polybus_nats::connect(url).await
             }
             #[cfg(not(feature = "nats"))]
-            "nats"
+            {
+                Err(missing_feature(scheme, "nats"))
+            }
         }
-        other => {
-            return Err(Error::InvalidConfig(format!(
-                "unknown broker URL scheme {other:?}: expected memory, kafka, amqp, amqps, nats or tls (NATS over TLS)"
-            )));
-        }
-    };
-    Err(Error::InvalidConfig(format!(
+        "kafka" => Err(Error::Unsupported(
+            "kafka:// is not available yet: the Kafka backend is planned (see the README)".into(),
+        )),
+        other => Err(Error::InvalidConfig(format!(
+            "unknown broker URL scheme {other:?}: expected memory, amqp, amqps, nats, tls or nats+tls (kafka is planned)"
+        ))),
+    }
+}
+
+/// The error for a scheme whose backend this build leaves out.
+#[allow(dead_code)]
+fn missing_feature(scheme: &str, feature: &str) -> Error {
+    Error::InvalidConfig(format!(
         "the {scheme}:// scheme needs the `{feature}` feature of polybus, which this build does not enable"
-    )))
+    ))
 }
 
 #[cfg(test)]

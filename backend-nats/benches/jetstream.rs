@@ -14,25 +14,16 @@
 //! POLYBUS_BENCH_MESSAGES=200000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-nats --bench jetstream
 //! ```
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
-use polybus_core::{Bytes, Delivery, HandlerResult, Message, Order, StartFrom};
+use polybus_conformance::bench;
+use polybus_core::{Bytes, StartFrom};
 use polybus_nats::{NatsConfig, Storage, stream_name};
-use tokio::sync::Notify;
 
 const IN_FLIGHT: usize = 256;
 const PREFETCH: usize = 256;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn stream_config(topic: &str) -> stream::Config {
     stream::Config {
@@ -57,24 +48,6 @@ async fn raw_publish(js: &jetstream::Context, topic: &str, n: usize, payload: &B
                     .await
                     .expect("puback")
             }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|_| async {})
-        .await;
-    began.elapsed()
-}
-
-async fn polybus_publish(
-    conn: &polybus_core::Connection,
-    topic: &str,
-    n: usize,
-    payload: &Bytes,
-) -> Duration {
-    let began = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|_| {
-            let message = Message::new(payload.clone());
-            async move { conn.producer.send(topic, message).await.expect("send") }
         })
         .buffer_unordered(IN_FLIGHT)
         .for_each(|_| async {})
@@ -124,47 +97,15 @@ async fn polybus_consume(conn: &polybus_core::Connection, topic: &str, n: usize)
         .declare_group(topic, "polybus", StartFrom::Earliest)
         .await
         .expect("group");
-    let count = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
-    let began = Instant::now();
-    let handle = conn
-        .runner()
-        .topic(topic)
-        .group("polybus")
-        .order(Order::Unordered)
-        .concurrency(64)
-        .buffer(PREFETCH - 64)
-        .run({
-            let (count, done) = (Arc::clone(&count), Arc::clone(&done));
-            move |_d: Delivery| {
-                let (count, done) = (Arc::clone(&count), Arc::clone(&done));
-                async move {
-                    if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                        done.notify_one();
-                    }
-                    HandlerResult::Ok(())
-                }
-            }
-        })
-        .await
-        .expect("run");
-    done.notified().await;
-    let took = began.elapsed();
-    handle.shutdown(Duration::from_secs(10)).await;
-    took
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
+    bench::consume(conn, topic, "polybus", n, 64, PREFETCH).await
 }
 
 fn main() {
     let url = std::env::var("POLYBUS_BENCH_NATS_URL")
         .or_else(|_| std::env::var("POLYBUS_TEST_NATS_URL"))
         .unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let n = env_or("POLYBUS_BENCH_MESSAGES", 100_000);
-    let runs = env_or("POLYBUS_BENCH_RUNS", 5);
+    let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 100_000);
+    let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -189,9 +130,9 @@ fn main() {
             // Alternate which goes first, so drift in the machine hits both.
             let (raw_pub, pb_pub) = if run % 2 == 0 {
                 let r = raw_publish(&js, &raw_topic, n, &payload).await;
-                (r, polybus_publish(&conn, &pb_topic, n, &payload).await)
+                (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
             } else {
-                let p = polybus_publish(&conn, &pb_topic, n, &payload).await;
+                let p = bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await;
                 (raw_publish(&js, &raw_topic, n, &payload).await, p)
             };
             // Both consumers drain a stream of n messages (each drains the other's
@@ -217,7 +158,7 @@ fn main() {
                 let _ = js.delete_stream(stream_name(t)).await;
             }
         }
-        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(median);
+        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(bench::median);
         println!(
             "median publish:     raw {raw_pub:.0}/s, polybus {pb_pub:.0}/s, ratio {:.2}",
             pb_pub / raw_pub

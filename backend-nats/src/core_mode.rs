@@ -32,8 +32,8 @@ fn capabilities(server_max: usize) -> Capabilities {
     caps
 }
 
-/// Publishes on core NATS; `send` resolves once the server has the message
-/// (a flush), with no persistence behind it.
+/// Publishes on core NATS; `send` resolves once the server has read the message
+/// (a round trip), with no persistence behind it.
 pub struct CoreProducer {
     client: Client,
     timeout: Duration,

@@ -279,6 +279,14 @@ impl JetStreamConsumer {
             .await
             .map_err(|e| backend_error(&format!("creating group '{group}' on '{topic}'"), e, true))?;
         let existing = &consumer.cached_info().config;
+        if existing.max_ack_pending >= 0 && (existing.max_ack_pending as u64) < prefetch as u64 {
+            tracing::warn!(
+                target: "polybus_nats",
+                topic, group,
+                max_ack_pending = existing.max_ack_pending, bound = prefetch,
+                "the group's MaxAckPending is below this runner's bound; the server holds back the rest"
+            );
+        }
         let configured = self.streams.config.ack_wait;
         if existing.ack_wait < configured {
             // Keep-alives every third of the configured AckWait would come too late

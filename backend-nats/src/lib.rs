@@ -11,7 +11,8 @@
 //!   Fetched messages not yet handed to the runner get keep-alives too, so
 //!   nothing held is redelivered while AckWait runs.
 //! * **Core NATS** (`?mode=core`, or [`Mode::Core`]): at-most-once. A group is a
-//!   queue group; nothing is stored or acknowledged; `send` resolves on flush.
+//!   queue group; nothing is stored or acknowledged; `send` resolves after a
+//!   round trip to the server (the server has read the message).
 //!
 //! ```no_run
 //! # async fn demo() -> polybus_core::Result<()> {
@@ -87,7 +88,8 @@ pub struct NatsConfig {
     /// retries (the runner's max attempts decides when to dead-letter).
     pub max_deliver: Option<u32>,
     /// JetStream MaxAckPending for new groups, shared by all instances (default
-    /// 1024). A subscription whose prefetch is larger raises it.
+    /// 1024). Set at creation only; runners of the group whose bounds add up to
+    /// more are throttled by the server.
     pub max_ack_pending: usize,
     /// Where streams are kept (default on disk).
     pub storage: Storage,

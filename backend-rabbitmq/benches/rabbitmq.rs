@@ -16,8 +16,6 @@
 //! POLYBUS_BENCH_MESSAGES=100000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-rabbitmq --bench rabbitmq
 //! ```
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -26,19 +24,12 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, ConnectionProperties};
-use polybus_core::{Bytes, Delivery, HandlerResult, Message, Order, StartFrom};
+use polybus_conformance::bench;
+use polybus_core::{Bytes, StartFrom};
 use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
-use tokio::sync::Notify;
 
 const IN_FLIGHT: usize = 256;
 const PREFETCH: u16 = 256;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn raw_publish(channel: &lapin::Channel, exchange: &str, n: usize, payload: &Bytes) -> Duration {
     let began = Instant::now();
@@ -61,24 +52,6 @@ async fn raw_publish(channel: &lapin::Channel, exchange: &str, n: usize, payload
                     .await
                     .expect("confirm")
             }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|_| async {})
-        .await;
-    began.elapsed()
-}
-
-async fn polybus_publish(
-    conn: &polybus_core::Connection,
-    topic: &str,
-    n: usize,
-    payload: &Bytes,
-) -> Duration {
-    let began = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|_| {
-            let message = Message::new(payload.clone());
-            async move { conn.producer.send(topic, message).await.expect("send") }
         })
         .buffer_unordered(IN_FLIGHT)
         .for_each(|_| async {})
@@ -120,48 +93,12 @@ async fn raw_consume(connection: &lapin::Connection, queue: &str, n: usize) -> D
     took
 }
 
-async fn polybus_consume(conn: &polybus_core::Connection, topic: &str, group: &str, n: usize) -> Duration {
-    let count = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
-    let began = Instant::now();
-    let handle = conn
-        .runner()
-        .topic(topic)
-        .group(group)
-        .order(Order::Unordered)
-        .concurrency(64)
-        .buffer(usize::from(PREFETCH) - 64)
-        .run({
-            let (count, done) = (Arc::clone(&count), Arc::clone(&done));
-            move |_d: Delivery| {
-                let (count, done) = (Arc::clone(&count), Arc::clone(&done));
-                async move {
-                    if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                        done.notify_one();
-                    }
-                    HandlerResult::Ok(())
-                }
-            }
-        })
-        .await
-        .expect("run");
-    done.notified().await;
-    let took = began.elapsed();
-    handle.shutdown(Duration::from_secs(10)).await;
-    took
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
-
 fn main() {
     let url = std::env::var("POLYBUS_BENCH_AMQP_URL")
         .or_else(|_| std::env::var("POLYBUS_TEST_AMQP_URL"))
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let n = env_or("POLYBUS_BENCH_MESSAGES", 50_000);
-    let runs = env_or("POLYBUS_BENCH_RUNS", 5);
+    let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 50_000);
+    let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -196,17 +133,20 @@ fn main() {
             let rate = |d: Duration| n as f64 / d.as_secs_f64();
             let (raw_pub, pb_pub) = if run % 2 == 0 {
                 let r = raw_publish(&raw_channel, &raw_topic, n, &payload).await;
-                (r, polybus_publish(&conn, &pb_topic, n, &payload).await)
+                (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
             } else {
-                let p = polybus_publish(&conn, &pb_topic, n, &payload).await;
+                let p = bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await;
                 (raw_publish(&raw_channel, &raw_topic, n, &payload).await, p)
             };
             // Each side drains the other's queue, so both get the same data.
             let (raw_con, pb_con) = if run % 2 == 0 {
                 let r = raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await;
-                (r, polybus_consume(&conn, &raw_topic, "g", n).await)
+                (
+                    r,
+                    bench::consume(&conn, &raw_topic, "g", n, 64, usize::from(PREFETCH)).await,
+                )
             } else {
-                let p = polybus_consume(&conn, &raw_topic, "g", n).await;
+                let p = bench::consume(&conn, &raw_topic, "g", n, 64, usize::from(PREFETCH)).await;
                 (raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await, p)
             };
             for (i, d) in [raw_pub, pb_pub, raw_con, pb_con].into_iter().enumerate() {
@@ -223,7 +163,7 @@ fn main() {
                 let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
             }
         }
-        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(median);
+        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(bench::median);
         println!(
             "median publish:     raw {raw_pub:.0}/s, polybus {pb_pub:.0}/s, ratio {:.2}",
             pb_pub / raw_pub

@@ -13,7 +13,8 @@
 //!   confirm; concurrent sends pipeline their confirms on one channel. A broker
 //!   nack is an error; an unroutable message is not, unless
 //!   [`RabbitConfig::mandatory`] is set.
-//! * Consumers use `basic.qos` prefetch equal to the runner's bound. Release is
+//! * Consumers use `basic.qos` prefetch equal to the runner's bound (split between
+//!   the topics of one subscription). Release is
 //!   `basic.nack` with requeue (RabbitMQ has no delayed requeue, so the runner
 //!   retries in process). Settlement goes through lapin's per-delivery acker,
 //!   which is single-use and poisoned when its channel dies, so a stale delivery

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use polybus_core::{Capabilities, Connection, Result, RunHandle, Runner};
 
+pub mod bench;
 pub mod cases;
 mod support;
 
