@@ -154,6 +154,22 @@ impl RabbitConfig {
         let properties = ConnectionProperties::default()
             .with_connection_name(name.into())
             .enable_auto_recover();
+        // lapin's auto-recovery also retries the first connect until the timeout;
+        // a broker that refuses TCP outright is reported at once instead.
+        if let Ok(uri) = self.url.parse::<lapin::uri::AMQPUri>() {
+            let address = (uri.authority.host.clone(), uri.authority.port);
+            match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(address)).await {
+                Err(_) => return Err(Error::timeout("connecting to RabbitMQ", self.connect_timeout)),
+                Ok(Err(e)) => {
+                    return Err(Error::Connection {
+                        backend: BACKEND,
+                        message: format!("connecting to {}: {e}", redact_url(&self.url)),
+                        source: Some(Box::new(e)),
+                    });
+                }
+                Ok(Ok(_probe)) => {}
+            }
+        }
         let connecting = lapin::Connection::connect(&self.url, properties);
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => Err(Error::timeout("connecting to RabbitMQ", self.connect_timeout)),
