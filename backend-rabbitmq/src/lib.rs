@@ -19,9 +19,10 @@
 //!   retries in process). Settlement goes through lapin's per-delivery acker,
 //!   which is single-use and poisoned when its channel dies, so a stale delivery
 //!   tag never acks another message after a reconnect.
-//! * The connection recovers by itself (lapin's auto-recovery: reconnect with
-//!   backoff, redeclare topology, resume consumers); a `send` during an outage
-//!   waits for recovery within the request timeout or fails with a retryable error.
+//! * Connections recover by themselves: the producer's through lapin's
+//!   auto-recovery (a `send` during an outage waits for recovery within the
+//!   request timeout or fails with a retryable error), each subscription's by
+//!   reconnecting its own connection with backoff and consuming anew.
 //!
 //! ```no_run
 //! # async fn demo() -> polybus_core::Result<()> {
@@ -151,9 +152,16 @@ impl RabbitConfig {
     }
 
     async fn connection(&self, name: &str) -> Result<lapin::Connection> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(name.into())
-            .enable_auto_recover();
+        self.connection_with(name, true).await
+    }
+
+    /// A connection; with `recover`, lapin reconnects it and replays its
+    /// topology by itself (subscriptions recover their own, see `reconnect`).
+    async fn connection_with(&self, name: &str, recover: bool) -> Result<lapin::Connection> {
+        let mut properties = ConnectionProperties::default().with_connection_name(name.into());
+        if recover {
+            properties = properties.enable_auto_recover();
+        }
         // lapin's auto-recovery also retries the first connect until the timeout;
         // a broker that refuses TCP outright is reported at once instead.
         if let Ok(uri) = self.url.parse::<lapin::uri::AMQPUri>() {
@@ -675,89 +683,46 @@ impl Consumer for RabbitConsumer {
     }
 
     async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
-        let channel = self.channel().await?;
-        let result = async {
-            // `basic.qos` limits each consumer (quorum queues have no global
-            // qos), so the subscription's bound is split between its topics.
-            let per_consumer = (options.prefetch / options.topics.len().max(1)).max(1);
-            let prefetch = u16::try_from(per_consumer).unwrap_or(u16::MAX);
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await
-                .map_err(|e| map_error("setting the prefetch", e))?;
-            let mut consumers = Vec::new();
-            for topic in &options.topics {
-                let queue = match &options.group {
-                    Some(group) => {
-                        self.declare_group_unchecked(topic, group, options.start).await?;
-                        group_queue(topic, group)
-                    }
-                    None => {
-                        self.declare_exchange(&channel, topic).await?;
-                        // Named here, not by the broker: lapin redeclares it after
-                        // a reconnect, which a server-named queue would refuse.
-                        let private = format!("{topic}.polybus-{}", &Message::new(Bytes::new()).id[..13]);
-                        let queue = channel
-                            .queue_declare(
-                                private.as_str().into(),
-                                QueueDeclareOptions {
-                                    exclusive: true,
-                                    auto_delete: true,
-                                    ..Default::default()
-                                },
-                                FieldTable::default(),
-                            )
-                            .await
-                            .map_err(|e| map_error("declaring a private queue", e))?;
-                        let name = queue.name().as_str().to_owned();
-                        channel
-                            .queue_bind(
-                                name.as_str().into(),
-                                topic.as_str().into(),
-                                "#".into(),
-                                QueueBindOptions::default(),
-                                FieldTable::default(),
-                            )
-                            .await
-                            .map_err(|e| map_error("binding a private queue", e))?;
-                        name
-                    }
-                };
-                let consumer = channel
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| map_error(&format!("consuming from '{queue}'"), e))?;
-                consumers.push((topic.clone(), consumer));
-            }
-            Ok(consumers)
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("consumer"));
         }
-        .await;
-        let consumers = match result {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = channel.close(200, "bye".into()).await;
-                return Err(e);
-            }
-        };
-        let tags: Vec<String> = consumers
-            .iter()
-            .map(|(_, c)| c.tag().as_str().to_owned())
-            .collect();
-        let streams = consumers
-            .into_iter()
-            .map(|(topic, consumer)| consumer.map(move |delivery| (topic.clone(), delivery)).boxed());
-        Ok(Box::new(RabbitSubscription {
-            channel: Some(channel),
-            deliveries: futures::stream::select_all(streams),
-            tags,
+        let mut sources = Vec::new();
+        for topic in &options.topics {
+            let source = match &options.group {
+                Some(group) => {
+                    self.declare_group_unchecked(topic, group, options.start).await?;
+                    Source {
+                        topic: topic.clone(),
+                        queue: group_queue(topic, group),
+                        private: false,
+                    }
+                }
+                None => Source {
+                    topic: topic.clone(),
+                    // Named here, not by the broker, so a reconnect can declare it again.
+                    queue: format!("{topic}.polybus-{}", &Message::new(Bytes::new()).id[..13]),
+                    private: true,
+                },
+            };
+            sources.push(source);
+        }
+        // `basic.qos` limits each consumer (quorum queues have no global qos), so
+        // the subscription's bound is split between its topics.
+        let per_consumer = (options.prefetch / sources.len().max(1)).max(1);
+        let prefetch = u16::try_from(per_consumer).unwrap_or(u16::MAX);
+        let mut subscription = RabbitSubscription {
+            config: self.config.clone(),
+            sources,
+            prefetch,
+            connection: None,
+            channel: None,
+            deliveries: futures::stream::SelectAll::new(),
+            tags: Vec::new(),
             group: options.group,
-            request_timeout: self.config.request_timeout,
-        }))
+            consumer_closed: Arc::clone(&self.closed),
+        };
+        subscription.open().await?;
+        Ok(Box::new(subscription))
     }
 
     async fn close(&self) -> Result<()> {
@@ -769,29 +734,188 @@ impl Consumer for RabbitConsumer {
 
 type DeliveryStream = futures::stream::BoxStream<'static, (String, lapin::Result<lapin::message::Delivery>)>;
 
+/// One queue a subscription consumes from.
+#[derive(Clone)]
+struct Source {
+    topic: String,
+    queue: String,
+    /// An exclusive, auto-delete queue of this subscription's connection.
+    private: bool,
+}
+
+/// A subscription on a connection of its own, without lapin's auto-recovery:
+/// when the connection drops, `next` reconnects with backoff, declares its
+/// private queues again and consumes anew (the broker has already given every
+/// unacknowledged delivery of the old connection back).
 struct RabbitSubscription {
+    config: RabbitConfig,
+    sources: Vec<Source>,
+    prefetch: u16,
+    connection: Option<lapin::Connection>,
     channel: Option<Channel>,
     deliveries: futures::stream::SelectAll<DeliveryStream>,
     tags: Vec<String>,
     group: Option<String>,
-    request_timeout: Duration,
+    consumer_closed: Arc<AtomicBool>,
 }
 
 impl Drop for RabbitSubscription {
     fn drop(&mut self) {
-        // A crash: closing the channel hands every unacknowledged delivery back to
-        // the broker, as a dead process's connection would.
-        if let Some(channel) = self.channel.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
+        // A crash: closing the connection hands every unacknowledged delivery
+        // back to the broker, as a dead process's connection would.
+        let (channel, connection) = (self.channel.take(), self.connection.take());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = channel.close(200, "dropped".into()).await;
+                if let Some(channel) = channel {
+                    let _ = channel.close(200, "dropped".into()).await;
+                }
+                if let Some(connection) = connection {
+                    let _ = connection.close(200, "dropped".into()).await;
+                }
             });
         }
     }
 }
 
+async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_error(&format!("declaring exchange '{exchange}'"), e))
+}
+
+/// A channel on `connection` with the prefetch and one consumer per source.
+async fn open_consumers(
+    connection: &lapin::Connection,
+    sources: &[Source],
+    prefetch: u16,
+) -> Result<(Channel, futures::stream::SelectAll<DeliveryStream>, Vec<String>)> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| map_error("opening a channel", e))?;
+    let consumers = async {
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| map_error("setting the prefetch", e))?;
+        let mut consumers = Vec::new();
+        for source in sources {
+            if source.private {
+                declare_exchange(&channel, &source.topic).await?;
+                channel
+                    .queue_declare(
+                        source.queue.as_str().into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map_error("declaring a private queue", e))?;
+                channel
+                    .queue_bind(
+                        source.queue.as_str().into(),
+                        source.topic.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map_error("binding a private queue", e))?;
+            }
+            let consumer = channel
+                .basic_consume(
+                    source.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| map_error(&format!("consuming from '{}'", source.queue), e))?;
+            consumers.push((source.topic.clone(), consumer));
+        }
+        Ok::<_, Error>(consumers)
+    }
+    .await;
+    let consumers = match consumers {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = channel.close(200, "bye".into()).await;
+            return Err(e);
+        }
+    };
+    let tags = consumers
+        .iter()
+        .map(|(_, c)| c.tag().as_str().to_owned())
+        .collect();
+    let streams = consumers
+        .into_iter()
+        .map(|(topic, consumer)| consumer.map(move |delivery| (topic.clone(), delivery)).boxed());
+    Ok((channel, futures::stream::select_all(streams), tags))
+}
+
 impl RabbitSubscription {
+    /// Connects and starts consuming.
+    async fn open(&mut self) -> Result<()> {
+        let connection = self.config.connection_with("polybus-subscription", false).await?;
+        match open_consumers(&connection, &self.sources, self.prefetch).await {
+            Ok((channel, deliveries, tags)) => {
+                self.connection = Some(connection);
+                self.channel = Some(channel);
+                self.deliveries = deliveries;
+                self.tags = tags;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = connection.close(200, "bye".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// After the connection dropped: reconnect with backoff, within the request
+    /// timeout (then a retryable error; the next call tries again).
+    async fn reconnect(&mut self) -> Result<()> {
+        self.deliveries = futures::stream::SelectAll::new();
+        self.channel = None;
+        if let Some(old) = self.connection.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), old.close(200, "reconnecting".into())).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.open().await {
+                Ok(()) => {
+                    tracing::info!(target: "polybus_rabbitmq", "subscription reconnected");
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() + backoff >= deadline => {
+                    return Err(Error::Connection {
+                        backend: BACKEND,
+                        message: format!("reconnecting the subscription: {e}"),
+                        source: Some(Box::new(e)),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "subscription reconnect failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
     fn delivery(&self, topic: String, delivery: lapin::message::Delivery) -> Event {
         let headers: BTreeMap<String, String> = delivery
             .properties
@@ -842,63 +966,44 @@ impl RabbitSubscription {
 impl Subscription for RabbitSubscription {
     async fn next(&mut self) -> Option<Result<Event>> {
         loop {
-            let (topic, delivery) = self.deliveries.next().await?;
-            match delivery {
-                Ok(delivery) => return Some(Ok(self.delivery(topic, delivery))),
-                Err(e) => {
-                    let channel = self.channel.as_ref()?;
-                    // Lost connection: wait for lapin to recover the channel and its
-                    // consumer; unacknowledged deliveries come again.
-                    match tokio::time::timeout(self.request_timeout, channel.wait_for_recovery(e)).await {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(e)) => {
-                            // Not recoverable (e.g. the broker's consumer timeout
-                            // closed the channel): end the subscription visibly
-                            // instead of waiting forever.
-                            tracing::error!(target: "polybus_rabbitmq", error = %e, "consumer channel lost; the subscription ends");
-                            self.deliveries = futures::stream::SelectAll::new();
-                            return Some(Err(Error::Backend {
-                                backend: BACKEND,
-                                message: format!("consuming: the channel was closed and cannot recover: {e}"),
-                                retryable: false,
-                                source: Some(Box::new(e)),
-                            }));
-                        }
-                        Err(_) if channel.status().reconnecting() => {
-                            return Some(Err(Error::Connection {
-                                backend: BACKEND,
-                                message: "the RabbitMQ connection has not recovered yet".into(),
-                                source: None,
-                            }));
-                        }
-                        Err(_) => {
-                            self.deliveries = futures::stream::SelectAll::new();
-                            return Some(Err(Error::Backend {
-                                backend: BACKEND,
-                                message: "consuming: the channel was closed and did not recover".into(),
-                                retryable: false,
-                                source: None,
-                            }));
-                        }
-                    }
+            if self.consumer_closed.load(Ordering::Acquire) {
+                return None;
+            }
+            match self.deliveries.next().await {
+                Some((topic, Ok(delivery))) => return Some(Ok(self.delivery(topic, delivery))),
+                Some((_, Err(e))) => {
+                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "consumer lost its connection; reconnecting");
                 }
+                None => {}
+            }
+            if self.consumer_closed.load(Ordering::Acquire) {
+                return None;
+            }
+            if let Err(e) = self.reconnect().await {
+                return Some(Err(e));
             }
         }
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
-        if let Some(channel) = self.channel.take() {
-            let closing = async {
-                for tag in &self.tags {
+        let limit = self.config.request_timeout;
+        let (channel, connection) = (self.channel.take(), self.connection.take());
+        let tags = std::mem::take(&mut self.tags);
+        let closing = async {
+            if let Some(channel) = channel {
+                for tag in &tags {
                     let _ = channel
                         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                         .await;
                 }
-                // Closing the channel gives back what was delivered but not settled.
+                // Closing gives back what was delivered but not settled.
                 let _ = channel.close(200, "bye".into()).await;
-            };
-            let _ = tokio::time::timeout(self.request_timeout, closing).await;
-        }
+            }
+            if let Some(connection) = connection {
+                let _ = connection.close(200, "bye".into()).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, closing).await;
         Ok(())
     }
 }

@@ -76,13 +76,6 @@ fn through_proxy(url: &str, port: u16) -> (String, String) {
     (format!("{scheme}://{at}127.0.0.1:{port}/{path}"), broker)
 }
 
-// Known flaw, not fixed yet: in about one run in eight, lapin's automatic
-// recovery brings the consumer connection back without its consumer delivering
-// again (the subscription sees no error; nothing arrives). The producer side
-// always recovers. Until the subscription does its own recovery (see NOTES.md),
-// this test is ignored so that it cannot block CI at random; run it with
-// `cargo test -p polybus-rabbitmq --test recovery -- --ignored`.
-#[ignore = "known flaw: lapin's consumer recovery silently fails in ~1 of 8 runs (NOTES.md)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn producer_and_consumer_recover_from_a_cut_connection() {
     let Ok(url) = std::env::var("POLYBUS_TEST_AMQP_URL") else {
