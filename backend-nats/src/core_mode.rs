@@ -12,16 +12,7 @@ use polybus_core::{
     SendGate, StartFrom, SubscribeOptions, Subscription,
 };
 
-use crate::{BACKEND, NatsConfig, headers};
-
-fn backend_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Backend {
-        backend: BACKEND,
-        message: format!("{what}: {e}"),
-        retryable: true,
-        source: Some(Box::new(e)),
-    }
-}
+use crate::{NatsConfig, backend_error, headers};
 
 fn capabilities(server_max: usize) -> Capabilities {
     let mut caps = Capabilities::new("nats-core", server_max.saturating_sub(crate::HEADER_ROOM));
@@ -82,7 +73,7 @@ impl Producer for CoreProducer {
         self.client
             .publish_with_headers(topic.to_owned(), headers, message.payload)
             .await
-            .map_err(|e| backend_error(&format!("publishing to '{topic}'"), e))?;
+            .map_err(|e| backend_error(&format!("publishing to '{topic}'"), e, true))?;
         self.flush().await
     }
 
@@ -151,7 +142,7 @@ impl Consumer for CoreConsumer {
                 Some(group) => self.client.queue_subscribe(topic.clone(), group.clone()).await,
                 None => self.client.subscribe(topic.clone()).await,
             }
-            .map_err(|e| backend_error(&format!("subscribing to '{topic}'"), e))?;
+            .map_err(|e| backend_error(&format!("subscribing to '{topic}'"), e, true))?;
             subscribers.push(subscriber);
         }
         // Once the server has the subscription, messages published after this
@@ -169,7 +160,7 @@ impl Consumer for CoreConsumer {
         self.client
             .drain()
             .await
-            .map_err(|e| backend_error("closing the NATS connection", e))
+            .map_err(|e| backend_error("closing the NATS connection", e, true))
     }
 }
 

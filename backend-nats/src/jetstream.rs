@@ -18,16 +18,7 @@ use polybus_core::{
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::{BACKEND, HEADER_ROOM, NatsConfig, Storage, headers, stream_name};
-
-fn backend_error(what: &str, e: impl std::error::Error + Send + Sync + 'static, retryable: bool) -> Error {
-    Error::Backend {
-        backend: BACKEND,
-        message: format!("{what}: {e}"),
-        retryable,
-        source: Some(Box::new(e)),
-    }
-}
+use crate::{BACKEND, HEADER_ROOM, NatsConfig, Storage, backend_error, headers, stream_name};
 
 /// What both halves need to create streams: the JetStream context and settings.
 #[derive(Clone)]

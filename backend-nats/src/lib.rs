@@ -301,6 +301,20 @@ impl NatsConfig {
     }
 }
 
+/// A NATS client error as a polybus error.
+pub(crate) fn backend_error(
+    what: &str,
+    e: impl std::error::Error + Send + Sync + 'static,
+    retryable: bool,
+) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: format!("{what}: {e}"),
+        retryable,
+        source: Some(Box::new(e)),
+    }
+}
+
 /// Waits until the server has processed everything this client sent before: a
 /// request to a subject nobody serves comes back as "no responders" only after
 /// the server has read every earlier command on the connection. (async-nats's

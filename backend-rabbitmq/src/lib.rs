@@ -354,18 +354,7 @@ impl RabbitProducer {
             .create_channel()
             .await
             .map_err(|e| map_error("opening a channel", e))?;
-        let declared = channel
-            .exchange_declare(
-                topic.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map_error(&format!("declaring exchange '{topic}'"), e));
+        let declared = declare_exchange(&channel, topic).await;
         let _ = channel.close(200, "bye".into()).await;
         declared?;
         self.exchanges
@@ -546,21 +535,6 @@ impl RabbitConsumer {
             .map_err(|e| map_error("opening a channel", e))
     }
 
-    async fn declare_exchange(&self, channel: &Channel, exchange: &str) -> Result<()> {
-        channel
-            .exchange_declare(
-                exchange.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map_error(&format!("declaring exchange '{exchange}'"), e))
-    }
-
     async fn declare_bound_queue(
         &self,
         channel: &Channel,
@@ -655,8 +629,8 @@ impl Consumer for RabbitConsumer {
         let channel = self.channel().await?;
         let dlq = names::dead_letter_topic(topic);
         let result = async {
-            self.declare_exchange(&channel, topic).await?;
-            self.declare_exchange(&channel, &dlq).await?;
+            declare_exchange(&channel, topic).await?;
+            declare_exchange(&channel, &dlq).await?;
             // Dead letters are kept even before anyone consumes them.
             self.declare_bound_queue(&channel, &dlq, &dlq, false).await
         }
@@ -777,6 +751,7 @@ impl Drop for RabbitSubscription {
     }
 }
 
+/// Declares `exchange` as a durable topic exchange (a topic), if missing.
 async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<()> {
     channel
         .exchange_declare(
