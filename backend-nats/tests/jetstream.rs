@@ -3,21 +3,12 @@
 
 use std::time::Duration;
 
-use polybus_conformance::{Recorder, brokers_required, loud};
+use polybus_conformance::{Recorder, broker_url};
 use polybus_core::{Error, Event, Message, StartFrom, SubscribeOptions};
 use polybus_nats::{JetStreamConsumer, NatsConfig, Storage};
 
 fn config(test: &str) -> Option<NatsConfig> {
-    let Ok(url) = std::env::var("POLYBUS_TEST_NATS_URL") else {
-        assert!(
-            !brokers_required(),
-            "POLYBUS_TEST_REQUIRE_BROKERS=1 but POLYBUS_TEST_NATS_URL is not set"
-        );
-        loud(&format!(
-            "SKIP {test}: set POLYBUS_TEST_NATS_URL=nats://127.0.0.1:4222"
-        ));
-        return None;
-    };
+    let url = broker_url("POLYBUS_TEST_NATS_URL", test)?;
     Some(
         NatsConfig::from_url(&url)
             .unwrap()

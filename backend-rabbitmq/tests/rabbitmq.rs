@@ -6,19 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use polybus_conformance::{Recorder, brokers_required, loud};
+use polybus_conformance::{Recorder, broker_url};
 use polybus_core::{Delivery, Error, HandlerResult, Message, Order, StartFrom};
 use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
 
 fn config(test: &str) -> Option<RabbitConfig> {
-    let Ok(url) = std::env::var("POLYBUS_TEST_AMQP_URL") else {
-        assert!(
-            !brokers_required(),
-            "POLYBUS_TEST_REQUIRE_BROKERS=1 but POLYBUS_TEST_AMQP_URL is not set"
-        );
-        loud(&format!("SKIP {test}: set POLYBUS_TEST_AMQP_URL"));
-        return None;
-    };
+    let url = broker_url("POLYBUS_TEST_AMQP_URL", test)?;
     Some(RabbitConfig::new(&url).unwrap())
 }
 

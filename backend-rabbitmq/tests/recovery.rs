@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use polybus_conformance::{Recorder, brokers_required, loud, timeout_multiplier};
+use polybus_conformance::{Recorder, broker_url, loud, timeout_multiplier};
 use polybus_core::{Delivery, HandlerResult, Message, Order, StartFrom};
 use polybus_rabbitmq::{RabbitConfig, RabbitConsumer};
 use tokio::net::{TcpListener, TcpStream};
@@ -78,12 +78,10 @@ fn through_proxy(url: &str, port: u16) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn producer_and_consumer_recover_from_a_cut_connection() {
-    let Ok(url) = std::env::var("POLYBUS_TEST_AMQP_URL") else {
-        assert!(
-            !brokers_required(),
-            "POLYBUS_TEST_REQUIRE_BROKERS=1 but POLYBUS_TEST_AMQP_URL is not set"
-        );
-        loud("SKIP producer_and_consumer_recover_from_a_cut_connection: set POLYBUS_TEST_AMQP_URL");
+    let Some(url) = broker_url(
+        "POLYBUS_TEST_AMQP_URL",
+        "producer_and_consumer_recover_from_a_cut_connection",
+    ) else {
         return;
     };
     let secs = |s: f64| Duration::from_secs_f64(s * timeout_multiplier());
@@ -199,12 +197,7 @@ async fn producer_and_consumer_recover_from_a_cut_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_private_subscription_recovers_too() {
-    let Ok(url) = std::env::var("POLYBUS_TEST_AMQP_URL") else {
-        assert!(
-            !brokers_required(),
-            "POLYBUS_TEST_REQUIRE_BROKERS=1 but POLYBUS_TEST_AMQP_URL is not set"
-        );
-        loud("SKIP a_private_subscription_recovers_too: set POLYBUS_TEST_AMQP_URL");
+    let Some(url) = broker_url("POLYBUS_TEST_AMQP_URL", "a_private_subscription_recovers_too") else {
         return;
     };
     let secs = |s: f64| Duration::from_secs_f64(s * timeout_multiplier());

@@ -117,6 +117,23 @@ pub fn brokers_required() -> bool {
     std::env::var(REQUIRE_BROKERS_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
 }
 
+/// The broker address in `var` for a broker-backed test outside the suite, or
+/// `None` after a loud `SKIP <test>` line when it is unset. Panics instead when
+/// `POLYBUS_TEST_REQUIRE_BROKERS=1`, as the suite does.
+pub fn broker_url(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) => Some(url),
+        Err(_) => {
+            assert!(
+                !brokers_required(),
+                "{REQUIRE_BROKERS_ENV}=1 but {var} is not set ({test})"
+            );
+            loud(&format!("SKIP {test}: set {var}"));
+            None
+        }
+    }
+}
+
 /// Writes a line straight to the process's stderr, past the test harness's output
 /// capture, so skips are always visible.
 pub fn loud(line: &str) {
