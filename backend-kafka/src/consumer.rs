@@ -1,0 +1,351 @@
+//! Topics, groups and subscriptions: the admin client, group offsets, and the
+//! subscription's start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use polybus_core::{
+    Capabilities, Consumer, Error, Result, StartFrom, SubscribeOptions, Subscription, async_trait,
+    names,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::subscription::{self, Start};
+use crate::{BACKEND, KafkaConfig, map_error, millis};
+
+/// Declares topics and groups and opens subscriptions. Built by
+/// [`connect`](crate::connect).
+pub struct KafkaConsumer {
+    config: Arc<KafkaConfig>,
+    admin: AdminClient<DefaultClientContext>,
+    /// A client in no group, for metadata and watermarks.
+    meta: Arc<BaseConsumer>,
+}
+
+impl std::fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs a blocking librdkafka call off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Backend {
+        backend: BACKEND,
+        message: format!("a blocking Kafka call failed: {e}"),
+        retryable: true,
+        source: None,
+    })?
+}
+
+impl KafkaConsumer {
+    /// Connects: builds the clients and checks, within the connect timeout, that a
+    /// broker answers a metadata request.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        config.validate()?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .client_config()
+            .create()
+            .map_err(|e| map_error("creating the Kafka admin client", e))?;
+        let meta: BaseConsumer = config
+            .client_config()
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| map_error("creating the Kafka metadata client", e))?;
+        let meta = Arc::new(meta);
+        let probe = Arc::clone(&meta);
+        let timeout = config.connect_timeout;
+        let brokers = config.brokers.join(",");
+        blocking(move || {
+            probe.fetch_metadata(None, timeout).map(|_| ()).map_err(|e| Error::Connection {
+                backend: BACKEND,
+                message: format!("no Kafka broker of {brokers} answered within {timeout:?}: {e}"),
+                source: Some(Box::new(e)),
+            })
+        })
+        .await?;
+        Ok(KafkaConsumer {
+            config: Arc::new(config),
+            admin,
+            meta,
+        })
+    }
+
+    /// The settings this consumer was built with.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// The number of partitions of `topic`, or `None` when it does not exist.
+    pub async fn partitions(&self, topic: &str) -> Result<Option<i32>> {
+        let meta = Arc::clone(&self.meta);
+        let topic = topic.to_owned();
+        let timeout = self.config.request_timeout;
+        blocking(move || partition_count(&meta, &topic, timeout)).await
+    }
+
+    /// How many messages of `topic` `group` has not committed yet (the sum over
+    /// partitions of the end offset less the committed one). Zero means the
+    /// group is drained.
+    pub async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        names::validate_topic(topic)?;
+        names::validate_group(group)?;
+        let meta = Arc::clone(&self.meta);
+        let offsets = self.group_client(group)?;
+        let topic = topic.to_owned();
+        let timeout = self.config.request_timeout;
+        blocking(move || {
+            let Some(count) = partition_count(&meta, &topic, timeout)? else {
+                return Err(Error::NotFound {
+                    what: format!("Kafka topic {topic}"),
+                });
+            };
+            let committed = committed(&offsets, &topic, count, timeout)?;
+            let mut lag = 0u64;
+            for (partition, committed) in committed.into_iter().enumerate() {
+                let (low, high) = meta
+                    .fetch_watermarks(&topic, partition as i32, timeout)
+                    .map_err(|e| map_error("reading watermarks", e))?;
+                let from = committed.unwrap_or(low).max(low);
+                lag += (high - from).max(0) as u64;
+            }
+            Ok(lag)
+        })
+        .await
+    }
+
+    /// A client of `group` that never joins it, for reading and committing its
+    /// offsets.
+    fn group_client(&self, group: &str) -> Result<BaseConsumer> {
+        self.config
+            .client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| map_error("creating a Kafka group client", e))
+    }
+
+    /// Creates `topics` that do not exist yet with the configured partitions.
+    async fn create_topics(&self, topics: &[String]) -> Result<()> {
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    self.config.partitions,
+                    TopicReplication::Fixed(self.config.replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(self.config.request_timeout))
+            .request_timeout(Some(self.config.request_timeout));
+        let results = self
+            .admin
+            .create_topics(&new, &options)
+            .await
+            .map_err(|e| map_error("creating topics", e))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(map_error(
+                        &format!("creating topic {topic}"),
+                        rdkafka::error::KafkaError::AdminOp(code),
+                    ));
+                }
+            }
+        }
+        // Creation is asynchronous on the broker: wait until the metadata shows it.
+        let until = tokio::time::Instant::now() + self.config.request_timeout;
+        for topic in topics {
+            loop {
+                if self.partitions(topic).await?.is_some() {
+                    break;
+                }
+                if tokio::time::Instant::now() >= until {
+                    return Err(Error::timeout(
+                        format!("waiting for topic {topic} to appear"),
+                        self.config.request_timeout,
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The partition count of `topic`, creating it (and its dead-letter topic)
+    /// first if it is missing.
+    async fn ensure_topic(&self, topic: &str) -> Result<i32> {
+        if let Some(count) = self.partitions(topic).await? {
+            return Ok(count);
+        }
+        self.declare_topic_unchecked(topic).await?;
+        self.partitions(topic).await?.ok_or_else(|| Error::NotFound {
+            what: format!("Kafka topic {topic}"),
+        })
+    }
+}
+
+/// The partition count of `topic` from a metadata request, `None` if missing.
+fn partition_count(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Option<i32>> {
+    let metadata = meta
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| map_error(&format!("reading metadata of {topic}"), e))?;
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    match found.error() {
+        None if !found.partitions().is_empty() => Ok(Some(found.partitions().len() as i32)),
+        None => Ok(None),
+        Some(e) => match RDKafkaErrorCode::from(e) {
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => Ok(None),
+            RDKafkaErrorCode::LeaderNotAvailable => Ok(None),
+            code => Err(map_error(
+                &format!("reading metadata of {topic}"),
+                rdkafka::error::KafkaError::MetadataFetch(code),
+            )),
+        },
+    }
+}
+
+/// The committed offset of each partition of `topic` for `client`'s group.
+fn committed(client: &BaseConsumer, topic: &str, count: i32, timeout: Duration) -> Result<Vec<Option<i64>>> {
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..count {
+        tpl.add_partition(topic, partition);
+    }
+    let found = client
+        .committed_offsets(tpl, timeout)
+        .map_err(|e| map_error("reading committed offsets", e))?;
+    Ok((0..count)
+        .map(|partition| match found.find_partition(topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Fixes a group's start on `topic`: partitions without a committed offset get
+/// the start offset (low or high watermark) committed. Returns nothing new for a
+/// group that already has offsets everywhere.
+fn fix_group_start(
+    meta: &BaseConsumer,
+    group: &BaseConsumer,
+    topic: &str,
+    count: i32,
+    start: StartFrom,
+    timeout: Duration,
+) -> Result<()> {
+    let committed = committed(group, topic, count, timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    for (partition, committed) in committed.into_iter().enumerate() {
+        if committed.is_some() {
+            continue;
+        }
+        let (low, high) = meta
+            .fetch_watermarks(topic, partition as i32, timeout)
+            .map_err(|e| map_error("reading watermarks", e))?;
+        let offset = match start {
+            StartFrom::Earliest => low,
+            _ => high,
+        };
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))
+            .map_err(|e| map_error("building offsets", e))?;
+    }
+    if tpl.count() > 0 {
+        group
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| map_error(&format!("fixing the start of a group on {topic}"), e))?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::new(BACKEND, self.config.max_payload());
+        caps.positional_acks = true;
+        caps.key_order_across_instances = true;
+        caps
+    }
+
+    async fn declare_topic_unchecked(&self, topic: &str) -> Result<()> {
+        self.create_topics(&[topic.to_owned(), names::dead_letter_topic(topic)])
+            .await
+    }
+
+    async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        let count = self.ensure_topic(topic).await?;
+        let meta = Arc::clone(&self.meta);
+        let client = self.group_client(group)?;
+        let topic = topic.to_owned();
+        let timeout = self.config.request_timeout;
+        blocking(move || fix_group_start(&meta, &client, &topic, count, start, timeout)).await
+    }
+
+    async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        let mut partitions = Vec::new();
+        for topic in &options.topics {
+            let count = self.ensure_topic(topic).await?;
+            if let Some(group) = &options.group {
+                self.declare_group_unchecked(topic, group, options.start).await?;
+            }
+            partitions.push((topic.clone(), count));
+        }
+        let start = match &options.group {
+            Some(group) => Start::Group(group.clone()),
+            None => {
+                // No group: read every partition from its current end (or start),
+                // fixed before `subscribe` returns so nothing sent after it is missed.
+                let meta = Arc::clone(&self.meta);
+                let timeout = self.config.request_timeout;
+                let from = options.start;
+                let offsets = blocking(move || {
+                    let mut offsets = Vec::new();
+                    for (topic, count) in partitions {
+                        for partition in 0..count {
+                            let (low, high) = meta
+                                .fetch_watermarks(&topic, partition, timeout)
+                                .map_err(|e| map_error("reading watermarks", e))?;
+                            let offset = if from == StartFrom::Earliest { low } else { high };
+                            offsets.push((topic.clone(), partition, offset));
+                        }
+                    }
+                    Ok(offsets)
+                })
+                .await?;
+                Start::Assign(offsets)
+            }
+        };
+        let sub = subscription::open(Arc::clone(&self.config), options, start).await?;
+        Ok(Box::new(sub))
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// librdkafka settings of a subscription's consumer.
+pub(crate) fn consumer_config(config: &KafkaConfig, group: &str) -> rdkafka::ClientConfig {
+    let mut c = config.client_config();
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", millis(config.session_timeout))
+        .set(
+            "heartbeat.interval.ms",
+            millis(config.session_timeout / 4).as_str(),
+        );
+    c
+}

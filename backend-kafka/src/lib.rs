@@ -1,0 +1,476 @@
+//! Kafka backend for [polybus](https://docs.rs/polybus), on
+//! [rdkafka](https://docs.rs/rdkafka) with its bundled librdkafka (a C compiler
+//! and `make` are all a fresh machine needs to build it).
+//!
+//! * **Producer**: `acks=all` with idempotence; the message key is the Kafka key
+//!   (so it picks the partition), the id travels as the `polybus-id` header, the
+//!   timestamp as the record's timestamp, user headers as Kafka headers. `send`
+//!   resolves on the delivery report; concurrent sends pipeline.
+//! * **Consumer**: consumer groups with manual offsets. Per partition, polybus
+//!   keeps the offsets handed out and not yet acknowledged, and commits the
+//!   lowest of them (or the next offset when none is held): never past an
+//!   unsettled message. It commits every [`KafkaConfig::commit_interval`], on
+//!   close, and when partitions are revoked — after the runner has finished or
+//!   given back what it held from them. `release` keeps the offset back and hands
+//!   the message out again. Partitions are paused while the subscription holds
+//!   its prefetch and resumed when the runner catches up.
+//! * **Topics** are created through the admin client with
+//!   [`KafkaConfig::partitions`] partitions, with their `<topic>.dlq`.
+//!
+//! ```no_run
+//! # async fn demo() -> polybus_core::Result<()> {
+//! let bus = polybus_kafka::connect("kafka://127.0.0.1:9092").await?;
+//! bus.consumer.declare_topic("rides").await?; // `rides` and `rides.dlq`
+//! # Ok(()) }
+//! ```
+//!
+//! Security settings (TLS, SASL) are librdkafka properties, passed through
+//! [`KafkaConfig::set`] or the URL's query; their values never appear in `Debug`
+//! output, errors or logs.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use polybus_core::{Connection, Error, Result};
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+mod consumer;
+mod producer;
+mod subscription;
+
+pub use consumer::KafkaConsumer;
+pub use producer::KafkaProducer;
+
+const BACKEND: &str = "kafka";
+
+/// Room kept in [`KafkaConfig::max_message_bytes`] for the key, the headers and
+/// the record's framing: the largest payload `send` accepts is that less this.
+pub const HEADER_ROOM: usize = 16 * 1024;
+
+/// How to reach Kafka and how topics, groups and subscriptions behave.
+///
+/// `Debug` never shows credentials or other secret properties.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port` each.
+    pub brokers: Vec<String>,
+    /// Partitions of topics created by `declare_topic` (default 4).
+    pub partitions: i32,
+    /// Replicas of topics created by `declare_topic` (default 1; use 3 in
+    /// production clusters).
+    pub replication: i32,
+    /// How long connecting (the first metadata request) may take (default 10 s).
+    pub connect_timeout: Duration,
+    /// How long an admin, metadata or commit request may take (default 10 s).
+    pub request_timeout: Duration,
+    /// How long `send` waits for the delivery report, retries included
+    /// (librdkafka's `message.timeout.ms`, default 30 s).
+    pub delivery_timeout: Duration,
+    /// The group session timeout (default 10 s): a member that stops
+    /// heartbeating is removed from its group after this long.
+    pub session_timeout: Duration,
+    /// How often settled offsets are committed while consuming (default 1 s).
+    pub commit_interval: Duration,
+    /// How long a revocation waits for the runner to finish or give back the
+    /// revoked partitions' messages before committing (default 10 s; must stay
+    /// below the group's rebalance timeout). What it cannot wait for is
+    /// redelivered to the new owner: duplicates, never loss.
+    pub revoke_timeout: Duration,
+    /// The largest record the producer sends, headers and key included
+    /// (librdkafka's `message.max.bytes`, default 1,000,000; the broker's
+    /// `message.max.bytes` must allow it).
+    pub max_message_bytes: usize,
+    /// Extra librdkafka properties (TLS, SASL, tuning), for producer and
+    /// consumers alike.
+    properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("session_timeout", &self.session_timeout)
+            .field("commit_interval", &self.commit_interval)
+            .field("revoke_timeout", &self.revoke_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+/// Whether a librdkafka property holds a secret (passwords, keys, tokens).
+fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "token", "oauthbearer.config", "key.pem", "ssl.key"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+/// Properties polybus sets itself; setting them would break its guarantees.
+const OWN_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "auto.offset.reset",
+];
+
+impl KafkaConfig {
+    /// Defaults for these brokers (`host:port` each).
+    pub fn new(brokers: Vec<String>) -> Self {
+        KafkaConfig {
+            brokers,
+            partitions: 4,
+            replication: 1,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            delivery_timeout: Duration::from_secs(30),
+            session_timeout: Duration::from_secs(10),
+            commit_interval: Duration::from_secs(1),
+            revoke_timeout: Duration::from_secs(10),
+            max_message_bytes: 1_000_000,
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Parses `kafka://[user:password@]host:port[,host:port…][?option=value&…]`.
+    ///
+    /// A broker list is not a URL authority, so it is parsed here: every entry
+    /// needs a host and a port (IPv6 hosts in brackets). Options: `partitions`,
+    /// `replication`, and any librdkafka property (a name with a dot, such as
+    /// `security.protocol=SASL_SSL` or `sasl.mechanism=SCRAM-SHA-512`). A user
+    /// and password become `sasl.username` and `sasl.password` (percent-encoded
+    /// characters are decoded).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let shown = polybus_core::redact_url(url);
+        let invalid = |why: String| Error::InvalidConfig(format!("Kafka URL {shown}: {why}"));
+        let rest = url
+            .strip_prefix("kafka://")
+            .ok_or_else(|| invalid("expected kafka://host:port[,host:port…]".into()))?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (credentials, hosts) = match rest.rsplit_once('@') {
+            Some((c, h)) => (Some(c), h),
+            None => (None, rest),
+        };
+        let hosts = hosts.strip_suffix('/').unwrap_or(hosts);
+        if hosts.contains('/') {
+            return Err(invalid("a Kafka URL has no path".into()));
+        }
+        let mut brokers = Vec::new();
+        for entry in hosts.split(',') {
+            brokers.push(parse_broker(entry.trim()).map_err(invalid)?);
+        }
+        let mut config = KafkaConfig::new(brokers);
+        if let Some(credentials) = credentials {
+            let (user, password) = credentials
+                .split_once(':')
+                .ok_or_else(|| invalid("credentials must be user:password".into()))?;
+            config = config
+                .set("sasl.username", percent_decode(user).map_err(invalid)?)
+                .set("sasl.password", percent_decode(password).map_err(invalid)?);
+        }
+        for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("option '{pair}' has no value")))?;
+            let value = percent_decode(value).map_err(invalid)?;
+            match key {
+                "partitions" => {
+                    config.partitions = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| invalid(format!("partitions must be a positive number, not '{value}'")))?;
+                }
+                "replication" => {
+                    config.replication = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| invalid(format!("replication must be a positive number, not '{value}'")))?;
+                }
+                key if key.contains('.') => {
+                    if OWN_PROPERTIES.contains(&key) {
+                        return Err(invalid(format!("'{key}' is set by polybus and cannot be changed")));
+                    }
+                    config = config.set(key, value);
+                }
+                other => return Err(invalid(format!("unknown option '{other}'"))),
+            }
+        }
+        Ok(config)
+    }
+
+    /// Sets a librdkafka property for producer and consumers (TLS, SASL,
+    /// tuning). Properties polybus relies on (`acks`, `enable.auto.commit`, …)
+    /// are set by polybus and override these.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the partitions of topics created by `declare_topic`.
+    pub fn partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    /// Sets the group session timeout.
+    pub fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+
+    /// Sets how long connecting may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The largest payload `send` accepts.
+    pub fn max_payload(&self) -> usize {
+        self.max_message_bytes.saturating_sub(HEADER_ROOM)
+    }
+
+    /// The librdkafka settings shared by every client: brokers, extra properties.
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+            .set("bootstrap.servers", self.brokers.join(","))
+            .set("socket.connection.setup.timeout.ms", millis(self.connect_timeout))
+            .set("message.max.bytes", self.max_message_bytes.to_string())
+            .set("log_level", "3");
+        config
+    }
+
+    /// Checks the settings before any client is built.
+    fn validate(&self) -> Result<()> {
+        if self.brokers.is_empty() {
+            return Err(Error::InvalidConfig("Kafka needs at least one broker".into()));
+        }
+        if self.partitions < 1 || self.replication < 1 {
+            return Err(Error::InvalidConfig(
+                "Kafka partitions and replication must be at least 1".into(),
+            ));
+        }
+        if self.max_message_bytes <= HEADER_ROOM {
+            return Err(Error::InvalidConfig(format!(
+                "max_message_bytes must be more than the {HEADER_ROOM} bytes kept for headers"
+            )));
+        }
+        if let Some(key) = self.properties.keys().find(|k| OWN_PROPERTIES.contains(&k.as_str())) {
+            return Err(Error::InvalidConfig(format!(
+                "'{key}' is set by polybus and cannot be changed"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn parse_broker(entry: &str) -> std::result::Result<String, String> {
+    if entry.is_empty() {
+        return Err("empty broker in the list".into());
+    }
+    let (host, port) = if let Some(v6) = entry.strip_prefix('[') {
+        let (host, port) = v6
+            .split_once("]:")
+            .ok_or_else(|| format!("broker '{entry}' needs [ipv6]:port"))?;
+        (host, port)
+    } else {
+        entry
+            .rsplit_once(':')
+            .ok_or_else(|| format!("broker '{entry}' needs a port (host:port)"))?
+    };
+    if host.is_empty() || host.contains(':') && !entry.starts_with('[') {
+        return Err(format!("broker '{entry}' has no valid host"));
+    }
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+    {
+        return Err(format!("broker '{entry}' has an invalid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(entry.to_owned()),
+        _ => Err(format!("bad port '{port}' in broker '{entry}'")),
+    }
+}
+
+fn percent_decode(s: &str) -> std::result::Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| "bad percent-encoding".to_string())?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "percent-encoding is not UTF-8".to_string())
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().max(1).to_string()
+}
+
+/// Connects to `url` (`kafka://host:port,…`) with default settings.
+pub async fn connect(url: &str) -> Result<Connection> {
+    connect_with(KafkaConfig::from_url(url)?).await
+}
+
+/// Connects with `config`: checks the brokers answer (within
+/// [`KafkaConfig::connect_timeout`]) and builds a producer and a consumer.
+pub async fn connect_with(config: KafkaConfig) -> Result<Connection> {
+    config.validate()?;
+    let consumer = KafkaConsumer::connect(config.clone()).await?;
+    let producer = KafkaProducer::new(&config)?;
+    Ok(Connection {
+        producer: std::sync::Arc::new(producer),
+        consumer: std::sync::Arc::new(consumer),
+    })
+}
+
+/// Maps a librdkafka error to polybus's error, by meaning.
+pub(crate) fn map_error(what: &str, e: KafkaError) -> Error {
+    let code = e.rdkafka_error_code();
+    use RDKafkaErrorCode as C;
+    match code {
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => Error::Backend {
+            backend: BACKEND,
+            message: format!("{what}: the broker refused the record as too large: {e}"),
+            retryable: false,
+            source: Some(Box::new(e)),
+        },
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => Error::NotFound {
+            what: format!("{what}: {e}"),
+        },
+        Some(
+            C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::Resolve
+            | C::NetworkException
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::CoordinatorNotAvailable
+            | C::NotCoordinator,
+        ) => Error::Connection {
+            backend: BACKEND,
+            message: format!("{what}: {e}"),
+            source: Some(Box::new(e)),
+        },
+        Some(C::MessageTimedOut | C::OperationTimedOut | C::RequestTimedOut) => Error::Connection {
+            backend: BACKEND,
+            message: format!("{what} timed out: {e}"),
+            source: Some(Box::new(e)),
+        },
+        Some(
+            C::TopicAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::Authentication
+            | C::SaslAuthenticationFailed
+            | C::InvalidConfig
+            | C::InvalidArgument
+            | C::InvalidTopic
+            | C::Fatal
+            | C::UnsupportedVersion
+            | C::UnsupportedFeature,
+        ) => Error::Backend {
+            backend: BACKEND,
+            message: format!("{what}: {e}"),
+            retryable: false,
+            source: Some(Box::new(e)),
+        },
+        _ => Error::Backend {
+            backend: BACKEND,
+            message: format!("{what}: {e}"),
+            retryable: !matches!(e, KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_)),
+            source: Some(Box::new(e)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_lists_parse() {
+        let c = KafkaConfig::from_url("kafka://a:9092,b.example:9093,[::1]:9094").unwrap();
+        assert_eq!(c.brokers, ["a:9092", "b.example:9093", "[::1]:9094"]);
+        assert_eq!(c.partitions, 4);
+        let c = KafkaConfig::from_url("kafka://a:1/?partitions=8&security.protocol=SSL").unwrap();
+        assert_eq!(c.partitions, 8);
+        assert_eq!(c.properties["security.protocol"], "SSL");
+    }
+
+    #[test]
+    fn bad_urls_are_typed_errors() {
+        for bad in [
+            "kafka://",
+            "kafka://host",
+            "kafka://host:",
+            "kafka://host:0",
+            "kafka://host:99999",
+            "kafka://:9092",
+            "kafka://a:1,,b:2",
+            "kafka://a:1/topic",
+            "kafka://a:1?partitions=0",
+            "kafka://a:1?colour=red",
+            "kafka://a:1?acks=0",
+            "kafka://a:1?enable.auto.commit=true",
+            "kafka://a b:1",
+            "http://a:1",
+            "kafka://user@a:1",
+        ] {
+            match KafkaConfig::from_url(bad) {
+                Err(Error::InvalidConfig(_)) => {}
+                other => panic!("{bad}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_and_errors() {
+        let c = KafkaConfig::from_url("kafka://alice:s3cr%40t@a:9092?security.protocol=SASL_SSL").unwrap();
+        assert_eq!(c.properties["sasl.password"], "s3cr@t");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr"), "{shown}");
+        assert!(shown.contains("alice"), "the user is not a secret: {shown}");
+        let err = KafkaConfig::from_url("kafka://alice:s3cret@a:9092?x=1").unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let c = KafkaConfig::new(vec!["a:1".into()]).set("ssl.key.password", "pw1");
+        assert!(!format!("{c:?}").contains("pw1"));
+    }
+}

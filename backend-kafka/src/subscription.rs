@@ -1,0 +1,810 @@
+//! A subscription: one librdkafka consumer polled on a thread of its own, the
+//! offsets it has handed out, and their commits.
+//!
+//! The poll thread owns the consumer. Rebalance callbacks run on it, inside
+//! `poll`, so a revocation can block there — send `Event::Revoked` to the
+//! runner, wait (bounded) until the runner has finished or given back every
+//! message of the revoked partitions, commit, and only then let librdkafka hand
+//! the partitions to another member. The async side ([`KafkaSubscription::next`])
+//! reads what the thread sends through a channel; acks and releases update the
+//! shared offset book directly.
+//!
+//! Per partition, the book holds every offset fetched and not yet acked. The
+//! commit position is the lowest of them, or the offset after the last one
+//! fetched when none is held: a commit never passes an unsettled message.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use polybus_core::{
+    AckHandle, Acker, Bytes, Delivery, Error, Event, Origin, Partition, Result, SubscribeOptions,
+    Subscription, async_trait, wire,
+};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::consumer::consumer_config;
+use crate::{BACKEND, KafkaConfig, map_error};
+
+/// How a subscription starts.
+pub(crate) enum Start {
+    /// As a member of this consumer group (its offsets are already fixed).
+    Group(String),
+    /// In no group: these partitions from these offsets (topic, partition, offset).
+    Assign(Vec<(String, i32, i64)>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Fetched, not yet handed to the runner (in the channel or to redeliver).
+    Queued,
+    /// Handed to the runner, not settled.
+    Yielded,
+    /// Given back while its partition is being revoked or the subscription closed.
+    Released,
+}
+
+/// The offset book of one assigned partition.
+struct Part {
+    generation: u64,
+    offsets: BTreeMap<i64, Status>,
+    /// The offset after the last one fetched.
+    next: Option<i64>,
+    /// The last position sent in a commit.
+    sent: Option<i64>,
+    revoking: bool,
+}
+
+impl Part {
+    fn new(generation: u64) -> Self {
+        Part {
+            generation,
+            offsets: BTreeMap::new(),
+            next: None,
+            sent: None,
+            revoking: false,
+        }
+    }
+
+    /// Where the group may commit: the lowest unsettled offset, or the next one.
+    fn position(&self) -> Option<i64> {
+        self.offsets.keys().next().copied().or(self.next)
+    }
+
+    fn yielded(&self) -> usize {
+        self.offsets.values().filter(|s| **s == Status::Yielded).count()
+    }
+}
+
+/// A message the runner gave back, to be handed out again.
+struct Redelivery {
+    delivery: Delivery,
+    topic: Arc<str>,
+    partition: i32,
+    generation: u64,
+    offset: i64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Topic → partition → book.
+    topics: HashMap<String, (Arc<str>, HashMap<i32, Part>)>,
+    /// Offsets in every book (fetched and not acked): the prefetch in use.
+    held: usize,
+    redeliver: VecDeque<Redelivery>,
+    generation: u64,
+    closing: bool,
+    crashed: bool,
+    /// Set by an assignment: the poll thread's paused partitions are gone.
+    reassigned: bool,
+}
+
+impl State {
+    fn part(&mut self, topic: &str, partition: i32) -> Option<&mut Part> {
+        self.topics.get_mut(topic).and_then(|(_, parts)| parts.get_mut(&partition))
+    }
+
+    fn remove_part(&mut self, topic: &str, partition: i32) {
+        if let Some((_, parts)) = self.topics.get_mut(topic)
+            && let Some(part) = parts.remove(&partition)
+        {
+            self.held -= part.offsets.len();
+        }
+    }
+
+    /// Commit positions that moved since they were last sent (`all`: every one).
+    fn positions(&mut self, all: bool) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, (_, parts)) in &mut self.topics {
+            for (partition, part) in parts.iter_mut() {
+                if let Some(position) = part.position()
+                    && (all || part.sent != Some(position))
+                {
+                    part.sent = Some(position);
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(position));
+                }
+            }
+        }
+        tpl
+    }
+}
+
+/// What the poll thread is told.
+enum Command {
+    /// Credit was freed: resume.
+    Wake,
+    /// Commit, leave the group and stop; answer when done.
+    Close(oneshot::Sender<Result<()>>),
+    /// The subscription was dropped: stop without committing.
+    Crash,
+}
+
+/// What the poll thread sends to the async side.
+enum Item {
+    Delivery(Redelivery),
+    Event(Result<Event>),
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a delivery is settled (a revocation waits on it).
+    settled: Condvar,
+    /// Wakes `next` when a released message is ready to be handed out again.
+    redelivered: Notify,
+    commands: Mutex<std_mpsc::Sender<Command>>,
+    /// Whether the poll thread has paused its partitions for lack of credit.
+    paused: AtomicBool,
+    prefetch: usize,
+    group: Option<String>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn command(&self, command: Command) {
+        let _ = self.commands.lock().unwrap_or_else(|p| p.into_inner()).send(command);
+    }
+
+    /// Below this much held, paused partitions resume.
+    fn resume_at(&self) -> usize {
+        self.prefetch / 2
+    }
+
+    /// Marks a delivery handed to the runner; false if its partition was
+    /// revoked or the subscription is closing (then it is not handed out).
+    fn hand_out(&self, topic: &str, partition: i32, generation: u64, offset: i64) -> bool {
+        let mut state = self.lock();
+        if state.closing {
+            return false;
+        }
+        match state.part(topic, partition) {
+            Some(part) if part.generation == generation && !part.revoking => {
+                part.offsets.insert(offset, Status::Yielded);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn ack(&self, topic: &str, partition: i32, generation: u64, offset: i64) {
+        let mut state = self.lock();
+        let removed = match state.part(topic, partition) {
+            Some(part) if part.generation == generation => part.offsets.remove(&offset).is_some(),
+            _ => false,
+        };
+        if removed {
+            state.held -= 1;
+        }
+        let wake = removed && state.held <= self.resume_at();
+        drop(state);
+        self.settled.notify_all();
+        if wake && self.paused.swap(false, Ordering::AcqRel) {
+            self.command(Command::Wake);
+        }
+    }
+
+    fn release(&self, ack: &KafkaAck) {
+        let mut state = self.lock();
+        let closing = state.closing;
+        let Some(part) = state.part(&ack.topic, ack.partition) else {
+            return;
+        };
+        if part.generation != ack.generation || !part.offsets.contains_key(&ack.offset) {
+            return;
+        }
+        if closing || part.revoking {
+            part.offsets.insert(ack.offset, Status::Released);
+            drop(state);
+            self.settled.notify_all();
+            return;
+        }
+        part.offsets.insert(ack.offset, Status::Queued);
+        state.redeliver.push_back(Redelivery {
+            delivery: ack.delivery.with_attempt(ack.delivery.attempt() + 1),
+            topic: Arc::clone(&ack.topic),
+            partition: ack.partition,
+            generation: ack.generation,
+            offset: ack.offset,
+        });
+        drop(state);
+        self.redelivered.notify_one();
+    }
+}
+
+/// Settles one delivery: ack removes its offset from the book, release keeps it
+/// and hands the message out again.
+struct KafkaAck {
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    topic: Arc<str>,
+    partition: i32,
+    generation: u64,
+    offset: i64,
+}
+
+#[async_trait]
+impl AckHandle for KafkaAck {
+    async fn ack(&self) -> Result<()> {
+        self.shared
+            .ack(&self.topic, self.partition, self.generation, self.offset);
+        Ok(())
+    }
+
+    async fn release(&self, delay: Option<Duration>) -> Result<()> {
+        if let Some(delay) = delay.filter(|d| !d.is_zero()) {
+            // The offset stays held (uncommitted) meanwhile.
+            tokio::time::sleep(delay).await;
+        }
+        self.shared.release(self);
+        Ok(())
+    }
+}
+
+/// The consumer's callbacks, run on the poll thread.
+struct Context {
+    shared: Arc<Shared>,
+    items: mpsc::UnboundedSender<Item>,
+    first_assignment: Mutex<Option<oneshot::Sender<()>>>,
+    revoke_timeout: Duration,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+            _ => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
+    tpl.elements()
+        .iter()
+        .map(|e| Partition {
+            topic: e.topic().to_owned(),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+impl Context {
+    fn assign(&self, tpl: &TopicPartitionList) {
+        let mut state = self.shared.lock();
+        state.generation += 1;
+        let generation = state.generation;
+        state.reassigned = true;
+        for e in tpl.elements() {
+            state.remove_part(e.topic(), e.partition());
+            let entry = state
+                .topics
+                .entry(e.topic().to_owned())
+                .or_insert_with(|| (Arc::from(e.topic()), HashMap::new()));
+            entry.1.insert(e.partition(), Part::new(generation));
+        }
+    }
+
+    /// Waits for the runner to settle what it holds of the revoked partitions,
+    /// commits them and forgets them.
+    fn revoke(&self, consumer: &BaseConsumer<Context>, tpl: &TopicPartitionList) {
+        let revoked = partitions_of(tpl);
+        let mut state = self.shared.lock();
+        if state.crashed {
+            for p in &revoked {
+                state.remove_part(&p.topic, p.partition);
+            }
+            return;
+        }
+        for p in &revoked {
+            if let Some(part) = state.part(&p.topic, p.partition) {
+                part.revoking = true;
+            }
+        }
+        state
+            .redeliver
+            .retain(|r| !revoked.iter().any(|p| *p.topic == *r.topic && p.partition == r.partition));
+        let closing = state.closing;
+        drop(state);
+        if !closing {
+            let _ = self.items.send(Item::Event(Ok(Event::Revoked(revoked.clone()))));
+        }
+        let held = |state: &mut State| -> usize {
+            revoked
+                .iter()
+                .filter_map(|p| state.part(&p.topic, p.partition).map(|part| part.yielded()))
+                .sum()
+        };
+        let until = Instant::now() + self.revoke_timeout;
+        let mut state = self.shared.lock();
+        while !closing && !state.crashed {
+            let left = held(&mut state);
+            let now = Instant::now();
+            if left == 0 {
+                break;
+            }
+            if now >= until {
+                tracing::warn!(
+                    held = left,
+                    "revocation: the runner still holds messages of revoked partitions; \
+                     the new owner will handle them again"
+                );
+                break;
+            }
+            state = self
+                .shared
+                .settled
+                .wait_timeout(state, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut commit = TopicPartitionList::new();
+        for p in &revoked {
+            if let Some(position) = state.part(&p.topic, p.partition).and_then(|part| part.position()) {
+                let _ = commit.add_partition_offset(&p.topic, p.partition, Offset::Offset(position));
+            }
+            state.remove_part(&p.topic, p.partition);
+        }
+        let crashed = state.crashed;
+        drop(state);
+        if !crashed && commit.count() > 0 && !consumer.assignment_lost() {
+            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit on revocation failed; the new owner may handle some messages again");
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.assign(tpl),
+            Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "Kafka rebalance failed"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let partitions = partitions_of(tpl);
+            tracing::debug!(?partitions, "partitions assigned");
+            let _ = self.items.send(Item::Event(Ok(Event::Assigned(partitions))));
+            if let Some(first) = self.first_assignment.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = first.send(());
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed; it is sent again");
+            let mut state = self.shared.lock();
+            for e in offsets.elements() {
+                if let Some(part) = state.part(e.topic(), e.partition()) {
+                    part.sent = None;
+                }
+            }
+        }
+    }
+}
+
+/// An open Kafka subscription.
+pub(crate) struct KafkaSubscription {
+    shared: Arc<Shared>,
+    items: mpsc::UnboundedReceiver<Item>,
+    close_timeout: Duration,
+    closed: bool,
+}
+
+/// Builds the consumer, starts its poll thread and waits for the first assignment.
+pub(crate) async fn open(
+    config: Arc<KafkaConfig>,
+    options: SubscribeOptions,
+    start: Start,
+) -> Result<KafkaSubscription> {
+    let (commands, command_rx) = std_mpsc::channel();
+    let group = match &start {
+        Start::Group(group) => Some(group.clone()),
+        Start::Assign(_) => None,
+    };
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State::default()),
+        settled: Condvar::new(),
+        redelivered: Notify::new(),
+        commands: Mutex::new(commands),
+        paused: AtomicBool::new(false),
+        prefetch: options.prefetch.max(1),
+        group: group.clone(),
+    });
+    let (items_tx, items) = mpsc::unbounded_channel();
+    let (first_tx, first_rx) = oneshot::channel();
+    let context = Context {
+        shared: Arc::clone(&shared),
+        items: items_tx.clone(),
+        first_assignment: Mutex::new(Some(first_tx)),
+        revoke_timeout: config.revoke_timeout,
+    };
+    let group_id = group
+        .clone()
+        .unwrap_or_else(|| format!("polybus-private-{}", uuid::Uuid::new_v4().simple()));
+    let consumer: BaseConsumer<Context> = consumer_config(&config, &group_id)
+        .create_with_context(context)
+        .map_err(|e| map_error("creating the Kafka consumer", e))?;
+    match &start {
+        Start::Group(_) => {
+            let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
+            consumer
+                .subscribe(&topics)
+                .map_err(|e| map_error("subscribing", e))?;
+        }
+        Start::Assign(offsets) => {
+            let mut tpl = TopicPartitionList::new();
+            for (topic, partition, offset) in offsets {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                    .map_err(|e| map_error("building the assignment", e))?;
+            }
+            consumer.context().assign(&tpl);
+            consumer.assign(&tpl).map_err(|e| map_error("assigning partitions", e))?;
+            consumer.context().post_rebalance(&consumer, &Rebalance::Assign(&tpl));
+        }
+    }
+    let poller = Poller {
+        consumer,
+        shared: Arc::clone(&shared),
+        items: items_tx,
+        commands: command_rx,
+        commit_interval: config.commit_interval,
+        group: group.clone(),
+        topics_group: group_id,
+    };
+    std::thread::Builder::new()
+        .name("polybus-kafka-poll".into())
+        .spawn(move || poller.run())
+        .map_err(|e| Error::Backend {
+            backend: BACKEND,
+            message: format!("starting the Kafka poll thread: {e}"),
+            retryable: true,
+            source: Some(Box::new(e)),
+        })?;
+    let mut sub = KafkaSubscription {
+        shared,
+        items,
+        close_timeout: config.request_timeout + config.session_timeout,
+        closed: false,
+    };
+    let limit = config.session_timeout + config.request_timeout + config.revoke_timeout;
+    match tokio::time::timeout(limit, first_rx).await {
+        Ok(Ok(())) => Ok(sub),
+        Ok(Err(_)) => {
+            // The poll thread ended before any assignment: say why if it told.
+            let reason = match sub.items.try_recv() {
+                Ok(Item::Event(Err(e))) => e,
+                _ => Error::connection(BACKEND, "the Kafka consumer stopped before joining its group"),
+            };
+            Err(reason)
+        }
+        Err(_) => {
+            let _ = Box::new(sub).close().await;
+            Err(Error::timeout(
+                format!("joining Kafka group for {:?}", options.topics),
+                limit,
+            ))
+        }
+    }
+}
+
+/// Owns the consumer on its thread.
+struct Poller {
+    consumer: BaseConsumer<Context>,
+    shared: Arc<Shared>,
+    items: mpsc::UnboundedSender<Item>,
+    commands: std_mpsc::Receiver<Command>,
+    commit_interval: Duration,
+    group: Option<String>,
+    topics_group: String,
+}
+
+enum Flow {
+    Go,
+    Close(oneshot::Sender<Result<()>>),
+    Crash,
+    Fatal,
+}
+
+impl Poller {
+    fn run(self) {
+        let mut paused = false;
+        let mut last_commit = Instant::now();
+        tracing::debug!(group = %self.topics_group, "Kafka poll thread started");
+        let flow = loop {
+            // Commands first; while paused, wait for one (credit) a little.
+            let first = if paused {
+                match self.commands.recv_timeout(Duration::from_millis(100)) {
+                    Ok(c) => Some(c),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break Flow::Crash,
+                }
+            } else {
+                None
+            };
+            let mut flow = Flow::Go;
+            for command in first.into_iter().chain(std::iter::from_fn(|| self.commands.try_recv().ok())) {
+                match command {
+                    Command::Wake => {}
+                    Command::Close(reply) => flow = Flow::Close(reply),
+                    Command::Crash => flow = Flow::Crash,
+                }
+                if !matches!(flow, Flow::Go) {
+                    break;
+                }
+            }
+            if !matches!(flow, Flow::Go) {
+                break flow;
+            }
+            paused = self.credit(paused);
+            let timeout = if paused { Duration::ZERO } else { Duration::from_millis(100) };
+            match self.consumer.poll(timeout) {
+                Some(Ok(message)) => {
+                    if !self.on_message(&message) {
+                        break Flow::Crash;
+                    }
+                }
+                Some(Err(e)) => {
+                    if self.on_error(e) {
+                        break Flow::Fatal;
+                    }
+                }
+                None => {}
+            }
+            if self.group.is_some() && last_commit.elapsed() >= self.commit_interval {
+                last_commit = Instant::now();
+                let tpl = self.shared.lock().positions(false);
+                if tpl.count() > 0
+                    && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+                {
+                    tracing::warn!(error = %e, "offset commit failed; it is sent again");
+                }
+            }
+        };
+        match flow {
+            Flow::Close(reply) => {
+                let result = self.commit_all();
+                tracing::debug!(group = %self.topics_group, "Kafka subscription closing");
+                drop(self.consumer); // leaves the group (the revocation commits again)
+                let _ = reply.send(result);
+            }
+            Flow::Crash => {
+                self.shared.lock().crashed = true;
+                drop(self.consumer);
+            }
+            Flow::Go | Flow::Fatal => {
+                // A fatal error: stop taking messages, leave without committing more.
+                self.shared.lock().crashed = true;
+                drop(self.consumer);
+            }
+        }
+    }
+
+    /// Pauses the assignment when the subscription holds its prefetch, resumes it
+    /// when it has room again. Returns whether it is paused.
+    fn credit(&self, paused: bool) -> bool {
+        let (held, reassigned) = {
+            let mut state = self.shared.lock();
+            (state.held, std::mem::take(&mut state.reassigned))
+        };
+        let paused = paused && !reassigned;
+        let Ok(assignment) = self.consumer.assignment() else {
+            return paused;
+        };
+        if !paused && held >= self.shared.prefetch {
+            if let Err(e) = self.consumer.pause(&assignment) {
+                tracing::warn!(error = %e, "pausing partitions failed");
+                return false;
+            }
+            self.shared.paused.store(true, Ordering::Release);
+            // Credit freed between the count and the flag would go unnoticed.
+            return self.shared.lock().held > self.shared.resume_at() || self.resume(&assignment);
+        }
+        if paused && held <= self.shared.resume_at() {
+            return self.resume(&assignment);
+        }
+        paused
+    }
+
+    /// Resumes `assignment`; returns false (not paused) unless resuming failed.
+    fn resume(&self, assignment: &TopicPartitionList) -> bool {
+        self.shared.paused.store(false, Ordering::Release);
+        match self.consumer.resume(assignment) {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "resuming partitions failed");
+                true
+            }
+        }
+    }
+
+    /// Books a fetched message and sends it on; false when nobody listens any more.
+    fn on_message(&self, message: &BorrowedMessage<'_>) -> bool {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        let mut state = self.shared.lock();
+        let Some((name, parts)) = state.topics.get_mut(topic) else {
+            return true;
+        };
+        let name = Arc::clone(name);
+        let Some(part) = parts.get_mut(&partition) else {
+            return true;
+        };
+        if part.revoking || part.offsets.contains_key(&offset) {
+            return true;
+        }
+        part.offsets.insert(offset, Status::Queued);
+        part.next = Some(part.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        let generation = part.generation;
+        state.held += 1;
+        drop(state);
+        let delivery = to_delivery(message, self.shared.group.clone());
+        self.items
+            .send(Item::Delivery(Redelivery {
+                delivery,
+                topic: name,
+                partition,
+                generation,
+                offset,
+            }))
+            .is_ok()
+    }
+
+    /// Reports a consumer error; true when it is fatal (the subscription ends).
+    fn on_error(&self, e: KafkaError) -> bool {
+        let fatal = matches!(e, KafkaError::MessageConsumptionFatal(_))
+            || e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal);
+        if fatal {
+            tracing::error!(error = %e, "fatal Kafka consumer error; the subscription ends");
+            let _ = self
+                .items
+                .send(Item::Event(Err(map_error("consuming", e))));
+            return true;
+        }
+        tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries)");
+        false
+    }
+
+    /// Commits every partition's position synchronously (on close).
+    fn commit_all(&self) -> Result<()> {
+        if self.group.is_none() {
+            return Ok(());
+        }
+        let tpl = self.shared.lock().positions(true);
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| map_error("committing offsets on close", e))
+    }
+}
+
+/// Rebuilds the polybus message from a Kafka record.
+fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    if let Some(h) = message.headers() {
+        for header in h.iter() {
+            let value = header.value.map(String::from_utf8_lossy).unwrap_or_default();
+            headers.push((header.key.to_owned(), value.into_owned()));
+        }
+    }
+    if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+        headers.push((wire::KEY.to_owned(), key.to_owned()));
+    }
+    if let Some(millis) = message.timestamp().to_millis() {
+        headers.push((wire::TIMESTAMP.to_owned(), millis.to_string()));
+    }
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+    let decoded = wire::decode(payload, headers, || format!("{topic}/{partition}/{offset}"));
+    let origin = Origin {
+        topic: topic.to_owned(),
+        group,
+        partition: Some(partition),
+        sequence: Some(offset as u64),
+    };
+    Delivery::new(decoded, origin, 1)
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            let redelivery = self.shared.lock().redeliver.pop_front();
+            let item = match redelivery {
+                Some(r) => Item::Delivery(r),
+                None => {
+                    tokio::select! {
+                        biased;
+                        item = self.items.recv() => item?,
+                        _ = self.shared.redelivered.notified() => continue,
+                    }
+                }
+            };
+            match item {
+                Item::Event(event) => return Some(event),
+                Item::Delivery(r) => {
+                    if !self.shared.hand_out(&r.topic, r.partition, r.generation, r.offset) {
+                        continue;
+                    }
+                    let acker = Acker::new(KafkaAck {
+                        shared: Arc::clone(&self.shared),
+                        delivery: r.delivery.clone(),
+                        topic: r.topic,
+                        partition: r.partition,
+                        generation: r.generation,
+                        offset: r.offset,
+                    });
+                    return Some(Ok(Event::Delivery(r.delivery, acker)));
+                }
+            }
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.closed = true;
+        {
+            let mut state = self.shared.lock();
+            state.closing = true;
+            state.redeliver.clear();
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shared.command(Command::Close(tx));
+        match tokio::time::timeout(self.close_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Ok(()), // the thread had already stopped
+            Err(_) => Err(Error::timeout("closing the Kafka consumer", self.close_timeout)),
+        }
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        if !self.closed {
+            // A crash: nothing more is committed; the group hands the partitions on.
+            self.shared.lock().crashed = true;
+            self.shared.settled.notify_all();
+            self.shared.command(Command::Crash);
+        }
+    }
+}

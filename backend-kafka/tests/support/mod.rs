@@ -1,0 +1,163 @@
+//! The Kafka harness for the conformance suite: librdkafka's in-process mock
+//! cluster (one per case, always available) or a real broker from
+//! `POLYBUS_TEST_KAFKA_BROKERS`.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use polybus_conformance::{Harness, Setup, timeout_multiplier};
+use polybus_core::{
+    Capabilities, Connection, Consumer, Result, StartFrom, SubscribeOptions, Subscription, async_trait,
+};
+use polybus_kafka::{KafkaConfig, KafkaConsumer};
+
+pub mod mock;
+
+/// The variable naming the real Kafka brokers the tests use.
+pub const BROKERS_ENV: &str = "POLYBUS_TEST_KAFKA_BROKERS";
+
+/// Test settings: short session timeout and quick commits, 4 partitions.
+pub fn test_config(brokers: &str) -> KafkaConfig {
+    let m = timeout_multiplier();
+    let mut config = KafkaConfig::from_url(&format!("kafka://{brokers}"))
+        .expect("a valid broker list")
+        .partitions(4)
+        .session_timeout(Duration::from_secs_f64(6.0 * m))
+        .connect_timeout(Duration::from_secs_f64(5.0 * m));
+    config.commit_interval = Duration::from_millis(200);
+    config.revoke_timeout = Duration::from_secs_f64(5.0 * m);
+    config
+}
+
+/// Where the brokers come from.
+pub enum Cluster {
+    /// A mock cluster of this case's own.
+    Mock(Arc<mock::MockKafka>),
+    /// A real broker.
+    Real,
+}
+
+pub struct KafkaHarness<const REAL: bool> {
+    pub config: KafkaConfig,
+    pub cluster: Cluster,
+    admin: KafkaConsumer,
+    caps: Capabilities,
+}
+
+impl<const REAL: bool> KafkaHarness<REAL> {
+    /// A harness on its own mock cluster, or on the real brokers.
+    pub async fn start() -> Setup<Self> {
+        let (cluster, brokers) = if REAL {
+            let Ok(brokers) = std::env::var(BROKERS_ENV) else {
+                return Setup::MissingBroker(format!("set {BROKERS_ENV}=127.0.0.1:9092"));
+            };
+            (Cluster::Real, brokers)
+        } else {
+            let mock = Arc::new(mock::MockKafka::new().expect("a librdkafka mock cluster"));
+            let brokers = mock.bootstrap().to_owned();
+            (Cluster::Mock(mock), brokers)
+        };
+        let config = test_config(&brokers);
+        let admin = KafkaConsumer::connect(config.clone())
+            .await
+            .unwrap_or_else(|e| panic!("Kafka at {brokers} cannot be reached: {e}"));
+        let caps = admin.capabilities();
+        Setup::Ready(KafkaHarness {
+            config,
+            cluster,
+            admin,
+            caps,
+        })
+    }
+
+    /// A fresh connection with `config`.
+    pub async fn connect_with(&self, config: KafkaConfig) -> Result<Connection> {
+        let conn = polybus_kafka::connect_with(config).await?;
+        Ok(match &self.cluster {
+            Cluster::Real => conn,
+            Cluster::Mock(mock) => Connection {
+                producer: conn.producer,
+                consumer: Arc::new(MockTopics {
+                    inner: conn.consumer,
+                    mock: Arc::clone(mock),
+                }),
+            },
+        })
+    }
+
+    /// The consumer that reads offsets and watermarks.
+    pub fn admin(&self) -> &KafkaConsumer {
+        &self.admin
+    }
+}
+
+/// On the mock cluster, which has no CreateTopics, topics are created through
+/// the mock's own API; everything else goes to the real consumer.
+struct MockTopics {
+    inner: Arc<dyn Consumer>,
+    mock: Arc<mock::MockKafka>,
+}
+
+impl MockTopics {
+    fn create(&self, topic: &str) -> Result<()> {
+        self.mock.create_topic(topic, 4)?;
+        self.mock.create_topic(&polybus_core::names::dead_letter_topic(topic), 4)
+    }
+}
+
+#[async_trait]
+impl Consumer for MockTopics {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn declare_topic_unchecked(&self, topic: &str) -> Result<()> {
+        self.create(topic)
+    }
+
+    async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        self.create(topic)?;
+        self.inner.declare_group_unchecked(topic, group, start).await
+    }
+
+    async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        for topic in &options.topics {
+            self.create(topic)?;
+        }
+        self.inner.subscribe_unchecked(options).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[async_trait]
+impl<const REAL: bool> Harness for KafkaHarness<REAL> {
+    async fn setup() -> Setup<Self> {
+        Self::start().await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps.clone()
+    }
+
+    async fn connect(&self) -> Result<Connection> {
+        self.connect_with(self.config.clone()).await
+    }
+
+    async fn drained(&self, topic: &str, group: &str) -> Result<bool> {
+        Ok(self.admin.lag(topic, group).await? == 0)
+    }
+
+    async fn connect_unreachable(&self, timeout: Duration) -> Result<Connection> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| polybus_core::Error::InvalidConfig(format!("no free port: {e}")))?
+            .port();
+        let config = KafkaConfig::from_url(&format!("kafka://127.0.0.1:{port}"))?.connect_timeout(timeout);
+        polybus_kafka::connect_with(config).await
+    }
+}
