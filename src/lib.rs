@@ -13,6 +13,11 @@ pub use polybus_memory as memory;
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub use polybus_rabbitmq as rabbitmq;
 
+/// The Kafka backend, on rdkafka (feature `kafka`).
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub use polybus_kafka as kafka;
+
 /// The NATS backend: JetStream (default) and core NATS (feature `nats`).
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
@@ -31,7 +36,7 @@ pub mod prelude {
 /// | scheme | backend | feature |
 /// |---|---|---|
 /// | `memory://` or `memory://<name>` | in-process broker (same name, same broker) | `memory` (default) |
-/// | `kafka://host:port,host:port` | Kafka | planned: gives `Error::Unsupported` today |
+/// | `kafka://[user:pass@]host:port,host:port[?option=value]` | Kafka | `kafka` |
 /// | `amqp://user:pass@host:port/vhost`, `amqps://…` | RabbitMQ | `rabbitmq` |
 /// | `nats://host:port[,host:port][?mode=core]`, `tls://…`, `nats+tls://…` | NATS JetStream (core NATS with `mode=core`) | `nats` |
 ///
@@ -75,11 +80,18 @@ pub async fn connect(url: &str) -> Result<Connection> {
                 Err(missing_feature(scheme, "nats"))
             }
         }
-        "kafka" => Err(Error::Unsupported(
-            "kafka:// is not available yet: the Kafka backend is planned (see the README)".into(),
-        )),
+        "kafka" => {
+            #[cfg(feature = "kafka")]
+            {
+                polybus_kafka::connect(url).await
+            }
+            #[cfg(not(feature = "kafka"))]
+            {
+                Err(missing_feature(scheme, "kafka"))
+            }
+        }
         other => Err(Error::InvalidConfig(format!(
-            "unknown broker URL scheme {other:?}: expected memory, amqp, amqps, nats, tls or nats+tls (kafka is planned)"
+            "unknown broker URL scheme {other:?}: expected memory, kafka, amqp, amqps, nats, tls or nats+tls"
         ))),
     }
 }
@@ -107,6 +119,11 @@ mod tests {
             assert!(text.contains("`rabbitmq` feature"), "{text}");
             assert!(!text.contains("secret"));
         }
+        #[cfg(not(feature = "kafka"))]
+        {
+            let err = connect("kafka://127.0.0.1:9092").await.unwrap_err();
+            assert!(err.to_string().contains("`kafka` feature"), "{err}");
+        }
         assert!(matches!(connect("ftp://x").await, Err(Error::InvalidConfig(_))));
         assert!(matches!(
             connect("localhost:9092").await,
@@ -126,6 +143,31 @@ mod tests {
         let err = connect("amqp://guest:secret@127.0.0.1:1/%2f").await.unwrap_err();
         assert!(err.is_retryable(), "{err}");
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[cfg(feature = "kafka")]
+    #[tokio::test]
+    async fn kafka_urls_reach_the_kafka_backend() {
+        for bad in [
+            "kafka://127.0.0.1",
+            "kafka://127.0.0.1:bad",
+            "kafka://a:1,,b:2",
+            "kafka://a:1/path",
+        ] {
+            let err = connect(bad).await.unwrap_err();
+            assert!(matches!(err, Error::InvalidConfig(_)), "{bad}: {err}");
+        }
+        // Nothing listens on port 1: a retryable connection error within the
+        // connect timeout, without the password.
+        let started = std::time::Instant::now();
+        let err = connect("kafka://user:secret@127.0.0.1:1").await.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[cfg(feature = "nats")]

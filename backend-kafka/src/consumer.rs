@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polybus_core::{
-    Capabilities, Consumer, Error, Result, StartFrom, SubscribeOptions, Subscription, async_trait,
-    names,
+    Capabilities, Consumer, Error, Result, StartFrom, SubscribeOptions, Subscription, async_trait, names,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -63,11 +62,14 @@ impl KafkaConsumer {
         let timeout = config.connect_timeout;
         let brokers = config.brokers.join(",");
         blocking(move || {
-            probe.fetch_metadata(None, timeout).map(|_| ()).map_err(|e| Error::Connection {
-                backend: BACKEND,
-                message: format!("no Kafka broker of {brokers} answered within {timeout:?}: {e}"),
-                source: Some(Box::new(e)),
-            })
+            probe
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(|e| Error::Connection {
+                    backend: BACKEND,
+                    message: format!("no Kafka broker of {brokers} answered within {timeout:?}: {e}"),
+                    source: Some(Box::new(e)),
+                })
         })
         .await?;
         Ok(KafkaConsumer {
@@ -118,6 +120,22 @@ impl KafkaConsumer {
             Ok(lag)
         })
         .await
+    }
+
+    /// The offset `group` has committed on each partition of `topic` (index =
+    /// partition; `None` where it has committed nothing).
+    pub async fn committed(&self, topic: &str, group: &str) -> Result<Vec<Option<i64>>> {
+        names::validate_topic(topic)?;
+        names::validate_group(group)?;
+        let Some(count) = self.partitions(topic).await? else {
+            return Err(Error::NotFound {
+                what: format!("Kafka topic {topic}"),
+            });
+        };
+        let client = self.group_client(group)?;
+        let topic = topic.to_owned();
+        let timeout = self.config.request_timeout;
+        blocking(move || committed(&client, &topic, count, timeout)).await
     }
 
     /// A client of `group` that never joins it, for reading and committing its
@@ -226,10 +244,12 @@ fn committed(client: &BaseConsumer, topic: &str, count: i32, timeout: Duration) 
         .committed_offsets(tpl, timeout)
         .map_err(|e| map_error("reading committed offsets", e))?;
     Ok((0..count)
-        .map(|partition| match found.find_partition(topic, partition).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => Some(o),
-            _ => None,
-        })
+        .map(
+            |partition| match found.find_partition(topic, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            },
+        )
         .collect())
 }
 

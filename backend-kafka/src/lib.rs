@@ -81,6 +81,10 @@ pub struct KafkaConfig {
     /// below the group's rebalance timeout). What it cannot wait for is
     /// redelivered to the new owner: duplicates, never loss.
     pub revoke_timeout: Duration,
+    /// How many fetched messages a subscription keeps ready beyond what its
+    /// runner holds (default 1,000, at least the subscription's prefetch). Above
+    /// it the subscription pauses its partitions; it resumes them at half.
+    pub buffer: usize,
     /// The largest record the producer sends, headers and key included
     /// (librdkafka's `message.max.bytes`, default 1,000,000; the broker's
     /// `message.max.bytes` must allow it).
@@ -107,6 +111,7 @@ impl fmt::Debug for KafkaConfig {
             .field("session_timeout", &self.session_timeout)
             .field("commit_interval", &self.commit_interval)
             .field("revoke_timeout", &self.revoke_timeout)
+            .field("buffer", &self.buffer)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("properties", &properties)
             .finish()
@@ -116,9 +121,17 @@ impl fmt::Debug for KafkaConfig {
 /// Whether a librdkafka property holds a secret (passwords, keys, tokens).
 fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "secret", "jaas", "token", "oauthbearer.config", "key.pem", "ssl.key"]
-        .iter()
-        .any(|s| key.contains(s))
+    [
+        "password",
+        "secret",
+        "jaas",
+        "token",
+        "oauthbearer.config",
+        "key.pem",
+        "ssl.key",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
 }
 
 /// Properties polybus sets itself; setting them would break its guarantees.
@@ -146,6 +159,7 @@ impl KafkaConfig {
             session_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
             revoke_timeout: Duration::from_secs(10),
+            buffer: 1000,
             max_message_bytes: 1_000_000,
             properties: BTreeMap::new(),
         }
@@ -197,22 +211,20 @@ impl KafkaConfig {
             let value = percent_decode(value).map_err(invalid)?;
             match key {
                 "partitions" => {
-                    config.partitions = value
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| invalid(format!("partitions must be a positive number, not '{value}'")))?;
+                    config.partitions = value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        invalid(format!("partitions must be a positive number, not '{value}'"))
+                    })?;
                 }
                 "replication" => {
-                    config.replication = value
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| invalid(format!("replication must be a positive number, not '{value}'")))?;
+                    config.replication = value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        invalid(format!("replication must be a positive number, not '{value}'"))
+                    })?;
                 }
                 key if key.contains('.') => {
                     if OWN_PROPERTIES.contains(&key) {
-                        return Err(invalid(format!("'{key}' is set by polybus and cannot be changed")));
+                        return Err(invalid(format!(
+                            "'{key}' is set by polybus and cannot be changed"
+                        )));
                     }
                     config = config.set(key, value);
                 }
@@ -282,7 +294,11 @@ impl KafkaConfig {
                 "max_message_bytes must be more than the {HEADER_ROOM} bytes kept for headers"
             )));
         }
-        if let Some(key) = self.properties.keys().find(|k| OWN_PROPERTIES.contains(&k.as_str())) {
+        if let Some(key) = self
+            .properties
+            .keys()
+            .find(|k| OWN_PROPERTIES.contains(&k.as_str()))
+        {
             return Err(Error::InvalidConfig(format!(
                 "'{key}' is set by polybus and cannot be changed"
             )));

@@ -49,7 +49,8 @@ impl KafkaProducer {
 /// and the timestamp travel in the record's own fields.
 pub(crate) fn record_headers(message: &Message) -> OwnedHeaders {
     let pairs = wire::encode(message).filter(|(k, _)| *k != wire::KEY && *k != wire::TIMESTAMP);
-    let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + message.system_headers.len() + 1);
+    let mut headers =
+        OwnedHeaders::new_with_capacity(message.headers.len() + message.system_headers.len() + 1);
     for (key, value) in pairs {
         headers = headers.insert(Header {
             key,

@@ -24,9 +24,10 @@ use polybus_core::{
     Subscription, async_trait, wire,
 };
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -96,26 +97,45 @@ struct Redelivery {
 struct State {
     /// Topic → partition → book.
     topics: HashMap<String, (Arc<str>, HashMap<i32, Part>)>,
-    /// Offsets in every book (fetched and not acked): the prefetch in use.
-    held: usize,
+    /// Offsets fetched and not handed out yet (in the channel or to redeliver).
+    queued: usize,
+    /// Offsets handed out and not settled.
+    yielded: usize,
     redeliver: VecDeque<Redelivery>,
     generation: u64,
     closing: bool,
     crashed: bool,
     /// Set by an assignment: the poll thread's paused partitions are gone.
     reassigned: bool,
+    /// Positions whose commit at a revocation failed (some brokers refuse
+    /// commits while the group rebalances): if the partition comes back to this
+    /// member at the next assignment, it restarts there (and commits it) instead
+    /// of at the older committed offset.
+    carried: HashMap<(String, i32), i64>,
 }
 
 impl State {
     fn part(&mut self, topic: &str, partition: i32) -> Option<&mut Part> {
-        self.topics.get_mut(topic).and_then(|(_, parts)| parts.get_mut(&partition))
+        self.topics
+            .get_mut(topic)
+            .and_then(|(_, parts)| parts.get_mut(&partition))
     }
 
     fn remove_part(&mut self, topic: &str, partition: i32) {
         if let Some((_, parts)) = self.topics.get_mut(topic)
             && let Some(part) = parts.remove(&partition)
         {
-            self.held -= part.offsets.len();
+            for status in part.offsets.values() {
+                self.count(*status, -1);
+            }
+        }
+    }
+
+    fn count(&mut self, status: Status, delta: isize) {
+        match status {
+            Status::Queued => self.queued = self.queued.saturating_add_signed(delta),
+            Status::Yielded => self.yielded = self.yielded.saturating_add_signed(delta),
+            Status::Released => {}
         }
     }
 
@@ -158,10 +178,16 @@ struct Shared {
     settled: Condvar,
     /// Wakes `next` when a released message is ready to be handed out again.
     redelivered: Notify,
+    /// Wakes `next` when a delivery is settled (it waits while `prefetch` are out).
+    freed: Notify,
     commands: Mutex<std_mpsc::Sender<Command>>,
     /// Whether the poll thread has paused its partitions for lack of credit.
     paused: AtomicBool,
+    /// How many deliveries may be handed out and unsettled at once.
     prefetch: usize,
+    /// How many fetched messages may wait to be handed out; above it the
+    /// partitions are paused.
+    buffer: usize,
     group: Option<String>,
 }
 
@@ -171,12 +197,23 @@ impl Shared {
     }
 
     fn command(&self, command: Command) {
-        let _ = self.commands.lock().unwrap_or_else(|p| p.into_inner()).send(command);
+        let _ = self
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(command);
     }
 
-    /// Below this much held, paused partitions resume.
+    /// At or below this many queued messages, paused partitions resume.
     fn resume_at(&self) -> usize {
-        self.prefetch / 2
+        self.buffer / 2
+    }
+
+    /// Tells a paused poll thread to resume when the queue has room again.
+    fn wake_if_room(&self, queued: usize) {
+        if queued <= self.resume_at() && self.paused.swap(false, Ordering::AcqRel) {
+            self.command(Command::Wake);
+        }
     }
 
     /// Marks a delivery handed to the runner; false if its partition was
@@ -188,7 +225,14 @@ impl Shared {
         }
         match state.part(topic, partition) {
             Some(part) if part.generation == generation && !part.revoking => {
-                part.offsets.insert(offset, Status::Yielded);
+                let before = part.offsets.insert(offset, Status::Yielded);
+                if let Some(before) = before {
+                    state.count(before, -1);
+                }
+                state.count(Status::Yielded, 1);
+                let queued = state.queued;
+                drop(state);
+                self.wake_if_room(queued);
                 true
             }
             _ => false,
@@ -198,18 +242,15 @@ impl Shared {
     fn ack(&self, topic: &str, partition: i32, generation: u64, offset: i64) {
         let mut state = self.lock();
         let removed = match state.part(topic, partition) {
-            Some(part) if part.generation == generation => part.offsets.remove(&offset).is_some(),
-            _ => false,
+            Some(part) if part.generation == generation => part.offsets.remove(&offset),
+            _ => None,
         };
-        if removed {
-            state.held -= 1;
+        if let Some(status) = removed {
+            state.count(status, -1);
         }
-        let wake = removed && state.held <= self.resume_at();
         drop(state);
         self.settled.notify_all();
-        if wake && self.paused.swap(false, Ordering::AcqRel) {
-            self.command(Command::Wake);
-        }
+        self.freed.notify_one();
     }
 
     fn release(&self, ack: &KafkaAck) {
@@ -221,13 +262,21 @@ impl Shared {
         if part.generation != ack.generation || !part.offsets.contains_key(&ack.offset) {
             return;
         }
-        if closing || part.revoking {
-            part.offsets.insert(ack.offset, Status::Released);
+        let new = if closing || part.revoking {
+            Status::Released
+        } else {
+            Status::Queued
+        };
+        if let Some(before) = part.offsets.insert(ack.offset, new) {
+            state.count(before, -1);
+        }
+        state.count(new, 1);
+        if new == Status::Released {
             drop(state);
             self.settled.notify_all();
+            self.freed.notify_one();
             return;
         }
-        part.offsets.insert(ack.offset, Status::Queued);
         state.redeliver.push_back(Redelivery {
             delivery: ack.delivery.with_attempt(ack.delivery.attempt() + 1),
             topic: Arc::clone(&ack.topic),
@@ -237,6 +286,7 @@ impl Shared {
         });
         drop(state);
         self.redelivered.notify_one();
+        self.freed.notify_one();
     }
 }
 
@@ -305,6 +355,21 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
 }
 
 impl Context {
+    /// Tells the runner about an assignment and wakes `subscribe` on the first.
+    fn assigned(&self, tpl: &TopicPartitionList) {
+        let partitions = partitions_of(tpl);
+        tracing::debug!(?partitions, "partitions assigned");
+        let _ = self.items.send(Item::Event(Ok(Event::Assigned(partitions))));
+        if let Some(first) = self
+            .first_assignment
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = first.send(());
+        }
+    }
+
     fn assign(&self, tpl: &TopicPartitionList) {
         let mut state = self.shared.lock();
         state.generation += 1;
@@ -336,9 +401,11 @@ impl Context {
                 part.revoking = true;
             }
         }
-        state
-            .redeliver
-            .retain(|r| !revoked.iter().any(|p| *p.topic == *r.topic && p.partition == r.partition));
+        state.redeliver.retain(|r| {
+            !revoked
+                .iter()
+                .any(|p| *p.topic == *r.topic && p.partition == r.partition)
+        });
         let closing = state.closing;
         drop(state);
         if !closing {
@@ -382,31 +449,82 @@ impl Context {
         }
         let crashed = state.crashed;
         drop(state);
-        if !crashed && commit.count() > 0 && !consumer.assignment_lost() {
-            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                tracing::warn!(error = %e, "commit on revocation failed; the new owner may handle some messages again");
+        if crashed || commit.count() == 0 || consumer.assignment_lost() || self.shared.group.is_none() {
+            return;
+        }
+        if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+            tracing::info!(
+                error = %e,
+                "commit on revocation refused; kept for the next assignment \
+                 (a partition that moves to another member is handled again from its last commit)"
+            );
+            let mut state = self.shared.lock();
+            for e in commit.elements() {
+                if let Offset::Offset(position) = e.offset() {
+                    state
+                        .carried
+                        .insert((e.topic().to_owned(), e.partition()), position);
+                }
             }
+        }
+    }
+
+    /// Starts partitions this member had when a revocation's commit was refused
+    /// at the position it could not commit, and commits it now.
+    fn apply_carried(&self, consumer: &BaseConsumer<Context>, tpl: &mut TopicPartitionList) {
+        let carried = std::mem::take(&mut self.shared.lock().carried);
+        if carried.is_empty() {
+            return;
+        }
+        let mut commit = TopicPartitionList::new();
+        for ((topic, partition), position) in carried {
+            if tpl.find_partition(&topic, partition).is_some() {
+                let offset = Offset::Offset(position);
+                let _ = tpl.set_partition_offset(&topic, partition, offset);
+                let _ = commit.add_partition_offset(&topic, partition, offset);
+            }
+        }
+        if commit.count() > 0
+            && let Err(e) = consumer.commit(&commit, CommitMode::Async)
+        {
+            tracing::warn!(error = %e, "committing carried positions failed");
         }
     }
 }
 
 impl ConsumerContext for Context {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => self.assign(tpl),
-            Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
-            Rebalance::Error(e) => tracing::warn!(error = %e, "Kafka rebalance failed"),
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let partitions = partitions_of(tpl);
-            tracing::debug!(?partitions, "partitions assigned");
-            let _ = self.items.send(Item::Event(Ok(Event::Assigned(partitions))));
-            if let Some(first) = self.first_assignment.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                let _ = first.send(());
+    /// Replaces rdkafka's default rebalance handling (same steps, safe API) so
+    /// that an assignment can start partitions at carried positions.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.assign(tpl);
+                self.apply_carried(consumer, tpl);
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                self.assigned(tpl);
+                result
             }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoke(consumer, tpl);
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "Kafka rebalance failed; unassigning");
+                self.revoke(consumer, tpl);
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "applying a Kafka rebalance failed");
         }
     }
 
@@ -449,6 +567,8 @@ pub(crate) async fn open(
         commands: Mutex::new(commands),
         paused: AtomicBool::new(false),
         prefetch: options.prefetch.max(1),
+        buffer: config.buffer.max(options.prefetch).max(1),
+        freed: Notify::new(),
         group: group.clone(),
     });
     let (items_tx, items) = mpsc::unbounded_channel();
@@ -479,8 +599,10 @@ pub(crate) async fn open(
                     .map_err(|e| map_error("building the assignment", e))?;
             }
             consumer.context().assign(&tpl);
-            consumer.assign(&tpl).map_err(|e| map_error("assigning partitions", e))?;
-            consumer.context().post_rebalance(&consumer, &Rebalance::Assign(&tpl));
+            consumer
+                .assign(&tpl)
+                .map_err(|e| map_error("assigning partitions", e))?;
+            consumer.context().assigned(&tpl);
         }
     }
     let poller = Poller {
@@ -563,7 +685,10 @@ impl Poller {
                 None
             };
             let mut flow = Flow::Go;
-            for command in first.into_iter().chain(std::iter::from_fn(|| self.commands.try_recv().ok())) {
+            for command in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| self.commands.try_recv().ok()))
+            {
                 match command {
                     Command::Wake => {}
                     Command::Close(reply) => flow = Flow::Close(reply),
@@ -577,7 +702,11 @@ impl Poller {
                 break flow;
             }
             paused = self.credit(paused);
-            let timeout = if paused { Duration::ZERO } else { Duration::from_millis(100) };
+            let timeout = if paused {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(100)
+            };
             match self.consumer.poll(timeout) {
                 Some(Ok(message)) => {
                     if !self.on_message(&message) {
@@ -623,27 +752,29 @@ impl Poller {
     /// Pauses the assignment when the subscription holds its prefetch, resumes it
     /// when it has room again. Returns whether it is paused.
     fn credit(&self, paused: bool) -> bool {
-        let (held, reassigned) = {
+        let (queued, reassigned) = {
             let mut state = self.shared.lock();
-            (state.held, std::mem::take(&mut state.reassigned))
+            (state.queued, std::mem::take(&mut state.reassigned))
         };
         let paused = paused && !reassigned;
+        let pause = !paused && queued >= self.shared.buffer;
+        let resume = paused && queued <= self.shared.resume_at();
+        if !pause && !resume {
+            return paused;
+        }
         let Ok(assignment) = self.consumer.assignment() else {
             return paused;
         };
-        if !paused && held >= self.shared.prefetch {
-            if let Err(e) = self.consumer.pause(&assignment) {
-                tracing::warn!(error = %e, "pausing partitions failed");
-                return false;
-            }
-            self.shared.paused.store(true, Ordering::Release);
-            // Credit freed between the count and the flag would go unnoticed.
-            return self.shared.lock().held > self.shared.resume_at() || self.resume(&assignment);
-        }
-        if paused && held <= self.shared.resume_at() {
+        if resume {
             return self.resume(&assignment);
         }
-        paused
+        if let Err(e) = self.consumer.pause(&assignment) {
+            tracing::warn!(error = %e, "pausing partitions failed");
+            return false;
+        }
+        self.shared.paused.store(true, Ordering::Release);
+        // Room made between the count and the flag would go unnoticed: look again.
+        self.shared.lock().queued > self.shared.resume_at() || self.resume(&assignment)
     }
 
     /// Resumes `assignment`; returns false (not paused) unless resuming failed.
@@ -675,7 +806,7 @@ impl Poller {
         part.offsets.insert(offset, Status::Queued);
         part.next = Some(part.next.map_or(offset + 1, |n| n.max(offset + 1)));
         let generation = part.generation;
-        state.held += 1;
+        state.count(Status::Queued, 1);
         drop(state);
         let delivery = to_delivery(message, self.shared.group.clone());
         self.items
@@ -695,9 +826,7 @@ impl Poller {
             || e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal);
         if fatal {
             tracing::error!(error = %e, "fatal Kafka consumer error; the subscription ends");
-            let _ = self
-                .items
-                .send(Item::Event(Err(map_error("consuming", e))));
+            let _ = self.items.send(Item::Event(Err(map_error("consuming", e))));
             return true;
         }
         tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries)");
@@ -750,7 +879,17 @@ fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Option<Result<Event>> {
         loop {
-            let redelivery = self.shared.lock().redeliver.pop_front();
+            let (redelivery, full) = {
+                let mut state = self.shared.lock();
+                let full = state.yielded >= self.shared.prefetch;
+                (if full { None } else { state.redeliver.pop_front() }, full)
+            };
+            if full {
+                // `prefetch` deliveries are out: wait for one to be settled. (A
+                // settlement between the check and here leaves a permit.)
+                self.shared.freed.notified().await;
+                continue;
+            }
             let item = match redelivery {
                 Some(r) => Item::Delivery(r),
                 None => {
@@ -764,7 +903,10 @@ impl Subscription for KafkaSubscription {
             match item {
                 Item::Event(event) => return Some(event),
                 Item::Delivery(r) => {
-                    if !self.shared.hand_out(&r.topic, r.partition, r.generation, r.offset) {
+                    if !self
+                        .shared
+                        .hand_out(&r.topic, r.partition, r.generation, r.offset)
+                    {
                         continue;
                     }
                     let acker = Acker::new(KafkaAck {

@@ -446,15 +446,18 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
     handle.shutdown(cx.secs(10.0)).await;
     assert_eq!(peak.load(Ordering::SeqCst), 1, "one at a time");
     if cx.caps().key_order_across_instances {
-        // Partitioned brokers order per partition only; check per key there.
-        let mut by_key: HashMap<Option<String>, Vec<usize>> = HashMap::new();
+        // Partitioned brokers order per partition only: check each key, and the
+        // keyless messages per partition (the producer spreads them).
+        let mut by_key: HashMap<(Option<String>, Option<i32>), Vec<usize>> = HashMap::new();
         for d in &got {
-            by_key.entry(d.message().key.clone()).or_default().push(seq_of(d));
+            let key = d.message().key.clone();
+            let partition = if key.is_none() { d.origin().partition } else { None };
+            by_key.entry((key, partition)).or_default().push(seq_of(d));
         }
-        for (key, seqs) in by_key {
+        for ((key, partition), seqs) in by_key {
             assert!(
                 seqs.windows(2).all(|w| w[0] < w[1]),
-                "key {key:?} in publish order"
+                "key {key:?} (partition {partition:?}) in publish order"
             );
         }
     } else {

@@ -58,7 +58,8 @@ impl MockKafka {
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         let name = CString::new(topic).map_err(|_| Error::InvalidConfig(format!("topic {topic:?}")))?;
         // SAFETY: the cluster is alive (owned by `self.owner`), `name` outlives the call.
-        let err = unsafe { rdkafka_sys::rd_kafka_mock_topic_create(self.cluster(), name.as_ptr(), partitions, 1) };
+        let err =
+            unsafe { rdkafka_sys::rd_kafka_mock_topic_create(self.cluster(), name.as_ptr(), partitions, 1) };
         use rdkafka_sys::rd_kafka_resp_err_t as E;
         match err {
             E::RD_KAFKA_RESP_ERR_NO_ERROR | E::RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS => Ok(()),

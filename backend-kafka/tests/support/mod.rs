@@ -103,7 +103,8 @@ struct MockTopics {
 impl MockTopics {
     fn create(&self, topic: &str) -> Result<()> {
         self.mock.create_topic(topic, 4)?;
-        self.mock.create_topic(&polybus_core::names::dead_letter_topic(topic), 4)
+        self.mock
+            .create_topic(&polybus_core::names::dead_letter_topic(topic), 4)
     }
 }
 
