@@ -2,7 +2,7 @@
 # Makes sure the brokers the test suites need are running on 127.0.0.1, installing
 # them from Debian packages when they are missing, and exports the variables the
 # tests read. Source it, then call what you need:
-#   . scripts/brokers.sh && ensure_nats && ensure_rabbitmq && cargo test --workspace
+#   . scripts/brokers.sh && ensure_nats && ensure_rabbitmq && ensure_kafka && cargo test --workspace
 # Brokers this script started are stopped by `stop_started_brokers` (CI traps it).
 
 POLYBUS_STARTED_PIDS=()
@@ -59,6 +59,29 @@ ensure_rabbitmq() {
   POLYBUS_STARTED_RABBITMQ=1
   _polybus_wait_port 127.0.0.1 5672 rabbitmq-server || return 1
   $sudo rabbitmqctl await_startup >&2 || true
+}
+
+# Kafka: tansu (Apache-2.0, speaks the Kafka protocol), built once per machine
+# with `cargo install` into a cache outside the clone (about 10 minutes cold),
+# run with in-memory storage (it keeps nothing once stopped).
+ensure_kafka() {
+  export POLYBUS_TEST_KAFKA_BROKERS="${POLYBUS_TEST_KAFKA_BROKERS:-127.0.0.1:9092}"
+  if _polybus_port_open 127.0.0.1 9092; then
+    echo "polybus: a Kafka broker is already listening on 127.0.0.1:9092" >&2
+    return 0
+  fi
+  local tools="${POLYBUS_TOOLS:-${HOME:-/tmp}/.cache/polybus-tools}"
+  local tansu="$tools/bin/tansu"
+  if [ ! -x "$tansu" ]; then
+    echo "polybus: building tansu into $tools (once per machine, ~10 min)" >&2
+    CARGO_TARGET_DIR="$tools/build" cargo install tansu --locked --features dynostore,libsql \
+      --root "$tools" >&2 || return 1
+  fi
+  echo "polybus: starting tansu on 127.0.0.1:9092 (memory storage)" >&2
+  "$tansu" broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
+    --storage-engine memory://tansu/ >"$tools/tansu.log" 2>&1 &
+  POLYBUS_STARTED_PIDS+=($!)
+  _polybus_wait_port 127.0.0.1 9092 tansu
 }
 
 stop_started_brokers() {

@@ -1,1 +1,162 @@
-fn main() {}
+//! Kafka throughput of polybus against raw rdkafka, same broker, same run, same
+//! librdkafka settings.
+//!
+//! * **produce**: `N` records of 100 bytes, `IN_FLIGHT` sends in flight, each
+//!   resolving on its delivery report; both producers `acks=all` with
+//!   idempotence. polybus adds its `polybus-id` header.
+//! * **consume + ack**: a new consumer group drains a topic pre-filled with `N`
+//!   records (timed from subscribing, so both include the group join). Raw
+//!   rdkafka is the usual at-least-once loop: a `StreamConsumer` that stores
+//!   each record's offset after handling it, auto-committing stored offsets;
+//!   polybus runs a no-op handler in the runner, which acks, and commits the
+//!   settled offsets itself.
+//!
+//! Topics have 4 partitions and are new for every measurement. Raw and polybus
+//! alternate which goes first.
+//!
+//! ```text
+//! POLYBUS_BENCH_KAFKA_BROKERS=127.0.0.1:9092 cargo bench -p polybus-kafka --bench kafka
+//! POLYBUS_BENCH_MESSAGES=1000000 POLYBUS_BENCH_RUNS=5 cargo bench -p polybus-kafka --bench kafka
+//! ```
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use polybus_conformance::bench;
+use polybus_core::{Bytes, Connection, StartFrom};
+use polybus_kafka::KafkaConfig;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const IN_FLIGHT: usize = 1024;
+const CONCURRENCY: usize = 64;
+const BOUND: usize = 1024;
+
+fn raw_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers).set("log_level", "3");
+    c
+}
+
+async fn raw_produce(producer: &FutureProducer, topic: &str, n: usize, payload: &Bytes) -> Duration {
+    let began = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|_| async move {
+            let record = FutureRecord::<(), [u8]>::to(topic).payload(&payload[..]);
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+                .expect("delivery")
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|_| async {})
+        .await;
+    began.elapsed()
+}
+
+async fn raw_consume(brokers: &str, topic: &str, group: &str, n: usize) -> Duration {
+    let began = Instant::now();
+    let consumer: StreamConsumer = raw_config(brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("raw consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut seen = 0;
+    while seen < n {
+        let message = consumer.recv().await.expect("message");
+        consumer
+            .store_offset_from_message(&message)
+            .expect("store offset");
+        seen += 1;
+    }
+    let took = began.elapsed();
+    consumer
+        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .expect("commit");
+    took
+}
+
+async fn polybus_consume(conn: &Connection, topic: &str, group: &str, n: usize) -> Duration {
+    conn.consumer
+        .declare_group(topic, group, StartFrom::Earliest)
+        .await
+        .expect("group");
+    bench::consume(conn, topic, group, n, CONCURRENCY, BOUND).await
+}
+
+fn main() {
+    let brokers = std::env::var("POLYBUS_BENCH_KAFKA_BROKERS")
+        .or_else(|_| std::env::var("POLYBUS_TEST_KAFKA_BROKERS"))
+        .unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 1_000_000);
+    let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let config = KafkaConfig::from_url(&format!("kafka://{brokers}"))
+            .expect("broker list")
+            .partitions(4);
+        let conn = polybus_kafka::connect_with(config).await.expect("connect");
+        let raw: FutureProducer = raw_config(&brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .expect("raw producer");
+        let payload = Bytes::from(vec![b'x'; 100]);
+        let mut rates: [Vec<f64>; 4] = Default::default();
+        let id = std::process::id();
+        println!("Kafka at {brokers}, {n} records of 100 bytes per measurement, {runs} runs");
+        for run in 0..runs {
+            let raw_topic = format!("bench-raw-{id}-{run}");
+            let pb_topic = format!("bench-pb-{id}-{run}");
+            for t in [&raw_topic, &pb_topic] {
+                conn.consumer.declare_topic(t).await.expect("topic");
+            }
+            let rate = |d: Duration| n as f64 / d.as_secs_f64();
+            let (raw_pub, pb_pub) = if run % 2 == 0 {
+                let r = raw_produce(&raw, &raw_topic, n, &payload).await;
+                (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
+            } else {
+                let p = bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await;
+                (raw_produce(&raw, &raw_topic, n, &payload).await, p)
+            };
+            // Each consumer drains the other's topic, so both read the same data
+            // within a run (polybus's records carry its id header either way).
+            let (raw_group, pb_group) = (format!("raw-{id}-{run}"), format!("pb-{id}-{run}"));
+            let (raw_con, pb_con) = if run % 2 == 0 {
+                let r = raw_consume(&brokers, &pb_topic, &raw_group, n).await;
+                (r, polybus_consume(&conn, &raw_topic, &pb_group, n).await)
+            } else {
+                let p = polybus_consume(&conn, &raw_topic, &pb_group, n).await;
+                (raw_consume(&brokers, &pb_topic, &raw_group, n).await, p)
+            };
+            for (i, d) in [raw_pub, pb_pub, raw_con, pb_con].into_iter().enumerate() {
+                rates[i].push(rate(d));
+            }
+            println!(
+                "run {run}: produce raw {:.0}/s polybus {:.0}/s | consume+ack raw {:.0}/s polybus {:.0}/s",
+                rate(raw_pub),
+                rate(pb_pub),
+                rate(raw_con),
+                rate(pb_con)
+            );
+        }
+        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(bench::median);
+        println!(
+            "median produce:     raw {raw_pub:.0}/s, polybus {pb_pub:.0}/s, ratio {:.2}",
+            pb_pub / raw_pub
+        );
+        println!(
+            "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
+            pb_con / raw_con
+        );
+    });
+}

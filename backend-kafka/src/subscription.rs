@@ -708,17 +708,9 @@ impl Poller {
                 Duration::from_millis(100)
             };
             match self.consumer.poll(timeout) {
-                Some(Ok(message)) => {
-                    if !self.on_message(&message) {
-                        break Flow::Crash;
-                    }
-                }
-                Some(Err(e)) => {
-                    if self.on_error(e) {
-                        break Flow::Fatal;
-                    }
-                }
-                None => {}
+                Some(Ok(message)) if !self.on_message(&message) => break Flow::Crash,
+                Some(Err(e)) if self.on_error(&e) => break Flow::Fatal,
+                _ => {}
             }
             if self.group.is_some() && last_commit.elapsed() >= self.commit_interval {
                 last_commit = Instant::now();
@@ -821,12 +813,14 @@ impl Poller {
     }
 
     /// Reports a consumer error; true when it is fatal (the subscription ends).
-    fn on_error(&self, e: KafkaError) -> bool {
+    fn on_error(&self, e: &KafkaError) -> bool {
         let fatal = matches!(e, KafkaError::MessageConsumptionFatal(_))
             || e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal);
         if fatal {
             tracing::error!(error = %e, "fatal Kafka consumer error; the subscription ends");
-            let _ = self.items.send(Item::Event(Err(map_error("consuming", e))));
+            let _ = self
+                .items
+                .send(Item::Event(Err(map_error("consuming", e.clone()))));
             return true;
         }
         tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries)");

@@ -35,8 +35,11 @@ async fn harness<const REAL: bool>(test: &str) -> Option<KafkaHarness<REAL>> {
 }
 
 /// What one handler saw: (key, seq, partition, offset) in handling order.
+/// (key, seq, partition, offset).
+type Entry = (String, usize, i32, u64);
+
 #[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<(String, usize, i32, u64)>>>);
+struct Log(Arc<Mutex<Vec<Entry>>>);
 
 impl Log {
     fn record(&self, d: &Delivery) {
@@ -50,7 +53,7 @@ impl Log {
         ));
     }
 
-    fn entries(&self) -> Vec<(String, usize, i32, u64)> {
+    fn entries(&self) -> Vec<Entry> {
         self.0.lock().unwrap().clone()
     }
 
