@@ -243,14 +243,22 @@ fn committed(client: &BaseConsumer, topic: &str, count: i32, timeout: Duration) 
     let found = client
         .committed_offsets(tpl, timeout)
         .map_err(|e| map_error("reading committed offsets", e))?;
-    Ok((0..count)
-        .map(
-            |partition| match found.find_partition(topic, partition).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            },
-        )
-        .collect())
+    let mut offsets = Vec::with_capacity(count as usize);
+    for partition in 0..count {
+        let Some(elem) = found.find_partition(topic, partition) else {
+            offsets.push(None);
+            continue;
+        };
+        // A partition whose offset could not be read is not "never committed":
+        // fixing a start over it would skip messages.
+        elem.error()
+            .map_err(|e| map_error(&format!("reading the committed offset of {topic}/{partition}"), e))?;
+        offsets.push(match elem.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        });
+    }
+    Ok(offsets)
 }
 
 /// Fixes a group's start on `topic`: partitions without a committed offset get

@@ -122,7 +122,9 @@ impl fmt::Debug for KafkaConfig {
 fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     [
-        "password",
+        "pass",
+        "private",
+        "credential",
         "secret",
         "jaas",
         "token",
@@ -174,26 +176,42 @@ impl KafkaConfig {
     /// and password become `sasl.username` and `sasl.password` (percent-encoded
     /// characters are decoded).
     pub fn from_url(url: &str) -> Result<Self> {
-        let shown = polybus_core::redact_url(url);
+        // Errors show no query (its values may be secrets), and no part of the
+        // URL at all when it has credentials.
+        let has_credentials = url.contains('@');
+        let shown = if has_credentials {
+            "kafka://***".to_owned()
+        } else {
+            url.split('?').next().unwrap_or_default().to_owned()
+        };
         let invalid = |why: String| Error::InvalidConfig(format!("Kafka URL {shown}: {why}"));
         let rest = url
             .strip_prefix("kafka://")
             .ok_or_else(|| invalid("expected kafka://host:port[,host:port…]".into()))?;
-        let (rest, query) = match rest.split_once('?') {
+        // The user information ends at the first `@` (it cannot hold one
+        // unencoded); the query starts at the first `?` after it.
+        let (credentials, rest) = match rest.split_once('@') {
+            Some((c, r)) => (Some(c), r),
+            None => (None, rest),
+        };
+        let (hosts, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
-        };
-        let (credentials, hosts) = match rest.rsplit_once('@') {
-            Some((c, h)) => (Some(c), h),
-            None => (None, rest),
         };
         let hosts = hosts.strip_suffix('/').unwrap_or(hosts);
         if hosts.contains('/') {
             return Err(invalid("a Kafka URL has no path".into()));
         }
         let mut brokers = Vec::new();
-        for entry in hosts.split(',') {
-            brokers.push(parse_broker(entry.trim()).map_err(invalid)?);
+        for (i, entry) in hosts.split(',').enumerate() {
+            let broker = parse_broker(entry.trim()).map_err(|why| {
+                if has_credentials {
+                    invalid(format!("broker #{} is not host:port", i + 1))
+                } else {
+                    invalid(why)
+                }
+            })?;
+            brokers.push(broker);
         }
         let mut config = KafkaConfig::new(brokers);
         if let Some(credentials) = credentials {
@@ -294,6 +312,24 @@ impl KafkaConfig {
                 "max_message_bytes must be more than the {HEADER_ROOM} bytes kept for headers"
             )));
         }
+        let day = Duration::from_secs(24 * 3600);
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("delivery_timeout", self.delivery_timeout),
+            ("session_timeout", self.session_timeout),
+            ("commit_interval", self.commit_interval),
+            ("revoke_timeout", self.revoke_timeout),
+        ] {
+            if value.is_zero() || value > day {
+                return Err(Error::InvalidConfig(format!(
+                    "Kafka {name} must be more than zero and at most a day, not {value:?}"
+                )));
+            }
+        }
+        if self.buffer == 0 {
+            return Err(Error::InvalidConfig("Kafka buffer must be at least 1".into()));
+        }
         if let Some(key) = self
             .properties
             .keys()
@@ -379,6 +415,16 @@ pub async fn connect_with(config: KafkaConfig) -> Result<Connection> {
 
 /// Maps a librdkafka error to polybus's error, by meaning.
 pub(crate) fn map_error(what: &str, e: KafkaError) -> Error {
+    if let KafkaError::ClientConfig(_, description, key, value) = &e {
+        // The value may be a secret: name the property only, and keep no source
+        // (its text holds the value).
+        let description = if !value.is_empty() && description.contains(value.as_str()) {
+            "invalid value".to_owned()
+        } else {
+            description.clone()
+        };
+        return Error::InvalidConfig(format!("{what}: librdkafka property '{key}': {description}"));
+    }
     let code = e.rdkafka_error_code();
     use RDKafkaErrorCode as C;
     match code {
@@ -421,7 +467,14 @@ pub(crate) fn map_error(what: &str, e: KafkaError) -> Error {
             | C::InvalidTopic
             | C::Fatal
             | C::UnsupportedVersion
-            | C::UnsupportedFeature,
+            | C::UnsupportedFeature
+            | C::InvalidReplicationFactor
+            | C::InvalidPartitions
+            | C::InvalidReplicaAssignment
+            | C::PolicyViolation
+            | C::InvalidRequest
+            | C::InvalidRequiredAcks
+            | C::InvalidRecord,
         ) => Error::Backend {
             backend: BACKEND,
             message: format!("{what}: {e}"),
@@ -478,14 +531,55 @@ mod tests {
     }
 
     #[test]
+    fn absurd_settings_are_refused() {
+        let mut c = KafkaConfig::new(vec!["a:1".into()]);
+        c.revoke_timeout = Duration::MAX;
+        assert!(matches!(c.validate(), Err(Error::InvalidConfig(_))));
+        let mut c = KafkaConfig::new(vec!["a:1".into()]);
+        c.commit_interval = Duration::ZERO;
+        assert!(matches!(c.validate(), Err(Error::InvalidConfig(_))));
+        let c = KafkaConfig::new(vec!["a:1".into()]).set("acks", "0");
+        assert!(matches!(c.validate(), Err(Error::InvalidConfig(_))));
+    }
+
+    #[test]
+    fn bad_properties_do_not_echo_their_value() {
+        let c = KafkaConfig::new(vec!["a:1".into()]).set("no.such.property", "hunter2");
+        let e = KafkaProducer::new(&c).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig(_)), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let c = KafkaConfig::new(vec!["a:1".into()]).set("sasl.oauthbearer.client.secret", "hunter2");
+        if let Err(e) = KafkaProducer::new(&c) {
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
     fn secrets_stay_out_of_debug_and_errors() {
         let c = KafkaConfig::from_url("kafka://alice:s3cr%40t@a:9092?security.protocol=SASL_SSL").unwrap();
         assert_eq!(c.properties["sasl.password"], "s3cr@t");
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cr"), "{shown}");
         assert!(shown.contains("alice"), "the user is not a secret: {shown}");
-        let err = KafkaConfig::from_url("kafka://alice:s3cret@a:9092?x=1").unwrap_err();
-        assert!(!err.to_string().contains("s3cret"), "{err}");
+        for leaky in [
+            "kafka://alice:s3cret@a:9092?x=1",
+            "kafka://alice:s3cret@a",
+            "kafka://u:s3cret@a:1,b",
+            "kafka://b:1?sasl.password=s3cret&partitions=x",
+            "kafka://b:1?sasl.password=s3cret&partitions",
+        ] {
+            let err = KafkaConfig::from_url(leaky).unwrap_err();
+            assert!(!err.to_string().contains("s3c"), "{leaky}: {err}");
+        }
+        let c = KafkaConfig::from_url("kafka://alice:s3c%3Fret@a:1").unwrap();
+        assert_eq!(c.properties["sasl.password"], "s3c?ret");
+        // An unencoded `?` in the password still ends up in the password.
+        let c = KafkaConfig::from_url("kafka://alice:s3c?ret@a:1?partitions=2").unwrap();
+        assert_eq!(c.properties["sasl.password"], "s3c?ret");
+        assert_eq!((c.brokers.as_slice(), c.partitions), (&["a:1".to_owned()][..], 2));
+        let c = KafkaConfig::new(vec!["a:1".into()])
+            .set("sasl.oauthbearer.assertion.private.key.passphrase", "pw2");
+        assert!(!format!("{c:?}").contains("pw2"));
         let c = KafkaConfig::new(vec!["a:1".into()]).set("ssl.key.password", "pw1");
         assert!(!format!("{c:?}").contains("pw1"));
     }

@@ -112,6 +112,12 @@ struct State {
     /// member at the next assignment, it restarts there (and commits it) instead
     /// of at the older committed offset.
     carried: HashMap<(String, i32), i64>,
+    /// Assignments, revocations and errors for the runner, ahead of deliveries.
+    controls: VecDeque<Result<Event>>,
+    /// The poll thread has stopped.
+    ended: bool,
+    /// It stopped on a fatal error (the last offsets were not committed).
+    fatal: bool,
 }
 
 impl State {
@@ -166,12 +172,6 @@ enum Command {
     Crash,
 }
 
-/// What the poll thread sends to the async side.
-enum Item {
-    Delivery(Redelivery),
-    Event(Result<Event>),
-}
-
 struct Shared {
     state: Mutex<State>,
     /// Signalled when a delivery is settled (a revocation waits on it).
@@ -180,6 +180,8 @@ struct Shared {
     redelivered: Notify,
     /// Wakes `next` when a delivery is settled (it waits while `prefetch` are out).
     freed: Notify,
+    /// Wakes `next` and `control` when a control event is queued.
+    control_ready: Notify,
     commands: Mutex<std_mpsc::Sender<Command>>,
     /// Whether the poll thread has paused its partitions for lack of credit.
     paused: AtomicBool,
@@ -194,6 +196,12 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an event for the runner ahead of any delivery.
+    fn push_control(&self, event: Result<Event>) {
+        self.lock().controls.push_back(event);
+        self.control_ready.notify_one();
     }
 
     fn command(&self, command: Command) {
@@ -322,8 +330,7 @@ impl AckHandle for KafkaAck {
 /// The consumer's callbacks, run on the poll thread.
 struct Context {
     shared: Arc<Shared>,
-    items: mpsc::UnboundedSender<Item>,
-    first_assignment: Mutex<Option<oneshot::Sender<()>>>,
+    first_assignment: Mutex<Option<oneshot::Sender<Result<()>>>>,
     revoke_timeout: Duration,
 }
 
@@ -359,14 +366,19 @@ impl Context {
     fn assigned(&self, tpl: &TopicPartitionList) {
         let partitions = partitions_of(tpl);
         tracing::debug!(?partitions, "partitions assigned");
-        let _ = self.items.send(Item::Event(Ok(Event::Assigned(partitions))));
-        if let Some(first) = self
+        self.shared.push_control(Ok(Event::Assigned(partitions)));
+        self.first_assignment_done(Ok(()));
+    }
+
+    /// Ends `subscribe`'s wait for the first assignment (once).
+    fn first_assignment_done(&self, result: Result<()>) {
+        let first = self
             .first_assignment
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            let _ = first.send(());
+            .take();
+        if let Some(first) = first {
+            let _ = first.send(result);
         }
     }
 
@@ -409,7 +421,7 @@ impl Context {
         let closing = state.closing;
         drop(state);
         if !closing {
-            let _ = self.items.send(Item::Event(Ok(Event::Revoked(revoked.clone()))));
+            self.shared.push_control(Ok(Event::Revoked(revoked.clone())));
         }
         let held = |state: &mut State| -> usize {
             revoked
@@ -419,7 +431,7 @@ impl Context {
         };
         let until = Instant::now() + self.revoke_timeout;
         let mut state = self.shared.lock();
-        while !closing && !state.crashed {
+        while !state.closing && !state.crashed {
             let left = held(&mut state);
             let now = Instant::now();
             if left == 0 {
@@ -506,6 +518,12 @@ impl ConsumerContext for Context {
                 } else {
                     consumer.assign(tpl)
                 };
+                // A pause outlives an assignment in librdkafka: start the new
+                // partitions unpaused (the poll thread pauses again if full).
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::debug!(error = %e, "resuming newly assigned partitions");
+                }
+                self.shared.paused.store(false, Ordering::Release);
                 self.assigned(tpl);
                 result
             }
@@ -544,7 +562,7 @@ impl ConsumerContext for Context {
 /// An open Kafka subscription.
 pub(crate) struct KafkaSubscription {
     shared: Arc<Shared>,
-    items: mpsc::UnboundedReceiver<Item>,
+    items: mpsc::UnboundedReceiver<Redelivery>,
     close_timeout: Duration,
     closed: bool,
 }
@@ -569,13 +587,13 @@ pub(crate) async fn open(
         prefetch: options.prefetch.max(1),
         buffer: config.buffer.max(options.prefetch).max(1),
         freed: Notify::new(),
+        control_ready: Notify::new(),
         group: group.clone(),
     });
     let (items_tx, items) = mpsc::unbounded_channel();
     let (first_tx, first_rx) = oneshot::channel();
     let context = Context {
         shared: Arc::clone(&shared),
-        items: items_tx.clone(),
         first_assignment: Mutex::new(Some(first_tx)),
         revoke_timeout: config.revoke_timeout,
     };
@@ -623,7 +641,7 @@ pub(crate) async fn open(
             retryable: true,
             source: Some(Box::new(e)),
         })?;
-    let mut sub = KafkaSubscription {
+    let sub = KafkaSubscription {
         shared,
         items,
         close_timeout: config.request_timeout + config.session_timeout,
@@ -631,11 +649,15 @@ pub(crate) async fn open(
     };
     let limit = config.session_timeout + config.request_timeout + config.revoke_timeout;
     match tokio::time::timeout(limit, first_rx).await {
-        Ok(Ok(())) => Ok(sub),
+        Ok(Ok(Ok(()))) => Ok(sub),
+        Ok(Ok(Err(e))) => {
+            let _ = Box::new(sub).close().await;
+            Err(e)
+        }
         Ok(Err(_)) => {
             // The poll thread ended before any assignment: say why if it told.
-            let reason = match sub.items.try_recv() {
-                Ok(Item::Event(Err(e))) => e,
+            let reason = match sub.shared.lock().controls.pop_front() {
+                Some(Err(e)) => e,
                 _ => Error::connection(BACKEND, "the Kafka consumer stopped before joining its group"),
             };
             Err(reason)
@@ -654,7 +676,7 @@ pub(crate) async fn open(
 struct Poller {
     consumer: BaseConsumer<Context>,
     shared: Arc<Shared>,
-    items: mpsc::UnboundedSender<Item>,
+    items: mpsc::UnboundedSender<Redelivery>,
     commands: std_mpsc::Receiver<Command>,
     commit_interval: Duration,
     group: Option<String>,
@@ -735,10 +757,16 @@ impl Poller {
             }
             Flow::Go | Flow::Fatal => {
                 // A fatal error: stop taking messages, leave without committing more.
-                self.shared.lock().crashed = true;
+                {
+                    let mut state = self.shared.lock();
+                    state.crashed = true;
+                    state.fatal = true;
+                }
                 drop(self.consumer);
             }
         }
+        self.shared.lock().ended = true;
+        self.shared.control_ready.notify_one();
     }
 
     /// Pauses the assignment when the subscription holds its prefetch, resumes it
@@ -802,26 +830,44 @@ impl Poller {
         drop(state);
         let delivery = to_delivery(message, self.shared.group.clone());
         self.items
-            .send(Item::Delivery(Redelivery {
+            .send(Redelivery {
                 delivery,
                 topic: name,
                 partition,
                 generation,
                 offset,
-            }))
+            })
             .is_ok()
     }
 
     /// Reports a consumer error; true when it is fatal (the subscription ends).
+    /// Authorization failures go to the runner (and to a `subscribe` still
+    /// waiting) as non-retryable errors; librdkafka retries everything else.
     fn on_error(&self, e: &KafkaError) -> bool {
-        let fatal = matches!(e, KafkaError::MessageConsumptionFatal(_))
-            || e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal);
-        if fatal {
-            tracing::error!(error = %e, "fatal Kafka consumer error; the subscription ends");
-            let _ = self
-                .items
-                .send(Item::Event(Err(map_error("consuming", e.clone()))));
-            return true;
+        use rdkafka::error::RDKafkaErrorCode as C;
+        let code = e.rdkafka_error_code();
+        let fatal = matches!(e, KafkaError::MessageConsumptionFatal(_)) || code == Some(C::Fatal);
+        let refused = matches!(
+            code,
+            Some(
+                C::TopicAuthorizationFailed
+                    | C::GroupAuthorizationFailed
+                    | C::ClusterAuthorizationFailed
+                    | C::SaslAuthenticationFailed
+                    | C::Authentication
+            )
+        );
+        if fatal || refused {
+            tracing::error!(error = %e, "Kafka consumer error; the subscription ends");
+            let error = || Error::Backend {
+                backend: BACKEND,
+                message: format!("consuming: {e}"),
+                retryable: false,
+                source: None,
+            };
+            self.consumer.context().first_assignment_done(Err(error()));
+            self.shared.push_control(Err(error()));
+            return fatal;
         }
         tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries)");
         false
@@ -873,47 +919,75 @@ fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Option<Result<Event>> {
         loop {
-            let (redelivery, full) = {
+            let (control, redelivery, full) = {
                 let mut state = self.shared.lock();
+                let control = state.controls.pop_front();
                 let full = state.yielded >= self.shared.prefetch;
-                (if full { None } else { state.redeliver.pop_front() }, full)
+                let redelivery = if control.is_some() || full {
+                    None
+                } else {
+                    state.redeliver.pop_front()
+                };
+                (control, redelivery, full)
             };
+            if let Some(event) = control {
+                return Some(event);
+            }
             if full {
-                // `prefetch` deliveries are out: wait for one to be settled. (A
-                // settlement between the check and here leaves a permit.)
-                self.shared.freed.notified().await;
+                // `prefetch` deliveries are out: wait for one to be settled (a
+                // settlement between the check and here leaves a permit).
+                tokio::select! {
+                    _ = self.shared.freed.notified() => {}
+                    _ = self.shared.control_ready.notified() => {}
+                }
                 continue;
             }
-            let item = match redelivery {
-                Some(r) => Item::Delivery(r),
+            let r = match redelivery {
+                Some(r) => r,
                 None => {
                     tokio::select! {
                         biased;
-                        item = self.items.recv() => item?,
+                        _ = self.shared.control_ready.notified() => continue,
+                        item = self.items.recv() => match item {
+                            Some(r) => r,
+                            // The poll thread is gone; hand out what it queued last.
+                            None if !self.shared.lock().controls.is_empty() => continue,
+                            None => return None,
+                        },
                         _ = self.shared.redelivered.notified() => continue,
                     }
                 }
             };
-            match item {
-                Item::Event(event) => return Some(event),
-                Item::Delivery(r) => {
-                    if !self
-                        .shared
-                        .hand_out(&r.topic, r.partition, r.generation, r.offset)
-                    {
-                        continue;
-                    }
-                    let acker = Acker::new(KafkaAck {
-                        shared: Arc::clone(&self.shared),
-                        delivery: r.delivery.clone(),
-                        topic: r.topic,
-                        partition: r.partition,
-                        generation: r.generation,
-                        offset: r.offset,
-                    });
-                    return Some(Ok(Event::Delivery(r.delivery, acker)));
+            if !self
+                .shared
+                .hand_out(&r.topic, r.partition, r.generation, r.offset)
+            {
+                continue;
+            }
+            let acker = Acker::new(KafkaAck {
+                shared: Arc::clone(&self.shared),
+                delivery: r.delivery.clone(),
+                topic: r.topic,
+                partition: r.partition,
+                generation: r.generation,
+                offset: r.offset,
+            });
+            return Some(Ok(Event::Delivery(r.delivery, acker)));
+        }
+    }
+
+    async fn control(&mut self) -> Option<Result<Event>> {
+        loop {
+            {
+                let mut state = self.shared.lock();
+                if let Some(event) = state.controls.pop_front() {
+                    return Some(event);
+                }
+                if state.ended {
+                    return None;
                 }
             }
+            self.shared.control_ready.notified().await;
         }
     }
 
@@ -924,11 +998,20 @@ impl Subscription for KafkaSubscription {
             state.closing = true;
             state.redeliver.clear();
         }
+        // A revocation waiting for the runner stops waiting.
+        self.shared.settled.notify_all();
         let (tx, rx) = oneshot::channel();
         self.shared.command(Command::Close(tx));
         match tokio::time::timeout(self.close_timeout, rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Ok(()), // the thread had already stopped
+            // The thread had already stopped.
+            Ok(Err(_)) if self.shared.lock().fatal => Err(Error::Backend {
+                backend: BACKEND,
+                message: "the Kafka consumer had failed; its last offsets were not committed".into(),
+                retryable: false,
+                source: None,
+            }),
+            Ok(Err(_)) => Ok(()),
             Err(_) => Err(Error::timeout("closing the Kafka consumer", self.close_timeout)),
         }
     }

@@ -285,6 +285,15 @@ pub trait Subscription: Send {
     /// delivery is lost (the runner polls it inside `select!`).
     async fn next(&mut self) -> Option<Result<Event>>;
 
+    /// The next control event ([`Event::Assigned`], [`Event::Revoked`], or an
+    /// error), without taking a delivery. The runner polls this while it holds
+    /// all it may and does not call [`next`](Subscription::next), so a
+    /// revocation reaches it even then. Must be cancel-safe. The default never
+    /// resolves (for backends without partitions).
+    async fn control(&mut self) -> Option<Result<Event>> {
+        futures::future::pending().await
+    }
+
     /// Graceful close: gives back deliveries fetched but not yet yielded, commits
     /// what was acked, leaves the group and closes the connection.
     async fn close(self: Box<Self>) -> Result<()>;

@@ -606,8 +606,13 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(pull_paused_until.unwrap_or_else(Instant::now)), if pull_paused_until.is_some() => {
                     pull_paused_until = None;
                 }
-                event = self.sub.next(), if can_pull => {
+                // When full (or pausing after an error), only control events: a
+                // revocation must get through even then.
+                event = pull(&mut *self.sub, can_pull), if subscription_open => {
                     self.on_event(event, &mut subscription_open, &mut pull_paused_until);
+                    if !can_pull {
+                        continue;
+                    }
                     // Take the events that are already waiting without a round
                     // through `select!` each (`next` is cancel-safe, so polling it
                     // once and dropping it when it is not ready loses nothing).
@@ -945,6 +950,16 @@ impl Dispatcher {
             tracing::warn!(error = %e, "closing the subscription failed");
         }
         self.counters.report(false)
+    }
+}
+
+/// The subscription's next event, or only its next control event when the
+/// runner cannot take deliveries.
+async fn pull(sub: &mut dyn Subscription, deliveries: bool) -> Option<Result<Event>> {
+    if deliveries {
+        sub.next().await
+    } else {
+        sub.control().await
     }
 }
 
