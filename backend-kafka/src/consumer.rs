@@ -370,10 +370,15 @@ pub(crate) fn consumer_config(config: &KafkaConfig, group: &str) -> rdkafka::Cli
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
+        .set("queued.min.messages", config.buffer.to_string())
         .set("session.timeout.ms", millis(config.session_timeout))
         .set(
             "heartbeat.interval.ms",
             millis(config.session_timeout / 4).as_str(),
         );
+    if !config.properties.contains_key("queued.max.messages.kbytes") {
+        // Per partition, since each has a queue of its own (librdkafka: 64 MiB).
+        c.set("queued.max.messages.kbytes", "16384");
+    }
     c
 }

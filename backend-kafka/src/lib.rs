@@ -81,9 +81,12 @@ pub struct KafkaConfig {
     /// below the group's rebalance timeout). What it cannot wait for is
     /// redelivered to the new owner: duplicates, never loss.
     pub revoke_timeout: Duration,
-    /// How many fetched messages a subscription keeps ready beyond what its
-    /// runner holds (default 1,000, at least the subscription's prefetch). Above
-    /// it the subscription pauses its partitions; it resumes them at half.
+    /// How many fetched records librdkafka keeps ready per assigned partition
+    /// (`queued.min.messages`, default 1,000; bytes are bounded too, by
+    /// `queued.max.messages.kbytes`, 16 MiB per partition unless set). The
+    /// subscription takes records from these queues only while its runner has
+    /// room, so a slow handler never makes memory grow with the backlog, and
+    /// nothing is paused or fetched twice.
     pub buffer: usize,
     /// The largest record the producer sends, headers and key included
     /// (librdkafka's `message.max.bytes`, default 1,000,000; the broker's

@@ -24,6 +24,7 @@ use polybus_core::{
     Subscription, async_trait, wire,
 };
 use rdkafka::client::ClientContext;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -105,7 +106,8 @@ struct State {
     generation: u64,
     closing: bool,
     crashed: bool,
-    /// Set by an assignment: the poll thread's paused partitions are gone.
+    /// Set by an assignment: the poll thread gives every assigned partition a
+    /// queue of its own again (an assignment deactivates the old ones).
     reassigned: bool,
     /// Positions whose commit at a revocation failed (some brokers refuse
     /// commits while the group rebalances): if the partition comes back to this
@@ -183,13 +185,11 @@ struct Shared {
     /// Wakes `next` and `control` when a control event is queued.
     control_ready: Notify,
     commands: Mutex<std_mpsc::Sender<Command>>,
-    /// Whether the poll thread has paused its partitions for lack of credit.
-    paused: AtomicBool,
+    /// Whether the poll thread stopped taking messages for lack of room.
+    starved: AtomicBool,
     /// How many deliveries may be handed out and unsettled at once.
     prefetch: usize,
-    /// How many fetched messages may wait to be handed out; above it the
-    /// partitions are paused.
-    buffer: usize,
+
     group: Option<String>,
 }
 
@@ -212,14 +212,14 @@ impl Shared {
             .send(command);
     }
 
-    /// At or below this many queued messages, paused partitions resume.
+    /// At or below this many queued messages, a starved poll thread takes more.
     fn resume_at(&self) -> usize {
-        self.buffer / 2
+        self.prefetch / 2
     }
 
-    /// Tells a paused poll thread to resume when the queue has room again.
+    /// Wakes a starved poll thread when the queue has room again.
     fn wake_if_room(&self, queued: usize) {
-        if queued <= self.resume_at() && self.paused.swap(false, Ordering::AcqRel) {
+        if queued <= self.resume_at() && self.starved.swap(false, Ordering::AcqRel) {
             self.command(Command::Wake);
         }
     }
@@ -518,12 +518,6 @@ impl ConsumerContext for Context {
                 } else {
                     consumer.assign(tpl)
                 };
-                // A pause outlives an assignment in librdkafka: start the new
-                // partitions unpaused (the poll thread pauses again if full).
-                if let Err(e) = consumer.resume(tpl) {
-                    tracing::debug!(error = %e, "resuming newly assigned partitions");
-                }
-                self.shared.paused.store(false, Ordering::Release);
                 self.assigned(tpl);
                 result
             }
@@ -583,9 +577,8 @@ pub(crate) async fn open(
         settled: Condvar::new(),
         redelivered: Notify::new(),
         commands: Mutex::new(commands),
-        paused: AtomicBool::new(false),
+        starved: AtomicBool::new(false),
         prefetch: options.prefetch.max(1),
-        buffer: config.buffer.max(options.prefetch).max(1),
         freed: Notify::new(),
         control_ready: Notify::new(),
         group: group.clone(),
@@ -624,7 +617,7 @@ pub(crate) async fn open(
         }
     }
     let poller = Poller {
-        consumer,
+        consumer: Arc::new(consumer),
         shared: Arc::clone(&shared),
         items: items_tx,
         commands: command_rx,
@@ -674,7 +667,7 @@ pub(crate) async fn open(
 
 /// Owns the consumer on its thread.
 struct Poller {
-    consumer: BaseConsumer<Context>,
+    consumer: Arc<BaseConsumer<Context>>,
     shared: Arc<Shared>,
     items: mpsc::UnboundedSender<Redelivery>,
     commands: std_mpsc::Receiver<Command>,
@@ -684,7 +677,6 @@ struct Poller {
 }
 
 enum Flow {
-    Go,
     Close(oneshot::Sender<Result<()>>),
     Crash,
     Fatal,
@@ -692,12 +684,15 @@ enum Flow {
 
 impl Poller {
     fn run(self) {
-        let mut paused = false;
+        let mut queues: Vec<PartitionQueue<Context>> = Vec::new();
+        let mut next_queue = 0usize;
+        let mut idle = false;
         let mut last_commit = Instant::now();
         tracing::debug!(group = %self.topics_group, "Kafka poll thread started");
-        let flow = loop {
-            // Commands first; while paused, wait for one (credit) a little.
-            let first = if paused {
+        let flow = 'run: loop {
+            // Commands first; when there was nothing to do, wait for one (new
+            // data, room, close) a little.
+            let first = if idle {
                 match self.commands.recv_timeout(Duration::from_millis(100)) {
                     Ok(c) => Some(c),
                     Err(std_mpsc::RecvTimeoutError::Timeout) => None,
@@ -706,33 +701,65 @@ impl Poller {
             } else {
                 None
             };
-            let mut flow = Flow::Go;
             for command in first
                 .into_iter()
                 .chain(std::iter::from_fn(|| self.commands.try_recv().ok()))
             {
                 match command {
                     Command::Wake => {}
-                    Command::Close(reply) => flow = Flow::Close(reply),
-                    Command::Crash => flow = Flow::Crash,
-                }
-                if !matches!(flow, Flow::Go) {
-                    break;
+                    Command::Close(reply) => break 'run Flow::Close(reply),
+                    Command::Crash => break 'run Flow::Crash,
                 }
             }
-            if !matches!(flow, Flow::Go) {
-                break flow;
+            idle = true;
+            // The consumer queue: rebalances and errors, and messages fetched
+            // before their partition got a queue of its own (older ones first).
+            for _ in 0..256 {
+                match self.consumer.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Ok(message)) => {
+                        idle = false;
+                        if !self.on_message(&message) {
+                            break 'run Flow::Crash;
+                        }
+                    }
+                    Some(Err(e)) if self.on_error(&e) => break 'run Flow::Fatal,
+                    Some(Err(_)) => {}
+                }
             }
-            paused = self.credit(paused);
-            let timeout = if paused {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(100)
-            };
-            match self.consumer.poll(timeout) {
-                Some(Ok(message)) if !self.on_message(&message) => break Flow::Crash,
-                Some(Err(e)) if self.on_error(&e) => break Flow::Fatal,
-                _ => {}
+            if std::mem::take(&mut self.shared.lock().reassigned) {
+                queues = self.split_queues(queues);
+            }
+            // Partition queues, round robin, while the runner has room. librdkafka
+            // stops fetching a partition whose queue is full (`queued.min.messages`,
+            // `queued.max.messages.kbytes`), so nothing is paused or fetched twice.
+            let mut room = self.shared.prefetch.saturating_sub(self.shared.lock().queued);
+            if room == 0 {
+                self.shared.starved.store(true, Ordering::Release);
+                // Room made between the count and the flag would go unnoticed.
+                if self.shared.lock().queued >= self.shared.prefetch {
+                    continue;
+                }
+                self.shared.starved.store(false, Ordering::Release);
+                idle = false;
+            }
+            let mut empty = 0;
+            while room > 0 && empty < queues.len() {
+                let queue = &queues[next_queue % queues.len()];
+                next_queue = next_queue.wrapping_add(1);
+                match queue.poll(Duration::ZERO) {
+                    None => empty += 1,
+                    Some(Ok(message)) => {
+                        empty = 0;
+                        room -= 1;
+                        idle = false;
+                        if !self.on_message(&message) {
+                            break 'run Flow::Crash;
+                        }
+                    }
+                    Some(Err(e)) if self.on_error(&e) => break 'run Flow::Fatal,
+                    Some(Err(_)) => empty += 1,
+                }
             }
             if self.group.is_some() && last_commit.elapsed() >= self.commit_interval {
                 last_commit = Instant::now();
@@ -744,6 +771,8 @@ impl Poller {
                 }
             }
         };
+        // The partition queues hold the consumer too: let them go first.
+        drop(queues);
         match flow {
             Flow::Close(reply) => {
                 let result = self.commit_all();
@@ -755,7 +784,7 @@ impl Poller {
                 self.shared.lock().crashed = true;
                 drop(self.consumer);
             }
-            Flow::Go | Flow::Fatal => {
+            Flow::Fatal => {
                 // A fatal error: stop taking messages, leave without committing more.
                 {
                     let mut state = self.shared.lock();
@@ -769,44 +798,39 @@ impl Poller {
         self.shared.control_ready.notify_one();
     }
 
-    /// Pauses the assignment when the subscription holds its prefetch, resumes it
-    /// when it has room again. Returns whether it is paused.
-    fn credit(&self, paused: bool) -> bool {
-        let (queued, reassigned) = {
-            let mut state = self.shared.lock();
-            (state.queued, std::mem::take(&mut state.reassigned))
+    /// Gives every assigned partition a queue of its own, woken into the poll
+    /// loop when it gets data. The old queues go first (an assignment
+    /// deactivated them, and dropping one later would switch off its
+    /// partition's wake-up).
+    fn split_queues(&self, old: Vec<PartitionQueue<Context>>) -> Vec<PartitionQueue<Context>> {
+        drop(old);
+        let assigned: Vec<(String, i32)> = {
+            let state = self.shared.lock();
+            state
+                .topics
+                .iter()
+                .flat_map(|(topic, (_, parts))| parts.keys().map(move |p| (topic.clone(), *p)))
+                .collect()
         };
-        let paused = paused && !reassigned;
-        let pause = !paused && queued >= self.shared.buffer;
-        let resume = paused && queued <= self.shared.resume_at();
-        if !pause && !resume {
-            return paused;
+        let wake = self
+            .shared
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut queues = Vec::with_capacity(assigned.len());
+        for (topic, partition) in assigned {
+            let Some(mut queue) = self.consumer.split_partition_queue(&topic, partition) else {
+                tracing::warn!(topic, partition, "no queue for an assigned partition");
+                continue;
+            };
+            let wake = wake.clone();
+            queue.set_nonempty_callback(move || {
+                let _ = wake.send(Command::Wake);
+            });
+            queues.push(queue);
         }
-        let Ok(assignment) = self.consumer.assignment() else {
-            return paused;
-        };
-        if resume {
-            return self.resume(&assignment);
-        }
-        if let Err(e) = self.consumer.pause(&assignment) {
-            tracing::warn!(error = %e, "pausing partitions failed");
-            return false;
-        }
-        self.shared.paused.store(true, Ordering::Release);
-        // Room made between the count and the flag would go unnoticed: look again.
-        self.shared.lock().queued > self.shared.resume_at() || self.resume(&assignment)
-    }
-
-    /// Resumes `assignment`; returns false (not paused) unless resuming failed.
-    fn resume(&self, assignment: &TopicPartitionList) -> bool {
-        self.shared.paused.store(false, Ordering::Release);
-        match self.consumer.resume(assignment) {
-            Ok(()) => false,
-            Err(e) => {
-                tracing::warn!(error = %e, "resuming partitions failed");
-                true
-            }
-        }
+        queues
     }
 
     /// Books a fetched message and sends it on; false when nobody listens any more.
