@@ -12,8 +12,9 @@
 //!   unsettled message. It commits every [`KafkaConfig::commit_interval`], on
 //!   close, and when partitions are revoked — after the runner has finished or
 //!   given back what it held from them. `release` keeps the offset back and hands
-//!   the message out again. Partitions are paused while the subscription holds
-//!   its prefetch and resumed when the runner catches up.
+//!   the message out again. Each assigned partition has a librdkafka queue of
+//!   its own, read only while the runner has room; librdkafka stops fetching a
+//!   full one ([`KafkaConfig::buffer`]).
 //! * **Topics** are created through the admin client with
 //!   [`KafkaConfig::partitions`] partitions, with their `<topic>.dlq`.
 //!
