@@ -459,6 +459,8 @@ impl Context {
             }
             state.remove_part(&p.topic, p.partition);
         }
+        // The poll thread drops the revoked partitions' queues.
+        state.reassigned = true;
         let crashed = state.crashed;
         drop(state);
         if crashed || commit.count() == 0 || consumer.assignment_lost() || self.shared.group.is_none() {

@@ -90,19 +90,29 @@ async fn publish(conn: &Connection, topic: &str, range: std::ops::Range<usize>, 
     }
 }
 
-async fn rebalance_mid_stream<const REAL: bool>() {
-    let test = "rebalance_mid_stream_loses_nothing_and_keeps_key_order";
-    let Some(h) = harness::<REAL>(test).await else {
-        return;
-    };
+/// A harness, a connection, and a new topic with a group declared on it (from
+/// the latest offset); `None` after a loud SKIP when the broker is missing.
+async fn setup<const REAL: bool>(
+    test: &str,
+    prefix: &str,
+) -> Option<(KafkaHarness<REAL>, Connection, String, String)> {
+    let h = harness::<REAL>(test).await?;
     let conn = h.connect().await.expect("connect");
-    let topic = h.unique_name("rebalance");
+    let topic = h.unique_name(prefix);
     conn.consumer.declare_topic(&topic).await.expect("declare topic");
     let group = h.unique_name("g");
     conn.consumer
         .declare_group(&topic, &group, StartFrom::Latest)
         .await
         .expect("declare group");
+    Some((h, conn, topic, group))
+}
+
+async fn rebalance_mid_stream<const REAL: bool>() {
+    let test = "rebalance_mid_stream_loses_nothing_and_keeps_key_order";
+    let Some((h, conn, topic, group)) = setup::<REAL>(test, "rebalance").await else {
+        return;
+    };
     const TOTAL: usize = 2000;
     const KEYS: usize = 24;
     let log = Log::default();
@@ -168,17 +178,9 @@ async fn rebalance_mid_stream<const REAL: bool>() {
 
 async fn crash_resumes_from_committed<const REAL: bool>() {
     let test = "dropped_consumer_resumes_from_committed_offsets";
-    let Some(h) = harness::<REAL>(test).await else {
+    let Some((h, conn, topic, group)) = setup::<REAL>(test, "crash").await else {
         return;
     };
-    let conn = h.connect().await.expect("connect");
-    let topic = h.unique_name("crash");
-    conn.consumer.declare_topic(&topic).await.expect("declare topic");
-    let group = h.unique_name("g");
-    conn.consumer
-        .declare_group(&topic, &group, StartFrom::Latest)
-        .await
-        .expect("declare group");
     const TOTAL: usize = 600;
     publish(&conn, &topic, 0..TOTAL, 8).await;
     let run = |conn: &Connection, log: Log, delay: Duration| {

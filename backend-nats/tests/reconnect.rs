@@ -24,10 +24,7 @@ struct Server {
 
 impl Server {
     fn start(binary: &str) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = polybus_conformance::free_port().expect("a free port");
         let dir = std::env::temp_dir().join(format!("polybus-nats-{}", uuid_like()));
         std::fs::create_dir_all(&dir).expect("a store directory");
         let mut server = Server {

@@ -60,10 +60,7 @@ impl Harness for RabbitHarness {
     }
 
     async fn connect_unreachable(&self, timeout: Duration) -> Result<Connection> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| polybus_core::Error::InvalidConfig(format!("no free port: {e}")))?
-            .port();
+        let port = polybus_conformance::free_port()?;
         let config =
             RabbitConfig::new(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))?.connect_timeout(timeout);
         polybus_rabbitmq::connect_with(config).await

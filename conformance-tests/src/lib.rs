@@ -134,6 +134,15 @@ pub fn broker_url(var: &str, test: &str) -> Option<String> {
     }
 }
 
+/// A port on 127.0.0.1 where nothing listens (bound, then let go), for the
+/// unreachable-broker case and for brokers a test starts itself.
+pub fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| polybus_core::Error::InvalidConfig(format!("no free port: {e}")))
+}
+
 /// Writes a line straight to the process's stderr, past the test harness's output
 /// capture, so skips are always visible.
 pub fn loud(line: &str) {

@@ -163,10 +163,7 @@ impl<const REAL: bool> Harness for KafkaHarness<REAL> {
     }
 
     async fn connect_unreachable(&self, timeout: Duration) -> Result<Connection> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| polybus_core::Error::InvalidConfig(format!("no free port: {e}")))?
-            .port();
+        let port = polybus_conformance::free_port()?;
         let config = KafkaConfig::from_url(&format!("kafka://127.0.0.1:{port}"))?.connect_timeout(timeout);
         polybus_kafka::connect_with(config).await
     }

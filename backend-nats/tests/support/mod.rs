@@ -67,10 +67,7 @@ impl<const CORE: bool> Harness for NatsHarness<CORE> {
 
     async fn connect_unreachable(&self, timeout: Duration) -> Result<Connection> {
         // A port nothing listens on: bind one, then let it go.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| polybus_core::Error::InvalidConfig(format!("no free port: {e}")))?
-            .port();
+        let port = polybus_conformance::free_port()?;
         let config = NatsConfig::from_url(&format!("nats://127.0.0.1:{port}"))?
             .mode(self.config.mode)
             .connect_timeout(timeout);
