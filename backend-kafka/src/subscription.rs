@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use polybus_core::{
@@ -106,9 +106,6 @@ struct State {
     generation: u64,
     closing: bool,
     crashed: bool,
-    /// Set by an assignment: the poll thread gives every assigned partition a
-    /// queue of its own again (an assignment deactivates the old ones).
-    reassigned: bool,
     /// Positions whose commit at a revocation failed (some brokers refuse
     /// commits while the group rebalances): if the partition comes back to this
     /// member at the next assignment, it restarts there (and commits it) instead
@@ -187,6 +184,11 @@ struct Shared {
     commands: Mutex<std_mpsc::Sender<Command>>,
     /// Whether the poll thread stopped taking messages for lack of room.
     starved: AtomicBool,
+    /// A librdkafka queue per assigned partition, split off the consumer queue
+    /// in the rebalance callback before the partition is assigned (so nothing
+    /// of it ever reaches the consumer queue). They hold the consumer: the poll
+    /// thread clears them before it drops it.
+    queues: Mutex<Vec<(String, i32, PartitionQueue<Context>)>>,
     /// How many deliveries may be handed out and unsettled at once.
     prefetch: usize,
 
@@ -202,6 +204,10 @@ impl Shared {
     fn push_control(&self, event: Result<Event>) {
         self.lock().controls.push_back(event);
         self.control_ready.notify_one();
+    }
+
+    fn queues(&self) -> MutexGuard<'_, Vec<(String, i32, PartitionQueue<Context>)>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn command(&self, command: Command) {
@@ -331,6 +337,8 @@ impl AckHandle for KafkaAck {
 struct Context {
     shared: Arc<Shared>,
     first_assignment: Mutex<Option<oneshot::Sender<Result<()>>>>,
+    /// The consumer itself, to split partition queues off in the callback.
+    consumer: OnceLock<Weak<BaseConsumer<Context>>>,
     revoke_timeout: Duration,
 }
 
@@ -382,11 +390,56 @@ impl Context {
         }
     }
 
+    /// Gives each partition of `tpl` a queue of its own, woken into the poll
+    /// loop when it gets data. Called before librdkafka starts fetching them.
+    fn split(&self, tpl: &TopicPartitionList) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let wake = self
+            .shared
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut queues = self.shared.queues();
+        for e in tpl.elements() {
+            let (topic, partition) = (e.topic(), e.partition());
+            // An old handle goes first: dropping it switches the wake-up off.
+            queues.retain(|(t, p, _)| !(t == topic && *p == partition));
+            let Some(mut queue) = consumer.split_partition_queue(topic, partition) else {
+                tracing::warn!(topic, partition, "no queue for an assigned partition");
+                continue;
+            };
+            let wake = wake.clone();
+            queue.set_nonempty_callback(move || {
+                let _ = wake.send(Command::Wake);
+            });
+            queues.push((topic.to_owned(), partition, queue));
+        }
+    }
+
+    /// Drops the queues of revoked partitions, emptied first (librdkafka would
+    /// keep their outdated records until the client is destroyed).
+    fn unsplit(&self, tpl: &TopicPartitionList) {
+        let mut queues = self.shared.queues();
+        queues.retain(|(topic, partition, queue)| {
+            let revoked = tpl.find_partition(topic, *partition).is_some();
+            if revoked {
+                for _ in 0..100_000 {
+                    if queue.poll(Duration::ZERO).is_none() {
+                        break;
+                    }
+                }
+            }
+            !revoked
+        });
+    }
+
     fn assign(&self, tpl: &TopicPartitionList) {
         let mut state = self.shared.lock();
         state.generation += 1;
         let generation = state.generation;
-        state.reassigned = true;
         for e in tpl.elements() {
             state.remove_part(e.topic(), e.partition());
             let entry = state
@@ -459,8 +512,6 @@ impl Context {
             }
             state.remove_part(&p.topic, p.partition);
         }
-        // The poll thread drops the revoked partitions' queues.
-        state.reassigned = true;
         let crashed = state.crashed;
         drop(state);
         if crashed || commit.count() == 0 || consumer.assignment_lost() || self.shared.group.is_none() {
@@ -515,6 +566,7 @@ impl ConsumerContext for Context {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.assign(tpl);
                 self.apply_carried(consumer, tpl);
+                self.split(tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -525,6 +577,7 @@ impl ConsumerContext for Context {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.revoke(consumer, tpl);
+                self.unsplit(tpl);
                 if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -534,6 +587,7 @@ impl ConsumerContext for Context {
             other => {
                 tracing::warn!(error = ?other, "Kafka rebalance failed; unassigning");
                 self.revoke(consumer, tpl);
+                self.unsplit(tpl);
                 consumer.unassign()
             }
         };
@@ -580,6 +634,7 @@ pub(crate) async fn open(
         redelivered: Notify::new(),
         commands: Mutex::new(commands),
         starved: AtomicBool::new(false),
+        queues: Mutex::new(Vec::new()),
         prefetch: options.prefetch.max(1),
         freed: Notify::new(),
         control_ready: Notify::new(),
@@ -590,20 +645,24 @@ pub(crate) async fn open(
     let context = Context {
         shared: Arc::clone(&shared),
         first_assignment: Mutex::new(Some(first_tx)),
+        consumer: OnceLock::new(),
         revoke_timeout: config.revoke_timeout,
     };
     let group_id = group
         .clone()
         .unwrap_or_else(|| format!("polybus-private-{}", uuid::Uuid::new_v4().simple()));
-    let consumer: BaseConsumer<Context> = consumer_config(&config, &group_id)
-        .create_with_context(context)
-        .map_err(|e| map_error("creating the Kafka consumer", e))?;
-    match &start {
+    let consumer: Arc<BaseConsumer<Context>> = Arc::new(
+        consumer_config(&config, &group_id)
+            .create_with_context(context)
+            .map_err(|e| map_error("creating the Kafka consumer", e))?,
+    );
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+    let started = match &start {
         Start::Group(_) => {
             let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
             consumer
                 .subscribe(&topics)
-                .map_err(|e| map_error("subscribing", e))?;
+                .map_err(|e| map_error("subscribing", e))
         }
         Start::Assign(offsets) => {
             let mut tpl = TopicPartitionList::new();
@@ -611,15 +670,23 @@ pub(crate) async fn open(
                 tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
                     .map_err(|e| map_error("building the assignment", e))?;
             }
-            consumer.context().assign(&tpl);
-            consumer
+            let context = consumer.context();
+            context.assign(&tpl);
+            context.split(&tpl);
+            let assigned = consumer
                 .assign(&tpl)
-                .map_err(|e| map_error("assigning partitions", e))?;
-            consumer.context().assigned(&tpl);
+                .map_err(|e| map_error("assigning partitions", e));
+            context.assigned(&tpl);
+            assigned
         }
+    };
+    if let Err(e) = started {
+        // The partition queues hold the consumer: let them go with it.
+        shared.queues().clear();
+        return Err(e);
     }
     let poller = Poller {
-        consumer: Arc::new(consumer),
+        consumer,
         shared: Arc::clone(&shared),
         items: items_tx,
         commands: command_rx,
@@ -686,7 +753,6 @@ enum Flow {
 
 impl Poller {
     fn run(self) {
-        let mut queues: Vec<PartitionQueue<Context>> = Vec::new();
         let mut next_queue = 0usize;
         let mut idle = false;
         let mut last_commit = Instant::now();
@@ -714,9 +780,10 @@ impl Poller {
                 }
             }
             idle = true;
-            // The consumer queue: rebalances and errors, and messages fetched
-            // before their partition got a queue of its own (older ones first).
-            for _ in 0..256 {
+            // The consumer queue: rebalances (their callbacks run in here) and
+            // errors. Records come through it only for a partition that could
+            // not get a queue of its own.
+            for _ in 0..64 {
                 match self.consumer.poll(Duration::ZERO) {
                     None => break,
                     Some(Ok(message)) => {
@@ -729,8 +796,14 @@ impl Poller {
                     Some(Err(_)) => {}
                 }
             }
-            if std::mem::take(&mut self.shared.lock().reassigned) {
-                queues = self.split_queues(queues);
+            if self.group.is_some() && last_commit.elapsed() >= self.commit_interval {
+                last_commit = Instant::now();
+                let tpl = self.shared.lock().positions(false);
+                if tpl.count() > 0
+                    && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+                {
+                    tracing::warn!(error = %e, "offset commit failed; it is sent again");
+                }
             }
             // Partition queues, round robin, while the runner has room. librdkafka
             // stops fetching a partition whose queue is full (`queued.min.messages`,
@@ -743,11 +816,12 @@ impl Poller {
                     continue;
                 }
                 self.shared.starved.store(false, Ordering::Release);
-                idle = false;
+                room = 1;
             }
+            let queues = self.shared.queues();
             let mut empty = 0;
             while room > 0 && empty < queues.len() {
-                let queue = &queues[next_queue % queues.len()];
+                let (_, _, queue) = &queues[next_queue % queues.len()];
                 next_queue = next_queue.wrapping_add(1);
                 match queue.poll(Duration::ZERO) {
                     None => empty += 1,
@@ -763,18 +837,10 @@ impl Poller {
                     Some(Err(_)) => empty += 1,
                 }
             }
-            if self.group.is_some() && last_commit.elapsed() >= self.commit_interval {
-                last_commit = Instant::now();
-                let tpl = self.shared.lock().positions(false);
-                if tpl.count() > 0
-                    && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
-                {
-                    tracing::warn!(error = %e, "offset commit failed; it is sent again");
-                }
-            }
         };
-        // The partition queues hold the consumer too: let them go first.
-        drop(queues);
+        // The partition queues hold the consumer too: let them go first, so that
+        // dropping it closes it here (its revocation callback runs on this thread).
+        self.shared.queues().clear();
         match flow {
             Flow::Close(reply) => {
                 let result = self.commit_all();
@@ -798,41 +864,6 @@ impl Poller {
         }
         self.shared.lock().ended = true;
         self.shared.control_ready.notify_one();
-    }
-
-    /// Gives every assigned partition a queue of its own, woken into the poll
-    /// loop when it gets data. The old queues go first (an assignment
-    /// deactivated them, and dropping one later would switch off its
-    /// partition's wake-up).
-    fn split_queues(&self, old: Vec<PartitionQueue<Context>>) -> Vec<PartitionQueue<Context>> {
-        drop(old);
-        let assigned: Vec<(String, i32)> = {
-            let state = self.shared.lock();
-            state
-                .topics
-                .iter()
-                .flat_map(|(topic, (_, parts))| parts.keys().map(move |p| (topic.clone(), *p)))
-                .collect()
-        };
-        let wake = self
-            .shared
-            .commands
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut queues = Vec::with_capacity(assigned.len());
-        for (topic, partition) in assigned {
-            let Some(mut queue) = self.consumer.split_partition_queue(&topic, partition) else {
-                tracing::warn!(topic, partition, "no queue for an assigned partition");
-                continue;
-            };
-            let wake = wake.clone();
-            queue.set_nonempty_callback(move || {
-                let _ = wake.send(Command::Wake);
-            });
-            queues.push(queue);
-        }
-        queues
     }
 
     /// Books a fetched message and sends it on; false when nobody listens any more.
