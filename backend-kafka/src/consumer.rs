@@ -302,6 +302,9 @@ impl Consumer for KafkaConsumer {
         let mut caps = Capabilities::new(BACKEND, self.config.max_payload());
         caps.positional_acks = true;
         caps.key_order_across_instances = true;
+        // Kafka's only deadline: a member that stops polling is removed from its
+        // group. The poll thread keeps polling while handlers run.
+        caps.ack_deadline = Some(self.config.max_poll_interval);
         caps
     }
 
@@ -372,6 +375,7 @@ pub(crate) fn consumer_config(config: &KafkaConfig, group: &str) -> rdkafka::Cli
         .set("auto.offset.reset", "earliest")
         .set("queued.min.messages", config.buffer.to_string())
         .set("session.timeout.ms", millis(config.session_timeout))
+        .set("max.poll.interval.ms", millis(config.max_poll_interval))
         .set(
             "heartbeat.interval.ms",
             millis(config.session_timeout / 4).as_str(),

@@ -75,6 +75,12 @@ pub struct KafkaConfig {
     /// The group session timeout (default 10 s): a member that stops
     /// heartbeating is removed from its group after this long.
     pub session_timeout: Duration,
+    /// librdkafka's `max.poll.interval.ms` (default 5 min, at least the
+    /// session timeout): a member that does not poll for this long leaves its
+    /// group and its partitions go elsewhere. The subscription's poll thread
+    /// polls whatever the handlers do, so a slow handler never triggers it; it
+    /// is the backend's ack deadline in its capabilities.
+    pub max_poll_interval: Duration,
     /// How often settled offsets are committed while consuming (default 1 s).
     pub commit_interval: Duration,
     /// How long a revocation waits for the runner to finish or give back the
@@ -113,6 +119,7 @@ impl fmt::Debug for KafkaConfig {
             .field("request_timeout", &self.request_timeout)
             .field("delivery_timeout", &self.delivery_timeout)
             .field("session_timeout", &self.session_timeout)
+            .field("max_poll_interval", &self.max_poll_interval)
             .field("commit_interval", &self.commit_interval)
             .field("revoke_timeout", &self.revoke_timeout)
             .field("buffer", &self.buffer)
@@ -163,6 +170,7 @@ impl KafkaConfig {
             request_timeout: Duration::from_secs(10),
             delivery_timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(10),
+            max_poll_interval: Duration::from_secs(300),
             commit_interval: Duration::from_secs(1),
             revoke_timeout: Duration::from_secs(10),
             buffer: 1000,
@@ -323,6 +331,7 @@ impl KafkaConfig {
             ("delivery_timeout", self.delivery_timeout),
             ("session_timeout", self.session_timeout),
             ("commit_interval", self.commit_interval),
+            ("max_poll_interval", self.max_poll_interval),
             ("revoke_timeout", self.revoke_timeout),
         ] {
             if value.is_zero() || value > day {
@@ -330,6 +339,11 @@ impl KafkaConfig {
                     "Kafka {name} must be more than zero and at most a day, not {value:?}"
                 )));
             }
+        }
+        if self.max_poll_interval < self.session_timeout {
+            return Err(Error::InvalidConfig(
+                "Kafka max_poll_interval must be at least the session timeout".into(),
+            ));
         }
         if self.buffer == 0 {
             return Err(Error::InvalidConfig("Kafka buffer must be at least 1".into()));

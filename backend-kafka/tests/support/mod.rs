@@ -27,6 +27,9 @@ pub fn test_config(brokers: &str) -> KafkaConfig {
         .session_timeout(Duration::from_secs_f64(6.0 * m))
         .connect_timeout(Duration::from_secs_f64(5.0 * m));
     config.commit_interval = Duration::from_millis(200);
+    // As short as librdkafka allows (the session timeout), so the keep-alive
+    // case holds handlers past it.
+    config.max_poll_interval = config.session_timeout;
     config.revoke_timeout = Duration::from_secs_f64(5.0 * m);
     config
 }
