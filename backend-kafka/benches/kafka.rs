@@ -95,10 +95,7 @@ fn main() {
         .unwrap_or_else(|_| "127.0.0.1:9092".into());
     let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 1_000_000);
     let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = bench::runtime();
     runtime.block_on(async move {
         let config = KafkaConfig::from_url(&format!("kafka://{brokers}"))
             .expect("broker list")
@@ -111,7 +108,7 @@ fn main() {
             .create()
             .expect("raw producer");
         let payload = Bytes::from(vec![b'x'; 100]);
-        let mut rates: [Vec<f64>; 4] = Default::default();
+        let mut rates = bench::Rates::new(n);
         let id = std::process::id();
         println!("Kafka at {brokers}, {n} records of 100 bytes per measurement, {runs} runs");
         for run in 0..runs {
@@ -120,7 +117,6 @@ fn main() {
             for t in [&raw_topic, &pb_topic] {
                 conn.consumer.declare_topic(t).await.expect("topic");
             }
-            let rate = |d: Duration| n as f64 / d.as_secs_f64();
             let (raw_pub, pb_pub) = if run % 2 == 0 {
                 let r = raw_produce(&raw, &raw_topic, n, &payload).await;
                 (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
@@ -138,25 +134,8 @@ fn main() {
                 let p = polybus_consume(&conn, &raw_topic, &pb_group, n).await;
                 (raw_consume(&brokers, &pb_topic, &raw_group, n).await, p)
             };
-            for (i, d) in [raw_pub, pb_pub, raw_con, pb_con].into_iter().enumerate() {
-                rates[i].push(rate(d));
-            }
-            println!(
-                "run {run}: produce raw {:.0}/s polybus {:.0}/s | consume+ack raw {:.0}/s polybus {:.0}/s",
-                rate(raw_pub),
-                rate(pb_pub),
-                rate(raw_con),
-                rate(pb_con)
-            );
+            rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
         }
-        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(bench::median);
-        println!(
-            "median produce:     raw {raw_pub:.0}/s, polybus {pb_pub:.0}/s, ratio {:.2}",
-            pb_pub / raw_pub
-        );
-        println!(
-            "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
-            pb_con / raw_con
-        );
+        rates.report();
     });
 }

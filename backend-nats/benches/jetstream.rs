@@ -106,10 +106,7 @@ fn main() {
         .unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 100_000);
     let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = bench::runtime();
     runtime.block_on(async move {
         let client = async_nats::connect(url.as_str())
             .await
@@ -118,7 +115,7 @@ fn main() {
         let config = NatsConfig::from_url(&url).expect("url").storage(Storage::Memory);
         let conn = polybus_nats::connect_with(config).await.expect("connect");
         let payload = Bytes::from(vec![b'x'; 100]);
-        let mut rates: [Vec<f64>; 4] = Default::default();
+        let mut rates = bench::Rates::new(n);
         println!("JetStream, {n} messages of 100 bytes per measurement, {runs} runs, {url}");
         for run in 0..runs {
             let raw_topic = format!("bench.raw{run}.{}", std::process::id());
@@ -126,7 +123,6 @@ fn main() {
             for t in [&raw_topic, &pb_topic] {
                 js.create_stream(stream_config(t)).await.expect("stream");
             }
-            let rate = |d: Duration| n as f64 / d.as_secs_f64();
             // Alternate which goes first, so drift in the machine hits both.
             let (raw_pub, pb_pub) = if run % 2 == 0 {
                 let r = raw_publish(&js, &raw_topic, n, &payload).await;
@@ -144,28 +140,11 @@ fn main() {
                 let p = polybus_consume(&conn, &raw_topic, n).await;
                 (raw_consume(&js, &pb_topic, n).await, p)
             };
-            for (i, d) in [raw_pub, pb_pub, raw_con, pb_con].into_iter().enumerate() {
-                rates[i].push(rate(d));
-            }
-            println!(
-                "run {run}: publish raw {:.0}/s polybus {:.0}/s | consume+ack raw {:.0}/s polybus {:.0}/s",
-                rate(raw_pub),
-                rate(pb_pub),
-                rate(raw_con),
-                rate(pb_con)
-            );
+            rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
             for t in [&raw_topic, &pb_topic] {
                 let _ = js.delete_stream(stream_name(t)).await;
             }
         }
-        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(bench::median);
-        println!(
-            "median publish:     raw {raw_pub:.0}/s, polybus {pb_pub:.0}/s, ratio {:.2}",
-            pb_pub / raw_pub
-        );
-        println!(
-            "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
-            pb_con / raw_con
-        );
+        rates.report();
     });
 }

@@ -99,10 +99,7 @@ fn main() {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 50_000);
     let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = bench::runtime();
     runtime.block_on(async move {
         let raw_conn = lapin::Connection::connect(&url, ConnectionProperties::default())
             .await
@@ -118,7 +115,7 @@ fn main() {
             .expect("connect");
         let admin = RabbitConsumer::connect(&config).await.expect("admin");
         let payload = Bytes::from(vec![b'x'; 100]);
-        let mut rates: [Vec<f64>; 4] = Default::default();
+        let mut rates = bench::Rates::new(n);
         println!("RabbitMQ, {n} messages of 100 bytes per measurement, {runs} runs, quorum queues");
         for run in 0..runs {
             let raw_topic = format!("bench-raw{run}-{}", std::process::id());
@@ -130,7 +127,6 @@ fn main() {
                     .await
                     .expect("group");
             }
-            let rate = |d: Duration| n as f64 / d.as_secs_f64();
             let (raw_pub, pb_pub) = if run % 2 == 0 {
                 let r = raw_publish(&raw_channel, &raw_topic, n, &payload).await;
                 (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
@@ -149,28 +145,11 @@ fn main() {
                 let p = bench::consume(&conn, &raw_topic, "g", n, 64, usize::from(PREFETCH)).await;
                 (raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await, p)
             };
-            for (i, d) in [raw_pub, pb_pub, raw_con, pb_con].into_iter().enumerate() {
-                rates[i].push(rate(d));
-            }
-            println!(
-                "run {run}: publish raw {:.0}/s polybus {:.0}/s | consume+ack raw {:.0}/s polybus {:.0}/s",
-                rate(raw_pub),
-                rate(pb_pub),
-                rate(raw_con),
-                rate(pb_con)
-            );
+            rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
             for t in [&raw_topic, &pb_topic] {
                 let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
             }
         }
-        let [raw_pub, pb_pub, raw_con, pb_con] = rates.map(bench::median);
-        println!(
-            "median publish:     raw {raw_pub:.0}/s, polybus {pb_pub:.0}/s, ratio {:.2}",
-            pb_pub / raw_pub
-        );
-        println!(
-            "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
-            pb_con / raw_con
-        );
+        rates.report();
     });
 }

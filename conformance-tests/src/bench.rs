@@ -84,3 +84,58 @@ pub async fn consume(
     handle.shutdown(Duration::from_secs(10)).await;
     took
 }
+
+/// The multi-threaded runtime every backend bench runs in.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// The four measurements of a raw-against-polybus bench, run after run: sending
+/// (raw, polybus) and consuming with acks (raw, polybus), each over `n` messages.
+#[derive(Debug)]
+pub struct Rates {
+    n: usize,
+    runs: [Vec<f64>; 4],
+}
+
+impl Rates {
+    /// Rates of measurements over `n` messages each.
+    pub fn new(n: usize) -> Self {
+        Rates {
+            n,
+            runs: Default::default(),
+        }
+    }
+
+    /// Records one run's durations (raw send, polybus send, raw consume,
+    /// polybus consume) and prints them as rates.
+    pub fn record(&mut self, run: usize, [raw_send, pb_send, raw_con, pb_con]: [Duration; 4]) {
+        let rate = |d: Duration| self.n as f64 / d.as_secs_f64();
+        for (i, d) in [raw_send, pb_send, raw_con, pb_con].into_iter().enumerate() {
+            self.runs[i].push(rate(d));
+        }
+        println!(
+            "run {run}: publish raw {:.0}/s polybus {:.0}/s | consume+ack raw {:.0}/s polybus {:.0}/s",
+            rate(raw_send),
+            rate(pb_send),
+            rate(raw_con),
+            rate(pb_con)
+        );
+    }
+
+    /// Prints the median of every measurement and the polybus/raw ratios.
+    pub fn report(self) {
+        let [raw_send, pb_send, raw_con, pb_con] = self.runs.map(median);
+        println!(
+            "median publish:     raw {raw_send:.0}/s, polybus {pb_send:.0}/s, ratio {:.2}",
+            pb_send / raw_send
+        );
+        println!(
+            "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
+            pb_con / raw_con
+        );
+    }
+}
