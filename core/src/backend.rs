@@ -294,12 +294,30 @@ pub trait Subscription: Send {
         futures::future::pending().await
     }
 
+    /// Stops the broker from handing this subscription more deliveries (for
+    /// example AMQP `basic.cancel`, or no further pull requests), so that what the
+    /// runner releases next goes to another consumer instead of straight back
+    /// into this one's prefetch. Deliveries already yielded can still be acked,
+    /// released and kept alive; [`next`](Subscription::next) may still return
+    /// deliveries that were already fetched. Called by the runner at shutdown
+    /// before it releases anything; must be idempotent. The default does nothing
+    /// (for backends where a subscription only receives what it asks for).
+    async fn stop(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Graceful close: gives back deliveries fetched but not yet yielded, commits
     /// what was acked, leaves the group and closes the connection.
     async fn close(self: Box<Self>) -> Result<()>;
 }
 
 /// Backend hook behind an [`Acker`]: settles one delivery.
+///
+/// Every method tells the truth: it returns `Ok` only when the settlement took
+/// effect (or was handed to the broker on a live channel, where the protocol has
+/// no reply), and [`Error::NotSettled`](crate::Error::NotSettled) when the
+/// delivery is no longer held (lease expired, channel closed, partition
+/// revoked). The runner bounds every call with its settle timeout.
 #[async_trait]
 pub trait AckHandle: Send + Sync + 'static {
     /// Acknowledges: the broker will not deliver it to this group again.

@@ -105,6 +105,17 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A settlement (ack, release or keep-alive) did not take effect because the
+    /// delivery is no longer held by this consumer: its lease expired, its channel
+    /// or connection closed, or its partition was revoked. The broker redelivers
+    /// it (to this consumer or another); nothing was acknowledged.
+    #[error("{operation} did not take effect: {reason}")]
+    NotSettled {
+        /// `"ack"`, `"release"` or `"keep-alive"`.
+        operation: &'static str,
+        /// Why the delivery is no longer held.
+        reason: String,
+    },
     /// Any other failure of the backend's client or broker.
     #[error("{backend} error: {message}")]
     Backend {
@@ -137,6 +148,7 @@ impl Error {
             | Error::PayloadTooLarge { .. }
             | Error::Unsupported(_)
             | Error::Closed(_)
+            | Error::NotSettled { .. }
             | Error::Codec { .. } => false,
         }
     }
