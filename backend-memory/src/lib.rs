@@ -10,6 +10,11 @@
 //!
 //! Unit tests use the helpers on [`MemoryBroker`]: what was published to a topic,
 //! and waiting until every delivery has been settled, so tests need no sleeps.
+//! Fault-path tests inject faults on demand: failing publishes to a topic
+//! ([`MemoryBroker::fail_publishes`]), acks that fail, hang or panic
+//! ([`MemoryBroker::inject_ack_faults`]), leases that expire at once
+//! ([`MemoryBroker::expire_leases`]) and subscriptions that end with an error
+//! ([`MemoryBroker::fail_subscriptions`]).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -104,6 +109,34 @@ struct Shared {
     changed: Notify,
     config: MemoryConfig,
     ids: AtomicU64,
+    faults: Mutex<Faults>,
+}
+
+type ErrorFn = Arc<dyn Fn() -> Error + Send + Sync>;
+
+/// Faults injected by tests.
+#[derive(Default)]
+struct Faults {
+    /// Per topic: how many more publishes fail, and with what.
+    publishes: HashMap<String, (usize, ErrorFn)>,
+    /// Ack faults still to apply, in order.
+    acks: std::collections::VecDeque<AckFault>,
+    /// Bumped by `fail_subscriptions`; each subscription fails once per bump.
+    subscription_failures: u64,
+    subscription_error: Option<ErrorFn>,
+}
+
+/// A fault for [`MemoryBroker::inject_ack_faults`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AckFault {
+    /// The ack returns [`Error::NotSettled`] and settles nothing (the delivery
+    /// stays leased and is redelivered when its deadline passes).
+    Fail,
+    /// The ack never returns and settles nothing.
+    Hang,
+    /// The ack takes effect, then panics (a client-library bug after the ack).
+    PanicAfterAck,
 }
 
 #[derive(Default)]
@@ -191,6 +224,7 @@ impl MemoryBroker {
                 changed: Notify::new(),
                 config,
                 ids: AtomicU64::new(1),
+                faults: Mutex::new(Faults::default()),
             }),
         }
     }
@@ -251,6 +285,56 @@ impl MemoryBroker {
             .is_some_and(|s| s.pending == 0 && s.unacked == 0)
     }
 
+    /// Makes the next `count` publishes to `topic` (from any producer of this
+    /// broker, dead letters included) fail with `error()`, publishing nothing.
+    /// `error` may panic, to test a publish that panics.
+    pub fn fail_publishes(
+        &self,
+        topic: &str,
+        count: usize,
+        error: impl Fn() -> Error + Send + Sync + 'static,
+    ) {
+        self.shared
+            .faults()
+            .publishes
+            .insert(topic.to_owned(), (count, Arc::new(error)));
+    }
+
+    /// Makes the next `count` acks (of any delivery) behave as `fault` says.
+    pub fn inject_ack_faults(&self, fault: AckFault, count: usize) {
+        self.shared
+            .faults()
+            .acks
+            .extend(std::iter::repeat_n(fault, count));
+    }
+
+    /// Expires every lease now, as if every ack deadline had passed: the
+    /// deliveries go back to their groups and later settlements of them fail with
+    /// [`Error::NotSettled`].
+    pub fn expire_leases(&self) {
+        let now = Instant::now();
+        let mut state = self.shared.lock();
+        for log in state.topics.values_mut() {
+            for group in log.groups.values_mut() {
+                for lease in group.leases.values_mut() {
+                    lease.deadline = now;
+                }
+            }
+        }
+        drop(state);
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Makes every subscription open now return `error()` from its next call to
+    /// `next` (once each). A non-retryable error ends a runner.
+    pub fn fail_subscriptions(&self, error: impl Fn() -> Error + Send + Sync + 'static) {
+        let mut faults = self.shared.faults();
+        faults.subscription_failures += 1;
+        faults.subscription_error = Some(Arc::new(error));
+        drop(faults);
+        self.shared.changed.notify_waiters();
+    }
+
     /// Waits until every group of every topic has settled every message (or
     /// `timeout` passes, which gives [`Error::Timeout`]).
     pub async fn wait_until_settled(&self, timeout: Duration) -> Result<()> {
@@ -289,6 +373,22 @@ fn capabilities(config: &MemoryConfig) -> Capabilities {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The injected error for a publish to `topic`, if one is due.
+    fn publish_fault(&self, topic: &str) -> Option<ErrorFn> {
+        let mut faults = self.faults();
+        let (left, error) = faults.publishes.get_mut(topic)?;
+        let error = Arc::clone(error);
+        *left -= 1;
+        if *left == 0 {
+            faults.publishes.remove(topic);
+        }
+        Some(error)
     }
 
     fn declare_topic(state: &mut State, topic: &str) {
@@ -353,6 +453,9 @@ impl Producer for MemoryProducer {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("producer"));
+        }
+        if let Some(error) = self.shared.publish_fault(topic) {
+            return Err(error());
         }
         self.shared
             .lock()
@@ -447,6 +550,8 @@ impl Consumer for MemoryConsumer {
             named_group: options.group,
             turn: 0,
             closed: false,
+            stopped: false,
+            failures_seen: self.shared.faults().subscription_failures,
         }))
     }
 
@@ -466,6 +571,10 @@ struct MemorySubscription {
     named_group: Option<String>,
     turn: usize,
     closed: bool,
+    /// `stop` was called: nothing more is handed out.
+    stopped: bool,
+    /// How many injected subscription failures this subscription has returned.
+    failures_seen: u64,
 }
 
 struct LeaseRef {
@@ -495,10 +604,28 @@ fn end_lease(state: &mut State, target: &LeaseRef) {
     }
 }
 
+fn not_settled(operation: &'static str) -> Error {
+    Error::NotSettled {
+        operation,
+        reason: "the delivery's lease has ended (ack deadline passed, released, or its subscription closed); it will be redelivered".into(),
+    }
+}
+
 #[async_trait]
 impl AckHandle for MemoryAck {
     async fn ack(&self) -> Result<()> {
-        self.shared.with_lease(&self.lease, |state, _| {
+        let fault = self.shared.faults().acks.pop_front();
+        match fault {
+            Some(AckFault::Fail) => {
+                return Err(Error::NotSettled {
+                    operation: "ack",
+                    reason: "injected ack failure".into(),
+                });
+            }
+            Some(AckFault::Hang) => std::future::pending::<()>().await,
+            _ => {}
+        }
+        let owned = self.shared.with_lease(&self.lease, |state, _| {
             end_lease(state, &self.lease);
             if let Some(g) = state
                 .topics
@@ -508,11 +635,14 @@ impl AckHandle for MemoryAck {
                 g.deliveries.remove(&self.lease.seq);
             }
         });
-        Ok(())
+        if fault == Some(AckFault::PanicAfterAck) {
+            panic!("injected panic after the ack (memory broker fault)");
+        }
+        if owned { Ok(()) } else { Err(not_settled("ack")) }
     }
 
     async fn release(&self, delay: Option<Duration>) -> Result<()> {
-        self.shared.with_lease(&self.lease, |state, now| {
+        let owned = self.shared.with_lease(&self.lease, |state, now| {
             let at = later(now, delay.unwrap_or_default());
             end_lease(state, &self.lease);
             if let Some(g) = state
@@ -523,12 +653,16 @@ impl AckHandle for MemoryAck {
                 g.redeliver.insert(self.lease.seq, at);
             }
         });
-        Ok(())
+        if owned {
+            Ok(())
+        } else {
+            Err(not_settled("release"))
+        }
     }
 
     async fn keep_alive(&self) -> Result<()> {
         let extend = self.shared.config.ack_deadline;
-        self.shared.with_lease(&self.lease, |state, now| {
+        let owned = self.shared.with_lease(&self.lease, |state, now| {
             if let Some(lease) = state
                 .topics
                 .get_mut(&self.lease.topic)
@@ -538,7 +672,11 @@ impl AckHandle for MemoryAck {
                 lease.deadline = later(now, extend);
             }
         });
-        Ok(())
+        if owned {
+            Ok(())
+        } else {
+            Err(not_settled("keep-alive"))
+        }
     }
 }
 
@@ -690,13 +828,23 @@ impl MemorySubscription {
 impl Subscription for MemorySubscription {
     async fn next(&mut self) -> Option<Result<Event>> {
         loop {
-            if self.closed || self.consumer_closed.load(Ordering::Acquire) {
+            if self.closed || self.stopped || self.consumer_closed.load(Ordering::Acquire) {
                 return None;
             }
             let shared = Arc::clone(&self.shared);
             let changed = shared.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            {
+                let faults = self.shared.faults();
+                if faults.subscription_failures > self.failures_seen {
+                    self.failures_seen = faults.subscription_failures;
+                    if let Some(error) = faults.subscription_error.clone() {
+                        drop(faults);
+                        return Some(Err(error()));
+                    }
+                }
+            }
             match self.try_take() {
                 Ok(event) => return Some(Ok(event)),
                 Err(wake) => {
@@ -708,6 +856,11 @@ impl Subscription for MemorySubscription {
                 }
             }
         }
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.stopped = true;
+        Ok(())
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {

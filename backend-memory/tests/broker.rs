@@ -42,7 +42,12 @@ async fn an_expired_lease_is_redelivered_with_a_higher_attempt() {
     assert_eq!(first.attempt(), 1);
     let (again, acker) = next(&mut sub).await;
     assert_eq!((again.id(), again.attempt()), (first.id(), 2));
-    stale.ack().await.unwrap();
+    // The acker tells the truth: nothing was settled (issue 11, item 6; the old
+    // acker returned Ok here).
+    assert!(
+        matches!(stale.ack().await, Err(polybus_core::Error::NotSettled { .. })),
+        "a stale ack reports that it did not take effect"
+    );
     assert!(
         !broker.is_settled("t", "g"),
         "a stale ack does not settle the new lease"

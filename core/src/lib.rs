@@ -35,4 +35,4 @@ pub use gate::{SendGate, SendGuard};
 pub use handler::{FailureKind, Handler, HandlerError, HandlerResult};
 pub use message::{DeadLetter, Delivery, Headers, Message, Origin, dlq_headers};
 pub use middleware::{Middleware, Next, Pipeline, from_fn};
-pub use runner::{Order, RetryPolicy, RunHandle, Runner, ShutdownReport};
+pub use runner::{Ended, Order, RetryPolicy, RunHandle, RunState, Runner, ShutdownReport};

@@ -21,6 +21,12 @@ pub mod dlq_headers {
     pub const ATTEMPTS: &str = "polybus-dlq-attempts";
     /// The consumer group that gave up on the message, if any.
     pub const GROUP: &str = "polybus-dlq-group";
+    /// The original message's timestamp, in milliseconds since the Unix epoch
+    /// (the dead letter itself carries the time it was dead-lettered).
+    pub const ORIGINAL_TIMESTAMP: &str = "polybus-dlq-original-ts";
+    /// Present when the dead letter is a labelled stub rather than a byte-exact
+    /// copy (the message could not be published as it was); says what was left out.
+    pub const STUB: &str = "polybus-dlq-stub";
 }
 
 /// Ordered string headers. Keys and values are checked against the portable
@@ -249,12 +255,18 @@ impl Delivery {
             topic: sys.get(dlq_headers::TOPIC)?.clone(),
             attempts: sys.get(dlq_headers::ATTEMPTS)?.parse().ok()?,
             group: sys.get(dlq_headers::GROUP).cloned(),
+            original_timestamp: sys
+                .get(dlq_headers::ORIGINAL_TIMESTAMP)
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+            stub: sys.get(dlq_headers::STUB).cloned(),
         })
     }
 }
 
 /// Why and where from a message was dead-lettered (read from its `polybus-` headers).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The handler's error, or "too many attempts: …".
     pub reason: String,
@@ -264,6 +276,13 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// The group that consumed it.
     pub group: Option<String>,
+    /// When the original message was created (the dead letter's own timestamp
+    /// is when it was dead-lettered).
+    pub original_timestamp: Option<SystemTime>,
+    /// `Some(what was left out)` when this is a labelled stub, not a byte-exact
+    /// copy: the original could not be published as it was (too large, or
+    /// refused by the broker because of its content).
+    pub stub: Option<String>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,671 @@
+//! The dispatcher: one task per runner that pulls deliveries, keeps the
+//! ordering lanes, starts workers within the concurrency bound, puts failed
+//! heads into backoff, keeps held deliveries alive, and shuts down.
+//!
+//! **Memory bound.** Let `max_held = concurrency + buffer` and `parked` be the
+//! deliveries held in lanes whose head is in backoff (the head and everything
+//! queued behind it). The dispatcher pulls only while `held - parked < max_held`
+//! and `held < max_held + backoff_capacity`, so
+//!
+//! ```text
+//! held ≤ concurrency + buffer + backoff_capacity
+//! ```
+//!
+//! always, and a lane in backoff never stops other keys from being pulled and
+//! handled until `backoff_capacity` deliveries wait behind backoffs.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::task::{AbortHandle, JoinError, JoinSet};
+use tokio::time::Instant;
+use tokio_util::time::{DelayQueue, delay_queue};
+
+use super::Order;
+use super::handle::{Counters, Ended, Shared, ShutdownReport};
+use super::worker::{self, Done, Settings};
+use crate::backend::{Acker, Event, Partition, Subscription};
+use crate::error::{Error, Result};
+use crate::message::Delivery;
+use crate::middleware::Pipeline;
+use crate::names;
+use crate::time::later;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LaneKey {
+    Key(String),
+    Solo(u64),
+    Sequential,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    Waiting,
+    Running,
+    Backoff,
+}
+
+struct Held {
+    delivery: Delivery,
+    acker: Arc<Acker>,
+}
+
+struct Lane {
+    items: VecDeque<Held>,
+    head: Head,
+    backoff_key: Option<delay_queue::Key>,
+}
+
+pub(super) struct Limits {
+    pub(super) concurrency: usize,
+    pub(super) max_held: usize,
+    pub(super) backoff_capacity: usize,
+}
+
+pub(super) struct Dispatcher {
+    sub: Box<dyn Subscription>,
+    pipeline: Pipeline,
+    settings: Arc<Settings>,
+    order: Order,
+    limits: Limits,
+    positional: bool,
+    keep_alive: Option<Duration>,
+    lanes: HashMap<LaneKey, Lane>,
+    ready: VecDeque<LaneKey>,
+    running: JoinSet<Done>,
+    running_lanes: HashMap<tokio::task::Id, LaneKey>,
+    backoff: DelayQueue<LaneKey>,
+    /// Lanes whose head is in backoff.
+    parked_lanes: HashSet<LaneKey>,
+    held: usize,
+    next_solo: u64,
+    counters: Arc<Counters>,
+    side: JoinSet<()>,
+    /// Partitions taken away from this subscription (until assigned again).
+    revoked: HashSet<Partition>,
+    /// Topics whose dead-letter topic name has been checked.
+    checked_topics: HashSet<String>,
+    shared: Arc<Shared>,
+    /// The error that ends the runner, once one has happened.
+    fatal: Option<Arc<Error>>,
+}
+
+impl Dispatcher {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        sub: Box<dyn Subscription>,
+        pipeline: Pipeline,
+        settings: Arc<Settings>,
+        order: Order,
+        limits: Limits,
+        positional: bool,
+        keep_alive: Option<Duration>,
+        checked_topics: HashSet<String>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Dispatcher {
+            sub,
+            pipeline,
+            counters: Arc::clone(&settings.counters),
+            settings,
+            order,
+            limits,
+            positional,
+            keep_alive,
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            running: JoinSet::new(),
+            running_lanes: HashMap::new(),
+            backoff: DelayQueue::new(),
+            parked_lanes: HashSet::new(),
+            held: 0,
+            next_solo: 0,
+            side: JoinSet::new(),
+            revoked: HashSet::new(),
+            checked_topics,
+            shared,
+            fatal: None,
+        }
+    }
+
+    fn keep_alive_timer(&self) -> tokio::time::Interval {
+        let mut timer = tokio::time::interval(self.keep_alive.unwrap_or(Duration::from_secs(3600)));
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    }
+
+    /// Deliveries held in lanes whose head is in backoff.
+    fn parked(&self) -> usize {
+        if self.parked_lanes.is_empty() {
+            return 0;
+        }
+        self.parked_lanes
+            .iter()
+            .filter_map(|key| self.lanes.get(key))
+            .map(|lane| lane.items.len())
+            .sum()
+    }
+
+    fn has_room(&self) -> bool {
+        if self.held >= self.limits.max_held + self.limits.backoff_capacity {
+            return false;
+        }
+        self.held < self.limits.max_held || self.held - self.parked() < self.limits.max_held
+    }
+
+    fn set_fatal(&mut self, error: Error) {
+        if let Some(first) = &self.fatal {
+            tracing::error!(error = %error, first = %first, "another fatal error while the runner stops");
+            return;
+        }
+        tracing::error!(error = %error, "runner stops: {error}");
+        self.fatal = Some(self.shared.fail(error));
+    }
+
+    pub(super) async fn run(mut self) -> ShutdownReport {
+        let stop = self.shared.stop.clone();
+        let mut keep_alive = self.keep_alive_timer();
+        let mut subscription_open = true;
+        // After a transient subscription error, pulling pauses until then.
+        let mut pull_paused_until: Option<Instant> = None;
+        loop {
+            self.start_ready();
+            if self.fatal.is_some() {
+                break;
+            }
+            if !subscription_open && self.held == 0 {
+                tracing::debug!("subscription ended; runner stops");
+                break;
+            }
+            let can_pull = subscription_open && pull_paused_until.is_none() && self.has_room();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                Some(joined) = self.running.join_next_with_id(), if !self.running.is_empty() => {
+                    self.finished(joined, false);
+                    // Collect every other worker that is already done in one go.
+                    while let Some(joined) = self.running.try_join_next_with_id() {
+                        self.finished(joined, false);
+                    }
+                }
+                Some(expired) = self.backoff.next(), if !self.backoff.is_empty() => {
+                    let key = expired.into_inner();
+                    self.parked_lanes.remove(&key);
+                    if let Some(lane) = self.lanes.get_mut(&key) {
+                        lane.head = Head::Waiting;
+                        lane.backoff_key = None;
+                        self.ready.push_back(key);
+                    }
+                }
+                _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
+                Some(_) = self.side.join_next(), if !self.side.is_empty() => {}
+                _ = tokio::time::sleep_until(pull_paused_until.unwrap_or_else(Instant::now)), if pull_paused_until.is_some() => {
+                    pull_paused_until = None;
+                }
+                // When full (or pausing after an error), only control events: a
+                // revocation must get through even then.
+                event = pull(&mut *self.sub, can_pull), if subscription_open => {
+                    self.on_event(event, &mut subscription_open, &mut pull_paused_until);
+                    if !can_pull {
+                        continue;
+                    }
+                    // Take the events that are already waiting without a round
+                    // through `select!` each (`next` is cancel-safe, so polling it
+                    // once and dropping it when it is not ready loses nothing).
+                    while subscription_open && pull_paused_until.is_none() && self.fatal.is_none() && self.has_room() {
+                        match self.sub.next().now_or_never() {
+                            Some(event) => self.on_event(event, &mut subscription_open, &mut pull_paused_until),
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        self.shared.draining();
+        let shutdown = stop.is_cancelled() && self.fatal.is_none();
+        let deadline = match self.shared.deadline() {
+            Some(deadline) if shutdown => deadline,
+            // Ended by an error: running handlers get the settle timeout to finish.
+            _ if self.fatal.is_some() => later(Instant::now(), self.settings.settle_timeout),
+            _ => Instant::now() + Duration::from_secs(30),
+        };
+        self.finish(deadline, keep_alive).await;
+        let ended = match (&self.fatal, shutdown) {
+            (Some(error), _) => Ended::Failed(Arc::clone(error)),
+            (None, true) => Ended::Shutdown,
+            (None, false) => Ended::SubscriptionEnded,
+        };
+        self.counters.report(Some(ended))
+    }
+
+    /// Handles one event from the subscription.
+    fn on_event(
+        &mut self,
+        event: Option<Result<Event>>,
+        subscription_open: &mut bool,
+        pull_paused_until: &mut Option<Instant>,
+    ) {
+        match event {
+            Some(Ok(Event::Delivery(delivery, acker))) => self.enqueue(delivery, acker),
+            Some(Ok(Event::Assigned(partitions))) => {
+                for p in &partitions {
+                    self.revoked.remove(p);
+                }
+            }
+            Some(Ok(Event::Revoked(partitions))) => self.revoke(partitions),
+            Some(Err(e)) if e.is_retryable() => {
+                tracing::warn!(error = %e, "subscription error; pulling again shortly");
+                *pull_paused_until = Some(Instant::now() + Duration::from_millis(100));
+            }
+            Some(Err(e)) => {
+                *subscription_open = false;
+                self.set_fatal(e);
+            }
+            None => *subscription_open = false,
+        }
+    }
+
+    fn enqueue(&mut self, delivery: Delivery, acker: Acker) {
+        let acker = Arc::new(acker);
+        if !self.checked_topics.contains(delivery.topic()) {
+            // Failures of this topic must be able to reach `<topic>.dlq`.
+            if let Err(e) = names::validate_declared_topic(delivery.topic()) {
+                Counters::bump(&self.counters.released, 1);
+                self.release_all(vec![acker]);
+                self.set_fatal(e);
+                return;
+            }
+            self.checked_topics.insert(delivery.topic().to_owned());
+        }
+        let key = match (self.order, delivery.key()) {
+            (Order::Sequential, _) => LaneKey::Sequential,
+            (Order::ByKey, Some(key)) => LaneKey::Key(key.to_owned()),
+            _ => {
+                self.next_solo += 1;
+                LaneKey::Solo(self.next_solo)
+            }
+        };
+        let lane = self.lanes.entry(key.clone()).or_insert_with(|| Lane {
+            items: VecDeque::new(),
+            head: Head::Waiting,
+            backoff_key: None,
+        });
+        lane.items.push_back(Held { delivery, acker });
+        self.held += 1;
+        if lane.items.len() == 1 {
+            lane.head = Head::Waiting;
+            self.ready.push_back(key);
+        }
+    }
+
+    fn start_ready(&mut self) {
+        while self.running.len() < self.limits.concurrency && self.fatal.is_none() {
+            let Some(key) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            if lane.head != Head::Waiting {
+                continue;
+            }
+            let Some(head) = lane.items.front() else {
+                continue;
+            };
+            lane.head = Head::Running;
+            let work = worker::attempt(
+                self.pipeline.clone(),
+                Arc::clone(&self.settings),
+                head.delivery.clone(),
+                Arc::clone(&head.acker),
+            );
+            let abort: AbortHandle = self.running.spawn(work);
+            self.running_lanes.insert(abort.id(), key);
+        }
+    }
+
+    fn is_revoked(&self, delivery: &Delivery) -> bool {
+        let origin = delivery.origin();
+        !self.revoked.is_empty()
+            && origin.partition.is_some_and(|partition| {
+                self.revoked.contains(&Partition {
+                    topic: origin.topic.clone(),
+                    partition,
+                })
+            })
+    }
+
+    /// A worker ended. `stopping`: retry nothing, give the rest of its lane back.
+    fn finished(&mut self, joined: std::result::Result<(tokio::task::Id, Done), JoinError>, stopping: bool) {
+        let (id, done) = match joined {
+            Ok(pair) => pair,
+            Err(e) if e.is_cancelled() => (e.id(), Done::Cancelled),
+            Err(e) => {
+                // Workers catch every panic themselves; this is a last resort that
+                // still counts the attempt (see `worker_panicked`).
+                let id = e.id();
+                let done = self.worker_panicked(id);
+                (id, done)
+            }
+        };
+        let Some(key) = self.running_lanes.remove(&id) else {
+            return;
+        };
+        let revoked = self
+            .lanes
+            .get(&key)
+            .and_then(|lane| lane.items.front())
+            .is_some_and(|h| self.is_revoked(&h.delivery));
+        let Some(lane) = self.lanes.get_mut(&key) else {
+            return;
+        };
+        match done {
+            Done::Retry(delay) if !stopping && !revoked && self.fatal.is_none() => {
+                Counters::bump(&self.counters.retried, 1);
+                if let Some(head) = lane.items.front_mut() {
+                    head.delivery = head.delivery.with_attempt(head.delivery.attempt() + 1);
+                }
+                lane.head = Head::Backoff;
+                lane.backoff_key = Some(self.backoff.insert(key.clone(), delay));
+                self.parked_lanes.insert(key);
+                return;
+            }
+            Done::Retry(_) | Done::Cancelled => {
+                // Not handled: give it back with everything behind it in its lane, so
+                // the key's order survives redelivery (and positional acks never
+                // commit past it).
+                if matches!(done, Done::Cancelled) {
+                    Counters::bump(&self.counters.abandoned, 1);
+                } else {
+                    Counters::bump(&self.counters.released, 1);
+                }
+                self.release_lane(&key, true);
+                return;
+            }
+            Done::Fatal(error) => {
+                Counters::bump(&self.counters.released, 1);
+                self.release_lane(&key, true);
+                self.set_fatal(error);
+                return;
+            }
+            Done::Acked => Counters::bump(&self.counters.handled, 1),
+            Done::AckFailed => Counters::bump(&self.counters.settle_failures, 1),
+            Done::DeadLettered { ack_failed } => {
+                Counters::bump(&self.counters.dead_lettered, 1);
+                if ack_failed {
+                    Counters::bump(&self.counters.settle_failures, 1);
+                }
+            }
+        }
+        lane.items.pop_front();
+        self.held -= 1;
+        if lane.items.is_empty() {
+            self.lanes.remove(&key);
+        } else {
+            lane.head = Head::Waiting;
+            self.ready.push_back(key);
+        }
+    }
+
+    /// A worker task panicked outside the worker's own guard. If its delivery was
+    /// settled, it is done; otherwise the attempt failed: retry within the attempt
+    /// limit, or stop (its message is released) since the dead-letter path itself
+    /// cannot be trusted.
+    fn worker_panicked(&mut self, id: tokio::task::Id) -> Done {
+        let head = self
+            .running_lanes
+            .get(&id)
+            .and_then(|key| self.lanes.get(key))
+            .and_then(|lane| lane.items.front());
+        let Some(head) = head else {
+            return Done::Cancelled;
+        };
+        if head.acker.is_settled() {
+            return Done::AckFailed;
+        }
+        let attempt = head.delivery.attempt();
+        if attempt < self.settings.retry.max_attempts {
+            Done::Retry(self.settings.retry.delay_after(attempt))
+        } else {
+            Done::Fatal(Error::Backend {
+                backend: "polybus",
+                message: "a worker panicked outside its guard on the last attempt".into(),
+                retryable: false,
+                source: None,
+            })
+        }
+    }
+
+    /// Releases every held delivery that is not running and matches `pred`, with
+    /// everything behind it in its lane (so a lane's order survives redelivery).
+    fn release_where(&mut self, pred: impl Fn(&Held) -> bool) {
+        let mut released = Vec::new();
+        let mut emptied = Vec::new();
+        for (key, lane) in &mut self.lanes {
+            let first = usize::from(lane.head == Head::Running);
+            if let Some(pos) = lane.items.iter().skip(first).position(&pred) {
+                let pos = pos + first;
+                released.extend(lane.items.drain(pos..).map(|h| h.acker));
+                if pos == 0 {
+                    if let Some(k) = lane.backoff_key.take() {
+                        self.backoff.remove(&k);
+                    }
+                    self.parked_lanes.remove(key);
+                    lane.head = Head::Waiting;
+                }
+                if lane.items.is_empty() {
+                    emptied.push(key.clone());
+                }
+            }
+        }
+        for key in emptied {
+            self.lanes.remove(&key);
+        }
+        self.held -= released.len();
+        Counters::bump(&self.counters.released, released.len() as u64);
+        self.release_all(released);
+    }
+
+    /// Releases a whole lane; `head_counted`: its head was already counted.
+    fn release_lane(&mut self, key: &LaneKey, head_counted: bool) {
+        let Some(lane) = self.lanes.remove(key) else {
+            return;
+        };
+        self.parked_lanes.remove(key);
+        if let Some(k) = lane.backoff_key {
+            self.backoff.remove(&k);
+        }
+        let n = lane.items.len();
+        self.held -= n;
+        let uncounted = if head_counted { n.saturating_sub(1) } else { n };
+        Counters::bump(&self.counters.released, uncounted as u64);
+        self.release_all(lane.items.into_iter().map(|h| h.acker).collect());
+    }
+
+    fn release_all(&mut self, ackers: Vec<Arc<Acker>>) {
+        if ackers.is_empty() {
+            return;
+        }
+        let settings = Arc::clone(&self.settings);
+        self.side.spawn(async move {
+            let releases = ackers
+                .iter()
+                .map(|a| worker::settle(&settings, "release", a.release(None)));
+            let results = AssertUnwindSafe(futures::future::join_all(releases))
+                .catch_unwind()
+                .await;
+            let failed = match results {
+                Ok(results) => results
+                    .into_iter()
+                    .filter_map(|r| r.err())
+                    .inspect(|e| tracing::warn!(error = %e, "release did not take effect; the broker will redeliver"))
+                    .count(),
+                Err(_) => {
+                    tracing::error!("a release panicked; the broker will redeliver");
+                    ackers.len()
+                }
+            };
+            Counters::bump(&settings.counters.settle_failures, failed as u64);
+        });
+    }
+
+    fn revoke(&mut self, partitions: Vec<Partition>) {
+        tracing::info!(
+            ?partitions,
+            "partitions revoked; releasing their waiting deliveries"
+        );
+        self.revoked.extend(partitions);
+        let revoked = std::mem::take(&mut self.revoked);
+        self.release_where(|held| {
+            let origin = held.delivery.origin();
+            origin.partition.is_some_and(|partition| {
+                revoked.contains(&Partition {
+                    topic: origin.topic.clone(),
+                    partition,
+                })
+            })
+        });
+        self.revoked = revoked;
+    }
+
+    fn keep_alive_all(&mut self) {
+        let ackers: Vec<Arc<Acker>> = self
+            .lanes
+            .values()
+            .flat_map(|lane| lane.items.iter().map(|h| Arc::clone(&h.acker)))
+            .collect();
+        if ackers.is_empty() {
+            return;
+        }
+        let settings = Arc::clone(&self.settings);
+        self.side.spawn(async move {
+            let calls = ackers
+                .iter()
+                .map(|a| worker::settle(&settings, "keep-alive", a.keep_alive()));
+            if let Ok(results) = AssertUnwindSafe(futures::future::join_all(calls))
+                .catch_unwind()
+                .await
+            {
+                for e in results.into_iter().filter_map(|r| r.err()) {
+                    tracing::debug!(error = %e, "keep-alive failed");
+                }
+            }
+        });
+    }
+
+    async fn finish(&mut self, deadline: Instant, mut keep_alive: tokio::time::Interval) {
+        // Stop the broker from sending more before giving anything back, so what
+        // is released goes to another consumer (or a later one), not straight back
+        // into this subscription's prefetch at the cost of a delivery attempt.
+        let stop_limit = self.settings.settle_timeout.min(Duration::from_secs(5));
+        match tokio::time::timeout(stop_limit, AssertUnwindSafe(self.sub.stop()).catch_unwind()).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "stopping the subscription failed"),
+            Ok(Err(_)) => tracing::error!("stopping the subscription panicked"),
+            Err(_) => tracing::warn!(after = ?stop_limit, "stopping the subscription timed out"),
+        }
+        // Give back at once what has not started: every lane in backoff, and (unless
+        // acks are positional, where fetched messages are drained instead — or the
+        // runner failed) every waiting delivery.
+        let in_backoff: Vec<LaneKey> = self.parked_lanes.iter().cloned().collect();
+        for key in in_backoff {
+            self.release_lane(&key, false);
+        }
+        let drain = self.positional && self.fatal.is_none();
+        if !drain {
+            self.release_where(|_| true);
+        }
+        // Let running handlers finish (and, when draining, start what waits), keeping
+        // held deliveries alive meanwhile.
+        loop {
+            if drain {
+                self.start_ready();
+            }
+            if self.running.is_empty() {
+                break;
+            }
+            tokio::select! {
+                Some(joined) = self.running.join_next_with_id() => self.finished(joined, true),
+                _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // The deadline has passed: cancel what still runs; its messages are released.
+        if !self.running.is_empty() {
+            tracing::warn!(
+                running = self.running.len(),
+                "shutdown deadline reached; cancelling handlers"
+            );
+            self.running.abort_all();
+            let cancel_wait = Instant::now() + Duration::from_secs(2);
+            loop {
+                tokio::select! {
+                    joined = self.running.join_next_with_id() => match joined {
+                        Some(joined) => self.finished(joined, true),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(cancel_wait) => {
+                        // A handler blocking its thread cannot be cancelled: give its
+                        // message back anyway and stop waiting for it.
+                        tracing::error!(
+                            stuck = self.running.len(),
+                            "handlers did not yield to cancellation; releasing their messages"
+                        );
+                        let stuck = self.running.len() as u64;
+                        Counters::bump(&self.counters.abandoned, stuck);
+                        let keys: Vec<LaneKey> = self.running_lanes.drain().map(|(_, key)| key).collect();
+                        for key in keys {
+                            self.release_lane(&key, true);
+                        }
+                        self.running.detach_all();
+                        break;
+                    }
+                }
+            }
+        }
+        self.release_where(|_| true);
+        // Wait for releases to reach the broker before closing.
+        let settle_limit = later(deadline.max(Instant::now()), Duration::from_secs(5));
+        while !self.side.is_empty() {
+            tokio::select! {
+                _ = self.side.join_next() => {}
+                _ = tokio::time::sleep_until(settle_limit) => self.side.abort_all(),
+            }
+        }
+        let close_limit = self.settings.settle_timeout.max(Duration::from_secs(30));
+        let sub = std::mem::replace(&mut self.sub, Box::new(Closed));
+        match tokio::time::timeout(close_limit, AssertUnwindSafe(sub.close()).catch_unwind()).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "closing the subscription failed"),
+            Ok(Err(_)) => tracing::error!("closing the subscription panicked"),
+            Err(_) => tracing::warn!(after = ?close_limit, "closing the subscription timed out"),
+        }
+    }
+}
+
+/// Stands in for the subscription once it has been closed.
+struct Closed;
+
+#[async_trait::async_trait]
+impl Subscription for Closed {
+    async fn next(&mut self) -> Option<Result<Event>> {
+        None
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The subscription's next event, or only its next control event when the
+/// runner cannot take deliveries.
+async fn pull(sub: &mut dyn Subscription, deliveries: bool) -> Option<Result<Event>> {
+    if deliveries {
+        sub.next().await
+    } else {
+        sub.control().await
+    }
+}
