@@ -13,13 +13,19 @@ use polybus_core::{
 
 use crate::{CaseResult, Ctx, Harness, Outcome, Recorder};
 
-fn numbered(prefix: &str, i: usize) -> Message {
+pub use crate::fault_cases::*;
+
+pub(crate) fn numbered(prefix: &str, i: usize) -> Message {
     Message::new(format!("{prefix}-{i}"))
         .with_header("index", i.to_string())
         .with_header("case", prefix)
 }
 
-async fn publish(conn: &Connection, topic: &str, messages: Vec<Message>) -> Result<Vec<Message>, Error> {
+pub(crate) async fn publish(
+    conn: &Connection,
+    topic: &str,
+    messages: Vec<Message>,
+) -> Result<Vec<Message>, Error> {
     let mut sent = Vec::with_capacity(messages.len());
     for message in messages {
         conn.producer.send(topic, message.clone()).await?;
@@ -28,14 +34,14 @@ async fn publish(conn: &Connection, topic: &str, messages: Vec<Message>) -> Resu
     Ok(sent)
 }
 
-fn index_of(d: &Delivery) -> usize {
+pub(crate) fn index_of(d: &Delivery) -> usize {
     d.header("index")
         .and_then(|v| v.parse().ok())
         .expect("every test message has an index header")
 }
 
 /// Skips a case that needs redelivery or retention on an at-most-once backend.
-fn needs_at_least_once<H: Harness>(cx: &Ctx<H>) -> Option<Outcome> {
+pub(crate) fn needs_at_least_once<H: Harness>(cx: &Ctx<H>) -> Option<Outcome> {
     let caps = cx.caps();
     (!caps.at_least_once).then(|| {
         Outcome::Skipped(format!(
@@ -538,7 +544,7 @@ pub async fn retryable_error_is_retried<H: Harness>(cx: Ctx<H>) -> CaseResult {
     Ok(Outcome::Passed)
 }
 
-async fn dead_letter_listener<H: Harness>(
+pub(crate) async fn dead_letter_listener<H: Harness>(
     cx: &Ctx<H>,
     conn: &Connection,
     topic: &str,

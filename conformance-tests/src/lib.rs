@@ -23,6 +23,8 @@ use polybus_core::{Capabilities, Connection, Result, RunHandle, Runner};
 
 pub mod bench;
 pub mod cases;
+mod fault_cases;
+pub mod faults;
 mod support;
 
 pub use support::Recorder;
@@ -332,6 +334,17 @@ macro_rules! conformance_suite {
             concurrency_is_bounded,
             unreachable_broker_errors_in_time,
             invalid_names_are_rejected,
+            dead_letter_copy_is_byte_exact,
+            dead_letter_retryable_failure_is_retried,
+            dead_letter_refused_ends_the_runner,
+            dead_letter_too_large_sends_a_stub,
+            dead_letter_is_timestamped_now,
+            panics_outside_the_handler_are_bounded,
+            panic_after_ack_is_not_handled_again,
+            backoff_does_not_stall_other_keys,
+            fatal_subscription_error_is_reported,
+            hung_ack_is_bounded,
+            shutdown_release_costs_one_attempt,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {
