@@ -260,11 +260,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("ride-emails", emails),
         ("projection", projection),
     ] {
+        // A health probe would read this while the service runs.
+        let state = handle.state();
         let report = handle.shutdown(Duration::from_secs(10)).await;
         println!(
-            "[shutdown]      {name}: handled {}, dead-lettered {}, released {}",
+            "[shutdown]      {name} (was {state:?}): handled {}, dead-lettered {}, released {}",
             report.handled, report.dead_lettered, report.released
         );
+        if let Some(error) = report.error() {
+            // The runner had stopped by itself: a dead consumer is not a clean stop.
+            return Err(format!("{name} failed: {error}").into());
+        }
     }
     bus.close().await?;
     println!("done");

@@ -27,7 +27,7 @@ pub use polybus_nats as nats;
 pub mod prelude {
     pub use polybus_core::{
         Connection, Consumer, Delivery, HandlerError, HandlerResult, Message, Order, Producer, ProducerExt,
-        RetryPolicy, RunHandle, StartFrom,
+        RetryPolicy, RunHandle, RunState, StartFrom,
     };
 }
 
