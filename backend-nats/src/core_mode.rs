@@ -1,8 +1,8 @@
 //! Core NATS mode: subjects and queue groups, at-most-once.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use async_trait::async_trait;
@@ -89,6 +89,56 @@ impl Producer for CoreProducer {
     }
 }
 
+/// Counts the messages a core NATS connection dropped because a subscription's
+/// buffer (`NatsConfig::subscription_capacity`) was full: core NATS is
+/// at-most-once, but its loss is counted, never silent.
+///
+/// The count comes from async-nats's slow-consumer events, one per dropped
+/// message. async-nats hands those events over through a bounded queue (128)
+/// and drops events too when it is full, so under a large burst the count is a
+/// lower bound: more may have been lost, never fewer. Each increase is logged
+/// with `warn!` (at most once a second, with the total).
+#[derive(Clone, Default)]
+pub struct DropCounter {
+    inner: Arc<DropInner>,
+}
+
+#[derive(Default)]
+struct DropInner {
+    dropped: AtomicU64,
+    warned: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for DropCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DropCounter")
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl DropCounter {
+    /// Messages dropped so far (a lower bound, see the type's docs).
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Counts one dropped message and logs the total (at most once a second).
+    pub(crate) fn record(&self) {
+        let total = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut warned = self.inner.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                target: "polybus_nats",
+                dropped = total,
+                "core NATS subscription buffer full: messages dropped (at-most-once); \
+                 the consumer is slower than the publishers (see subscription_capacity)"
+            );
+        }
+    }
+}
+
 /// Subscribes on core NATS: a group is a queue group; nothing is stored, so
 /// declaring is a no-op and messages sent while nobody listens are gone.
 pub struct CoreConsumer {
@@ -96,6 +146,7 @@ pub struct CoreConsumer {
     timeout: Duration,
     server_max: usize,
     closed: Arc<AtomicBool>,
+    drops: DropCounter,
 }
 
 impl std::fmt::Debug for CoreConsumer {
@@ -107,14 +158,30 @@ impl std::fmt::Debug for CoreConsumer {
 impl CoreConsumer {
     /// Opens a NATS connection for subscribing.
     pub async fn connect(config: &NatsConfig) -> Result<Self> {
-        let client = config.client("polybus-core-consumer").await?;
+        let drops = DropCounter::default();
+        let client = config
+            .client_counting("polybus-core-consumer", Some(drops.clone()))
+            .await?;
         let server_max = client.server_info().max_payload;
         Ok(CoreConsumer {
             client,
             timeout: config.request_timeout,
             server_max,
             closed: Arc::new(AtomicBool::new(false)),
+            drops,
         })
+    }
+
+    /// How many messages this consumer's connection has dropped because a
+    /// subscription's buffer was full (a lower bound, see [`DropCounter`]).
+    pub fn dropped(&self) -> u64 {
+        self.drops.dropped()
+    }
+
+    /// A handle that reads the same count, kept after the consumer is put in a
+    /// [`Connection`](polybus_core::Connection) (as `Arc<dyn Consumer>`).
+    pub fn drop_counter(&self) -> DropCounter {
+        self.drops.clone()
     }
 }
 
@@ -152,6 +219,9 @@ impl Consumer for CoreConsumer {
             messages: futures::stream::select_all(subscribers),
             group: options.group,
             consumer_closed: Arc::clone(&self.closed),
+            stopped: false,
+            client: self.client.clone(),
+            timeout: self.timeout,
         }))
     }
 
@@ -168,6 +238,9 @@ struct CoreSubscription {
     messages: futures::stream::SelectAll<async_nats::Subscriber>,
     group: Option<String>,
     consumer_closed: Arc<AtomicBool>,
+    stopped: bool,
+    client: Client,
+    timeout: Duration,
 }
 
 #[async_trait]
@@ -190,6 +263,20 @@ impl Subscription for CoreSubscription {
             Delivery::new(message, origin, 1),
             Acker::new(NoAck),
         )))
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        if !self.stopped {
+            self.stopped = true;
+            // Unsubscribe, but let through what the server sent before it saw
+            // that: `next` yields it, then ends.
+            for subscriber in self.messages.iter_mut() {
+                let _ = subscriber.drain().await;
+            }
+            // Once the server has seen the UNSUBs, nothing published later comes.
+            crate::round_trip(&self.client, self.timeout).await?;
+        }
+        Ok(())
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {

@@ -31,11 +31,14 @@ use std::time::Duration;
 use async_nats::ConnectOptions;
 use polybus_core::{Bytes, Connection, Error, Result, redact_url};
 
+mod consumer_config;
 mod core_mode;
 mod headers;
 mod jetstream;
+mod status;
+mod subscription;
 
-pub use core_mode::{CoreConsumer, CoreProducer};
+pub use core_mode::{CoreConsumer, CoreProducer, DropCounter};
 pub use jetstream::{JetStreamConsumer, JetStreamProducer};
 
 const BACKEND: &str = "nats";
@@ -103,8 +106,20 @@ pub struct NatsConfig {
     pub max_messages: Option<u64>,
     /// The window in which a repeated `Nats-Msg-Id` is dropped (default 2 min).
     pub duplicate_window: Duration,
-    /// How long one pull request waits on the server for messages (default 5 s).
+    /// How long one pull request waits on the server for messages (default 5 s;
+    /// shortened to a group consumer's `max_expires`).
     pub pull_expiry: Duration,
+    /// How long a JetStream subscription keeps retrying pull requests the server
+    /// answers with a transient status (Exceeded MaxWaiting, Leadership Change,
+    /// JetStream unavailable, an unknown status) before it ends with a
+    /// retryable error (default 30 s).
+    pub pull_retry_limit: Duration,
+    /// How many messages async-nats buffers per subscription before it drops
+    /// them (default 65,536). Core NATS subscriptions lose messages beyond it
+    /// when the runner is slower than the publishers; the loss is counted (see
+    /// [`CoreConsumer::dropped`]). JetStream subscriptions never fill it (they
+    /// pull only what the runner has room for).
+    pub subscription_capacity: usize,
 }
 
 impl fmt::Debug for NatsConfig {
@@ -125,6 +140,8 @@ impl fmt::Debug for NatsConfig {
             .field("max_messages", &self.max_messages)
             .field("duplicate_window", &self.duplicate_window)
             .field("pull_expiry", &self.pull_expiry)
+            .field("pull_retry_limit", &self.pull_retry_limit)
+            .field("subscription_capacity", &self.subscription_capacity)
             .finish()
     }
 }
@@ -211,6 +228,8 @@ impl NatsConfig {
             max_messages: None,
             duplicate_window: Duration::from_secs(120),
             pull_expiry: Duration::from_secs(5),
+            pull_retry_limit: Duration::from_secs(30),
+            subscription_capacity: 64 * 1024,
         }
     }
 
@@ -244,6 +263,12 @@ impl NatsConfig {
         self
     }
 
+    /// Sets how many messages async-nats buffers per subscription (at least 1).
+    pub fn subscription_capacity(mut self, capacity: usize) -> Self {
+        self.subscription_capacity = capacity.max(1);
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         if self.servers.is_empty() {
             return Err(Error::InvalidConfig("NATS: no server given".into()));
@@ -251,9 +276,14 @@ impl NatsConfig {
         if self.ack_wait < Duration::from_secs(1) {
             return Err(Error::InvalidConfig("NATS: ack_wait must be at least 1 s".into()));
         }
-        if self.max_deliver == Some(0) || self.replicas == 0 || self.max_ack_pending == 0 {
+        if self.max_deliver == Some(0)
+            || self.replicas == 0
+            || self.max_ack_pending == 0
+            || self.subscription_capacity == 0
+        {
             return Err(Error::InvalidConfig(
-                "NATS: max_deliver, replicas and max_ack_pending must be at least 1".into(),
+                "NATS: max_deliver, replicas, max_ack_pending and subscription_capacity must be at least 1"
+                    .into(),
             ));
         }
         Ok(())
@@ -261,6 +291,16 @@ impl NatsConfig {
 
     /// Opens one NATS connection with these settings.
     pub(crate) async fn client(&self, name: &str) -> Result<async_nats::Client> {
+        self.client_counting(name, None).await
+    }
+
+    /// Opens one NATS connection; messages the client drops because a
+    /// subscription's buffer is full are counted in `drops` (and logged).
+    pub(crate) async fn client_counting(
+        &self,
+        name: &str,
+        drops: Option<DropCounter>,
+    ) -> Result<async_nats::Client> {
         self.validate()?;
         let addrs = self
             .servers
@@ -273,8 +313,18 @@ impl NatsConfig {
             .connection_timeout(self.connect_timeout)
             .request_timeout(Some(self.request_timeout))
             .max_reconnects(None)
-            .event_callback(|event| async move {
-                tracing::debug!(target: "polybus_nats", %event, "NATS connection event");
+            .subscription_capacity(self.subscription_capacity)
+            .event_callback(move |event| {
+                let drops = drops.clone();
+                async move {
+                    match (&event, &drops) {
+                        (async_nats::Event::SlowConsumer(_), Some(drops)) => drops.record(),
+                        (async_nats::Event::SlowConsumer(_), None) => {
+                            tracing::warn!(target: "polybus_nats", %event, "NATS client dropped a message (subscription buffer full)");
+                        }
+                        _ => tracing::debug!(target: "polybus_nats", %event, "NATS connection event"),
+                    }
+                }
             });
         let connecting = options.connect(addrs);
         // The connection timeout applies to each attempt; bound the whole connect too.
