@@ -40,7 +40,10 @@ use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 mod consumer;
+mod offsets;
+mod poll;
 mod producer;
+mod rebalance;
 mod subscription;
 
 pub use consumer::KafkaConsumer;
