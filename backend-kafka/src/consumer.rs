@@ -1,19 +1,20 @@
 //! Topics, groups and subscriptions: the admin client, group offsets, and the
 //! subscription's start.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use polybus_core::{
     Capabilities, Consumer, Error, Result, StartFrom, SubscribeOptions, Subscription, async_trait, names,
 };
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::subscription::{self, Start};
+use crate::subscription::{self, Closer, Start};
 use crate::{BACKEND, KafkaConfig, map_error, millis};
 
 /// Declares topics and groups and opens subscriptions. Built by
@@ -23,6 +24,9 @@ pub struct KafkaConsumer {
     admin: AdminClient<DefaultClientContext>,
     /// A client in no group, for metadata and watermarks.
     meta: Arc<BaseConsumer>,
+    /// The subscriptions opened here, ended by `close`.
+    subscriptions: Mutex<Vec<Closer>>,
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for KafkaConsumer {
@@ -43,6 +47,33 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     })?
 }
 
+/// Probes the bootstrap brokers over TCP before librdkafka's metadata request,
+/// which retries a refused connection until the whole connect timeout has
+/// passed: when no broker accepts, it fails at once (every one refused or does
+/// not resolve) or after `timeout` (some did not answer). One broker that
+/// accepts is enough; the metadata request then checks that it speaks Kafka.
+async fn probe_brokers(brokers: &[String], timeout: Duration) -> Result<()> {
+    let probes = brokers.iter().map(|broker| async move {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(broker.as_str())).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Some(format!("{broker}: {e}"))),
+            Err(_) => Err(None),
+        }
+    });
+    let results = futures::future::join_all(probes).await;
+    if results.iter().any(std::result::Result::is_ok) {
+        return Ok(());
+    }
+    if results.iter().any(|r| matches!(r, Err(None))) {
+        return Err(Error::timeout("connecting to a Kafka broker", timeout));
+    }
+    let refused: Vec<String> = results.into_iter().filter_map(|r| r.err().flatten()).collect();
+    Err(Error::connection(
+        BACKEND,
+        format!("no Kafka broker can be reached ({})", refused.join("; ")),
+    ))
+}
+
 impl KafkaConsumer {
     /// Connects: builds the clients and checks, within the connect timeout, that a
     /// broker answers a metadata request.
@@ -57,6 +88,7 @@ impl KafkaConsumer {
             .set("enable.auto.commit", "false")
             .create()
             .map_err(|e| map_error("creating the Kafka metadata client", e))?;
+        probe_brokers(&config.brokers, config.connect_timeout).await?;
         let meta = Arc::new(meta);
         let probe = Arc::clone(&meta);
         let timeout = config.connect_timeout;
@@ -76,6 +108,8 @@ impl KafkaConsumer {
             config: Arc::new(config),
             admin,
             meta,
+            subscriptions: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -161,12 +195,18 @@ impl KafkaConsumer {
                 )
             })
             .collect();
+        self.create(&new).await
+    }
+
+    /// Creates `new` topics (existing ones are fine) and waits until the
+    /// metadata shows them.
+    async fn create(&self, new: &[NewTopic<'_>]) -> Result<()> {
         let options = AdminOptions::new()
             .operation_timeout(Some(self.config.request_timeout))
             .request_timeout(Some(self.config.request_timeout));
         let results = self
             .admin
-            .create_topics(&new, &options)
+            .create_topics(new, &options)
             .await
             .map_err(|e| map_error("creating topics", e))?;
         for result in results {
@@ -182,7 +222,7 @@ impl KafkaConsumer {
         }
         // Creation is asynchronous on the broker: wait until the metadata shows it.
         let until = tokio::time::Instant::now() + self.config.request_timeout;
-        for topic in topics {
+        for topic in new.iter().map(|t| t.name) {
             loop {
                 if self.partitions(topic).await?.is_some() {
                     break;
@@ -200,15 +240,69 @@ impl KafkaConsumer {
     }
 
     /// The partition count of `topic`, creating it (and its dead-letter topic)
-    /// first if it is missing.
+    /// first if it is missing; an existing topic gets its dead-letter topic if
+    /// that is missing.
     async fn ensure_topic(&self, topic: &str) -> Result<i32> {
-        if let Some(count) = self.partitions(topic).await? {
-            return Ok(count);
+        let count = match self.partitions(topic).await? {
+            Some(count) => count,
+            None => {
+                self.declare_topic_unchecked(topic).await?;
+                self.partitions(topic).await?.ok_or_else(|| Error::NotFound {
+                    what: format!("Kafka topic {topic}"),
+                })?
+            }
+        };
+        self.ensure_dead_letter_topic(topic, count).await?;
+        Ok(count)
+    }
+
+    /// Creates `<topic>.dlq` if it is missing (a topic created by someone else
+    /// has none, and a broker that does not create topics on produce would
+    /// refuse every dead letter): with the source topic's partition count and,
+    /// where the broker tells it, its `max.message.bytes`, so every record of
+    /// the source fits.
+    async fn ensure_dead_letter_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        let dlq = names::dead_letter_topic(topic);
+        if names::validate_topic(&dlq).is_err() || self.partitions(&dlq).await?.is_some() {
+            return Ok(());
         }
-        self.declare_topic_unchecked(topic).await?;
-        self.partitions(topic).await?.ok_or_else(|| Error::NotFound {
-            what: format!("Kafka topic {topic}"),
-        })
+        let max_bytes = self.topic_config(topic, "max.message.bytes").await;
+        let mut new = NewTopic::new(
+            &dlq,
+            partitions.max(1),
+            TopicReplication::Fixed(self.config.replication),
+        );
+        if let Some(bytes) = &max_bytes {
+            new = new.set("max.message.bytes", bytes);
+        }
+        tracing::info!(
+            topic,
+            dlq,
+            partitions,
+            ?max_bytes,
+            "creating the dead-letter topic of an existing topic"
+        );
+        self.create(&[new]).await
+    }
+
+    /// One configuration value of `topic`, if the broker answers DescribeConfigs.
+    async fn topic_config(&self, topic: &str, key: &str) -> Option<String> {
+        let options = AdminOptions::new().request_timeout(Some(self.config.request_timeout));
+        let results = self
+            .admin
+            .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+            .await
+            .ok()?;
+        let resource = results.into_iter().next()?.ok()?;
+        resource.get(key).and_then(|entry| entry.value.clone())
+    }
+
+    /// Fails once [`close`](Consumer::close) was called.
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("consumer"));
+        }
+        Ok(())
     }
 }
 
@@ -261,9 +355,19 @@ fn committed(client: &BaseConsumer, topic: &str, count: i32, timeout: Duration) 
     Ok(offsets)
 }
 
-/// Fixes a group's start on `topic`: partitions without a committed offset get
-/// the start offset (low or high watermark) committed. Returns nothing new for a
-/// group that already has offsets everywhere.
+/// Fixes the start of a group that has never committed on `topic`: every
+/// partition gets the start offset (low or high watermark) committed. A group
+/// with a commit on any partition is left alone: its start was fixed when it
+/// was first declared, and a partition it has no commit for (added to the
+/// topic later, or whose commit expired) starts at its earliest offset
+/// (`auto.offset.reset=earliest`), so nothing published after the declaration
+/// is skipped.
+///
+/// Kafka has no conditional commit, so two declarations at once may both
+/// commit. The watermarks are read *before* the group's commits: a declaration
+/// that commits after another one read them before that one's commit landed,
+/// hence before that one returned, so it never moves the group's start past a
+/// record published after any declaration returned.
 fn fix_group_start(
     meta: &BaseConsumer,
     group: &BaseConsumer,
@@ -272,28 +376,30 @@ fn fix_group_start(
     start: StartFrom,
     timeout: Duration,
 ) -> Result<()> {
-    let committed = committed(group, topic, count, timeout)?;
-    let mut tpl = TopicPartitionList::new();
-    for (partition, committed) in committed.into_iter().enumerate() {
-        if committed.is_some() {
-            continue;
-        }
+    let mut starts = Vec::with_capacity(count as usize);
+    for partition in 0..count {
         let (low, high) = meta
-            .fetch_watermarks(topic, partition as i32, timeout)
+            .fetch_watermarks(topic, partition, timeout)
             .map_err(|e| map_error("reading watermarks", e))?;
-        let offset = match start {
+        starts.push(match start {
             StartFrom::Earliest => low,
             _ => high,
-        };
+        });
+    }
+    if committed(group, topic, count, timeout)?
+        .iter()
+        .any(Option::is_some)
+    {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in starts.into_iter().enumerate() {
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset))
             .map_err(|e| map_error("building offsets", e))?;
     }
-    if tpl.count() > 0 {
-        group
-            .commit(&tpl, CommitMode::Sync)
-            .map_err(|e| map_error(&format!("fixing the start of a group on {topic}"), e))?;
-    }
-    Ok(())
+    group
+        .commit(&tpl, CommitMode::Sync)
+        .map_err(|e| map_error(&format!("fixing the start of a group on {topic}"), e))
 }
 
 #[async_trait]
@@ -309,11 +415,13 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn declare_topic_unchecked(&self, topic: &str) -> Result<()> {
+        self.check_open()?;
         self.create_topics(&[topic.to_owned(), names::dead_letter_topic(topic)])
             .await
     }
 
     async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        self.check_open()?;
         let count = self.ensure_topic(topic).await?;
         let meta = Arc::clone(&self.meta);
         let client = self.group_client(group)?;
@@ -323,6 +431,7 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        self.check_open()?;
         let mut partitions = Vec::new();
         for topic in &options.topics {
             let count = self.ensure_topic(topic).await?;
@@ -357,11 +466,28 @@ impl Consumer for KafkaConsumer {
             }
         };
         let sub = subscription::open(Arc::clone(&self.config), options, start).await?;
+        {
+            let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+            subscriptions.retain(Closer::is_open);
+            subscriptions.push(sub.closer());
+        }
+        if self.closed.load(Ordering::Acquire) {
+            // `close` ran while this subscription was being opened.
+            let _ = Box::new(sub).close().await;
+            return Err(Error::Closed("consumer"));
+        }
         Ok(Box::new(sub))
     }
 
+    /// Ends every subscription opened here that is still open (each commits
+    /// what was acked and leaves its group; its `next` then returns `None`),
+    /// and refuses later declarations and subscriptions.
     async fn close(&self) -> Result<()> {
-        Ok(())
+        self.closed.store(true, Ordering::Release);
+        let open: Vec<Closer> =
+            std::mem::take(&mut *self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()));
+        let results = futures::future::join_all(open.iter().map(Closer::close)).await;
+        results.into_iter().collect()
     }
 }
 

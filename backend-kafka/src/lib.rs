@@ -40,7 +40,10 @@ use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 mod consumer;
+mod offsets;
+mod poll;
 mod producer;
+mod rebalance;
 mod subscription;
 
 pub use consumer::KafkaConsumer;
@@ -85,7 +88,8 @@ pub struct KafkaConfig {
     pub commit_interval: Duration,
     /// How long a revocation waits for the runner to finish or give back the
     /// revoked partitions' messages before committing (default 10 s; must stay
-    /// below the group's rebalance timeout). What it cannot wait for is
+    /// below [`max_poll_interval`](Self::max_poll_interval), which `connect`
+    /// checks, and the group's rebalance timeout). What it cannot wait for is
     /// redelivered to the new owner: duplicates, never loss.
     pub revoke_timeout: Duration,
     /// How many fetched records librdkafka keeps ready per assigned partition
@@ -345,6 +349,14 @@ impl KafkaConfig {
                 "Kafka max_poll_interval must be at least the session timeout".into(),
             ));
         }
+        if self.revoke_timeout >= self.max_poll_interval {
+            // A revocation waits inside librdkafka's poll: past max.poll.interval.ms
+            // the member would be thrown out of its group in the middle of it.
+            return Err(Error::InvalidConfig(format!(
+                "Kafka revoke_timeout ({:?}) must be below max_poll_interval ({:?})",
+                self.revoke_timeout, self.max_poll_interval
+            )));
+        }
         if self.buffer == 0 {
             return Err(Error::InvalidConfig("Kafka buffer must be at least 1".into()));
         }
@@ -446,9 +458,19 @@ pub(crate) fn map_error(what: &str, e: KafkaError) -> Error {
     let code = e.rdkafka_error_code();
     use RDKafkaErrorCode as C;
     match code {
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => Error::Backend {
+        // The record itself is refused: sending it again cannot help.
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge) => Error::Backend {
             backend: BACKEND,
             message: format!("{what}: the broker refused the record as too large: {e}"),
+            retryable: false,
+            source: Some(Box::new(e)),
+        },
+        Some(C::InvalidTimestamp) => Error::Backend {
+            backend: BACKEND,
+            message: format!(
+                "{what}: the broker refused the record's timestamp (outside the topic's \
+                 message.timestamp.*.max.ms): {e}"
+            ),
             retryable: false,
             source: Some(Box::new(e)),
         },
@@ -558,6 +580,30 @@ mod tests {
         assert!(matches!(c.validate(), Err(Error::InvalidConfig(_))));
         let c = KafkaConfig::new(vec!["a:1".into()]).set("acks", "0");
         assert!(matches!(c.validate(), Err(Error::InvalidConfig(_))));
+    }
+
+    #[test]
+    fn revoke_timeout_stays_below_max_poll_interval() {
+        // A revocation blocks the poll thread; past max.poll.interval.ms the
+        // member would be thrown out of the group in the middle of it.
+        let mut c = KafkaConfig::new(vec!["a:1".into()]);
+        c.max_poll_interval = Duration::from_secs(20);
+        c.revoke_timeout = Duration::from_secs(20);
+        assert!(matches!(c.validate(), Err(Error::InvalidConfig(_))));
+        c.revoke_timeout = Duration::from_secs(19);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn records_the_broker_refuses_are_not_retried() {
+        for code in [
+            RDKafkaErrorCode::InvalidTimestamp,
+            RDKafkaErrorCode::MessageBatchTooLarge,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ] {
+            let e = map_error("sending", KafkaError::MessageProduction(code));
+            assert!(!e.is_retryable(), "{code:?} is not retryable: {e}");
+        }
     }
 
     #[test]

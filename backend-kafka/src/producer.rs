@@ -1,16 +1,35 @@
 //! The producer: `acks=all`, idempotent, `send` resolves on the delivery report.
+//!
+//! Records are enqueued with `send_result` and, while librdkafka's queue is
+//! full, the enqueue is retried by the same task: a batch's records enter the
+//! queue in batch order, so one key's records reach its partition in that
+//! order (idempotence keeps the order through librdkafka's retries).
+//!
+//! A fatal error (librdkafka's `rd_kafka_fatal_error`, raised by the
+//! idempotent producer when it can no longer guarantee order or once-ness)
+//! leaves a librdkafka producer dead for good. The sends it hits fail with a
+//! retryable error, and the producer is replaced by a new one (a new producer
+//! id), so later sends and dead letters go through.
 
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
-use polybus_core::{Message, Producer, Result, SendGate, async_trait, wire};
+use polybus_core::{Error, Message, Producer, Result, SendGate, async_trait, wire};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use tokio::time::Instant;
 
-use crate::{KafkaConfig, map_error, millis};
+use crate::{BACKEND, KafkaConfig, map_error, millis};
+
+/// How long an enqueue waits before trying a full queue again.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 
 /// Sends to Kafka. Built by [`connect`](crate::connect).
 pub struct KafkaProducer {
-    inner: FutureProducer,
+    /// The current librdkafka producer (replaced after a fatal error).
+    inner: RwLock<Arc<FutureProducer>>,
+    config: KafkaConfig,
     gate: SendGate,
     max_payload: usize,
     delivery_timeout: Duration,
@@ -25,24 +44,134 @@ impl std::fmt::Debug for KafkaProducer {
     }
 }
 
+fn create(config: &KafkaConfig) -> Result<FutureProducer> {
+    config
+        .client_config()
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", millis(config.delivery_timeout))
+        .set("request.timeout.ms", millis(config.request_timeout))
+        .create()
+        .map_err(|e| map_error("creating the Kafka producer", e))
+}
+
 impl KafkaProducer {
     /// A producer with `acks=all` and idempotence on.
     pub fn new(config: &KafkaConfig) -> Result<Self> {
-        let inner: FutureProducer = config
-            .client_config()
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", millis(config.delivery_timeout))
-            .set("request.timeout.ms", millis(config.request_timeout))
-            .create()
-            .map_err(|e| map_error("creating the Kafka producer", e))?;
         Ok(KafkaProducer {
-            inner,
+            inner: RwLock::new(Arc::new(create(config)?)),
+            config: config.clone(),
             gate: SendGate::new("producer"),
             max_payload: config.max_payload(),
             delivery_timeout: config.delivery_timeout,
         })
     }
+
+    fn current(&self) -> Arc<FutureProducer> {
+        Arc::clone(&self.inner.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Maps a send's error; when `producer` has hit a fatal error, replaces it
+    /// (once: a producer already replaced is left alone) and says so.
+    fn failed(&self, producer: &Arc<FutureProducer>, topic: &str, e: KafkaError) -> Error {
+        let Some((code, reason)) = producer.client().fatal_error() else {
+            return map_error(&format!("sending to {topic}"), e);
+        };
+        let mut current = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&current, producer) {
+            match create(&self.config) {
+                Ok(fresh) => {
+                    tracing::error!(?code, %reason, "the Kafka producer hit a fatal error; replaced by a new one");
+                    let old = std::mem::replace(&mut *current, Arc::new(fresh));
+                    // Dropping a producer purges and flushes (blocking, up to 0.5 s).
+                    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                        runtime.spawn_blocking(move || drop(old));
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "replacing the failed Kafka producer failed"),
+            }
+        }
+        // Recreating cannot help where the broker refuses the producer itself.
+        let hopeless = matches!(
+            code,
+            RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::UnsupportedFeature
+        );
+        Error::Backend {
+            backend: BACKEND,
+            message: format!(
+                "sending to {topic}: the Kafka producer hit a fatal error ({code:?}: {reason}) and was \
+                 replaced; this record may not have been written"
+            ),
+            retryable: !hopeless,
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// Enqueues one record, waiting while librdkafka's queue is full (until
+    /// `deadline`) without letting anything else of the caller's go first.
+    async fn enqueue(
+        &self,
+        producer: &Arc<FutureProducer>,
+        topic: &str,
+        message: &Message,
+        deadline: Instant,
+    ) -> Result<DeliveryFuture> {
+        let mut record = record(topic, message);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::timeout(
+                            format!("waiting for room in the Kafka producer's queue for {topic}"),
+                            self.delivery_timeout,
+                        ));
+                    }
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                }
+                Err((e, _)) => return Err(self.failed(producer, topic, e)),
+            }
+        }
+    }
+
+    /// Waits for a delivery report.
+    async fn delivered(
+        &self,
+        producer: &Arc<FutureProducer>,
+        topic: &str,
+        delivery: DeliveryFuture,
+    ) -> Result<()> {
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(self.failed(producer, topic, e)),
+            Err(_canceled) => Err(Error::Backend {
+                backend: BACKEND,
+                message: format!("sending to {topic}: the producer went away before the delivery report"),
+                retryable: true,
+                source: None,
+            }),
+        }
+    }
+}
+
+/// A record for `message`: the key and the timestamp in the record's own fields.
+fn record<'a>(topic: &'a str, message: &'a Message) -> FutureRecord<'a, [u8], [u8]> {
+    let millis = message
+        .timestamp
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+        .payload(&message.payload[..])
+        .headers(record_headers(message))
+        .timestamp(millis);
+    if let Some(key) = &message.key {
+        record = record.key(key.as_bytes());
+    }
+    record
 }
 
 /// The headers a record carries: the user's, the system ones and the id. The key
@@ -68,23 +197,42 @@ impl Producer for KafkaProducer {
 
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
-        let millis = message
-            .timestamp
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-            .payload(&message.payload[..])
-            .headers(record_headers(&message))
-            .timestamp(millis);
-        if let Some(key) = &message.key {
-            record = record.key(key.as_bytes());
+        let producer = self.current();
+        let deadline = Instant::now() + self.delivery_timeout;
+        let delivery = self.enqueue(&producer, topic, &message, deadline).await?;
+        self.delivered(&producer, topic, delivery).await
+    }
+
+    /// Sends the batch in order: each record is enqueued only after the one
+    /// before it (waiting while librdkafka's queue is full), so records with
+    /// the same key reach their partition in batch order. Resolves when every
+    /// record has its delivery report; the first failure is returned (records
+    /// enqueued before it are still delivered).
+    async fn send_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        let max = self.max_payload();
+        for message in &messages {
+            message.validate(topic, max)?;
         }
-        // Waits (up to the delivery timeout) while librdkafka's queue is full.
-        match self.inner.send(record, self.delivery_timeout).await {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(map_error(&format!("sending to {topic}"), e)),
+        let _in_flight = self.gate.enter()?;
+        let producer = self.current();
+        let deadline = Instant::now() + self.delivery_timeout;
+        let mut deliveries = Vec::with_capacity(messages.len());
+        let mut failure = None;
+        for message in &messages {
+            match self.enqueue(&producer, topic, message, deadline).await {
+                Ok(delivery) => deliveries.push(delivery),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
         }
+        for delivery in deliveries {
+            if let Err(e) = self.delivered(&producer, topic, delivery).await {
+                failure.get_or_insert(e);
+            }
+        }
+        failure.map_or(Ok(()), Err)
     }
 
     async fn flush(&self) -> Result<()> {

@@ -69,3 +69,16 @@ impl MockKafka {
         }
     }
 }
+
+impl MockKafka {
+    /// Makes the next `count` Produce requests fail with `error` (librdkafka's
+    /// mock error injection).
+    pub fn fail_produce_requests(&self, error: rdkafka_sys::rd_kafka_resp_err_t, count: usize) {
+        let errors = vec![error; count];
+        // SAFETY: the cluster is alive; the array holds `count` errors and is
+        // read during the call only. Produce is API key 0.
+        unsafe {
+            rdkafka_sys::rd_kafka_mock_push_request_errors_array(self.cluster(), 0, count, errors.as_ptr());
+        }
+    }
+}

@@ -103,6 +103,27 @@ impl<const REAL: bool> KafkaHarness<REAL> {
     pub fn admin(&self) -> &KafkaConsumer {
         &self.admin
     }
+
+    /// The mock cluster, if this harness runs on one.
+    pub fn mock(&self) -> Option<&mock::MockKafka> {
+        match &self.cluster {
+            Cluster::Mock(mock) => Some(mock),
+            Cluster::Real => None,
+        }
+    }
+
+    /// Plain librdkafka settings for these brokers (for clients that act
+    /// outside polybus in a test: other producers, admin tools).
+    pub fn raw_config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config
+            .set("bootstrap.servers", self.config.brokers.join(","))
+            .set("log_level", "3");
+        if REAL {
+            config.set("batch.num.messages", "1");
+        }
+        config
+    }
 }
 
 /// On the mock cluster, which has no CreateTopics, topics are created through

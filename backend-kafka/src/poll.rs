@@ -1,0 +1,248 @@
+//! The poll thread: owns the subscription's consumer, polls its queue (where
+//! rebalance callbacks run) every loop, takes records from the partition
+//! queues round robin while the runner has room, books them and sends them to
+//! the async side, and commits settled positions every commit interval.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use polybus_core::{Bytes, Delivery, Error, Origin, Result, wire};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::rebalance::Context;
+use crate::subscription::{Command, Redelivery, Shared};
+use crate::{BACKEND, map_error};
+
+/// Owns the consumer on its thread.
+pub(crate) struct Poller {
+    pub(crate) consumer: Arc<BaseConsumer<Context>>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) items: mpsc::UnboundedSender<Redelivery>,
+    pub(crate) commands: std_mpsc::Receiver<Command>,
+    pub(crate) commit_interval: Duration,
+    pub(crate) group: Option<String>,
+    /// The group id the consumer uses (a private one without a group), for logs.
+    pub(crate) topics_group: String,
+}
+
+enum Flow {
+    Close(oneshot::Sender<Result<()>>),
+    Crash,
+    Fatal,
+}
+
+impl Poller {
+    pub(crate) fn run(self) {
+        let mut next_queue = 0usize;
+        let mut idle = false;
+        let mut last_commit = Instant::now();
+        tracing::debug!(group = %self.topics_group, "Kafka poll thread started");
+        let flow = 'run: loop {
+            // Commands first; when there was nothing to do, wait for one (new
+            // data, room, close) a little.
+            let first = if idle {
+                match self.commands.recv_timeout(Duration::from_millis(100)) {
+                    Ok(c) => Some(c),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break Flow::Crash,
+                }
+            } else {
+                None
+            };
+            for command in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| self.commands.try_recv().ok()))
+            {
+                match command {
+                    Command::Wake => {}
+                    Command::Close(reply) => break 'run Flow::Close(reply),
+                    Command::Crash => break 'run Flow::Crash,
+                }
+            }
+            idle = true;
+            // The consumer queue: rebalances (their callbacks run in here) and
+            // errors. Records come through it only for a partition that could
+            // not get a queue of its own.
+            for _ in 0..64 {
+                match self.consumer.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Ok(message)) => {
+                        idle = false;
+                        if !self.on_message(&message) {
+                            break 'run Flow::Crash;
+                        }
+                    }
+                    Some(Err(e)) if self.on_error(&e) => break 'run Flow::Fatal,
+                    Some(Err(_)) => {}
+                }
+            }
+            if self.group.is_some() && last_commit.elapsed() >= self.commit_interval {
+                last_commit = Instant::now();
+                let tpl = self.shared.lock().book.positions(false);
+                if tpl.count() > 0
+                    && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+                {
+                    tracing::warn!(error = %e, "offset commit failed; it is sent again");
+                }
+            }
+            // Partition queues, round robin, while the runner has room. librdkafka
+            // stops fetching a partition whose queue is full (`queued.min.messages`,
+            // `queued.max.messages.kbytes`), so nothing is paused or fetched twice.
+            let mut room = self
+                .shared
+                .prefetch
+                .saturating_sub(self.shared.lock().book.queued);
+            if room == 0 {
+                self.shared.starved.store(true, Ordering::Release);
+                // Room made between the count and the flag would go unnoticed.
+                if self.shared.lock().book.queued >= self.shared.prefetch {
+                    continue;
+                }
+                self.shared.starved.store(false, Ordering::Release);
+                room = 1;
+            }
+            let queues = self.shared.queues();
+            let mut empty = 0;
+            while room > 0 && empty < queues.len() {
+                let (_, _, queue) = &queues[next_queue % queues.len()];
+                next_queue = next_queue.wrapping_add(1);
+                match queue.poll(Duration::ZERO) {
+                    None => empty += 1,
+                    Some(Ok(message)) => {
+                        empty = 0;
+                        room -= 1;
+                        idle = false;
+                        if !self.on_message(&message) {
+                            break 'run Flow::Crash;
+                        }
+                    }
+                    Some(Err(e)) if self.on_error(&e) => break 'run Flow::Fatal,
+                    Some(Err(_)) => empty += 1,
+                }
+            }
+        };
+        // The partition queues hold the consumer too: let them go first, so that
+        // dropping it closes it here (its revocation callback runs on this thread).
+        self.shared.queues().clear();
+        match flow {
+            Flow::Close(reply) => {
+                let result = self.commit_all();
+                tracing::debug!(group = %self.topics_group, "Kafka subscription closing");
+                drop(self.consumer); // leaves the group (the revocation commits again)
+                let _ = reply.send(result);
+            }
+            Flow::Crash => {
+                self.shared.lock().crashed = true;
+                drop(self.consumer);
+            }
+            Flow::Fatal => {
+                // A fatal error: stop taking messages, leave without committing more.
+                {
+                    let mut state = self.shared.lock();
+                    state.crashed = true;
+                    state.fatal = true;
+                }
+                drop(self.consumer);
+            }
+        }
+        self.shared.lock().ended = true;
+        self.shared.control_ready.notify_one();
+    }
+
+    /// Books a fetched message and sends it on; false when nobody listens any more.
+    fn on_message(&self, message: &BorrowedMessage<'_>) -> bool {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        let Some((name, generation)) = self.shared.lock().book.fetched(topic, partition, offset) else {
+            return true;
+        };
+        let delivery = to_delivery(message, self.shared.group.clone());
+        self.items
+            .send(Redelivery {
+                delivery,
+                topic: name,
+                partition,
+                generation,
+                offset,
+            })
+            .is_ok()
+    }
+
+    /// Reports a consumer error; true when it is fatal (the subscription ends).
+    /// Authorization failures go to the runner (and to a `subscribe` still
+    /// waiting) as non-retryable errors; librdkafka retries everything else.
+    fn on_error(&self, e: &KafkaError) -> bool {
+        use rdkafka::error::RDKafkaErrorCode as C;
+        let code = e.rdkafka_error_code();
+        let fatal = matches!(e, KafkaError::MessageConsumptionFatal(_)) || code == Some(C::Fatal);
+        let refused = matches!(
+            code,
+            Some(
+                C::TopicAuthorizationFailed
+                    | C::GroupAuthorizationFailed
+                    | C::ClusterAuthorizationFailed
+                    | C::SaslAuthenticationFailed
+                    | C::Authentication
+            )
+        );
+        if fatal || refused {
+            tracing::error!(error = %e, "Kafka consumer error; the subscription ends");
+            let error = || Error::Backend {
+                backend: BACKEND,
+                message: format!("consuming: {e}"),
+                retryable: false,
+                source: None,
+            };
+            self.consumer.context().first_assignment_done(Err(error()));
+            self.shared.push_control(Err(error()));
+            return fatal;
+        }
+        tracing::warn!(error = %e, "Kafka consumer error (librdkafka retries)");
+        false
+    }
+
+    /// Commits every partition's position synchronously (on close).
+    fn commit_all(&self) -> Result<()> {
+        if self.group.is_none() {
+            return Ok(());
+        }
+        let tpl = self.shared.lock().book.positions(true);
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| map_error("committing offsets on close", e))
+    }
+}
+
+/// Rebuilds the polybus message from a Kafka record.
+fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    if let Some(h) = message.headers() {
+        for header in h.iter() {
+            let value = header.value.map(String::from_utf8_lossy).unwrap_or_default();
+            headers.push((header.key.to_owned(), value.into_owned()));
+        }
+    }
+    if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+        headers.push((wire::KEY.to_owned(), key.to_owned()));
+    }
+    if let Some(millis) = message.timestamp().to_millis() {
+        headers.push((wire::TIMESTAMP.to_owned(), millis.to_string()));
+    }
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+    let decoded = wire::decode(payload, headers, || format!("{topic}/{partition}/{offset}"));
+    let origin = Origin {
+        topic: topic.to_owned(),
+        group,
+        partition: Some(partition),
+        sequence: Some(offset as u64),
+    };
+    Delivery::new(decoded, origin, 1)
+}
