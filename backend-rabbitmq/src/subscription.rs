@@ -1,0 +1,337 @@
+//! Subscriptions: consumers on a connection of their own, and settlement.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::Channel;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use polybus_core::{AckHandle, Acker, Bytes, Delivery, Error, Event, Origin, Result, Subscription, wire};
+
+use crate::config::RabbitConfig;
+use crate::consumer::declare_exchange;
+use crate::errors::map_error;
+use crate::{BACKEND, is_broker_header, value_text};
+
+type DeliveryStream = futures::stream::BoxStream<'static, (String, lapin::Result<lapin::message::Delivery>)>;
+
+/// One queue a subscription consumes from.
+#[derive(Clone)]
+pub(crate) struct Source {
+    pub(crate) topic: String,
+    pub(crate) queue: String,
+    /// An exclusive, auto-delete queue of this subscription's connection.
+    pub(crate) private: bool,
+}
+
+/// A subscription on a connection of its own, without lapin's auto-recovery:
+/// when the connection drops, `next` reconnects with backoff, declares its
+/// private queues again and consumes anew (the broker has already given every
+/// unacknowledged delivery of the old connection back).
+pub(crate) struct RabbitSubscription {
+    config: RabbitConfig,
+    sources: Vec<Source>,
+    prefetch: u16,
+    connection: Option<lapin::Connection>,
+    channel: Option<Channel>,
+    deliveries: futures::stream::SelectAll<DeliveryStream>,
+    tags: Vec<String>,
+    group: Option<String>,
+    consumer_closed: Arc<AtomicBool>,
+}
+
+impl Drop for RabbitSubscription {
+    fn drop(&mut self) {
+        // A crash: closing the connection hands every unacknowledged delivery
+        // back to the broker, as a dead process's connection would.
+        let (channel, connection) = (self.channel.take(), self.connection.take());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Some(channel) = channel {
+                    let _ = channel.close(200, "dropped".into()).await;
+                }
+                if let Some(connection) = connection {
+                    let _ = connection.close(200, "dropped".into()).await;
+                }
+            });
+        }
+    }
+}
+
+/// A channel on `connection` with the prefetch and one consumer per source.
+async fn open_consumers(
+    connection: &lapin::Connection,
+    sources: &[Source],
+    prefetch: u16,
+) -> Result<(Channel, futures::stream::SelectAll<DeliveryStream>, Vec<String>)> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| map_error("opening a channel", e))?;
+    let consumers = async {
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| map_error("setting the prefetch", e))?;
+        let mut consumers = Vec::new();
+        for source in sources {
+            if source.private {
+                declare_exchange(&channel, &source.topic).await?;
+                channel
+                    .queue_declare(
+                        source.queue.as_str().into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map_error("declaring a private queue", e))?;
+                channel
+                    .queue_bind(
+                        source.queue.as_str().into(),
+                        source.topic.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map_error("binding a private queue", e))?;
+            }
+            let consumer = channel
+                .basic_consume(
+                    source.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| map_error(&format!("consuming from '{}'", source.queue), e))?;
+            consumers.push((source.topic.clone(), consumer));
+        }
+        Ok::<_, Error>(consumers)
+    }
+    .await;
+    let consumers = match consumers {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = channel.close(200, "bye".into()).await;
+            return Err(e);
+        }
+    };
+    let tags = consumers
+        .iter()
+        .map(|(_, c)| c.tag().as_str().to_owned())
+        .collect();
+    let streams = consumers
+        .into_iter()
+        .map(|(topic, consumer)| consumer.map(move |delivery| (topic.clone(), delivery)).boxed());
+    Ok((channel, futures::stream::select_all(streams), tags))
+}
+
+impl RabbitSubscription {
+    /// A subscription that is not connected yet (see `open`).
+    pub(crate) fn new(
+        config: RabbitConfig,
+        sources: Vec<Source>,
+        prefetch: u16,
+        group: Option<String>,
+        consumer_closed: Arc<AtomicBool>,
+    ) -> Self {
+        RabbitSubscription {
+            config,
+            sources,
+            prefetch,
+            connection: None,
+            channel: None,
+            deliveries: futures::stream::SelectAll::new(),
+            tags: Vec::new(),
+            group,
+            consumer_closed,
+        }
+    }
+
+    /// Connects and starts consuming.
+    pub(crate) async fn open(&mut self) -> Result<()> {
+        let connection = self.config.connection_with("polybus-subscription", false).await?;
+        match open_consumers(&connection, &self.sources, self.prefetch).await {
+            Ok((channel, deliveries, tags)) => {
+                self.connection = Some(connection);
+                self.channel = Some(channel);
+                self.deliveries = deliveries;
+                self.tags = tags;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = connection.close(200, "bye".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// After the connection dropped: reconnect with backoff, within the request
+    /// timeout (then a retryable error; the next call tries again).
+    async fn reconnect(&mut self) -> Result<()> {
+        self.deliveries = futures::stream::SelectAll::new();
+        self.channel = None;
+        if let Some(old) = self.connection.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), old.close(200, "reconnecting".into())).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.open().await {
+                Ok(()) => {
+                    tracing::info!(target: "polybus_rabbitmq", "subscription reconnected");
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() + backoff >= deadline => {
+                    return Err(Error::Connection {
+                        backend: BACKEND,
+                        message: format!("reconnecting the subscription: {e}"),
+                        source: Some(Box::new(e)),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "subscription reconnect failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn delivery(&self, topic: String, delivery: lapin::message::Delivery) -> Event {
+        let headers: BTreeMap<String, String> = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .map(|table| {
+                table
+                    .inner()
+                    .iter()
+                    .filter_map(|(k, v)| value_text(v).map(|v| (k.as_str().to_owned(), v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let delivery_count = headers
+            .get("x-delivery-count")
+            .and_then(|c| c.parse::<u32>().ok());
+        let attempt = match delivery_count {
+            Some(count) => count.saturating_add(1),
+            None if delivery.redelivered => 2,
+            None => 1,
+        };
+        let fallback = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned());
+        let tag = delivery.delivery_tag;
+        let pairs = headers.into_iter().filter(|(k, _)| !is_broker_header(k));
+        let message = wire::decode(Bytes::from(delivery.data), pairs, || {
+            fallback.unwrap_or_else(|| format!("{topic}:{tag}"))
+        });
+        let origin = Origin {
+            topic,
+            group: self.group.clone(),
+            partition: None,
+            sequence: None,
+        };
+        Event::Delivery(
+            Delivery::new(message, origin, attempt),
+            Acker::new(RabbitAck {
+                acker: delivery.acker,
+            }),
+        )
+    }
+}
+
+#[async_trait]
+impl Subscription for RabbitSubscription {
+    async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            if self.consumer_closed.load(Ordering::Acquire) {
+                return None;
+            }
+            match self.deliveries.next().await {
+                Some((topic, Ok(delivery))) => return Some(Ok(self.delivery(topic, delivery))),
+                Some((_, Err(e))) => {
+                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "consumer lost its connection; reconnecting");
+                }
+                None => {}
+            }
+            if self.consumer_closed.load(Ordering::Acquire) {
+                return None;
+            }
+            if let Err(e) = self.reconnect().await {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        let limit = self.config.request_timeout;
+        let (channel, connection) = (self.channel.take(), self.connection.take());
+        let tags = std::mem::take(&mut self.tags);
+        let closing = async {
+            if let Some(channel) = channel {
+                for tag in &tags {
+                    let _ = channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                }
+                // Closing gives back what was delivered but not settled.
+                let _ = channel.close(200, "bye".into()).await;
+            }
+            if let Some(connection) = connection {
+                let _ = connection.close(200, "bye".into()).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, closing).await;
+        Ok(())
+    }
+}
+
+struct RabbitAck {
+    acker: lapin::Acker,
+}
+
+impl RabbitAck {
+    fn settled(what: &str, result: lapin::Result<bool>) -> Result<()> {
+        match result {
+            Ok(true) => Ok(()),
+            // The channel this delivery came on is gone: the broker redelivers it.
+            Ok(false) => Err(Error::Connection {
+                backend: BACKEND,
+                message: format!("{what}: the delivery's channel was closed; it will be redelivered"),
+                source: None,
+            }),
+            Err(e) => Err(map_error(what, e)),
+        }
+    }
+}
+
+#[async_trait]
+impl AckHandle for RabbitAck {
+    async fn ack(&self) -> Result<()> {
+        Self::settled("ack", self.acker.ack(BasicAckOptions::default()).await)
+    }
+
+    async fn release(&self, _delay: Option<Duration>) -> Result<()> {
+        let options = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        Self::settled("nack", self.acker.nack(options).await)
+    }
+}
