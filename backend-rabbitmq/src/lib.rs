@@ -12,7 +12,9 @@
 //! * `send` publishes a persistent message and resolves on the publisher
 //!   confirm; concurrent sends pipeline their confirms on one channel. A broker
 //!   nack is an error; an unroutable message is not, unless
-//!   [`RabbitConfig::mandatory`] is set.
+//!   [`RabbitConfig::mandatory`] is set (then each send holds one of a few
+//!   confirm channels until its confirm, so a returned message answers its own
+//!   send).
 //! * Consumers use `basic.qos` prefetch equal to the runner's bound (split between
 //!   the topics of one subscription). Release is
 //!   `basic.nack` with requeue (RabbitMQ has no delayed requeue, so the runner

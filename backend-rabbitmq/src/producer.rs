@@ -1,6 +1,7 @@
 //! The producer: persistent publishes with publisher confirms.
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -13,11 +14,41 @@ use crate::consumer::declare_exchange;
 use crate::errors::{alive, is_not_found, is_refusal, map_error};
 use crate::{BACKEND, long};
 
+/// How many confirm channels a producer with `mandatory` publishes on (one
+/// publish in flight on each).
+const MANDATORY_CHANNELS: usize = 8;
+
+/// One confirm channel of a producer.
+struct Slot {
+    /// Replaced when the broker closes it (a refusal) or a mandatory confirm
+    /// timed out; `None` until first used.
+    channel: std::sync::Mutex<Option<Channel>>,
+    /// Held for the whole publish when `mandatory` is set: lapin hands a
+    /// basic.return to whichever confirm of a multiple ack it resolves first,
+    /// so with one publish in flight per channel a return can only be its own.
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn new(channel: Option<Channel>) -> Self {
+        Slot {
+            channel: std::sync::Mutex::new(channel),
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
 /// Publishes persistent messages with publisher confirms.
+///
+/// Without `mandatory`, every send pipelines on one confirm channel. With
+/// `mandatory`, a send holds one of a few channels until its confirm, so an
+/// unroutable answer (basic.return) is matched to the send it belongs to.
 pub struct RabbitProducer {
     connection: lapin::Connection,
-    /// The confirm channel; replaced when the broker closes it (a refusal).
-    channel: std::sync::Mutex<Channel>,
+    /// The confirm channels: one, or [`MANDATORY_CHANNELS`] with `mandatory`.
+    slots: Vec<Slot>,
+    /// Round robin over `slots`.
+    next_slot: std::sync::atomic::AtomicUsize,
     /// Exchanges known to exist (declared on first send to a topic).
     exchanges: std::sync::Mutex<std::collections::HashSet<String>>,
     config: RabbitConfig,
@@ -37,9 +68,14 @@ impl RabbitProducer {
     pub async fn connect(config: &RabbitConfig) -> Result<Self> {
         let connection = config.connection("polybus-producer").await?;
         let channel = Self::confirm_channel(&connection).await?;
+        let mut slots = vec![Slot::new(Some(channel))];
+        if config.mandatory {
+            slots.extend((1..MANDATORY_CHANNELS).map(|_| Slot::new(None)));
+        }
         Ok(RabbitProducer {
             connection,
-            channel: std::sync::Mutex::new(channel),
+            slots,
+            next_slot: std::sync::atomic::AtomicUsize::new(0),
             exchanges: std::sync::Mutex::default(),
             config: config.clone(),
             gate: SendGate::new("producer"),
@@ -58,22 +94,48 @@ impl RabbitProducer {
         Ok(channel)
     }
 
-    fn current(&self) -> Channel {
-        self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The slot's channel, opened if it has none yet.
+    async fn current(&self, slot: &Slot) -> Result<Channel> {
+        if let Some(channel) = slot.channel.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(channel);
+        }
+        let fresh = Self::confirm_channel(&self.connection).await?;
+        let mut current = slot.channel.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(current.get_or_insert(fresh).clone())
     }
 
     /// Replaces `broken` (closed by a broker refusal, or given up by recovery)
     /// with a new confirm channel, unless another send already did.
-    async fn reopen(&self, broken: &Channel) -> Result<()> {
+    async fn reopen(&self, slot: &Slot, broken: &Channel) -> Result<()> {
         if alive(broken) {
             return Ok(());
         }
         let fresh = Self::confirm_channel(&self.connection).await?;
-        let mut current = self.channel.lock().unwrap_or_else(|p| p.into_inner());
-        if current.id() == broken.id() && !alive(&current) {
-            *current = fresh;
+        let mut current = slot.channel.lock().unwrap_or_else(|p| p.into_inner());
+        let replace = match current.as_ref() {
+            Some(c) => c.id() == broken.id() && !alive(c),
+            None => true,
+        };
+        if replace {
+            *current = Some(fresh);
         }
         Ok(())
+    }
+
+    /// Drops the slot's channel after a mandatory confirm timed out: its late
+    /// basic.return could otherwise be handed to the slot's next send.
+    async fn discard(&self, slot: &Slot, channel: &Channel) {
+        {
+            let mut current = slot.channel.lock().unwrap_or_else(|p| p.into_inner());
+            if current.as_ref().is_some_and(|c| c.id() == channel.id()) {
+                *current = None;
+            }
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            channel.close(200, "confirm timed out".into()),
+        )
+        .await;
     }
 
     /// Declares the topic's exchange once per producer, so a send to a topic
@@ -148,8 +210,23 @@ impl Producer for RabbitProducer {
             ..Default::default()
         };
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let index = self.next_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.slots.len();
+        let slot = &self.slots[index];
+        let _turn = if self.config.mandatory {
+            match tokio::time::timeout_at(deadline, slot.turn.lock()).await {
+                Ok(turn) => Some(turn),
+                Err(_) => {
+                    return Err(Error::timeout(
+                        format!("publishing to '{topic}' (waiting for a mandatory channel)"),
+                        self.config.request_timeout,
+                    ));
+                }
+            }
+        } else {
+            None
+        };
         loop {
-            let channel = self.current();
+            let channel = self.current(slot).await?;
             let attempt = async {
                 channel
                     .basic_publish(
@@ -164,6 +241,9 @@ impl Producer for RabbitProducer {
             };
             let result = match tokio::time::timeout_at(deadline, attempt).await {
                 Err(_) => {
+                    if self.config.mandatory {
+                        self.discard(slot, &channel).await;
+                    }
                     return Err(Error::timeout(
                         format!("publishing to '{topic}' (waiting for the confirm)"),
                         self.config.request_timeout,
@@ -195,14 +275,14 @@ impl Producer for RabbitProducer {
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(topic);
                     }
-                    let _ = self.reopen(&channel).await;
+                    let _ = self.reopen(slot, &channel).await;
                     return Err(map_error(&format!("publishing to '{topic}'"), e));
                 }
                 Err(e) => {
                     let what = format!("publishing to '{topic}'");
                     if !alive(&channel) {
                         // Closed for good (recovery gave up): start a new channel.
-                        self.reopen(&channel).await?;
+                        self.reopen(slot, &channel).await?;
                         continue;
                     }
                     let recovered = tokio::time::timeout_at(deadline, channel.wait_for_recovery(e)).await;
@@ -230,7 +310,12 @@ impl Producer for RabbitProducer {
 
     async fn close(&self) -> Result<()> {
         self.gate.close().await;
-        let _ = self.current().close(200, "bye".into()).await;
+        for slot in &self.slots {
+            let channel = slot.channel.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(channel) = channel {
+                let _ = channel.close(200, "bye".into()).await;
+            }
+        }
         let _ = self.connection.close(200, "bye".into()).await;
         Ok(())
     }

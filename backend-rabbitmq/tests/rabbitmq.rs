@@ -193,3 +193,65 @@ async fn x_headers_and_long_ids_round_trip() {
         .await
         .unwrap();
 }
+
+// ---- issue 12 -------------------------------------------------------------
+
+/// Issue 12 item 5: lapin hands a basic.return to whichever confirm of a
+/// multiple-ack resolves first, so with many mandatory sends in flight a routed
+/// send could be told `NotFound` and an unroutable one `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mandatory_returns_answer_their_own_send() {
+    let Some(config) = config("mandatory_returns_answer_their_own_send") else {
+        return;
+    };
+    let routed = unique("mand-routed");
+    let unroutable = unique("mand-lost");
+    // Classic queues confirm fast, so the broker acks many sends at once
+    // (multiple acks), which is where returns were handed out wrongly.
+    let conn = polybus_rabbitmq::connect_with(
+        config
+            .clone()
+            .mandatory(true)
+            .queue_type(polybus_rabbitmq::QueueType::Classic),
+    )
+    .await
+    .unwrap();
+    conn.consumer.declare_topic(&unroutable).await.unwrap();
+    conn.consumer
+        .declare_group(&routed, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let mut wrong = Vec::new();
+    for round in 0..5 {
+        let sends = (0..1000).map(|i| {
+            let producer = Arc::clone(&conn.producer);
+            let topic = if i % 2 == 0 {
+                routed.clone()
+            } else {
+                unroutable.clone()
+            };
+            async move { (i, producer.send(&topic, Message::new(format!("m{i}"))).await) }
+        });
+        for (i, result) in futures::future::join_all(sends).await {
+            let ok = matches!(
+                (i % 2 == 0, &result),
+                (true, Ok(())) | (false, Err(Error::NotFound { .. }))
+            );
+            if !ok {
+                wrong.push(format!("round {round} send {i}: {result:?}"));
+            }
+        }
+    }
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&routed, &[group_queue(&routed, "g")])
+        .await
+        .unwrap();
+    admin.delete_topic(&unroutable, &[]).await.unwrap();
+    assert!(
+        wrong.is_empty(),
+        "{} sends got another send's answer, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
