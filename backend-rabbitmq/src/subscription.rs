@@ -45,6 +45,9 @@ pub(crate) struct RabbitSubscription {
     tags: Vec<String>,
     group: Option<String>,
     consumer_closed: Arc<AtomicBool>,
+    /// `stop` cancelled the consumers: no reconnect, and the subscription ends
+    /// once the deliveries already received are handed out.
+    stopped: bool,
 }
 
 impl Drop for RabbitSubscription {
@@ -157,6 +160,7 @@ impl RabbitSubscription {
             tags: Vec::new(),
             group,
             consumer_closed,
+            stopped: false,
         }
     }
 
@@ -265,9 +269,18 @@ impl Subscription for RabbitSubscription {
             }
             match self.deliveries.next().await {
                 Some((topic, Ok(delivery))) => return Some(Ok(self.delivery(topic, delivery))),
+                Some((_, Err(e))) if self.stopped => {
+                    // Stopped: nothing more is consumed, and the broker has given
+                    // back what this connection held.
+                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "stopped subscription lost its connection");
+                    return None;
+                }
                 Some((_, Err(e))) => {
                     tracing::warn!(target: "polybus_rabbitmq", error = %e, "consumer lost its connection; reconnecting");
                 }
+                // Every consumer was cancelled by `stop` and what they had
+                // received was handed out.
+                None if self.stopped => return None,
                 None => {}
             }
             if self.consumer_closed.load(Ordering::Acquire) {
@@ -276,6 +289,36 @@ impl Subscription for RabbitSubscription {
             if let Err(e) = self.reconnect().await {
                 return Some(Err(e));
             }
+        }
+    }
+
+    /// Cancels this subscription's consumers (`basic.cancel`), so deliveries the
+    /// runner releases from now on go to other consumers of the group instead of
+    /// back into this one's prefetch. The channel stays open: deliveries already
+    /// received can still be acked and released, and `next` hands out those
+    /// lapin had buffered, then ends. Idempotent.
+    async fn stop(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        let tags = std::mem::take(&mut self.tags);
+        let Some(channel) = self.channel.clone() else {
+            return Ok(());
+        };
+        let limit = self.config.request_timeout;
+        let cancelling = async {
+            for tag in &tags {
+                channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await
+                    .map_err(|e| map_error(&format!("cancelling consumer '{tag}'"), e))?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(limit, cancelling).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::timeout("cancelling the subscription's consumers", limit)),
         }
     }
 
@@ -307,16 +350,23 @@ struct RabbitAck {
 }
 
 impl RabbitAck {
-    fn settled(what: &str, result: lapin::Result<bool>) -> Result<()> {
+    /// lapin's acker answers `Ok(false)` when it is poisoned (its channel closed
+    /// or was replaced by a reconnect) and `Err` when the channel ended while
+    /// settling: either way the broker did not get the settlement and will
+    /// redeliver the message, so nothing was settled.
+    fn settled(operation: &'static str, result: lapin::Result<bool>) -> Result<()> {
         match result {
             Ok(true) => Ok(()),
-            // The channel this delivery came on is gone: the broker redelivers it.
-            Ok(false) => Err(Error::Connection {
-                backend: BACKEND,
-                message: format!("{what}: the delivery's channel was closed; it will be redelivered"),
-                source: None,
+            Ok(false) => Err(Error::NotSettled {
+                operation,
+                reason: "the delivery's channel was closed; the broker redelivers it".into(),
             }),
-            Err(e) => Err(map_error(what, e)),
+            Err(e) => Err(Error::NotSettled {
+                operation,
+                reason: format!(
+                    "the delivery's channel ended while settling ({e}); the broker redelivers it"
+                ),
+            }),
         }
     }
 }
@@ -332,6 +382,6 @@ impl AckHandle for RabbitAck {
             requeue: true,
             ..Default::default()
         };
-        Self::settled("nack", self.acker.nack(options).await)
+        Self::settled("release", self.acker.nack(options).await)
     }
 }

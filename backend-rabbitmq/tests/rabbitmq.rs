@@ -196,6 +196,18 @@ async fn x_headers_and_long_ids_round_trip() {
 
 // ---- issue 12 -------------------------------------------------------------
 
+async fn next_delivery(
+    sub: &mut Box<dyn polybus_core::Subscription>,
+    within: Duration,
+) -> Option<(Delivery, polybus_core::Acker)> {
+    match tokio::time::timeout(within, sub.next()).await {
+        Ok(Some(Ok(polybus_core::Event::Delivery(d, a)))) => Some((d, a)),
+        Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
+        Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
+        Ok(None) | Err(_) => None,
+    }
+}
+
 /// Issue 12 item 5: lapin hands a basic.return to whichever confirm of a
 /// multiple-ack resolves first, so with many mandatory sends in flight a routed
 /// send could be told `NotFound` and an unroutable one `Ok`.
@@ -253,5 +265,107 @@ async fn mandatory_returns_answer_their_own_send() {
         "{} sends got another send's answer, e.g. {:?}",
         wrong.len(),
         &wrong[..wrong.len().min(5)]
+    );
+}
+
+/// Issue 12 (runner): after `stop`, released deliveries go to other consumers
+/// of the group, not back into this subscription's prefetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_keeps_released_deliveries_from_coming_back() {
+    let Some(config) = config("stop_keeps_released_deliveries_from_coming_back") else {
+        return;
+    };
+    let topic = unique("stop");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let options = polybus_core::SubscribeOptions::new(&topic)
+        .group("g")
+        .prefetch(10);
+    let mut first = conn.consumer.subscribe(options.clone()).await.unwrap();
+    for i in 0..5 {
+        conn.producer
+            .send(&topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(
+            next_delivery(&mut first, Duration::from_secs(10))
+                .await
+                .expect("a delivery"),
+        );
+    }
+    first.stop().await.unwrap();
+    first.stop().await.unwrap();
+    for (_, acker) in &held {
+        acker.release(None).await.unwrap();
+    }
+    let back = next_delivery(&mut first, Duration::from_secs(1)).await;
+    let mut second = conn.consumer.subscribe(options).await.unwrap();
+    let mut moved = 0;
+    while let Some((_, acker)) = next_delivery(&mut second, Duration::from_secs(5)).await {
+        acker.ack().await.unwrap();
+        moved += 1;
+        if moved == 5 {
+            break;
+        }
+    }
+    first.close().await.unwrap();
+    second.close().await.unwrap();
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    assert!(
+        back.is_none(),
+        "a released delivery came back after stop: {back:?}"
+    );
+    assert_eq!(moved, 5, "the new subscription gets them all");
+}
+
+/// Issue 12 (runner): an ack that did not take effect says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_on_a_closed_channel_is_not_settled() {
+    let Some(config) = config("an_ack_on_a_closed_channel_is_not_settled") else {
+        return;
+    };
+    let topic = unique("acktruth");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let options = polybus_core::SubscribeOptions::new(&topic).group("g");
+    let mut sub = conn.consumer.subscribe(options.clone()).await.unwrap();
+    conn.producer.send(&topic, Message::new("x")).await.unwrap();
+    let (_, acker) = next_delivery(&mut sub, Duration::from_secs(10))
+        .await
+        .expect("a delivery");
+    // The connection goes away under the delivery (closing gives it back).
+    sub.close().await.unwrap();
+    let acked = acker.ack().await;
+    let mut again = conn.consumer.subscribe(options).await.unwrap();
+    let redelivered = next_delivery(&mut again, Duration::from_secs(10)).await;
+    if let Some((_, a)) = &redelivered {
+        a.ack().await.unwrap();
+    }
+    again.close().await.unwrap();
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    assert!(
+        matches!(acked, Err(Error::NotSettled { operation: "ack", .. })),
+        "{acked:?}"
+    );
+    assert!(
+        redelivered.is_some(),
+        "the broker redelivers what was not settled"
     );
 }
