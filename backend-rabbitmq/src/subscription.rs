@@ -215,7 +215,7 @@ impl RabbitSubscription {
     }
 
     fn delivery(&self, topic: String, delivery: lapin::message::Delivery) -> Event {
-        let headers: BTreeMap<String, String> = delivery
+        let mut headers: BTreeMap<String, String> = delivery
             .properties
             .headers()
             .as_ref()
@@ -235,16 +235,19 @@ impl RabbitSubscription {
             None if delivery.redelivered => 2,
             None => 1,
         };
-        let fallback = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str().to_owned());
-        let tag = delivery.delivery_tag;
-        let pairs = headers.into_iter().filter(|(k, _)| !is_broker_header(k));
-        let message = wire::decode(Bytes::from(delivery.data), pairs, || {
-            fallback.unwrap_or_else(|| format!("{topic}:{tag}"))
-        });
+        headers.retain(|k, _| !is_broker_header(k));
+        // A message without an id (a foreign publisher) gets one from its
+        // content, so a redelivery has the same id.
+        let fallback = match delivery.properties.message_id() {
+            Some(id) => id.as_str().to_owned(),
+            None if headers.contains_key(wire::ID) => String::new(),
+            None => content_id(
+                &delivery.data,
+                &headers,
+                delivery.properties.timestamp().unwrap_or(0),
+            ),
+        };
+        let message = wire::decode(Bytes::from(delivery.data), headers, || fallback);
         let origin = Origin {
             topic,
             group: self.group.clone(),
@@ -345,6 +348,27 @@ impl Subscription for RabbitSubscription {
     }
 }
 
+/// The id of a message that came without one: `amqp-` and a 64-bit FNV-1a hash
+/// of its payload, headers (without the broker's) and timestamp property. The
+/// same on every redelivery; two identical messages get the same id.
+fn content_id(payload: &[u8], headers: &BTreeMap<String, String>, timestamp: u64) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        // Each field is length-prefixed, so fields cannot run into each other.
+        for byte in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(payload);
+    for (key, value) in headers {
+        eat(key.as_bytes());
+        eat(value.as_bytes());
+    }
+    eat(&timestamp.to_le_bytes());
+    format!("amqp-{hash:016x}")
+}
+
 struct RabbitAck {
     acker: lapin::Acker,
 }
@@ -383,5 +407,25 @@ impl AckHandle for RabbitAck {
             ..Default::default()
         };
         Self::settled("release", self.acker.nack(options).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ids_are_stable_and_follow_the_content() {
+        let headers = BTreeMap::from([("a".to_owned(), "1".to_owned())]);
+        let id = content_id(b"x", &headers, 7);
+        assert_eq!(id, content_id(b"x", &headers, 7));
+        assert_ne!(id, content_id(b"y", &headers, 7));
+        assert_ne!(id, content_id(b"x", &BTreeMap::new(), 7));
+        assert_ne!(id, content_id(b"x", &headers, 8));
+        // Length prefixes: moving bytes between fields changes the id.
+        let ab = BTreeMap::from([("ab".to_owned(), String::new())]);
+        let a_b = BTreeMap::from([("a".to_owned(), "b".to_owned())]);
+        assert_ne!(content_id(b"", &ab, 0), content_id(b"", &a_b, 0));
+        assert!(id.starts_with("amqp-") && id.len() == 21, "{id}");
     }
 }

@@ -196,6 +196,15 @@ async fn x_headers_and_long_ids_round_trip() {
 
 // ---- issue 12 -------------------------------------------------------------
 
+/// A raw lapin channel on the test broker (for what polybus does not do: foreign
+/// publishers, old-style queues, passive lookups).
+async fn raw_channel(config: &RabbitConfig) -> (lapin::Connection, lapin::Channel) {
+    let connection = lapin::Connection::connect(&config.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
 async fn next_delivery(
     sub: &mut Box<dyn polybus_core::Subscription>,
     within: Duration,
@@ -368,4 +377,64 @@ async fn an_ack_on_a_closed_channel_is_not_settled() {
         redelivered.is_some(),
         "the broker redelivers what was not settled"
     );
+}
+
+/// Issue 12 item 8: a message published without `message_id` (a foreign
+/// publisher) keeps its id when it is redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_message_keeps_its_id_across_redeliveries() {
+    let Some(config) = config("a_foreign_message_keeps_its_id_across_redeliveries") else {
+        return;
+    };
+    let topic = unique("foreign");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let mut sub = conn
+        .consumer
+        .subscribe(polybus_core::SubscribeOptions::new(&topic).group("g"))
+        .await
+        .unwrap();
+    let (raw, channel) = raw_channel(&config).await;
+    for payload in [&b"first"[..], b"second"] {
+        channel
+            .basic_publish(
+                topic.as_str().into(),
+                "".into(),
+                Default::default(),
+                payload,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (d, acker) = next_delivery(&mut sub, Duration::from_secs(10))
+            .await
+            .expect("a delivery");
+        ids.push((
+            String::from_utf8_lossy(&d.message().payload).into_owned(),
+            d.id().to_owned(),
+        ));
+        acker.release(None).await.unwrap();
+    }
+    let _ = raw.close(200, "bye".into()).await;
+    sub.close().await.unwrap();
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    let first: Vec<&String> = ids
+        .iter()
+        .filter(|(p, _)| p == "first")
+        .map(|(_, id)| id)
+        .collect();
+    assert!(first.len() >= 2, "redelivered: {ids:?}");
+    assert!(first.iter().all(|id| *id == first[0]), "same id: {ids:?}");
+    let second = ids.iter().find(|(p, _)| p == "second").map(|(_, id)| id);
+    assert_ne!(second, Some(first[0]), "different content, different id");
 }
