@@ -9,6 +9,10 @@ use polybus_core::{Error, Result, redact_url};
 use crate::BACKEND;
 use crate::errors::map_error;
 
+/// The default `x-delivery-limit` of quorum group queues: RabbitMQ 4.x's own
+/// default, applied on every version.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
 /// The queue type of group queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -33,6 +37,12 @@ pub struct RabbitConfig {
     pub single_active_consumer: bool,
     /// Make an unroutable message (no group queue bound) an error.
     pub mandatory: bool,
+    /// `x-delivery-limit` of quorum group queues (default 20): a message the
+    /// broker has delivered more often than this is dead-lettered by the broker
+    /// to `<topic>.dlq`. Set explicitly so attempts mean the same on every
+    /// RabbitMQ version (4.x has a default of 20, 3.x none); `None` declares no
+    /// limit (the broker's default applies).
+    pub delivery_limit: Option<u32>,
     /// The largest payload `send` accepts (default 4 MiB).
     pub max_payload: usize,
     /// How long connecting may take (default 5 s).
@@ -49,6 +59,7 @@ impl fmt::Debug for RabbitConfig {
             .field("queue_type", &self.queue_type)
             .field("single_active_consumer", &self.single_active_consumer)
             .field("mandatory", &self.mandatory)
+            .field("delivery_limit", &self.delivery_limit)
             .field("max_payload", &self.max_payload)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -77,6 +88,7 @@ impl RabbitConfig {
             queue_type: QueueType::Quorum,
             single_active_consumer: false,
             mandatory: false,
+            delivery_limit: Some(DEFAULT_DELIVERY_LIMIT),
             max_payload: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
@@ -92,6 +104,12 @@ impl RabbitConfig {
     /// Makes unroutable messages an error.
     pub fn mandatory(mut self, mandatory: bool) -> Self {
         self.mandatory = mandatory;
+        self
+    }
+
+    /// Sets the delivery limit of quorum group queues (`None`: declare none).
+    pub fn delivery_limit(mut self, limit: Option<u32>) -> Self {
+        self.delivery_limit = limit;
         self
     }
 

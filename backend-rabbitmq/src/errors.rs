@@ -50,3 +50,24 @@ pub(crate) fn map_error(what: &str, e: lapin::Error) -> Error {
         }
     }
 }
+
+/// The argument named by a broker refusal of a queue declaration that differs
+/// from the existing queue (`PRECONDITION_FAILED - inequivalent arg 'x-…' for
+/// queue …`). The reply text is the only place the broker names it.
+pub(crate) fn inequivalent_arg(e: &lapin::Error) -> Option<String> {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    if !matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    ) {
+        return None;
+    }
+    let text = amqp.get_message().as_str();
+    let marker = "inequivalent arg '";
+    let start = text.find(marker)? + marker.len();
+    let len = text[start..].find('\'')?;
+    Some(text[start..start + len].to_owned())
+}

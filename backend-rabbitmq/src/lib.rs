@@ -4,11 +4,17 @@
 //! * A topic is a durable **topic exchange** named like the topic; its
 //!   `<topic>.dlq` exchange and a durable `<topic>.dlq` queue (which keeps dead
 //!   letters even before anyone consumes them) are declared with it.
-//! * A group is a durable queue `<topic>.<group>` bound to the exchange with `#`:
-//!   a **quorum** queue by default ([`QueueType::Classic`] as an option), so
-//!   declaring a group keeps everything published from then on. A subscription
-//!   without a group gets an exclusive, auto-delete classic queue. A topic with
-//!   no group keeps nothing (`Capabilities::retains_without_group` is false).
+//! * A group is a durable queue `<topic>~<group>` ([`group_queue`]; `~` is
+//!   outside the portable grammar, so no two (topic, group) pairs share a queue)
+//!   bound to the exchange with `#`: a **quorum** queue by default
+//!   ([`QueueType::Classic`] as an option), so declaring a group keeps
+//!   everything published from then on. Quorum group queues declare
+//!   `x-delivery-limit` ([`RabbitConfig::delivery_limit`], 20 by default) with
+//!   at-least-once dead-lettering to `<topic>.dlq`. Queue arguments belong to
+//!   the group's queue only. A queue of the old `<topic>.<group>` name is
+//!   unbound and consumed until empty. A subscription without a group gets an
+//!   exclusive, auto-delete classic queue. A topic with no group keeps nothing
+//!   (`Capabilities::retains_without_group` is false).
 //! * `send` publishes a persistent message and resolves on the publisher
 //!   confirm; concurrent sends pipeline their confirms on one channel. A broker
 //!   nack is an error; an unroutable message is not, unless
@@ -45,9 +51,9 @@ use std::sync::Arc;
 use lapin::types::{AMQPValue, LongString};
 use polybus_core::{Connection, Result};
 
-pub use config::{QueueType, RabbitConfig};
+pub use config::{DEFAULT_DELIVERY_LIMIT, QueueType, RabbitConfig};
 pub use consumer::RabbitConsumer;
-pub use names::group_queue;
+pub use names::{SEPARATOR, dead_letter_queue, group_queue};
 pub use producer::RabbitProducer;
 
 const BACKEND: &str = "rabbitmq";

@@ -205,6 +205,25 @@ async fn raw_channel(config: &RabbitConfig) -> (lapin::Connection, lapin::Channe
     let channel = connection.create_channel().await.unwrap();
     (connection, channel)
 }
+/// Ready messages in the queue named `queue` (a passive declare), or `None` if
+/// it does not exist.
+async fn ready_in(config: &RabbitConfig, queue: &str) -> Option<u32> {
+    let (connection, channel) = raw_channel(config).await;
+    let found = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count());
+    let _ = connection.close(200, "bye".into()).await;
+    found
+}
 async fn next_delivery(
     sub: &mut Box<dyn polybus_core::Subscription>,
     within: Duration,
@@ -379,6 +398,168 @@ async fn an_ack_on_a_closed_channel_is_not_settled() {
     );
 }
 
+/// Issue 12 item 6: `<topic>.<group>` was not injective.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_group_pairs_never_share_a_queue() {
+    assert_ne!(group_queue("x", "b.c"), group_queue("x.b", "c"));
+    assert_ne!(group_queue("x", "dlq"), "x.dlq");
+    let Some(config) = config("topic_group_pairs_never_share_a_queue") else {
+        return;
+    };
+    let x = unique("inj");
+    let xb = format!("{x}.b");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    for (topic, group) in [(&x, "b.c"), (&xb, "c"), (&x, "dlq")] {
+        conn.consumer
+            .declare_group(topic, group, StartFrom::Latest)
+            .await
+            .unwrap();
+    }
+    conn.producer.send(&x, Message::new("to x")).await.unwrap();
+    conn.producer.send(&xb, Message::new("to x.b")).await.unwrap();
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    let counts = (
+        admin.ready_messages(&x, "b.c").await.unwrap(),
+        admin.ready_messages(&xb, "c").await.unwrap(),
+        admin.ready_messages(&x, "dlq").await.unwrap(),
+        ready_in(&config, &format!("{x}.dlq")).await,
+    );
+    admin
+        .delete_topic(&x, &[group_queue(&x, "b.c"), group_queue(&x, "dlq")])
+        .await
+        .unwrap();
+    admin.delete_topic(&xb, &[group_queue(&xb, "c")]).await.unwrap();
+    assert_eq!(
+        counts,
+        (1, 1, 1, Some(0)),
+        "(x, b.c), (x.b, c), (x, dlq) and x's dead-letter queue each hold their own"
+    );
+}
+
+/// Issue 12 item 6: a group queue declared under the old `<topic>.<group>` name
+/// keeps its backlog: the subscription consumes it, and it no longer receives
+/// copies of new messages (no duplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_group_queue_is_drained_after_the_rename() {
+    let Some(config) = config("an_old_group_queue_is_drained_after_the_rename") else {
+        return;
+    };
+    let topic = unique("legacy");
+    let old = format!("{topic}.g");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    // What the previous version declared for group "g".
+    let (raw, channel) = raw_channel(&config).await;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            old.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            old.as_str().into(),
+            topic.as_str().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let _ = raw.close(200, "bye".into()).await;
+    for i in 0..3 {
+        conn.producer
+            .send(&topic, Message::new(format!("old{i}")))
+            .await
+            .unwrap();
+    }
+    let recorder = Recorder::new();
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .run(recorder.handler())
+        .await
+        .unwrap();
+    for i in 0..2 {
+        conn.producer
+            .send(&topic, Message::new(format!("new{i}")))
+            .await
+            .unwrap();
+    }
+    let got = recorder.wait_for(5, Duration::from_secs(30)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let all = recorder.all();
+    handle.shutdown(Duration::from_secs(10)).await;
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    let old_left = ready_in(&config, &old).await;
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g"), old.clone()])
+        .await
+        .unwrap();
+    let mut payloads: Vec<String> = all
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
+        .collect();
+    payloads.sort();
+    assert_eq!(got.len(), 5);
+    assert_eq!(payloads, ["new0", "new1", "old0", "old1", "old2"], "each once");
+    assert!(matches!(old_left, None | Some(0)), "{old_left:?}");
+}
+
+/// Issue 12 item 7: queue arguments belong to the group's queue only, so a
+/// process with single active consumer and one without can share a topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_with_and_without_single_active_consumer_share_a_topic() {
+    let Some(config) = config("groups_with_and_without_single_active_consumer_share_a_topic") else {
+        return;
+    };
+    let topic = unique("sacmix");
+    let off = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    let on = polybus_rabbitmq::connect_with(config.clone().single_active_consumer(true))
+        .await
+        .unwrap();
+    off.consumer
+        .declare_group(&topic, "plain", StartFrom::Latest)
+        .await
+        .unwrap();
+    let second = on
+        .consumer
+        .declare_group(&topic, "single", StartFrom::Latest)
+        .await;
+    // The same group with a different setting is a configuration error that
+    // names the argument.
+    let same = on
+        .consumer
+        .declare_group(&topic, "plain", StartFrom::Latest)
+        .await;
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(
+            &topic,
+            &[group_queue(&topic, "plain"), group_queue(&topic, "single")],
+        )
+        .await
+        .unwrap();
+    second.unwrap();
+    match same {
+        Err(Error::InvalidConfig(message)) => {
+            assert!(message.contains("x-single-active-consumer"), "{message}")
+        }
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+}
+
 /// Issue 12 item 8: a message published without `message_id` (a foreign
 /// publisher) keeps its id when it is redelivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,4 +618,192 @@ async fn a_foreign_message_keeps_its_id_across_redeliveries() {
     assert!(first.iter().all(|id| *id == first[0]), "same id: {ids:?}");
     let second = ids.iter().find(|(p, _)| p == "second").map(|(_, id)| id);
     assert_ne!(second, Some(first[0]), "different content, different id");
+}
+
+/// Issue 12 item 8: quorum group queues declare their delivery limit and
+/// dead-letter route (checked through the broker's argument equivalence: a
+/// declaration with the same arguments is accepted, one without is refused);
+/// the dead-letter queue gets none of the group's arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_group_queues_declare_their_delivery_limit_and_dead_letter_route() {
+    let Some(config) = config("quorum_group_queues_declare_their_delivery_limit_and_dead_letter_route")
+    else {
+        return;
+    };
+    let topic = unique("dlimit");
+    let conn = polybus_rabbitmq::connect_with(config.clone().single_active_consumer(true))
+        .await
+        .unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let text = |s: &str| lapin::types::AMQPValue::LongString(s.into());
+    let expected = [
+        ("x-queue-type", text("quorum")),
+        ("x-single-active-consumer", lapin::types::AMQPValue::Boolean(true)),
+        (
+            "x-delivery-limit",
+            lapin::types::AMQPValue::LongLongInt(polybus_rabbitmq::DEFAULT_DELIVERY_LIMIT.into()),
+        ),
+        ("x-dead-letter-exchange", text(&format!("{topic}.dlq"))),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ];
+    let declare = |queue: String, arguments: Vec<(&'static str, lapin::types::AMQPValue)>| {
+        let config = config.clone();
+        async move {
+            let (raw, channel) = raw_channel(&config).await;
+            let mut table = lapin::types::FieldTable::default();
+            for (k, v) in arguments {
+                table.insert(k.into(), v);
+            }
+            let result = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    table,
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = raw.close(200, "bye".into()).await;
+            result
+        }
+    };
+    let same = declare(group_queue(&topic, "g"), expected.to_vec()).await;
+    let without_limit = declare(group_queue(&topic, "g"), expected[..2].to_vec()).await;
+    let other_limit = {
+        let mut other = expected.to_vec();
+        other[2].1 = lapin::types::AMQPValue::LongLongInt(7);
+        declare(group_queue(&topic, "g"), other).await
+    };
+    let dead_letters_plain = declare(format!("{topic}.dlq"), Vec::new()).await;
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    assert_eq!(same, Ok(()), "the group queue has exactly these arguments");
+    // The broker names the first argument that differs.
+    assert!(
+        without_limit
+            .as_ref()
+            .is_err_and(|e| e.contains("inequivalent arg")),
+        "{without_limit:?}"
+    );
+    assert!(
+        other_limit
+            .as_ref()
+            .is_err_and(|e| e.contains("x-delivery-limit")),
+        "{other_limit:?}"
+    );
+    assert_eq!(
+        dead_letters_plain,
+        Ok(()),
+        "the dead-letter queue has no group arguments"
+    );
+}
+
+/// Issue 12 item 8: past the delivery limit the broker dead-letters a message
+/// to the topic's dead-letter queue (3.10 has no default limit to trip over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_dead_letters_past_the_delivery_limit() {
+    let Some(config) = config("the_broker_dead_letters_past_the_delivery_limit") else {
+        return;
+    };
+    let topic = unique("dlroute");
+    let conn = polybus_rabbitmq::connect_with(config.clone().delivery_limit(Some(1)))
+        .await
+        .unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let mut sub = conn
+        .consumer
+        .subscribe(polybus_core::SubscribeOptions::new(&topic).group("g"))
+        .await
+        .unwrap();
+    conn.producer.send(&topic, Message::new("poison")).await.unwrap();
+    let mut attempts = Vec::new();
+    while let Some((d, acker)) = next_delivery(&mut sub, Duration::from_secs(3)).await {
+        attempts.push(d.attempt());
+        acker.release(None).await.unwrap();
+        assert!(attempts.len() <= 5, "never dead-lettered: {attempts:?}");
+    }
+    sub.close().await.unwrap();
+    let mut dead = None;
+    for _ in 0..50 {
+        dead = ready_in(&config, &format!("{topic}.dlq")).await;
+        if dead == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    let in_group = admin.ready_messages(&topic, "g").await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    assert_eq!(attempts, [1, 2], "delivered twice (limit 1), then dead-lettered");
+    assert_eq!(
+        (dead, in_group),
+        (Some(1), 0),
+        "the broker moved it to {topic}.dlq"
+    );
+}
+
+/// Issue 12 item 7: queues declared by an older version (a group queue without
+/// the delivery limit, a dead-letter queue with single active consumer) stay
+/// declarable: the declaration keeps them as they are and warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_declared_with_older_arguments_stay_declarable() {
+    let Some(config) = config("queues_declared_with_older_arguments_stay_declarable") else {
+        return;
+    };
+    let topic = unique("olderargs");
+    let (raw, channel) = raw_channel(&config).await;
+    let text = |s: &str| lapin::types::AMQPValue::LongString(s.into());
+    let older = [
+        (group_queue(&topic, "g"), "x-queue-type", text("quorum")),
+        (
+            format!("{topic}.dlq"),
+            "x-single-active-consumer",
+            lapin::types::AMQPValue::Boolean(true),
+        ),
+    ];
+    for (queue, key, value) in older {
+        let mut table = lapin::types::FieldTable::default();
+        table.insert(key.into(), value);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                table,
+            )
+            .await
+            .unwrap();
+    }
+    let _ = raw.close(200, "bye".into()).await;
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    let declared = conn.consumer.declare_group(&topic, "g", StartFrom::Latest).await;
+    if declared.is_ok() {
+        conn.producer.send(&topic, Message::new("x")).await.unwrap();
+    }
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    let ready = admin.ready_messages(&topic, "g").await;
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    declared.unwrap();
+    assert_eq!(ready.unwrap(), 1, "the kept queue is bound and receives");
 }
