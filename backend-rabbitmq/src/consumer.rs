@@ -334,12 +334,14 @@ impl Consumer for RabbitConsumer {
                         topic: topic.clone(),
                         queue: group_queue(topic, group),
                         private: false,
+                        legacy: false,
                     });
                     if let Some(queue) = legacy {
                         sources.push(Source {
                             topic: topic.clone(),
                             queue,
                             private: false,
+                            legacy: true,
                         });
                     }
                 }
@@ -348,6 +350,7 @@ impl Consumer for RabbitConsumer {
                     // Named here, not by the broker, so a reconnect can declare it again.
                     queue: private_queue(topic, &Message::new(Bytes::new()).id[..13]),
                     private: true,
+                    legacy: false,
                 }),
             }
         }

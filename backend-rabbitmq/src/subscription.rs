@@ -17,7 +17,7 @@ use polybus_core::{AckHandle, Acker, Bytes, Delivery, Error, Event, Origin, Resu
 
 use crate::config::RabbitConfig;
 use crate::consumer::declare_exchange;
-use crate::errors::map_error;
+use crate::errors::{is_not_found, map_error};
 use crate::{BACKEND, is_broker_header, value_text};
 
 type DeliveryStream = futures::stream::BoxStream<'static, (String, lapin::Result<lapin::message::Delivery>)>;
@@ -29,6 +29,9 @@ pub(crate) struct Source {
     pub(crate) queue: String,
     /// An exclusive, auto-delete queue of this subscription's connection.
     pub(crate) private: bool,
+    /// A group queue of the old `<topic>.<group>` name, consumed until it is
+    /// deleted; dropped from the sources once it is gone.
+    pub(crate) legacy: bool,
 }
 
 /// A subscription on a connection of its own, without lapin's auto-recovery:
@@ -167,6 +170,28 @@ impl RabbitSubscription {
     /// Connects and starts consuming.
     pub(crate) async fn open(&mut self) -> Result<()> {
         let connection = self.config.connection_with("polybus-subscription", false).await?;
+        // A queue of the old name may have been deleted (empty and unused while
+        // this subscription was away): consuming it would be refused (404).
+        let mut gone = Vec::new();
+        for source in self.sources.iter().filter(|s| s.legacy) {
+            if let Ok(channel) = connection.create_channel().await {
+                let found = channel
+                    .queue_declare(
+                        source.queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                if found.as_ref().is_err_and(is_not_found) {
+                    gone.push(source.queue.clone());
+                }
+                let _ = channel.close(200, "bye".into()).await;
+            }
+        }
+        self.sources.retain(|s| !gone.contains(&s.queue));
         match open_consumers(&connection, &self.sources, self.prefetch).await {
             Ok((channel, deliveries, tags)) => {
                 self.connection = Some(connection);
