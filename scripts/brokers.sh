@@ -212,3 +212,49 @@ CONF
   export POLYBUS_TEST_NATS_MTLS_URL="tls://$token@localhost:$mtls_port?$q&tls_cert=$certs/client.pem&tls_key=$certs/client-key.pem"
   echo "polybus: secured nats-servers on 127.0.0.1:$tls_port (TLS) and :$mtls_port (mTLS) in $((SECONDS - started)) s" >&2
 }
+
+# A private RabbitMQ node (own node name, ports, data, logs and Erlang cookie
+# under $POLYBUS_SECURE_DIR/rabbitmq) with only a TLS listener, peer
+# verification (`verify_peer`, `fail_if_no_peer_cert`), no plugins, and the
+# user `polybus` in the vhost `polybus-secure`. Exports
+# POLYBUS_TEST_AMQP_SECURE_URL (amqps, with the CA and client certificate).
+ensure_secure_rabbitmq() {
+  ensure_test_certs || return 1
+  local dir="$POLYBUS_SECURE_DIR/rabbitmq" certs="$POLYBUS_SECURE_DIR/certs"
+  local node="polybus_secure@localhost" bin=/usr/lib/rabbitmq/bin
+  mkdir -p "$dir/mnesia" "$dir/log"
+  [ -f "$dir/password" ] || { openssl rand -hex 12 >"$dir/password"; chmod 600 "$dir/password"; }
+  local pass started=$SECONDS port dist
+  pass=$(cat "$dir/password")
+  : >"$dir/enabled_plugins"
+  port=$(_polybus_free_port 15671)
+  dist=$(_polybus_free_port 25672)
+  [ "$dist" = "$port" ] && dist=$(_polybus_free_port $((port + 1)))
+  cat >"$dir/rabbitmq.conf" <<CONF
+listeners.tcp = none
+listeners.ssl.default = 127.0.0.1:$port
+ssl_options.cacertfile = $certs/ca.pem
+ssl_options.certfile = $certs/server.pem
+ssl_options.keyfile = $certs/server-key.pem
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+loopback_users = none
+CONF
+  local env=(HOME="$dir" RABBITMQ_NODENAME="$node" RABBITMQ_NODE_PORT="$port" RABBITMQ_DIST_PORT="$dist"
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf"
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/pid")
+  env "${env[@]}" "$bin/rabbitmq-server" >"$dir/log/startup.log" 2>&1 &
+  POLYBUS_STARTED_PIDS+=($!)
+  POLYBUS_SECURE_RABBITMQ_ENV=("${env[@]}")
+  _polybus_wait_port 127.0.0.1 "$port" "secured RabbitMQ" || return 1
+  env "${env[@]}" "$bin/rabbitmqctl" -n "$node" await_startup --timeout 60 >/dev/null 2>&1 || {
+    echo "polybus: the secured RabbitMQ node did not start (see $dir/log)" >&2; return 1; }
+  local ctl=(env "${env[@]}" "$bin/rabbitmqctl" -n "$node" -q)
+  "${ctl[@]}" add_vhost polybus-secure >/dev/null 2>&1 || true
+  "${ctl[@]}" add_user polybus "$pass" >/dev/null 2>&1 || "${ctl[@]}" change_password polybus "$pass" >/dev/null
+  "${ctl[@]}" set_permissions -p polybus-secure polybus '.*' '.*' '.*' >/dev/null
+  "${ctl[@]}" delete_user guest >/dev/null 2>&1 || true
+  export POLYBUS_TEST_AMQP_SECURE_URL="amqps://polybus:$pass@localhost:$port/polybus-secure"
+  export POLYBUS_TEST_AMQP_SECURE_CTL="$bin/rabbitmqctl -n $node"
+  echo "polybus: secured RabbitMQ node $node on 127.0.0.1:$port in $((SECONDS - started)) s" >&2
+}
