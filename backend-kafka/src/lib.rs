@@ -493,19 +493,19 @@ pub(crate) fn map_error(what: &str, e: KafkaError) -> Error {
     use RDKafkaErrorCode as C;
     match code {
         // The record itself is refused: sending it again cannot help.
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge) => Error::Backend {
-            backend: BACKEND,
-            message: format!("{what}: the broker refused the record as too large: {e}"),
-            retryable: false,
-            source: Some(Box::new(e)),
-        },
-        Some(C::InvalidTimestamp) => Error::Backend {
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge) => {
+            Error::MessageRejected {
+                backend: BACKEND,
+                message: format!("{what}: the broker refused the record as too large: {e}"),
+                source: Some(Box::new(e)),
+            }
+        }
+        Some(C::InvalidTimestamp) => Error::MessageRejected {
             backend: BACKEND,
             message: format!(
                 "{what}: the broker refused the record's timestamp (outside the topic's \
                  message.timestamp.*.max.ms): {e}"
             ),
-            retryable: false,
             source: Some(Box::new(e)),
         },
         Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => Error::NotFound {

@@ -268,3 +268,55 @@ async fn existing_group_consumers_that_cannot_work_are_refused() {
     sub.close().await.unwrap();
     cleanup(&config, &topic).await;
 }
+
+/// Issue 11 (item 5) on a real broker: the group's consumer is deleted while a
+/// runner consumes it. The runner ends by itself and reports the error through
+/// its handle (`wait`, `state`, `error`) instead of returning a normal report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_whose_consumer_is_deleted_reports_the_error() {
+    let Some(config) = config("a_runner_whose_consumer_is_deleted_reports_the_error") else {
+        return;
+    };
+    let topic = unique("runnerdel");
+    let conn = polybus_nats::connect_with(config.clone()).await.unwrap();
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = {
+        let handled = std::sync::Arc::clone(&handled);
+        move |_d: polybus_core::Delivery| {
+            handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { polybus_core::HandlerResult::Ok(()) }
+        }
+    };
+    let handle = conn.runner().topic(&topic).group("g").run(handler).await.unwrap();
+    conn.producer.send(&topic, Message::new("one")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while handled.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the first message is handled");
+    assert_eq!(handle.state(), polybus_core::RunState::Running);
+    admin(&config)
+        .await
+        .get_stream(stream_name(&topic))
+        .await
+        .unwrap()
+        .delete_consumer("g")
+        .await
+        .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(30), handle.wait())
+        .await
+        .expect("the runner ends once its consumer is gone");
+    let error = report.error().expect("the report carries the error");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.to_string().contains('g'), "names the group: {error}");
+    assert_eq!(handle.state(), polybus_core::RunState::Failed);
+    assert!(handle.error().is_some());
+    cleanup(&config, &topic).await;
+}

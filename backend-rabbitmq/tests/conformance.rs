@@ -23,7 +23,7 @@ fn queues_of(topic: &str) -> Vec<String> {
     else {
         return Vec::new();
     };
-    let prefix = format!("{topic}.");
+    let prefix = format!("{topic}{}", polybus_rabbitmq::SEPARATOR);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)

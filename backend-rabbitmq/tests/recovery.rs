@@ -240,3 +240,99 @@ async fn a_private_subscription_recovers_too() {
         .unwrap();
     admin.delete_topic(&topic, &[]).await.unwrap();
 }
+
+/// Issue 12 item 6: a subscription that also consumes a queue of the old
+/// `<topic>.<group>` name still reconnects after that queue was deleted (it
+/// would be refused with 404 on every attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_reconnects_after_its_old_name_queue_is_gone() {
+    let Some(url) = broker_url(
+        "POLYBUS_TEST_AMQP_URL",
+        "a_subscription_reconnects_after_its_old_name_queue_is_gone",
+    ) else {
+        return;
+    };
+    let secs = |s: f64| Duration::from_secs_f64(s * timeout_multiplier());
+    let (_, broker) = through_proxy(&url, 0);
+    let proxy = Proxy::start(broker).await;
+    let (proxied, _) = through_proxy(&url, proxy.port);
+    let mut config = RabbitConfig::new(&proxied).unwrap();
+    config.request_timeout = secs(5.0);
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    let topic = format!("recovery-legacy-{}", &Message::new("").id[..8]);
+    let old = format!("{topic}.g");
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    // What the previous version declared for group "g", with a backlog.
+    let raw = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = raw.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            old.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            old.as_str().into(),
+            topic.as_str().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    conn.producer.send(&topic, Message::new("backlog")).await.unwrap();
+    let mut sub = conn
+        .consumer
+        .subscribe(polybus_core::SubscribeOptions::new(&topic).group("g"))
+        .await
+        .unwrap();
+    let mut payloads = Vec::new();
+    let mut errors = Vec::new();
+    let mut receive = async |sub: &mut Box<dyn polybus_core::Subscription>| {
+        let until = tokio::time::Instant::now() + secs(20.0);
+        while tokio::time::Instant::now() < until {
+            match tokio::time::timeout_at(until, sub.next()).await {
+                Ok(Some(Ok(polybus_core::Event::Delivery(d, acker)))) => {
+                    acker.ack().await.unwrap();
+                    return Some(String::from_utf8_lossy(&d.message().payload).into_owned());
+                }
+                Ok(Some(Err(e))) => errors.push(e.to_string()),
+                Ok(Some(Ok(_))) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        None
+    };
+    payloads.push(receive(&mut sub).await);
+    // The old queue is drained and deleted; then the connection drops.
+    channel
+        .queue_delete(old.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = raw.close(200, "bye".into()).await;
+    assert!(proxy.cut() >= 1);
+    conn.producer.send(&topic, Message::new("after")).await.unwrap();
+    payloads.push(receive(&mut sub).await);
+    let _ = sub.close().await;
+    let _ = conn.close().await;
+    let admin = RabbitConsumer::connect(&RabbitConfig::new(&url).unwrap())
+        .await
+        .unwrap();
+    admin
+        .delete_topic(&topic, &[polybus_rabbitmq::group_queue(&topic, "g"), old])
+        .await
+        .unwrap();
+    assert_eq!(
+        payloads,
+        [Some("backlog".to_owned()), Some("after".to_owned())],
+        "errors while reconnecting: {errors:?}"
+    );
+}

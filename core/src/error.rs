@@ -116,6 +116,20 @@ pub enum Error {
         /// Why the delivery is no longer held.
         reason: String,
     },
+    /// The broker refused this particular message (too large for the broker or
+    /// the topic, an invalid timestamp, content it cannot carry). Sending the
+    /// same message again cannot help; a different one may succeed. The runner
+    /// dead-letters a labelled stub when a dead-letter copy is refused this way.
+    #[error("{backend} refused the message: {message}")]
+    MessageRejected {
+        /// The backend that refused it.
+        backend: &'static str,
+        /// Why, with credentials removed.
+        message: String,
+        /// The client library's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Any other failure of the backend's client or broker.
     #[error("{backend} error: {message}")]
     Backend {
@@ -149,6 +163,7 @@ impl Error {
             | Error::Unsupported(_)
             | Error::Closed(_)
             | Error::NotSettled { .. }
+            | Error::MessageRejected { .. }
             | Error::Codec { .. } => false,
         }
     }

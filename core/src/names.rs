@@ -7,7 +7,7 @@
 //!   (no leading, trailing or doubled `.`, since NATS subjects and AMQP routing
 //!   keys cannot carry empty segments). A topic that is *declared* or consumed by a
 //!   runner has at most [`MAX_TOPIC_LEN`] (116), so its `<topic>.dlq` fits too.
-//!   (The bounds leave room for RabbitMQ's `<topic>.<group>` queues, 255 at most.)
+//!   (The bounds leave room for RabbitMQ's `<topic>~<group>` queues, 255 at most.)
 //! * **header keys**: 1 to [`MAX_HEADER_KEY_LEN`] printable ASCII characters
 //!   (`!` to `~`) other than `:`. Keys starting with [`RESERVED_PREFIX`] belong to
 //!   the library.

@@ -247,7 +247,10 @@ pub(super) async fn settle(
 fn caused_by_message(error: &Error) -> bool {
     matches!(
         error,
-        Error::PayloadTooLarge { .. } | Error::InvalidHeader { .. } | Error::Codec { .. }
+        Error::PayloadTooLarge { .. }
+            | Error::InvalidHeader { .. }
+            | Error::Codec { .. }
+            | Error::MessageRejected { .. }
     )
 }
 
@@ -430,6 +433,38 @@ mod tests {
     fn reasons_fit_in_a_header() {
         assert_eq!(header_safe("a\r\nb"), "a  b");
         assert!(header_safe(&"é".repeat(1000)).len() <= 1024);
+    }
+
+    #[test]
+    fn refusals_are_told_apart() {
+        let message_caused = [
+            Error::PayloadTooLarge { size: 2, max: 1 },
+            Error::MessageRejected {
+                backend: "kafka",
+                message: "MessageSizeTooLarge".into(),
+                source: None,
+            },
+            Error::InvalidHeader {
+                key: "k".into(),
+                reason: "r",
+            },
+        ];
+        for e in &message_caused {
+            assert!(caused_by_message(e) && !e.is_retryable(), "{e}");
+        }
+        let environment = [
+            Error::Closed("producer"),
+            Error::NotFound { what: "t.dlq".into() },
+            Error::Backend {
+                backend: "rabbitmq",
+                message: "ACCESS_REFUSED".into(),
+                retryable: false,
+                source: None,
+            },
+        ];
+        for e in &environment {
+            assert!(!caused_by_message(e) && !e.is_retryable(), "{e}");
+        }
     }
 
     #[test]

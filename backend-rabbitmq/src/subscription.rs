@@ -1,0 +1,456 @@
+//! Subscriptions: consumers on a connection of their own, and settlement.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::Channel;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use polybus_core::{AckHandle, Acker, Bytes, Delivery, Error, Event, Origin, Result, Subscription, wire};
+
+use crate::config::RabbitConfig;
+use crate::consumer::declare_exchange;
+use crate::errors::{is_not_found, map_error};
+use crate::{BACKEND, is_broker_header, value_text};
+
+type DeliveryStream = futures::stream::BoxStream<'static, (String, lapin::Result<lapin::message::Delivery>)>;
+
+/// One queue a subscription consumes from.
+#[derive(Clone)]
+pub(crate) struct Source {
+    pub(crate) topic: String,
+    pub(crate) queue: String,
+    /// An exclusive, auto-delete queue of this subscription's connection.
+    pub(crate) private: bool,
+    /// A group queue of the old `<topic>.<group>` name, consumed until it is
+    /// deleted; dropped from the sources once it is gone.
+    pub(crate) legacy: bool,
+}
+
+/// A subscription on a connection of its own, without lapin's auto-recovery:
+/// when the connection drops, `next` reconnects with backoff, declares its
+/// private queues again and consumes anew (the broker has already given every
+/// unacknowledged delivery of the old connection back).
+pub(crate) struct RabbitSubscription {
+    config: RabbitConfig,
+    sources: Vec<Source>,
+    prefetch: u16,
+    connection: Option<lapin::Connection>,
+    channel: Option<Channel>,
+    deliveries: futures::stream::SelectAll<DeliveryStream>,
+    tags: Vec<String>,
+    group: Option<String>,
+    consumer_closed: Arc<AtomicBool>,
+    /// `stop` cancelled the consumers: no reconnect, and the subscription ends
+    /// once the deliveries already received are handed out.
+    stopped: bool,
+}
+
+impl Drop for RabbitSubscription {
+    fn drop(&mut self) {
+        // A crash: closing the connection hands every unacknowledged delivery
+        // back to the broker, as a dead process's connection would.
+        let (channel, connection) = (self.channel.take(), self.connection.take());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Some(channel) = channel {
+                    let _ = channel.close(200, "dropped".into()).await;
+                }
+                if let Some(connection) = connection {
+                    let _ = connection.close(200, "dropped".into()).await;
+                }
+            });
+        }
+    }
+}
+
+/// A channel on `connection` with the prefetch and one consumer per source.
+async fn open_consumers(
+    connection: &lapin::Connection,
+    sources: &[Source],
+    prefetch: u16,
+) -> Result<(Channel, futures::stream::SelectAll<DeliveryStream>, Vec<String>)> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| map_error("opening a channel", e))?;
+    let consumers = async {
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| map_error("setting the prefetch", e))?;
+        let mut consumers = Vec::new();
+        for source in sources {
+            if source.private {
+                declare_exchange(&channel, &source.topic).await?;
+                channel
+                    .queue_declare(
+                        source.queue.as_str().into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map_error("declaring a private queue", e))?;
+                channel
+                    .queue_bind(
+                        source.queue.as_str().into(),
+                        source.topic.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| map_error("binding a private queue", e))?;
+            }
+            let consumer = channel
+                .basic_consume(
+                    source.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| map_error(&format!("consuming from '{}'", source.queue), e))?;
+            consumers.push((source.topic.clone(), consumer));
+        }
+        Ok::<_, Error>(consumers)
+    }
+    .await;
+    let consumers = match consumers {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = channel.close(200, "bye".into()).await;
+            return Err(e);
+        }
+    };
+    let tags = consumers
+        .iter()
+        .map(|(_, c)| c.tag().as_str().to_owned())
+        .collect();
+    let streams = consumers
+        .into_iter()
+        .map(|(topic, consumer)| consumer.map(move |delivery| (topic.clone(), delivery)).boxed());
+    Ok((channel, futures::stream::select_all(streams), tags))
+}
+
+impl RabbitSubscription {
+    /// A subscription that is not connected yet (see `open`).
+    pub(crate) fn new(
+        config: RabbitConfig,
+        sources: Vec<Source>,
+        prefetch: u16,
+        group: Option<String>,
+        consumer_closed: Arc<AtomicBool>,
+    ) -> Self {
+        RabbitSubscription {
+            config,
+            sources,
+            prefetch,
+            connection: None,
+            channel: None,
+            deliveries: futures::stream::SelectAll::new(),
+            tags: Vec::new(),
+            group,
+            consumer_closed,
+            stopped: false,
+        }
+    }
+
+    /// Connects and starts consuming.
+    pub(crate) async fn open(&mut self) -> Result<()> {
+        let connection = self.config.connection_with("polybus-subscription", false).await?;
+        // A queue of the old name may have been deleted (empty and unused while
+        // this subscription was away): consuming it would be refused (404).
+        let mut gone = Vec::new();
+        for source in self.sources.iter().filter(|s| s.legacy) {
+            if let Ok(channel) = connection.create_channel().await {
+                let found = channel
+                    .queue_declare(
+                        source.queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                if found.as_ref().is_err_and(is_not_found) {
+                    gone.push(source.queue.clone());
+                }
+                let _ = channel.close(200, "bye".into()).await;
+            }
+        }
+        self.sources.retain(|s| !gone.contains(&s.queue));
+        match open_consumers(&connection, &self.sources, self.prefetch).await {
+            Ok((channel, deliveries, tags)) => {
+                self.connection = Some(connection);
+                self.channel = Some(channel);
+                self.deliveries = deliveries;
+                self.tags = tags;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = connection.close(200, "bye".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// After the connection dropped: reconnect with backoff, within the request
+    /// timeout (then a retryable error; the next call tries again).
+    async fn reconnect(&mut self) -> Result<()> {
+        self.deliveries = futures::stream::SelectAll::new();
+        self.channel = None;
+        if let Some(old) = self.connection.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), old.close(200, "reconnecting".into())).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.open().await {
+                Ok(()) => {
+                    tracing::info!(target: "polybus_rabbitmq", "subscription reconnected");
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() + backoff >= deadline => {
+                    return Err(Error::Connection {
+                        backend: BACKEND,
+                        message: format!("reconnecting the subscription: {e}"),
+                        source: Some(Box::new(e)),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "subscription reconnect failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn delivery(&self, topic: String, delivery: lapin::message::Delivery) -> Event {
+        let mut headers: BTreeMap<String, String> = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .map(|table| {
+                table
+                    .inner()
+                    .iter()
+                    .filter_map(|(k, v)| value_text(v).map(|v| (k.as_str().to_owned(), v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let delivery_count = headers
+            .get("x-delivery-count")
+            .and_then(|c| c.parse::<u32>().ok());
+        let attempt = match delivery_count {
+            Some(count) => count.saturating_add(1),
+            None if delivery.redelivered => 2,
+            None => 1,
+        };
+        headers.retain(|k, _| !is_broker_header(k));
+        // A message without an id (a foreign publisher) gets one from its
+        // content, so a redelivery has the same id.
+        let fallback = match delivery.properties.message_id() {
+            Some(id) => id.as_str().to_owned(),
+            None if headers.contains_key(wire::ID) => String::new(),
+            None => content_id(
+                &delivery.data,
+                &headers,
+                delivery.properties.timestamp().unwrap_or(0),
+            ),
+        };
+        let message = wire::decode(Bytes::from(delivery.data), headers, || fallback);
+        let origin = Origin {
+            topic,
+            group: self.group.clone(),
+            partition: None,
+            sequence: None,
+        };
+        Event::Delivery(
+            Delivery::new(message, origin, attempt),
+            Acker::new(RabbitAck {
+                acker: delivery.acker,
+            }),
+        )
+    }
+}
+
+#[async_trait]
+impl Subscription for RabbitSubscription {
+    async fn next(&mut self) -> Option<Result<Event>> {
+        loop {
+            if self.consumer_closed.load(Ordering::Acquire) {
+                return None;
+            }
+            match self.deliveries.next().await {
+                Some((topic, Ok(delivery))) => return Some(Ok(self.delivery(topic, delivery))),
+                Some((_, Err(e))) if self.stopped => {
+                    // Stopped: nothing more is consumed, and the broker has given
+                    // back what this connection held.
+                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "stopped subscription lost its connection");
+                    return None;
+                }
+                Some((_, Err(e))) => {
+                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "consumer lost its connection; reconnecting");
+                }
+                // Every consumer was cancelled by `stop` and what they had
+                // received was handed out.
+                None if self.stopped => return None,
+                None => {}
+            }
+            if self.consumer_closed.load(Ordering::Acquire) {
+                return None;
+            }
+            if let Err(e) = self.reconnect().await {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// Cancels this subscription's consumers (`basic.cancel`), so deliveries the
+    /// runner releases from now on go to other consumers of the group instead of
+    /// back into this one's prefetch. The channel stays open: deliveries already
+    /// received can still be acked and released, and `next` hands out those
+    /// lapin had buffered, then ends. Idempotent.
+    async fn stop(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        let tags = std::mem::take(&mut self.tags);
+        let Some(channel) = self.channel.clone() else {
+            return Ok(());
+        };
+        let limit = self.config.request_timeout;
+        let cancelling = async {
+            for tag in &tags {
+                channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await
+                    .map_err(|e| map_error(&format!("cancelling consumer '{tag}'"), e))?;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(limit, cancelling).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::timeout("cancelling the subscription's consumers", limit)),
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        let limit = self.config.request_timeout;
+        let (channel, connection) = (self.channel.take(), self.connection.take());
+        let tags = std::mem::take(&mut self.tags);
+        let closing = async {
+            if let Some(channel) = channel {
+                for tag in &tags {
+                    let _ = channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                }
+                // Closing gives back what was delivered but not settled.
+                let _ = channel.close(200, "bye".into()).await;
+            }
+            if let Some(connection) = connection {
+                let _ = connection.close(200, "bye".into()).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, closing).await;
+        Ok(())
+    }
+}
+
+/// The id of a message that came without one: `amqp-` and a 64-bit FNV-1a hash
+/// of its payload, headers (without the broker's) and timestamp property. The
+/// same on every redelivery; two identical messages get the same id.
+fn content_id(payload: &[u8], headers: &BTreeMap<String, String>, timestamp: u64) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        // Each field is length-prefixed, so fields cannot run into each other.
+        for byte in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(payload);
+    for (key, value) in headers {
+        eat(key.as_bytes());
+        eat(value.as_bytes());
+    }
+    eat(&timestamp.to_le_bytes());
+    format!("amqp-{hash:016x}")
+}
+
+struct RabbitAck {
+    acker: lapin::Acker,
+}
+
+impl RabbitAck {
+    /// lapin's acker answers `Ok(false)` when it is poisoned (its channel closed
+    /// or was replaced by a reconnect) and `Err` when the channel ended while
+    /// settling: either way the broker did not get the settlement and will
+    /// redeliver the message, so nothing was settled.
+    fn settled(operation: &'static str, result: lapin::Result<bool>) -> Result<()> {
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::NotSettled {
+                operation,
+                reason: "the delivery's channel was closed; the broker redelivers it".into(),
+            }),
+            Err(e) => Err(Error::NotSettled {
+                operation,
+                reason: format!(
+                    "the delivery's channel ended while settling ({e}); the broker redelivers it"
+                ),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl AckHandle for RabbitAck {
+    async fn ack(&self) -> Result<()> {
+        Self::settled("ack", self.acker.ack(BasicAckOptions::default()).await)
+    }
+
+    async fn release(&self, _delay: Option<Duration>) -> Result<()> {
+        let options = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        Self::settled("release", self.acker.nack(options).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ids_are_stable_and_follow_the_content() {
+        let headers = BTreeMap::from([("a".to_owned(), "1".to_owned())]);
+        let id = content_id(b"x", &headers, 7);
+        assert_eq!(id, content_id(b"x", &headers, 7));
+        assert_ne!(id, content_id(b"y", &headers, 7));
+        assert_ne!(id, content_id(b"x", &BTreeMap::new(), 7));
+        assert_ne!(id, content_id(b"x", &headers, 8));
+        // Length prefixes: moving bytes between fields changes the id.
+        let ab = BTreeMap::from([("ab".to_owned(), String::new())]);
+        let a_b = BTreeMap::from([("a".to_owned(), "b".to_owned())]);
+        assert_ne!(content_id(b"", &ab, 0), content_id(b"", &a_b, 0));
+        assert!(id.starts_with("amqp-") && id.len() == 21, "{id}");
+    }
+}
