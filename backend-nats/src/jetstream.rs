@@ -18,6 +18,7 @@ use polybus_core::{
 use tokio::sync::mpsc;
 
 use crate::consumer_config::{PullLimits, Wanted, check_existing};
+use crate::security::Violations;
 use crate::subscription::{JetStreamSubscription, Pump, PumpSetup, Shared};
 use crate::{BACKEND, HEADER_ROOM, NatsConfig, Storage, backend_error, headers, stream_name};
 
@@ -27,9 +28,20 @@ struct Streams {
     js: jetstream::Context,
     config: NatsConfig,
     known: Arc<Mutex<HashSet<String>>>,
+    /// The connection's permission violations, mapped back to the calls.
+    violations: Violations,
 }
 
 impl Streams {
+    /// Opens a connection named `name` and its JetStream context.
+    async fn connect(config: &NatsConfig, name: &str) -> Result<(Client, Self)> {
+        let violations = Violations::default();
+        let client = config.client_watched(name, None, &violations).await?;
+        let mut streams = Streams::new(client.clone(), config);
+        streams.violations = violations;
+        Ok((client, streams))
+    }
+
     fn new(client: Client, config: &NatsConfig) -> Self {
         let js = jetstream::ContextBuilder::new()
             .timeout(config.request_timeout)
@@ -38,6 +50,7 @@ impl Streams {
             js,
             config: config.clone(),
             known: Arc::new(Mutex::new(HashSet::new())),
+            violations: Violations::default(),
         }
     }
 
@@ -65,18 +78,20 @@ impl Streams {
 
     /// Creates the stream for `topic` unless it exists (remembered per connection).
     async fn ensure(&self, topic: &str) -> Result<jetstream::stream::Stream> {
-        let stream = self
-            .js
-            .get_or_create_stream(self.stream_config(topic))
-            .await
-            .map_err(|e| {
-                let retryable = !matches!(
-                    e.kind(),
-                    jetstream::context::CreateStreamErrorKind::InvalidStreamName
-                        | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
-                );
-                backend_error(&format!("creating the stream for topic '{topic}'"), e, retryable)
-            })?;
+        let creating = async {
+            self.js
+                .get_or_create_stream(self.stream_config(topic))
+                .await
+                .map_err(|e| {
+                    let retryable = !matches!(
+                        e.kind(),
+                        jetstream::context::CreateStreamErrorKind::InvalidStreamName
+                            | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
+                    );
+                    backend_error(&format!("creating the stream for topic '{topic}'"), e, retryable)
+                })
+        };
+        let stream = self.violations.guard(|v| v.concerns(topic), creating).await?;
         let subjects = &stream.cached_info().config.subjects;
         if !subjects.iter().any(|s| s == topic) {
             return Err(Error::InvalidConfig(format!(
@@ -112,10 +127,10 @@ impl std::fmt::Debug for JetStreamProducer {
 impl JetStreamProducer {
     /// Opens a NATS connection for publishing.
     pub async fn connect(config: &NatsConfig) -> Result<Self> {
-        let client = config.client("polybus-producer").await?;
+        let (client, streams) = Streams::connect(config, "polybus-producer").await?;
         let server_max = client.server_info().max_payload;
         Ok(JetStreamProducer {
-            streams: Streams::new(client.clone(), config),
+            streams,
             client,
             server_max,
             gate: SendGate::new("producer"),
@@ -129,10 +144,20 @@ impl JetStreamProducer {
         headers: async_nats::HeaderMap,
     ) -> Result<bool> {
         let publish = PublishMessage::build().payload(payload).headers(headers);
-        let acked = match self.streams.js.send_publish(topic.to_owned(), publish).await {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
+        let publishing = async {
+            Ok(
+                match self.streams.js.send_publish(topic.to_owned(), publish).await {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                },
+            )
         };
+        // A denied publish gets no PubAck, only an asynchronous -ERR.
+        let acked = self
+            .streams
+            .violations
+            .guard(|v| v.concerns(topic), publishing)
+            .await?;
         match acked {
             Ok(_) => Ok(true),
             Err(e) => match e.kind() {
@@ -226,10 +251,10 @@ impl std::fmt::Debug for JetStreamConsumer {
 impl JetStreamConsumer {
     /// Opens a NATS connection for consuming.
     pub async fn connect(config: &NatsConfig) -> Result<Self> {
-        let client = config.client("polybus-consumer").await?;
+        let (client, streams) = Streams::connect(config, "polybus-consumer").await?;
         let server_max = client.server_info().max_payload;
         Ok(JetStreamConsumer {
-            streams: Streams::new(client.clone(), config),
+            streams,
             client,
             server_max,
             closed: Arc::new(AtomicBool::new(false)),
@@ -367,7 +392,11 @@ impl Consumer for JetStreamConsumer {
     }
 
     async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
-        self.group_consumer(topic, group, start, 1).await.map(|_| ())
+        self.streams
+            .violations
+            .guard(|v| v.concerns(topic), self.group_consumer(topic, group, start, 1))
+            .await
+            .map(|_| ())
     }
 
     async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
@@ -381,10 +410,20 @@ impl Consumer for JetStreamConsumer {
         for topic in &options.topics {
             let created = match &options.group {
                 Some(group) => {
-                    self.group_consumer(topic, group, options.start, options.prefetch)
+                    self.streams
+                        .violations
+                        .guard(
+                            |v| v.concerns(topic),
+                            self.group_consumer(topic, group, options.start, options.prefetch),
+                        )
                         .await
                 }
-                None => match self.anonymous_consumer(topic, &options).await {
+                None => match self
+                    .streams
+                    .violations
+                    .guard(|v| v.concerns(topic), self.anonymous_consumer(topic, &options))
+                    .await
+                {
                     Ok((stream, consumer)) => {
                         ephemeral.push((stream.clone(), consumer.cached_info().name.clone()));
                         Ok((stream, consumer, PullLimits::new(self.streams.config.pull_expiry)))

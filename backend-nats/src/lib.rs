@@ -26,6 +26,7 @@
 //! the portable grammar, so the mapping is one to one).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::ConnectOptions;
@@ -35,6 +36,7 @@ mod consumer_config;
 mod core_mode;
 mod headers;
 mod jetstream;
+mod security;
 mod status;
 mod subscription;
 
@@ -75,8 +77,36 @@ pub enum Storage {
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct NatsConfig {
-    /// Server URLs (`nats://[user:pass@]host:port`), tried in order.
+    /// Server URLs (`nats://[user:pass@]host:port`, `tls://…`), tried in order.
+    /// Credentials in them are taken out and sent as the user and password
+    /// (a user without a password is a token).
     pub servers: Vec<String>,
+    /// User name, when not in the URL (with [`password`](Self::password)).
+    pub user: Option<String>,
+    /// Password for [`user`](Self::user). Never shown in `Debug`.
+    pub password: Option<String>,
+    /// Authentication token, when not in the URL. Never shown in `Debug`.
+    pub token: Option<String>,
+    /// NKey seed (`SU…`) to sign the server's nonce with. Never shown in
+    /// `Debug`; from a URL, give a file instead (`?nkey_file=path`).
+    pub nkey_seed: Option<String>,
+    /// A credentials file (`.creds`: a user JWT and its NKey seed), for servers
+    /// in operator/JWT mode. Read at each connect, so replacing the file
+    /// rotates the credentials for every later connection and reconnection.
+    pub credentials_file: Option<PathBuf>,
+    /// Require TLS even with a `nats://` URL (set by `tls://` URLs and by any
+    /// TLS file below).
+    pub tls_required: bool,
+    /// PEM file of the certificate authorities to trust instead of the system's.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS, with [`tls_client_key`](Self::tls_client_key).
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    pub tls_client_key: Option<PathBuf>,
+    /// The name the server's certificate must carry when it is not the URL's
+    /// host (needs [`tls_ca_file`](Self::tls_ca_file)). Verification itself
+    /// is never switched off.
+    pub tls_server_name: Option<String>,
     /// JetStream (default) or core NATS.
     pub mode: Mode,
     /// How long connecting may take before it fails (default 5 s).
@@ -127,6 +157,16 @@ impl fmt::Debug for NatsConfig {
         let servers: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
         f.debug_struct("NatsConfig")
             .field("servers", &servers)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("nkey_seed", &self.nkey_seed.as_ref().map(|_| "***"))
+            .field("credentials_file", &self.credentials_file)
+            .field("tls_required", &self.tls_required)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert", &self.tls_client_cert)
+            .field("tls_client_key", &self.tls_client_key)
+            .field("tls_server_name", &self.tls_server_name)
             .field("mode", &self.mode)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -147,9 +187,13 @@ impl fmt::Debug for NatsConfig {
 }
 
 impl NatsConfig {
-    /// Parses `nats://[user:pass@]host:port[,host:port…][?mode=core|jetstream]`.
+    /// Parses `nats://[user:pass@|token@]host:port[,host:port…][?option=value&…]`.
     ///
-    /// `tls://` URLs (and `nats+tls://`) require TLS. Other settings are fields.
+    /// `tls://` URLs (and `nats+tls://`) require TLS. Credentials are
+    /// percent-decoded. Options: `mode=core|jetstream`, `tls_ca=<pem file>`,
+    /// `tls_cert=<pem file>` and `tls_key=<pem file>` (mutual TLS),
+    /// `tls_server_name=<name>`, `creds=<credentials file>`,
+    /// `nkey_file=<file holding an NKey seed>`. Other settings are fields.
     pub fn from_url(url: &str) -> Result<Self> {
         let invalid = |why: String| Error::InvalidConfig(format!("NATS URL {}: {why}", redact_url(url)));
         let (scheme, rest) = url
@@ -195,9 +239,35 @@ impl NatsConfig {
             servers.push(server);
         }
         let mut config = NatsConfig::new(servers);
+        config.tls_required = scheme == "tls";
         for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let path = || {
+                if value.is_empty() {
+                    Err(invalid(format!("option '{key}' needs a file")))
+                } else {
+                    Ok(PathBuf::from(security::percent_decode(value)))
+                }
+            };
             match (key, value) {
+                ("tls_ca" | "tls_ca_file", _) => config.tls_ca_file = Some(path()?),
+                ("tls_cert" | "tls_client_cert", _) => config.tls_client_cert = Some(path()?),
+                ("tls_key" | "tls_client_key", _) => config.tls_client_key = Some(path()?),
+                ("tls_server_name", name) if !name.is_empty() => {
+                    config.tls_server_name = Some(security::percent_decode(name))
+                }
+                ("creds" | "credentials_file", _) => config.credentials_file = Some(path()?),
+                ("nkey_file", _) => {
+                    let file = path()?;
+                    let seed = std::fs::read_to_string(&file).map_err(|e| {
+                        invalid(format!(
+                            "cannot read the NKey seed file '{}': {}",
+                            file.display(),
+                            e.kind()
+                        ))
+                    })?;
+                    config.nkey_seed = Some(seed.trim().to_owned());
+                }
                 ("mode", "jetstream" | "js") => config.mode = Mode::JetStream,
                 ("mode", "core") => config.mode = Mode::Core,
                 ("mode", other) => {
@@ -215,6 +285,16 @@ impl NatsConfig {
     pub fn new(servers: Vec<String>) -> Self {
         NatsConfig {
             servers,
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            credentials_file: None,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+            tls_server_name: None,
             mode: Mode::JetStream,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
@@ -301,13 +381,31 @@ impl NatsConfig {
         name: &str,
         drops: Option<DropCounter>,
     ) -> Result<async_nats::Client> {
+        self.client_watched(name, drops, &security::Violations::default())
+            .await
+    }
+
+    /// Opens one NATS connection whose permission violations are reported to
+    /// `violations` (see [`security::Violations::guard`]).
+    pub(crate) async fn client_watched(
+        &self,
+        name: &str,
+        drops: Option<DropCounter>,
+        violations: &security::Violations,
+    ) -> Result<async_nats::Client> {
         self.validate()?;
-        let addrs = self
-            .servers
-            .iter()
-            .map(|s| s.parse::<async_nats::ServerAddr>())
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::InvalidConfig(format!("NATS server address: {e}")))?;
+        // Credentials leave the addresses: async-nats does not read them there,
+        // and the addresses appear in its logs.
+        let mut userinfo = None;
+        let mut addrs = Vec::new();
+        for server in &self.servers {
+            let (addr, info) = security::split_userinfo(server);
+            userinfo = userinfo.or(info);
+            addrs.push(addr.parse::<async_nats::ServerAddr>().map_err(|e| {
+                Error::InvalidConfig(format!("NATS server address {}: {e}", redact_url(server)))
+            })?);
+        }
+        let violations = violations.clone();
         let options = ConnectOptions::new()
             .name(name)
             .connection_timeout(self.connect_timeout)
@@ -316,7 +414,14 @@ impl NatsConfig {
             .subscription_capacity(self.subscription_capacity)
             .event_callback(move |event| {
                 let drops = drops.clone();
+                let violations = violations.clone();
                 async move {
+                    if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = &event
+                        && violations.record(text)
+                    {
+                        tracing::debug!(target: "polybus_nats", %event, "NATS permission violation");
+                        return;
+                    }
                     match (&event, &drops) {
                         (async_nats::Event::SlowConsumer(_), Some(drops)) => drops.record(),
                         (async_nats::Event::SlowConsumer(_), None) => {
@@ -326,26 +431,15 @@ impl NatsConfig {
                     }
                 }
             });
+        let options = security::apply(self, userinfo, options).await?;
         let connecting = options.connect(addrs);
         // The connection timeout applies to each attempt; bound the whole connect too.
         match tokio::time::timeout(self.connect_timeout + Duration::from_millis(500), connecting).await {
             Err(_) => Err(Error::timeout("connecting to NATS", self.connect_timeout)),
             Ok(Ok(client)) => Ok(client),
             Ok(Err(e)) => {
-                use async_nats::ConnectErrorKind as K;
                 let servers: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
-                let message = format!("cannot connect to {}: {e}", servers.join(","));
-                Err(match e.kind() {
-                    K::ServerParse | K::Tls => Error::InvalidConfig(message),
-                    // Wrong credentials do not get better by trying again.
-                    K::Authentication | K::AuthorizationViolation => Error::Backend {
-                        backend: BACKEND,
-                        message,
-                        retryable: false,
-                        source: None,
-                    },
-                    _ => Error::connection(BACKEND, message),
-                })
+                Err(security::connect_error(e, &servers.join(",")))
             }
         }
     }

@@ -172,12 +172,17 @@ pub async fn dead_letter_refused_ends_the_runner<H: Harness>(cx: Ctx<H>) -> Case
             sent.iter().all(|m| seen.iter().any(|d| d.id() == m.id))
         })
         .await?;
-    let order: Vec<usize> = got.iter().map(index_of).collect();
-    let first_one = order.iter().position(|i| *i == 1).unwrap_or(0);
-    assert!(
-        order[..first_one].contains(&0),
-        "the key's order survives the release: {order:?}"
-    );
+    if cx.caps().key_order_across_instances {
+        // Where the broker keeps key order across instances (Kafka), it holds
+        // across this release too; elsewhere redeliveries may interleave
+        // (DESIGN: "after a crash, redelivered messages may interleave").
+        let order: Vec<usize> = got.iter().map(index_of).collect();
+        let first_one = order.iter().position(|i| *i == 1).unwrap_or(0);
+        assert!(
+            order[..first_one].contains(&0),
+            "the key's order survives the release: {order:?}"
+        );
+    }
     let _ = healthy.shutdown(cx.secs(10.0)).await;
     Ok(Outcome::Passed)
 }

@@ -130,6 +130,44 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// The broker refused the credentials: wrong password, unknown user, a bad
+    /// token, NKey, credentials file or SASL mechanism. Trying again with the same
+    /// credentials cannot help.
+    #[error("{backend} refused the credentials: {message}")]
+    Unauthenticated {
+        /// The backend that refused them.
+        backend: &'static str,
+        /// What was refused, with every secret removed.
+        message: String,
+        /// The client library's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The broker accepted the credentials but refused an operation on a
+    /// resource (a subject, queue, exchange, topic or virtual host).
+    #[error("{backend} denied permission: {message}")]
+    PermissionDenied {
+        /// The backend that denied it.
+        backend: &'static str,
+        /// What was refused (the operation and the resource).
+        message: String,
+        /// The client library's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// TLS could not be set up: an untrusted, expired or unreadable
+    /// certificate, a server name that does not match the certificate, a client
+    /// certificate the broker refused, or a TLS handshake the broker broke off.
+    #[error("TLS with {backend} failed: {message}")]
+    Tls {
+        /// The backend whose connection failed.
+        backend: &'static str,
+        /// What went wrong, with every secret removed.
+        message: String,
+        /// The TLS library's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Any other failure of the backend's client or broker.
     #[error("{backend} error: {message}")]
     Backend {
@@ -164,6 +202,9 @@ impl Error {
             | Error::Closed(_)
             | Error::NotSettled { .. }
             | Error::MessageRejected { .. }
+            | Error::Unauthenticated { .. }
+            | Error::PermissionDenied { .. }
+            | Error::Tls { .. }
             | Error::Codec { .. } => false,
         }
     }
@@ -208,6 +249,25 @@ mod tests {
         assert!(Error::timeout("send", Duration::from_secs(1)).is_retryable());
         assert!(!Error::Closed("producer").is_retryable());
         assert!(!Error::PayloadTooLarge { size: 2, max: 1 }.is_retryable());
+        for refused in [
+            Error::Unauthenticated {
+                backend: "nats",
+                message: "bad password".into(),
+                source: None,
+            },
+            Error::PermissionDenied {
+                backend: "nats",
+                message: "publish to x".into(),
+                source: None,
+            },
+            Error::Tls {
+                backend: "nats",
+                message: "unknown issuer".into(),
+                source: None,
+            },
+        ] {
+            assert!(!refused.is_retryable(), "{refused}");
+        }
     }
 
     #[test]

@@ -12,7 +12,12 @@ use polybus_nats::{JetStreamConsumer, Mode, NatsConfig, Storage};
 /// The variable naming the NATS server the tests use.
 pub(crate) const URL_ENV: &str = "POLYBUS_TEST_NATS_URL";
 
-pub(crate) struct NatsHarness<const CORE: bool> {
+/// The variable naming a NATS server that requires TLS and a user and
+/// password (`scripts/brokers.sh`'s `ensure_secure_nats`).
+pub(crate) const SECURE_URL_ENV: &str = "POLYBUS_TEST_NATS_SECURE_URL";
+
+/// `SECURE` selects the server from [`SECURE_URL_ENV`] instead of [`URL_ENV`].
+pub(crate) struct NatsHarness<const CORE: bool, const SECURE: bool = false> {
     pub(crate) config: NatsConfig,
     admin: JetStreamConsumer,
     caps: Capabilities,
@@ -32,18 +37,19 @@ pub(crate) fn test_config(url: &str, core: bool) -> NatsConfig {
 }
 
 #[async_trait]
-impl<const CORE: bool> Harness for NatsHarness<CORE> {
+impl<const CORE: bool, const SECURE: bool> Harness for NatsHarness<CORE, SECURE> {
     async fn setup() -> Setup<Self> {
-        let Ok(url) = std::env::var(URL_ENV) else {
-            return Setup::MissingBroker(format!("set {URL_ENV}=nats://127.0.0.1:4222"));
+        let var = if SECURE { SECURE_URL_ENV } else { URL_ENV };
+        let Ok(url) = std::env::var(var) else {
+            return Setup::MissingBroker(format!("set {var} (scripts/brokers.sh)"));
         };
         let config = test_config(&url, CORE);
         let admin = JetStreamConsumer::connect(&config)
             .await
-            .unwrap_or_else(|e| panic!("{URL_ENV}={url} is set but NATS cannot be reached: {e}"));
+            .unwrap_or_else(|e| panic!("{var} is set but NATS cannot be reached: {e}"));
         let probe = polybus_nats::connect_with(config.clone())
             .await
-            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+            .unwrap_or_else(|e| panic!("connecting to {var}: {e}"));
         let caps = probe.consumer.capabilities();
         let _ = probe.close().await;
         Setup::Ready(NatsHarness { config, admin, caps })

@@ -1,0 +1,419 @@
+//! TLS, authentication and permission errors for NATS (issue 16).
+//!
+//! * Credentials come from the URL (`user:password@`, or a lone `token@`) or
+//!   from [`NatsConfig`] fields (token, NKey seed, credentials file); they are
+//!   handed to async-nats as options, never left in the server addresses it logs.
+//! * TLS: a CA file replaces the system roots; a client certificate and key
+//!   give mutual TLS; a server name override checks the certificate against
+//!   another name than the URL's host. Verification is never switched off.
+//! * Connect errors are mapped by meaning: refused credentials are
+//!   [`Error::Unauthenticated`], TLS failures (untrusted or expired
+//!   certificate, wrong name, a client certificate the server refused)
+//!   [`Error::Tls`]; none is retryable.
+//! * Permission violations arrive asynchronously (`-ERR 'Permissions
+//!   Violation for Publish to "x"'`) through the client's event callback;
+//!   [`Violations::guard`] races an operation against them and fails it with
+//!   [`Error::PermissionDenied`] as soon as the one it caused arrives, instead
+//!   of letting it time out.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_nats::ConnectOptions;
+use async_nats::rustls;
+use polybus_core::{Error, Result};
+use tokio::sync::broadcast;
+
+use crate::{BACKEND, NatsConfig};
+
+/// What a permission violation refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Denied {
+    Publish,
+    Subscribe,
+}
+
+/// One `-ERR 'Permissions Violation for … to "subject"'` from the server.
+#[derive(Debug, Clone)]
+pub(crate) struct Violation {
+    pub(crate) denied: Denied,
+    pub(crate) subject: String,
+}
+
+impl Violation {
+    /// Parses the server's text; `None` for any other server error.
+    pub(crate) fn parse(text: &str) -> Option<Violation> {
+        let rest = text.trim().trim_matches('\'');
+        let lower = rest.to_ascii_lowercase();
+        let rest_after = |prefix: &str| lower.strip_prefix(prefix).map(|_| &rest[prefix.len()..]);
+        let (denied, tail) = if let Some(t) = rest_after("permissions violation for publish to ") {
+            (Denied::Publish, t)
+        } else if let Some(t) = rest_after("permissions violation for subscription to ") {
+            (Denied::Subscribe, t)
+        } else {
+            return None;
+        };
+        // `"subject"`, possibly followed by ` using queue "q"`.
+        let subject = tail.trim().strip_prefix('"')?.split('"').next()?.to_owned();
+        Some(Violation { denied, subject })
+    }
+
+    /// The error for the call this violation belongs to.
+    pub(crate) fn error(&self) -> Error {
+        let what = match self.denied {
+            Denied::Publish => "publish to",
+            Denied::Subscribe => "subscribe to",
+        };
+        Error::PermissionDenied {
+            backend: BACKEND,
+            message: format!("the server refused to let this user {what} '{}'", self.subject),
+            source: None,
+        }
+    }
+
+    /// Whether this violation is about `topic`: its subject, its dead-letter
+    /// subject, or a JetStream API request for its stream.
+    pub(crate) fn concerns(&self, topic: &str) -> bool {
+        let stream = crate::stream_name(topic);
+        let dead_letters = crate::stream_name(&polybus_core::names::dead_letter_topic(topic));
+        self.subject == topic
+            || (self.subject.starts_with("$JS.")
+                && self
+                    .subject
+                    .split('.')
+                    .any(|token| token == stream || token == dead_letters))
+    }
+}
+
+/// The permission violations one NATS connection reported.
+#[derive(Clone)]
+pub(crate) struct Violations {
+    tx: broadcast::Sender<Arc<Violation>>,
+}
+
+impl Default for Violations {
+    fn default() -> Self {
+        Violations {
+            tx: broadcast::channel(64).0,
+        }
+    }
+}
+
+impl Violations {
+    /// Records a server error; returns whether it was a permission violation.
+    pub(crate) fn record(&self, text: &str) -> bool {
+        match Violation::parse(text) {
+            Some(v) => {
+                let _ = self.tx.send(Arc::new(v));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs `operation`, failing it with [`Error::PermissionDenied`] as soon as
+    /// the connection reports a violation that `concerns` it.
+    pub(crate) async fn guard<T>(
+        &self,
+        concerns: impl Fn(&Violation) -> bool,
+        operation: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let mut rx = self.tx.subscribe();
+        tokio::pin!(operation);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut operation => return done,
+                seen = rx.recv() => match seen {
+                    Ok(v) if concerns(&v) => return Err(v.error()),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return operation.await,
+                },
+            }
+        }
+    }
+}
+
+/// Splits `scheme://userinfo@host` into the address without credentials and
+/// the (percent-decoded) user and password; a user without a password is a token.
+pub(crate) fn split_userinfo(server: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some((scheme, rest)) = server.split_once("://") else {
+        return (server.to_owned(), None);
+    };
+    match rest.rsplit_once('@') {
+        None => (server.to_owned(), None),
+        Some((info, host)) => {
+            let (user, pass) = match info.split_once(':') {
+                Some((u, p)) => (percent_decode(u), Some(percent_decode(p))),
+                None => (percent_decode(info), None),
+            };
+            (format!("{scheme}://{host}"), Some((user, pass)))
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (invalid ones are kept as they are).
+pub(crate) fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn file_error(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::InvalidConfig(format!("NATS {what} '{}': {e}", path.display()))
+}
+
+fn read_file(what: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| file_error(what, path, e))
+}
+
+/// A certificate verifier that checks the server's certificate against a
+/// configured name instead of the host it connects to.
+#[derive(Debug)]
+struct NameOverride {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NameOverride {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A rustls configuration trusting only the configured CA file, with the
+/// client certificate if any and the server name override if any.
+fn client_config(config: &NatsConfig, ca: &Path) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = read_file("TLS CA file", ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| file_error("TLS CA file", ca, e))?;
+        roots.add(cert).map_err(|e| file_error("TLS CA file", ca, e))?;
+    }
+    if roots.is_empty() {
+        return Err(file_error("TLS CA file", ca, "no certificate in it"));
+    }
+    let roots = Arc::new(roots);
+    let builder = rustls::ClientConfig::builder().with_root_certificates(Arc::clone(&roots));
+    let mut tls = match (&config.tls_client_cert, &config.tls_client_key) {
+        (Some(cert), Some(key)) => {
+            let pem = read_file("TLS client certificate", cert)?;
+            let chain = CertificateDer::pem_slice_iter(&pem)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| file_error("TLS client certificate", cert, e))?;
+            // Never show the key file's content (nor rustls's view of it).
+            let key_der = PrivateKeyDer::from_pem_slice(&read_file("TLS client key", key)?)
+                .map_err(|_| file_error("TLS client key", key, "no readable private key in it"))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| file_error("TLS client certificate", cert, e))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    if let Some(name) = &config.tls_server_name {
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| Error::InvalidConfig(format!("NATS TLS server name '{name}': {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder(roots)
+            .build()
+            .map_err(|e| Error::InvalidConfig(format!("NATS TLS verifier: {e}")))?;
+        tls.dangerous()
+            .set_certificate_verifier(Arc::new(NameOverride { inner, name }));
+    }
+    Ok(tls)
+}
+
+/// Adds the configured credentials and TLS settings to `options`; the URL's
+/// credentials (`userinfo`) come first, then the config's fields.
+pub(crate) async fn apply(
+    config: &NatsConfig,
+    userinfo: Option<(String, Option<String>)>,
+    mut options: ConnectOptions,
+) -> Result<ConnectOptions> {
+    match (userinfo, &config.user, &config.password, &config.token) {
+        (Some((user, Some(pass))), ..) => options = options.user_and_password(user, pass),
+        (Some((token, None)), ..) => options = options.token(token),
+        (None, Some(user), Some(pass), _) => options = options.user_and_password(user.clone(), pass.clone()),
+        (None, _, _, Some(token)) => options = options.token(token.clone()),
+        _ => {}
+    }
+    if let Some(seed) = &config.nkey_seed {
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| file_error("credentials file", path, io_reason(&e)))?;
+    }
+    if config.tls_required || config.tls_ca_file.is_some() || config.tls_client_cert.is_some() {
+        options = options.require_tls(true);
+    }
+    match (&config.tls_client_cert, &config.tls_client_key) {
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(Error::InvalidConfig(
+                "NATS: tls_client_cert and tls_client_key go together".into(),
+            ));
+        }
+        _ => {}
+    }
+    match &config.tls_ca_file {
+        Some(ca) => options = options.tls_client_config(client_config(config, ca)?),
+        None if config.tls_server_name.is_some() => {
+            return Err(Error::InvalidConfig(
+                "NATS: tls_server_name needs tls_ca_file (the system roots cannot be combined with a name override)"
+                    .into(),
+            ));
+        }
+        None => {
+            if let (Some(cert), Some(key)) = (&config.tls_client_cert, &config.tls_client_key) {
+                read_file("TLS client certificate", cert)?;
+                read_file("TLS client key", key)?;
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// An I/O error's reason without anything read from the file.
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "not found".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => "not a valid credentials file".into(),
+    }
+}
+
+/// The rustls error somewhere in `e`'s chain (io errors hide theirs in `get_ref`).
+fn find_tls_error(e: &(dyn StdError + 'static)) -> Option<String> {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
+        {
+            return Some(tls.to_string());
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// Maps a failed connect by meaning; `servers` are already redacted.
+pub(crate) fn connect_error(e: async_nats::ConnectError, servers: &str) -> Error {
+    use async_nats::ConnectErrorKind as K;
+    let message = format!("cannot connect to {servers}: {e}");
+    if let Some(tls) = find_tls_error(&e) {
+        return Error::Tls {
+            backend: BACKEND,
+            message: format!("cannot connect to {servers}: {tls}"),
+            source: Some(Box::new(e)),
+        };
+    }
+    match e.kind() {
+        K::Tls => Error::Tls {
+            backend: BACKEND,
+            message,
+            source: Some(Box::new(e)),
+        },
+        K::ServerParse => Error::InvalidConfig(message),
+        // Wrong credentials do not get better by trying again.
+        K::Authentication | K::AuthorizationViolation => Error::Unauthenticated {
+            backend: BACKEND,
+            message,
+            source: Some(Box::new(e)),
+        },
+        _ => Error::Connection {
+            backend: BACKEND,
+            message,
+            source: Some(Box::new(e)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violations_parse() {
+        let v = Violation::parse("Permissions Violation for Publish to \"secret.x\"").unwrap();
+        assert_eq!((v.denied, v.subject.as_str()), (Denied::Publish, "secret.x"));
+        let v = Violation::parse("'permissions violation for subscription to \"a.b\" using queue \"q\"'")
+            .unwrap();
+        assert_eq!((v.denied, v.subject.as_str()), (Denied::Subscribe, "a.b"));
+        assert!(Violation::parse("Maximum Payload Violation").is_none());
+        let v = Violation::parse("Permissions Violation for Publish to \"$JS.API.STREAM.CREATE.secret~x\"")
+            .unwrap();
+        assert!(v.concerns("secret.x"));
+        assert!(!v.concerns("secret"));
+        let v = Violation::parse("Permissions Violation for Publish to \"$JS.API.STREAM.INFO.secret~dlq\"")
+            .unwrap();
+        assert!(v.concerns("secret"));
+        assert!(!v.concerns("other"));
+        assert!(!v.error().is_retryable());
+    }
+
+    #[test]
+    fn userinfo_is_split_and_decoded() {
+        let (addr, info) = split_userinfo("tls://u%40x:p%3Aw@h:1");
+        assert_eq!(addr, "tls://h:1");
+        assert_eq!(info, Some(("u@x".into(), Some("p:w".into()))));
+        let (addr, info) = split_userinfo("nats://tok@h:1");
+        assert_eq!((addr.as_str(), info), ("nats://h:1", Some(("tok".into(), None))));
+        assert_eq!(split_userinfo("nats://h:1"), ("nats://h:1".into(), None));
+        assert_eq!(percent_decode("a%zzb%41"), "a%zzbA");
+    }
+}
