@@ -318,7 +318,14 @@ pub async fn panic_after_ack_is_not_handled_again<H: Harness>(cx: Ctx<H>) -> Cas
         .runner(&conn, &topic, &group)
         .order(Order::Sequential)
         .run_subscription(sub, calls.handler())?;
-    publish(&conn, &topic, (0..3).map(|i| numbered("ackpanic", i)).collect()).await?;
+    // One key: one partition on partitioned brokers, so delivery order is
+    // publish order.
+    publish(
+        &conn,
+        &topic,
+        (0..3).map(|i| numbered("ackpanic", i).with_key("k")).collect(),
+    )
+    .await?;
     calls.wait_for(3, cx.secs(30.0)).await?;
     tokio::time::sleep(cx.secs(1.0)).await;
     let report = handle.shutdown(cx.secs(10.0)).await;
