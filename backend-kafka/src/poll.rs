@@ -163,8 +163,10 @@ impl Poller {
         let group = self.shared.group.clone();
         // No panic may escape into the poll thread: one would stop every
         // partition of the group. A record whose decoding panics is dead-lettered.
-        let delivery = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| to_delivery(message, group.clone())))
-            .unwrap_or_else(|_| undecodable_after_panic(message, group));
+        let delivery = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            to_delivery(message, group.clone())
+        }))
+        .unwrap_or_else(|_| undecodable_after_panic(message, group));
         self.items
             .send(Redelivery {
                 delivery,
@@ -228,7 +230,12 @@ impl Poller {
 /// and its position; nothing else is trusted.
 fn undecodable_after_panic(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery {
     let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-    tracing::error!(topic, partition, offset, "decoding a record panicked; dead-lettering it");
+    tracing::error!(
+        topic,
+        partition,
+        offset,
+        "decoding a record panicked; dead-lettering it"
+    );
     let mut copy = PolybusMessage::new(Bytes::copy_from_slice(message.payload().unwrap_or_default()));
     copy.key = message.key().map(Bytes::copy_from_slice);
     copy.id = format!("{topic}/{partition}/{offset}");
@@ -284,7 +291,8 @@ pub(crate) fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) 
         decoded
             .system_headers
             .insert(polybus_core::dlq_headers::RAW_HEADERS, label);
-        let reason = format!("{bad_names} header name(s) are not UTF-8 (raw headers in polybus-dlq-raw-headers)");
+        let reason =
+            format!("{bad_names} header name(s) are not UTF-8 (raw headers in polybus-dlq-raw-headers)");
         tracing::warn!(topic, partition, offset, %reason, "undecodable record; dead-lettering it");
         return Delivery::undecodable(decoded, origin, 1, reason);
     }

@@ -9,10 +9,10 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use polybus_core::{Error, Message, Producer, Result, SendGate, wire};
 
+use crate::BACKEND;
 use crate::config::RabbitConfig;
 use crate::consumer::declare_exchange;
 use crate::errors::{alive, is_not_found, is_refusal, map_error};
-use crate::BACKEND;
 
 /// How many confirm channels a producer with `mandatory` publishes on (one
 /// publish in flight on each).

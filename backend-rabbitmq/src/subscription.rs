@@ -12,7 +12,9 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use polybus_core::{AckHandle, Acker, Bytes, Delivery, Error, Event, HeaderValue, Origin, Result, Subscription, wire};
+use polybus_core::{
+    AckHandle, Acker, Bytes, Delivery, Error, Event, HeaderValue, Origin, Result, Subscription, wire,
+};
 
 use crate::config::RabbitConfig;
 use crate::consumer::declare_exchange;

@@ -265,7 +265,10 @@ mod tests {
         assert_eq!(h.get("k"), Some("1"));
         assert_eq!(h.get_all("k").count(), 2);
         assert_eq!(h.get("bin"), None, "not UTF-8");
-        assert_eq!(h.get_value("bin").and_then(HeaderValue::as_bytes), Some(&[0xff, 0xfe][..]));
+        assert_eq!(
+            h.get_value("bin").and_then(HeaderValue::as_bytes),
+            Some(&[0xff, 0xfe][..])
+        );
         h.insert("k", "2");
         assert_eq!(h.get_all("k").collect::<Vec<_>>(), vec![&HeaderValue::from("2")]);
         assert_eq!(h.remove("bin"), Some(HeaderValue::from(vec![0xff, 0xfe])));

@@ -408,6 +408,47 @@ mod tests {
     }
 
     #[test]
+    fn what_polybus_sends_follows_the_portable_grammar() {
+        let invalid = |m: Message| matches!(m.validate("t", 100), Err(Error::InvalidHeader { .. }));
+        assert!(
+            invalid(Message::new("x").with_key([0u8, 0, 0, 0xff, 0xfe, 7])),
+            "binary key"
+        );
+        assert!(
+            invalid(Message::new("x").with_header("h", vec![0xffu8])),
+            "non-UTF-8 value"
+        );
+        assert!(
+            invalid(Message::new("x").with_header("h", HeaderValue::Null)),
+            "null value"
+        );
+        let mut repeated = Message::new("x");
+        repeated.headers.append("h", "1");
+        repeated.headers.append("h", "2");
+        assert!(invalid(repeated), "repeated key");
+        let mut tombstone = Message::new("");
+        tombstone.tombstone = true;
+        assert!(matches!(tombstone.validate("t", 100), Err(Error::Unsupported(_))));
+        Message::new("x")
+            .with_key("ride-1")
+            .with_header("h", "Zürich")
+            .validate("t", 100)
+            .unwrap();
+    }
+
+    #[test]
+    fn deliveries_keep_binary_keys() {
+        let mut m = Message::new("x");
+        m.key = Some(Bytes::from_static(&[0, 0, 0, 0xff, 0xfe, 7]));
+        let d = Delivery::new(m, Origin::default(), 1);
+        assert_eq!(d.key(), None, "not text");
+        assert_eq!(
+            d.key_bytes().map(|k| &k[..]),
+            Some(&[0u8, 0, 0, 0xff, 0xfe, 7][..])
+        );
+    }
+
+    #[test]
     fn json_decode_error_is_permanent() {
         let d = Delivery::new(Message::new("not json"), Origin::default(), 1);
         let err = d.json::<u32>().unwrap_err();

@@ -100,8 +100,11 @@ pub fn raw_headers_label<'a>(headers: impl IntoIterator<Item = (&'a [u8], Option
     serde_json::Value::Array(entries).to_string()
 }
 
+/// One raw header: its name's bytes and its value's bytes (`None`: null).
+pub type RawHeader = (Vec<u8>, Option<Vec<u8>>);
+
 /// Reads a [`raw_headers_label`] back into names and values.
-pub fn parse_raw_headers_label(label: &str) -> Option<Vec<(Vec<u8>, Option<Vec<u8>>)>> {
+pub fn parse_raw_headers_label(label: &str) -> Option<Vec<RawHeader>> {
     use base64::Engine as _;
     let b64 = &base64::engine::general_purpose::STANDARD;
     let entries: Vec<serde_json::Value> = serde_json::from_str(label).ok()?;
@@ -128,9 +131,7 @@ mod tests {
             .with_key("k")
             .with_header("a", "1")
             .with_header("e", "");
-        original
-            .system_headers
-            .insert("polybus-dlq-reason", "bad");
+        original.system_headers.insert("polybus-dlq-reason", "bad");
         original.timestamp = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         let headers: Vec<(String, HeaderValue)> = encode(&original).map(|(k, v)| (k.to_owned(), v)).collect();
         let back = decode(original.payload.clone(), headers, || {
