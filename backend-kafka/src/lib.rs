@@ -29,7 +29,7 @@
 //! [`KafkaConfig::set`] or the URL's query; their values never appear in `Debug`
 //! output, errors or logs.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed in `raw_headers` alone (audited, see there)
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,6 +43,7 @@ mod consumer;
 mod offsets;
 mod poll;
 mod producer;
+mod raw_headers;
 mod rebalance;
 mod subscription;
 
@@ -103,9 +104,40 @@ pub struct KafkaConfig {
     /// (librdkafka's `message.max.bytes`, default 1,000,000; the broker's
     /// `message.max.bytes` must allow it).
     pub max_message_bytes: usize,
+    /// How keyed records are spread over partitions (librdkafka's
+    /// `partitioner`). Default [`Partitioner::Murmur2Random`]: the Java
+    /// client's partitioner (also kafka-python's and franz-go's), so polybus and
+    /// those clients put the same key on the same partition.
+    pub partitioner: Partitioner,
     /// Extra librdkafka properties (TLS, SASL, tuning), for producer and
     /// consumers alike.
     properties: BTreeMap<String, String>,
+}
+
+/// How the producer picks a partition for a keyed record. Switching changes
+/// where existing keys go: records of one key written before and after the
+/// switch land on different partitions, and their relative order is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Partitioner {
+    /// Murmur2 of the key bytes, as the Java client's default partitioner
+    /// (`toPositive(murmur2(key)) % partitions`); records without a key go to a
+    /// random partition. An empty key is a key: it always lands on the same
+    /// partition.
+    #[default]
+    Murmur2Random,
+    /// CRC32 of the key (librdkafka's own default, `consistent_random`), for
+    /// topics whose keys were written that way by librdkafka-based clients.
+    ConsistentRandom,
+}
+
+impl Partitioner {
+    fn librdkafka_name(self) -> &'static str {
+        match self {
+            Partitioner::Murmur2Random => "murmur2_random",
+            Partitioner::ConsistentRandom => "consistent_random",
+        }
+    }
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -128,6 +160,7 @@ impl fmt::Debug for KafkaConfig {
             .field("revoke_timeout", &self.revoke_timeout)
             .field("buffer", &self.buffer)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("partitioner", &self.partitioner)
             .field("properties", &properties)
             .finish()
     }
@@ -179,6 +212,7 @@ impl KafkaConfig {
             revoke_timeout: Duration::from_secs(10),
             buffer: 1000,
             max_message_bytes: 1_000_000,
+            partitioner: Partitioner::default(),
             properties: BTreeMap::new(),
         }
     }

@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use polybus_core::{Bytes, Delivery, Error, Origin, Result, wire};
+use polybus_core::{Bytes, Delivery, Error, HeaderValue, Message as PolybusMessage, Origin, Result, wire};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::rebalance::Context;
@@ -160,7 +160,13 @@ impl Poller {
         let Some((name, generation)) = self.shared.lock().book.fetched(topic, partition, offset) else {
             return true;
         };
-        let delivery = to_delivery(message, self.shared.group.clone());
+        let group = self.shared.group.clone();
+        // No panic may escape into the poll thread: one would stop every
+        // partition of the group. A record whose decoding panics is dead-lettered.
+        let delivery = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            to_delivery(message, group.clone())
+        }))
+        .unwrap_or_else(|_| undecodable_after_panic(message, group));
         self.items
             .send(Redelivery {
                 delivery,
@@ -220,29 +226,75 @@ impl Poller {
     }
 }
 
-/// Rebuilds the polybus message from a Kafka record.
-fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery {
-    let mut headers: Vec<(String, String)> = Vec::new();
-    if let Some(h) = message.headers() {
-        for header in h.iter() {
-            let value = header.value.map(String::from_utf8_lossy).unwrap_or_default();
-            headers.push((header.key.to_owned(), value.into_owned()));
-        }
-    }
-    if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
-        headers.push((wire::KEY.to_owned(), key.to_owned()));
-    }
-    if let Some(millis) = message.timestamp().to_millis() {
-        headers.push((wire::TIMESTAMP.to_owned(), millis.to_string()));
-    }
+/// The labelled copy of a record whose decoding panicked: its payload, its key
+/// and its position; nothing else is trusted.
+fn undecodable_after_panic(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery {
     let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-    let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
-    let decoded = wire::decode(payload, headers, || format!("{topic}/{partition}/{offset}"));
+    tracing::error!(
+        topic,
+        partition,
+        offset,
+        "decoding a record panicked; dead-lettering it"
+    );
+    let mut copy = PolybusMessage::new(Bytes::copy_from_slice(message.payload().unwrap_or_default()));
+    copy.key = message.key().map(Bytes::copy_from_slice);
+    copy.id = format!("{topic}/{partition}/{offset}");
+    copy.tombstone = message.payload().is_none();
     let origin = Origin {
         topic: topic.to_owned(),
         group,
         partition: Some(partition),
         sequence: Some(offset as u64),
     };
+    Delivery::undecodable(copy, origin, 1, "decoding the record panicked")
+}
+
+/// Rebuilds the polybus message from a Kafka record, keeping its bytes: a binary
+/// key stays the key, header values stay bytes (null stays null), a null payload
+/// is a tombstone. A header *name* that is not UTF-8 cannot be a polybus header:
+/// the record becomes an undecodable delivery (dead-lettered with every raw
+/// header in `polybus-dlq-raw-headers`) instead of a panic in the poll thread.
+pub(crate) fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery {
+    let raw = crate::raw_headers::read(message);
+    let mut headers: Vec<(String, HeaderValue)> = Vec::with_capacity(raw.len() + 2);
+    let mut bad_names = 0usize;
+    for header in &raw {
+        match std::str::from_utf8(&header.name) {
+            Ok(name) => headers.push((
+                name.to_owned(),
+                header
+                    .value
+                    .as_deref()
+                    .map_or(HeaderValue::Null, HeaderValue::from),
+            )),
+            Err(_) => bad_names += 1,
+        }
+    }
+    if let Some(key) = message.key() {
+        headers.push((wire::KEY.to_owned(), HeaderValue::from(key)));
+    }
+    if let Some(millis) = message.timestamp().to_millis() {
+        headers.push((wire::TIMESTAMP.to_owned(), HeaderValue::from(millis.to_string())));
+    }
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+    let mut decoded = wire::decode(payload, headers, || format!("{topic}/{partition}/{offset}"));
+    decoded.tombstone = message.payload().is_none();
+    let origin = Origin {
+        topic: topic.to_owned(),
+        group,
+        partition: Some(partition),
+        sequence: Some(offset as u64),
+    };
+    if bad_names > 0 {
+        let label = wire::raw_headers_label(raw.iter().map(|h| (&h.name[..], h.value.as_deref())));
+        decoded
+            .system_headers
+            .insert(polybus_core::dlq_headers::RAW_HEADERS, label);
+        let reason =
+            format!("{bad_names} header name(s) are not UTF-8 (raw headers in polybus-dlq-raw-headers)");
+        tracing::warn!(topic, partition, offset, %reason, "undecodable record; dead-lettering it");
+        return Delivery::undecodable(decoded, origin, 1, reason);
+    }
     Delivery::new(decoded, origin, 1)
 }

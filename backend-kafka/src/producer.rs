@@ -49,6 +49,7 @@ fn create(config: &KafkaConfig) -> Result<FutureProducer> {
         .client_config()
         .set("acks", "all")
         .set("enable.idempotence", "true")
+        .set("partitioner", config.partitioner.librdkafka_name())
         .set("message.timeout.ms", millis(config.delivery_timeout))
         .set("request.timeout.ms", millis(config.request_timeout))
         .create()
@@ -165,11 +166,14 @@ fn record<'a>(topic: &'a str, message: &'a Message) -> FutureRecord<'a, [u8], [u
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
     let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-        .payload(&message.payload[..])
         .headers(record_headers(message))
         .timestamp(millis);
+    // A tombstone (null payload) stays one in a dead-letter copy.
+    if !message.tombstone {
+        record = record.payload(&message.payload[..]);
+    }
     if let Some(key) = &message.key {
-        record = record.key(key.as_bytes());
+        record = record.key(&key[..]);
     }
     record
 }
@@ -177,13 +181,17 @@ fn record<'a>(topic: &'a str, message: &'a Message) -> FutureRecord<'a, [u8], [u
 /// The headers a record carries: the user's, the system ones and the id. The key
 /// and the timestamp travel in the record's own fields.
 pub(crate) fn record_headers(message: &Message) -> OwnedHeaders {
-    let pairs = wire::encode(message).filter(|(k, _)| *k != wire::KEY && *k != wire::TIMESTAMP);
+    // Values are bytes or null, as Kafka carries them (a dead-letter copy keeps
+    // another producer's non-UTF-8 and null values).
+    let pairs: Vec<(&str, polybus_core::HeaderValue)> = wire::encode(message)
+        .filter(|(k, _)| *k != wire::KEY && *k != wire::TIMESTAMP)
+        .collect();
     let mut headers =
         OwnedHeaders::new_with_capacity(message.headers.len() + message.system_headers.len() + 1);
-    for (key, value) in pairs {
+    for (key, value) in &pairs {
         headers = headers.insert(Header {
             key,
-            value: Some(value.as_bytes()),
+            value: value.as_bytes(),
         });
     }
     headers

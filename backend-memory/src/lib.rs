@@ -148,6 +148,8 @@ struct State {
 #[derive(Default)]
 struct TopicLog {
     messages: Vec<Message>,
+    /// Records inserted as undecodable (by sequence), with the reason.
+    undecodable: HashMap<usize, String>,
     groups: HashMap<String, Group>,
 }
 
@@ -283,6 +285,34 @@ impl MemoryBroker {
     pub fn is_settled(&self, topic: &str, group: &str) -> bool {
         self.group_stats(topic, group)
             .is_some_and(|s| s.pending == 0 && s.unacked == 0)
+    }
+
+    /// Appends `message` to `topic` as another producer would write it, with no
+    /// check of the portable grammar: binary keys, repeated header keys, header
+    /// values that are not UTF-8 or null, a null payload (`tombstone`), oversized
+    /// payloads. For hostile-input tests.
+    pub fn insert_raw(&self, topic: &str, message: Message) {
+        self.shared
+            .lock()
+            .topics
+            .entry(topic.to_owned())
+            .or_default()
+            .messages
+            .push(message);
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Appends a record that a real backend could not decode (a Kafka header
+    /// name that is not UTF-8, say): it is delivered as an undecodable delivery
+    /// (see `Delivery::undecodable`) with `reason`, as the backend's labelled
+    /// copy `message`. For hostile-input tests of the runner.
+    pub fn insert_undecodable(&self, topic: &str, message: Message, reason: &str) {
+        let mut state = self.shared.lock();
+        let log = state.topics.entry(topic.to_owned()).or_default();
+        log.undecodable.insert(log.messages.len(), reason.to_owned());
+        log.messages.push(message);
+        drop(state);
+        self.shared.changed.notify_waiters();
     }
 
     /// Makes the next `count` publishes to `topic` (from any producer of this
@@ -775,7 +805,11 @@ impl MemorySubscription {
                 partition: None,
                 sequence: Some(seq as u64),
             };
-            let delivery = Delivery::new(log.messages[seq].clone(), origin, attempt);
+            let message = log.messages[seq].clone();
+            let delivery = match log.undecodable.get(&seq) {
+                Some(reason) => Delivery::undecodable(message, origin, attempt, reason.clone()),
+                None => Delivery::new(message, origin, attempt),
+            };
             let acker = Acker::new(MemoryAck {
                 shared: Arc::clone(&self.shared),
                 lease: LeaseRef {

@@ -34,11 +34,15 @@ pub(crate) fn encode(message: &Message, dedup: bool) -> Result<HeaderMap> {
             key: key.to_owned(),
             reason: "not a valid NATS header name",
         })?;
-        let value = HeaderValue::from_str(&value).map_err(|_| Error::InvalidHeader {
+        let text = value.as_str().ok_or_else(|| Error::InvalidHeader {
+            key: key.to_owned(),
+            reason: "NATS header values are text: this one is null or not UTF-8",
+        })?;
+        let value = HeaderValue::from_str(text).map_err(|_| Error::InvalidHeader {
             key: key.to_owned(),
             reason: "not a valid NATS header value",
         })?;
-        map.insert(name, value);
+        map.append(name, value);
     }
     if dedup {
         let id = HeaderValue::from_str(&message.id).map_err(|_| Error::InvalidHeader {
@@ -66,9 +70,11 @@ pub(crate) fn decode(
         .into_iter()
         .flat_map(|map| map.iter())
         .filter(|(name, _)| !is_server_header(name.as_ref()))
-        .filter_map(|(name, values)| {
+        .flat_map(|(name, values)| {
             let name: &str = name.as_ref();
-            values.last().map(|v| (name.to_owned(), v.as_str().to_owned()))
+            values
+                .iter()
+                .map(move |v| (name.to_owned(), polybus_core::HeaderValue::from(v.as_str())))
         });
     wire::decode(payload, pairs, fallback_id)
 }

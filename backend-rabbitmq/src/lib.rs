@@ -82,6 +82,32 @@ pub(crate) fn long(value: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.into()))
 }
 
+/// An AMQP header value as a polybus header value: long strings and byte
+/// arrays keep their bytes (UTF-8 or not), `Void` is null, and the other typed
+/// values (numbers, booleans, timestamps, decimals, tables, arrays) become their
+/// text, so handlers see them; a dead-letter copy carries that text as a long
+/// string (the AMQP type is not kept).
+pub(crate) fn header_value(value: &AMQPValue) -> polybus_core::HeaderValue {
+    use polybus_core::HeaderValue;
+    match value {
+        AMQPValue::LongString(s) => HeaderValue::from(s.as_bytes()),
+        AMQPValue::ByteArray(b) => HeaderValue::from(b.as_slice()),
+        AMQPValue::Void => HeaderValue::Null,
+        other => match value_text(other) {
+            Some(text) => HeaderValue::from(text),
+            None => HeaderValue::from(format!("{other:?}")),
+        },
+    }
+}
+
+/// A polybus header value as an AMQP one: bytes as a long string, null as void.
+pub(crate) fn amqp_value(value: &polybus_core::HeaderValue) -> AMQPValue {
+    match value.as_bytes() {
+        Some(bytes) => AMQPValue::LongString(LongString::from(bytes.to_vec())),
+        None => AMQPValue::Void,
+    }
+}
+
 pub(crate) fn value_text(value: &AMQPValue) -> Option<String> {
     match value {
         AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
@@ -90,6 +116,12 @@ pub(crate) fn value_text(value: &AMQPValue) -> Option<String> {
         AMQPValue::LongInt(i) => Some(i.to_string()),
         AMQPValue::LongUInt(i) => Some(i.to_string()),
         AMQPValue::ShortInt(i) => Some(i.to_string()),
+        AMQPValue::ShortUInt(i) => Some(i.to_string()),
+        AMQPValue::ShortShortInt(i) => Some(i.to_string()),
+        AMQPValue::ShortShortUInt(i) => Some(i.to_string()),
+        AMQPValue::Float(f) => Some(f.to_string()),
+        AMQPValue::Double(f) => Some(f.to_string()),
+        AMQPValue::Timestamp(t) => Some(t.to_string()),
         AMQPValue::Boolean(b) => Some(b.to_string()),
         _ => None,
     }

@@ -9,10 +9,10 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use polybus_core::{Error, Message, Producer, Result, SendGate, wire};
 
+use crate::BACKEND;
 use crate::config::RabbitConfig;
 use crate::consumer::declare_exchange;
 use crate::errors::{alive, is_not_found, is_refusal, map_error};
-use crate::{BACKEND, long};
 
 /// How many confirm channels a producer with `mandatory` publishes on (one
 /// publish in flight on each).
@@ -174,7 +174,7 @@ impl RabbitProducer {
             if key == wire::ID && id_property.is_some() {
                 continue;
             }
-            headers.insert(ShortString::from(key), long(value));
+            headers.insert(ShortString::from(key), crate::amqp_value(&value));
         }
         let timestamp = message
             .timestamp

@@ -1,6 +1,5 @@
 //! Subscriptions: consumers on a connection of their own, and settlement.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,12 +12,14 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use polybus_core::{AckHandle, Acker, Bytes, Delivery, Error, Event, Origin, Result, Subscription, wire};
+use polybus_core::{
+    AckHandle, Acker, Bytes, Delivery, Error, Event, HeaderValue, Origin, Result, Subscription, wire,
+};
 
 use crate::config::RabbitConfig;
 use crate::consumer::declare_exchange;
 use crate::errors::{is_not_found, map_error};
-use crate::{BACKEND, is_broker_header, value_text};
+use crate::{BACKEND, header_value, is_broker_header, value_text};
 
 type DeliveryStream = futures::stream::BoxStream<'static, (String, lapin::Result<lapin::message::Delivery>)>;
 
@@ -240,32 +241,31 @@ impl RabbitSubscription {
     }
 
     fn delivery(&self, topic: String, delivery: lapin::message::Delivery) -> Event {
-        let mut headers: BTreeMap<String, String> = delivery
-            .properties
-            .headers()
-            .as_ref()
+        let table = delivery.properties.headers().as_ref();
+        let delivery_count = table
+            .and_then(|t| t.inner().get("x-delivery-count"))
+            .and_then(value_text)
+            .and_then(|c| c.parse::<u32>().ok());
+        let headers: Vec<(String, HeaderValue)> = table
             .map(|table| {
                 table
                     .inner()
                     .iter()
-                    .filter_map(|(k, v)| value_text(v).map(|v| (k.as_str().to_owned(), v)))
+                    .filter(|(k, _)| !is_broker_header(k.as_str()))
+                    .map(|(k, v)| (k.as_str().to_owned(), header_value(v)))
                     .collect()
             })
             .unwrap_or_default();
-        let delivery_count = headers
-            .get("x-delivery-count")
-            .and_then(|c| c.parse::<u32>().ok());
         let attempt = match delivery_count {
             Some(count) => count.saturating_add(1),
             None if delivery.redelivered => 2,
             None => 1,
         };
-        headers.retain(|k, _| !is_broker_header(k));
         // A message without an id (a foreign publisher) gets one from its
         // content, so a redelivery has the same id.
         let fallback = match delivery.properties.message_id() {
             Some(id) => id.as_str().to_owned(),
-            None if headers.contains_key(wire::ID) => String::new(),
+            None if headers.iter().any(|(k, _)| k == wire::ID) => String::new(),
             None => content_id(
                 &delivery.data,
                 &headers,
@@ -376,7 +376,7 @@ impl Subscription for RabbitSubscription {
 /// The id of a message that came without one: `amqp-` and a 64-bit FNV-1a hash
 /// of its payload, headers (without the broker's) and timestamp property. The
 /// same on every redelivery; two identical messages get the same id.
-fn content_id(payload: &[u8], headers: &BTreeMap<String, String>, timestamp: u64) -> String {
+fn content_id(payload: &[u8], headers: &[(String, HeaderValue)], timestamp: u64) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         // Each field is length-prefixed, so fields cannot run into each other.
@@ -386,9 +386,14 @@ fn content_id(payload: &[u8], headers: &BTreeMap<String, String>, timestamp: u64
         }
     };
     eat(payload);
-    for (key, value) in headers {
+    let mut sorted: Vec<&(String, HeaderValue)> = headers.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, value) in sorted {
         eat(key.as_bytes());
-        eat(value.as_bytes());
+        match value.as_bytes() {
+            Some(bytes) => eat(bytes),
+            None => eat(b"\xff(null)"),
+        }
     }
     eat(&timestamp.to_le_bytes());
     format!("amqp-{hash:016x}")
@@ -441,15 +446,15 @@ mod tests {
 
     #[test]
     fn content_ids_are_stable_and_follow_the_content() {
-        let headers = BTreeMap::from([("a".to_owned(), "1".to_owned())]);
+        let headers = vec![("a".to_owned(), HeaderValue::from("1"))];
         let id = content_id(b"x", &headers, 7);
         assert_eq!(id, content_id(b"x", &headers, 7));
         assert_ne!(id, content_id(b"y", &headers, 7));
-        assert_ne!(id, content_id(b"x", &BTreeMap::new(), 7));
+        assert_ne!(id, content_id(b"x", &[], 7));
         assert_ne!(id, content_id(b"x", &headers, 8));
         // Length prefixes: moving bytes between fields changes the id.
-        let ab = BTreeMap::from([("ab".to_owned(), String::new())]);
-        let a_b = BTreeMap::from([("a".to_owned(), "b".to_owned())]);
+        let ab = vec![("ab".to_owned(), HeaderValue::from(""))];
+        let a_b = vec![("a".to_owned(), HeaderValue::from("b"))];
         assert_ne!(content_id(b"", &ab, 0), content_id(b"", &a_b, 0));
         assert!(id.starts_with("amqp-") && id.len() == 21, "{id}");
     }

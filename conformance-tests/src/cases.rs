@@ -14,6 +14,7 @@ use polybus_core::{
 use crate::{CaseResult, Ctx, Harness, Outcome, Recorder};
 
 pub use crate::fault_cases::*;
+pub use crate::foreign_cases::*;
 
 pub(crate) fn numbered(prefix: &str, i: usize) -> Message {
     Message::new(format!("{prefix}-{i}"))
@@ -454,7 +455,7 @@ pub async fn sequential_mode<H: Harness>(cx: Ctx<H>) -> CaseResult {
     if cx.caps().key_order_across_instances {
         // Partitioned brokers order per partition only: check each key, and the
         // keyless messages per partition (the producer spreads them).
-        let mut by_key: HashMap<(Option<String>, Option<i32>), Vec<usize>> = HashMap::new();
+        let mut by_key: HashMap<(Option<polybus_core::Bytes>, Option<i32>), Vec<usize>> = HashMap::new();
         for d in &got {
             let key = d.message().key.clone();
             let partition = if key.is_none() { d.origin().partition } else { None };

@@ -72,7 +72,7 @@ pub async fn dead_letter_copy_is_byte_exact<H: Harness>(cx: Ctx<H>) -> CaseResul
     dlq_handle.shutdown(cx.secs(10.0)).await;
     let d = &got[0];
     assert_eq!(d.payload(), &message.payload, "payload");
-    assert_eq!(d.key(), message.key.as_deref(), "key (1,504 bytes)");
+    assert_eq!(d.key_bytes(), message.key.as_ref(), "key (1,504 bytes)");
     assert_eq!(d.message().headers, message.headers, "user headers");
     assert_eq!(d.id(), message.id, "id (1,103 bytes)");
     let info = d.dead_letter().expect("dead-letter headers");

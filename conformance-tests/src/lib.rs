@@ -25,6 +25,7 @@ pub mod bench;
 pub mod cases;
 mod fault_cases;
 pub mod faults;
+mod foreign_cases;
 pub mod secrets;
 mod support;
 
@@ -55,6 +56,50 @@ pub enum Outcome {
 
 /// What a case returns; an `Err` or a panic fails the test.
 pub type CaseResult = std::result::Result<Outcome, polybus_core::BoxError>;
+
+/// A record as another client of the broker (Java, Go, Python, C) may write it:
+/// bytes everywhere, nothing checked against polybus's grammar.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForeignRecord {
+    /// The payload; `None` is a null payload (a Kafka tombstone).
+    pub payload: Option<Vec<u8>>,
+    /// The key, any bytes.
+    pub key: Option<Vec<u8>>,
+    /// Headers in order: names and values as bytes, `None` for a null value;
+    /// names may repeat.
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl ForeignRecord {
+    /// A record with this payload and nothing else.
+    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
+        ForeignRecord {
+            payload: Some(payload.into()),
+            ..ForeignRecord::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header (a `None` value is null).
+    pub fn header(mut self, name: impl Into<Vec<u8>>, value: Option<&[u8]>) -> Self {
+        self.headers.push((name.into(), value.map(<[u8]>::to_vec)));
+        self
+    }
+}
+
+/// What a harness's foreign publisher did with a [`ForeignRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Foreign {
+    /// Written to the broker by its native client (or raw protocol bytes).
+    Published,
+    /// This broker cannot carry such a record (the case is skipped, saying why).
+    Inexpressible(String),
+}
 
 /// What a backend supplies to run the suite.
 #[polybus_core::async_trait]
@@ -97,6 +142,16 @@ pub trait Harness: Send + Sync + Sized + 'static {
     /// Deletes what a case created (its topics, their dead-letter topics and groups).
     async fn cleanup(&self, topics: &[String]) {
         let _ = topics;
+    }
+
+    /// Writes `record` to `topic` as a producer that is not polybus would, through
+    /// the broker's native client: the hostile-input cases use it. The default
+    /// has no foreign publisher (those cases are skipped, loudly).
+    async fn publish_foreign(&self, topic: &str, record: &ForeignRecord) -> Result<Foreign> {
+        let _ = (topic, record);
+        Ok(Foreign::Inexpressible(
+            "this harness has no foreign publisher".into(),
+        ))
     }
 
     /// Adjusts every runner the suite builds (e.g. shorter keep-alive intervals).
@@ -346,6 +401,10 @@ macro_rules! conformance_suite {
             fatal_subscription_error_is_reported,
             hung_ack_is_bounded,
             shutdown_release_costs_one_attempt,
+            foreign_binary_keys_keep_their_lanes,
+            foreign_headers_keep_their_bytes,
+            foreign_tombstone_is_not_an_empty_payload,
+            foreign_undecodable_record_is_dead_lettered,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {

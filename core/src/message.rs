@@ -1,6 +1,5 @@
 //! Messages going out and deliveries coming in.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -27,27 +26,36 @@ pub mod dlq_headers {
     /// Present when the dead letter is a labelled stub rather than a byte-exact
     /// copy (the message could not be published as it was); says what was left out.
     pub const STUB: &str = "polybus-dlq-stub";
+    /// The record's headers exactly as the broker returned them, when polybus
+    /// could not decode them (a header name that is not UTF-8, say): a JSON
+    /// array of `{"name": <base64>, "value": <base64> | null}` objects, in
+    /// order (see [`wire::raw_headers_label`](crate::wire::raw_headers_label)).
+    pub const RAW_HEADERS: &str = "polybus-dlq-raw-headers";
 }
 
-/// Ordered string headers. Keys and values are checked against the portable
-/// grammar (see [`crate::names`]) when the message is sent.
-pub type Headers = BTreeMap<String, String>;
+pub use crate::headers::{HeaderValue, Headers};
 
 /// An event to publish, or the body of a delivery.
 ///
 /// Payload, key, user headers and id round-trip unchanged on every backend.
+/// What polybus sends follows the portable grammar (UTF-8 keys and header
+/// values without CR/LF); what it receives keeps the broker's bytes (binary
+/// keys, repeated header keys, non-UTF-8 and null header values, a null
+/// payload), and a dead-letter copy carries them unchanged.
 ///
 /// ```
 /// use polybus_core::Message;
 /// let msg = Message::new("hello").with_key("ride-42").with_header("source", "app");
-/// assert_eq!(msg.key.as_deref(), Some("ride-42"));
+/// assert_eq!(msg.key_str(), Some("ride-42"));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// The payload bytes (may be empty, need not be UTF-8).
     pub payload: Bytes,
-    /// The ordering key: messages with the same key keep their order.
-    pub key: Option<String>,
+    /// The ordering key, as bytes: messages with the same key keep their order.
+    /// `send` accepts UTF-8 keys without CR/LF (the portable grammar); a
+    /// delivery from another producer may carry any bytes (Kafka keys are bytes).
+    pub key: Option<Bytes>,
     /// User headers. Keys starting with `polybus-` are rejected on send.
     pub headers: Headers,
     /// The library's own headers (`polybus-…`), such as dead-letter information.
@@ -57,6 +65,9 @@ pub struct Message {
     pub id: String,
     /// When the message was created.
     pub timestamp: SystemTime,
+    /// The record had no payload at all (a Kafka tombstone), as opposed to an
+    /// empty one; `payload` is then empty. Only received, never sent by `send`.
+    pub tombstone: bool,
 }
 
 impl Message {
@@ -69,6 +80,7 @@ impl Message {
             system_headers: Headers::new(),
             id: uuid::Uuid::new_v4().to_string(),
             timestamp: SystemTime::now(),
+            tombstone: false,
         }
     }
 
@@ -81,15 +93,20 @@ impl Message {
         Ok(Message::new(payload))
     }
 
-    /// Sets the ordering key.
-    pub fn with_key(mut self, key: impl Into<String>) -> Self {
-        self.key = Some(key.into());
+    /// Sets the ordering key (text or bytes; `send` accepts UTF-8 without CR/LF).
+    pub fn with_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.key = Some(Bytes::copy_from_slice(key.as_ref()));
         self
     }
 
-    /// Adds a user header.
-    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(key.into(), value.into());
+    /// The key as text, if there is one and it is UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key.as_deref().and_then(|k| std::str::from_utf8(k).ok())
+    }
+
+    /// Sets a user header (replacing earlier values of the same key).
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<HeaderValue>) -> Self {
+        self.headers.insert(key, value);
         self
     }
 
@@ -103,28 +120,44 @@ impl Message {
     /// header grammar, reserved keys, and the payload against `max_payload`.
     pub fn validate(&self, topic: &str, max_payload: usize) -> Result<()> {
         names::validate_topic(topic)?;
+        let mut seen = std::collections::HashSet::new();
         for (key, value) in &self.headers {
             names::validate_header_key(key)?;
             if key.starts_with(RESERVED_PREFIX) {
                 return Err(Error::InvalidHeader {
-                    key: key.clone(),
+                    key: key.to_owned(),
                     reason: "keys starting with 'polybus-' are reserved",
                 });
             }
-            names::validate_header_value(key, value)?;
+            if !seen.insert(key) {
+                return Err(Error::InvalidHeader {
+                    key: key.to_owned(),
+                    reason: "a key may appear once in what polybus sends (repeated keys are not portable)",
+                });
+            }
+            validate_text_value(key, value)?;
         }
         for (key, value) in &self.system_headers {
             names::validate_header_key(key)?;
             if !key.starts_with(RESERVED_PREFIX) {
                 return Err(Error::InvalidHeader {
-                    key: key.clone(),
+                    key: key.to_owned(),
                     reason: "system header keys must start with 'polybus-'",
                 });
             }
-            names::validate_header_value(key, value)?;
+            validate_text_value(key, value)?;
         }
         if let Some(key) = &self.key {
-            names::validate_header_value("message key", key)?;
+            let text = std::str::from_utf8(key).map_err(|_| Error::InvalidHeader {
+                key: "message key".into(),
+                reason: "a key polybus sends must be UTF-8 (binary keys are received, not sent)",
+            })?;
+            names::validate_header_value("message key", text)?;
+        }
+        if self.tombstone {
+            return Err(Error::Unsupported(
+                "sending a null payload (tombstone) is not portable; send an empty payload".into(),
+            ));
         }
         if self.id.is_empty() {
             return Err(Error::InvalidHeader {
@@ -144,9 +177,34 @@ impl Message {
 
     /// Splits a flat header list as a broker returns it into user headers and
     /// `polybus-` system headers. For backends.
-    pub fn split_headers(all: impl IntoIterator<Item = (String, String)>) -> (Headers, Headers) {
-        all.into_iter()
-            .partition(|(k, _)| !k.starts_with(RESERVED_PREFIX))
+    pub fn split_headers(all: impl IntoIterator<Item = (String, HeaderValue)>) -> (Headers, Headers) {
+        let mut user = Headers::new();
+        let mut system = Headers::new();
+        for (k, v) in all {
+            if k.starts_with(RESERVED_PREFIX) {
+                system.append(k, v);
+            } else {
+                user.append(k, v);
+            }
+        }
+        (user, system)
+    }
+}
+
+/// A header value polybus may send: UTF-8 text without CR/LF.
+fn validate_text_value(key: &str, value: &HeaderValue) -> Result<()> {
+    match value {
+        HeaderValue::Null => Err(Error::InvalidHeader {
+            key: key.to_owned(),
+            reason: "null values are not portable (received, not sent)",
+        }),
+        HeaderValue::Bytes(_) => {
+            let text = value.as_str().ok_or_else(|| Error::InvalidHeader {
+                key: key.to_owned(),
+                reason: "a value polybus sends must be UTF-8 text",
+            })?;
+            names::validate_header_value(key, text)
+        }
     }
 }
 
@@ -167,6 +225,7 @@ pub struct Origin {
 struct DeliveryInner {
     message: Message,
     origin: Origin,
+    undecodable: Option<String>,
 }
 
 /// A message as a handler receives it: the message, where it came from, and which
@@ -182,9 +241,37 @@ impl Delivery {
     /// count (1 on first delivery). For backends.
     pub fn new(message: Message, origin: Origin, attempt: u32) -> Self {
         Delivery {
-            inner: Arc::new(DeliveryInner { message, origin }),
+            inner: Arc::new(DeliveryInner {
+                message,
+                origin,
+                undecodable: None,
+            }),
             attempt: attempt.max(1),
         }
+    }
+
+    /// A record the backend could not turn into a normal delivery (a header
+    /// name that is not UTF-8, a header the client library cannot parse, …).
+    /// `message` is the best labelled copy the backend could build (payload
+    /// intact; the raw headers in [`dlq_headers::RAW_HEADERS`] where it has
+    /// them); `reason` says what was wrong. The runner does not call the handler
+    /// for it: it dead-letters it at once with that reason, then acks it, so the
+    /// records behind it are handled. For backends.
+    pub fn undecodable(message: Message, origin: Origin, attempt: u32, reason: impl Into<String>) -> Self {
+        Delivery {
+            inner: Arc::new(DeliveryInner {
+                message,
+                origin,
+                undecodable: Some(reason.into()),
+            }),
+            attempt: attempt.max(1),
+        }
+    }
+
+    /// Why this record could not be decoded, if it could not (see
+    /// [`Delivery::undecodable`]). Handlers never see such deliveries.
+    pub fn undecodable_reason(&self) -> Option<&str> {
+        self.inner.undecodable.as_deref()
     }
 
     /// The message.
@@ -197,14 +284,27 @@ impl Delivery {
         &self.inner.message.payload
     }
 
-    /// The key, if the message has one.
+    /// The key as text, if the message has one and it is UTF-8 (see
+    /// [`key_bytes`](Delivery::key_bytes) for keys from other producers, which
+    /// may be any bytes).
     pub fn key(&self) -> Option<&str> {
-        self.inner.message.key.as_deref()
+        self.inner.message.key_str()
     }
 
-    /// A user header's value.
+    /// The key's bytes, if the message has one.
+    pub fn key_bytes(&self) -> Option<&Bytes> {
+        self.inner.message.key.as_ref()
+    }
+
+    /// A user header's first value as text (`None` if absent, null or not UTF-8;
+    /// see [`Headers::get_value`] through [`message`](Delivery::message)).
     pub fn header(&self, key: &str) -> Option<&str> {
-        self.inner.message.headers.get(key).map(String::as_str)
+        self.inner.message.headers.get(key)
+    }
+
+    /// Whether the record had no payload at all (a Kafka tombstone).
+    pub fn is_tombstone(&self) -> bool {
+        self.inner.message.tombstone
     }
 
     /// The message id.
@@ -251,15 +351,15 @@ impl Delivery {
     pub fn dead_letter(&self) -> Option<DeadLetter> {
         let sys = &self.inner.message.system_headers;
         Some(DeadLetter {
-            reason: sys.get(dlq_headers::REASON)?.clone(),
-            topic: sys.get(dlq_headers::TOPIC)?.clone(),
+            reason: sys.get(dlq_headers::REASON)?.to_owned(),
+            topic: sys.get(dlq_headers::TOPIC)?.to_owned(),
             attempts: sys.get(dlq_headers::ATTEMPTS)?.parse().ok()?,
-            group: sys.get(dlq_headers::GROUP).cloned(),
+            group: sys.get(dlq_headers::GROUP).map(str::to_owned),
             original_timestamp: sys
                 .get(dlq_headers::ORIGINAL_TIMESTAMP)
                 .and_then(|ms| ms.parse::<u64>().ok())
                 .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
-            stub: sys.get(dlq_headers::STUB).cloned(),
+            stub: sys.get(dlq_headers::STUB).map(str::to_owned),
         })
     }
 }
@@ -308,6 +408,47 @@ mod tests {
     }
 
     #[test]
+    fn what_polybus_sends_follows_the_portable_grammar() {
+        let invalid = |m: Message| matches!(m.validate("t", 100), Err(Error::InvalidHeader { .. }));
+        assert!(
+            invalid(Message::new("x").with_key([0u8, 0, 0, 0xff, 0xfe, 7])),
+            "binary key"
+        );
+        assert!(
+            invalid(Message::new("x").with_header("h", vec![0xffu8])),
+            "non-UTF-8 value"
+        );
+        assert!(
+            invalid(Message::new("x").with_header("h", HeaderValue::Null)),
+            "null value"
+        );
+        let mut repeated = Message::new("x");
+        repeated.headers.append("h", "1");
+        repeated.headers.append("h", "2");
+        assert!(invalid(repeated), "repeated key");
+        let mut tombstone = Message::new("");
+        tombstone.tombstone = true;
+        assert!(matches!(tombstone.validate("t", 100), Err(Error::Unsupported(_))));
+        Message::new("x")
+            .with_key("ride-1")
+            .with_header("h", "Zürich")
+            .validate("t", 100)
+            .unwrap();
+    }
+
+    #[test]
+    fn deliveries_keep_binary_keys() {
+        let mut m = Message::new("x");
+        m.key = Some(Bytes::from_static(&[0, 0, 0, 0xff, 0xfe, 7]));
+        let d = Delivery::new(m, Origin::default(), 1);
+        assert_eq!(d.key(), None, "not text");
+        assert_eq!(
+            d.key_bytes().map(|k| &k[..]),
+            Some(&[0u8, 0, 0, 0xff, 0xfe, 7][..])
+        );
+    }
+
+    #[test]
     fn json_decode_error_is_permanent() {
         let d = Delivery::new(Message::new("not json"), Origin::default(), 1);
         let err = d.json::<u32>().unwrap_err();
@@ -317,8 +458,8 @@ mod tests {
     #[test]
     fn split_headers_separates_reserved() {
         let (user, sys) = Message::split_headers([
-            ("a".to_string(), "1".to_string()),
-            ("polybus-id".to_string(), "2".to_string()),
+            ("a".to_string(), HeaderValue::from("1")),
+            ("polybus-id".to_string(), HeaderValue::from("2")),
         ]);
         assert_eq!(user.len(), 1);
         assert_eq!(sys.len(), 1);

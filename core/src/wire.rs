@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::message::{Headers, Message};
+use crate::message::{HeaderValue, Headers, Message};
 
 /// The header carrying the message id.
 pub const ID: &str = "polybus-id";
@@ -20,22 +20,28 @@ pub const TIMESTAMP: &str = "polybus-ts";
 
 /// Every header to send for `message`: its user headers, its system headers, and
 /// the id, key and timestamp under [`ID`], [`KEY`] and [`TIMESTAMP`].
-pub fn encode(message: &Message) -> impl Iterator<Item = (&str, String)> + '_ {
+///
+/// Values are what the message holds: text for everything `send` accepted, but a
+/// dead-letter copy of another producer's message may hold bytes that are not
+/// UTF-8, or null values; a backend whose broker cannot carry those refuses
+/// them with [`Error::InvalidHeader`](crate::Error::InvalidHeader) (the runner
+/// then dead-letters a labelled stub).
+pub fn encode(message: &Message) -> impl Iterator<Item = (&str, HeaderValue)> + '_ {
     let millis = message
         .timestamp
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
     let fixed = [
-        Some((ID, message.id.clone())),
-        message.key.clone().map(|k| (KEY, k)),
-        Some((TIMESTAMP, millis.to_string())),
+        Some((ID, HeaderValue::from(message.id.as_str()))),
+        message.key.clone().map(|k| (KEY, HeaderValue::Bytes(k))),
+        Some((TIMESTAMP, HeaderValue::from(millis.to_string()))),
     ];
     message
         .headers
         .iter()
         .chain(&message.system_headers)
-        .map(|(k, v)| (k.as_str(), v.clone()))
+        .map(|(k, v)| (k, v.clone()))
         .chain(fixed.into_iter().flatten())
 }
 
@@ -46,15 +52,21 @@ pub fn encode(message: &Message) -> impl Iterator<Item = (&str, String)> + '_ {
 /// an id header, the id is `fallback_id()`; without a timestamp, it is now.
 pub fn decode(
     payload: Bytes,
-    headers: impl IntoIterator<Item = (String, String)>,
+    headers: impl IntoIterator<Item = (String, HeaderValue)>,
     fallback_id: impl FnOnce() -> String,
 ) -> Message {
     let (user, mut system): (Headers, Headers) = Message::split_headers(headers);
-    let id = system.remove(ID).filter(|id| !id.is_empty());
-    let key = system.remove(KEY);
+    let id = system
+        .remove(ID)
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .filter(|id| !id.is_empty());
+    let key = system.remove(KEY).and_then(|v| match v {
+        HeaderValue::Bytes(b) => Some(b),
+        HeaderValue::Null => None,
+    });
     let timestamp = system
         .remove(TIMESTAMP)
-        .and_then(|ms| ms.parse::<u64>().ok())
+        .and_then(|ms| ms.as_str()?.parse::<u64>().ok())
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
         .unwrap_or_else(SystemTime::now);
     // Built directly: `Message::new` would generate an id only to drop it.
@@ -65,7 +77,48 @@ pub fn decode(
         system_headers: system,
         id: id.unwrap_or_else(fallback_id),
         timestamp,
+        tombstone: false,
     }
+}
+
+/// The value of [`dlq_headers::RAW_HEADERS`](crate::dlq_headers::RAW_HEADERS) for
+/// headers polybus could not decode: a JSON array of `{"name": <base64>,
+/// "value": <base64> | null}`, in order (standard base64 with padding). Text
+/// only, so it fits every broker's headers.
+pub fn raw_headers_label<'a>(headers: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> String {
+    use base64::Engine as _;
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let entries: Vec<serde_json::Value> = headers
+        .into_iter()
+        .map(|(name, value)| {
+            serde_json::json!({
+                "name": b64.encode(name),
+                "value": value.map(|v| b64.encode(v)),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(entries).to_string()
+}
+
+/// One raw header: its name's bytes and its value's bytes (`None`: null).
+pub type RawHeader = (Vec<u8>, Option<Vec<u8>>);
+
+/// Reads a [`raw_headers_label`] back into names and values.
+pub fn parse_raw_headers_label(label: &str) -> Option<Vec<RawHeader>> {
+    use base64::Engine as _;
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(label).ok()?;
+    entries
+        .iter()
+        .map(|e| {
+            let name = b64.decode(e.get("name")?.as_str()?).ok()?;
+            let value = match e.get("value")? {
+                serde_json::Value::Null => None,
+                v => Some(b64.decode(v.as_str()?).ok()?),
+            };
+            Some((name, value))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -78,11 +131,9 @@ mod tests {
             .with_key("k")
             .with_header("a", "1")
             .with_header("e", "");
-        original
-            .system_headers
-            .insert("polybus-dlq-reason".into(), "bad".into());
+        original.system_headers.insert("polybus-dlq-reason", "bad");
         original.timestamp = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        let headers: Vec<(String, String)> = encode(&original).map(|(k, v)| (k.to_owned(), v)).collect();
+        let headers: Vec<(String, HeaderValue)> = encode(&original).map(|(k, v)| (k.to_owned(), v)).collect();
         let back = decode(original.payload.clone(), headers, || {
             unreachable!("the id travels")
         });
@@ -90,14 +141,26 @@ mod tests {
     }
 
     #[test]
+    fn raw_headers_label_round_trips_any_bytes() {
+        let raw: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![
+            (vec![0xff, b'k'], Some(vec![0, 1, 2])),
+            (b"plain".to_vec(), None),
+            (b"plain".to_vec(), Some(Vec::new())),
+        ];
+        let label = raw_headers_label(raw.iter().map(|(n, v)| (&n[..], v.as_deref())));
+        assert!(!label.contains('\n') && !label.contains('\r'));
+        assert_eq!(parse_raw_headers_label(&label), Some(raw));
+    }
+
+    #[test]
     fn foreign_message_gets_a_fallback_id() {
         let back = decode(
             Bytes::from_static(b"x"),
-            [("a".to_owned(), "b".to_owned())],
+            [("a".to_owned(), HeaderValue::from("b"))],
             || "s:7".into(),
         );
         assert_eq!(back.id, "s:7");
         assert_eq!(back.key, None);
-        assert_eq!(back.headers.get("a").map(String::as_str), Some("b"));
+        assert_eq!(back.headers.get("a"), Some("b"));
     }
 }

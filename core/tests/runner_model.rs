@@ -139,7 +139,7 @@ impl Producer for FakeProducer {
     }
 
     async fn publish(&self, _topic: &str, message: Message) -> Result<()> {
-        let id: usize = message.headers["n"].parse().unwrap();
+        let id: usize = message.headers.get("n").unwrap().parse().unwrap();
         self.world.push(Ev::DeadLetter(id));
         Ok(())
     }

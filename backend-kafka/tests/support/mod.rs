@@ -7,12 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use polybus_conformance::{Harness, Setup, timeout_multiplier};
+use polybus_conformance::{Foreign, ForeignRecord, Harness, Setup, timeout_multiplier};
 use polybus_core::{
     Capabilities, Connection, Consumer, Result, StartFrom, SubscribeOptions, Subscription, async_trait,
 };
 use polybus_kafka::{KafkaConfig, KafkaConsumer};
 
+pub mod foreign;
 pub mod mock;
 
 /// The variable naming the real Kafka brokers the tests use.
@@ -184,6 +185,15 @@ impl<const REAL: bool> Harness for KafkaHarness<REAL> {
 
     async fn drained(&self, topic: &str, group: &str) -> Result<bool> {
         Ok(self.admin.lag(topic, group).await? == 0)
+    }
+
+    async fn publish_foreign(&self, topic: &str, record: &ForeignRecord) -> Result<Foreign> {
+        let brokers = self.config.brokers.join(",");
+        let (topic, record) = (topic.to_owned(), record.clone());
+        tokio::task::spawn_blocking(move || foreign::produce(&brokers, &topic, &record))
+            .await
+            .map_err(|e| polybus_core::Error::InvalidConfig(format!("foreign producer task: {e}")))??;
+        Ok(Foreign::Published)
     }
 
     async fn connect_unreachable(&self, timeout: Duration) -> Result<Connection> {

@@ -36,7 +36,8 @@ use crate::time::later;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum LaneKey {
-    Key(String),
+    /// Same key bytes, same lane (binary keys included).
+    Key(bytes::Bytes),
     Solo(u64),
     Sequential,
 }
@@ -280,9 +281,9 @@ impl Dispatcher {
             }
             self.checked_topics.insert(delivery.topic().to_owned());
         }
-        let key = match (self.order, delivery.key()) {
+        let key = match (self.order, delivery.key_bytes()) {
             (Order::Sequential, _) => LaneKey::Sequential,
-            (Order::ByKey, Some(key)) => LaneKey::Key(key.to_owned()),
+            (Order::ByKey, Some(key)) => LaneKey::Key(key.clone()),
             _ => {
                 self.next_solo += 1;
                 LaneKey::Solo(self.next_solo)

@@ -151,6 +151,14 @@ async fn run(
     acker: &Acker,
     stage: &AtomicU8,
 ) -> Done {
+    if let Some(reason) = delivery.undecodable_reason() {
+        // Never shown to the handler: dead-lettered as the backend labelled it.
+        let failure = Failure {
+            permanent: true,
+            reason: format!("undecodable record: {reason}"),
+        };
+        return after_failure(settings, delivery, acker, failure, stage).await;
+    }
     let call = AssertUnwindSafe(async { pipeline.call(delivery.clone()).await });
     let failure = match call.catch_unwind().await {
         Ok(Ok(())) => {
@@ -328,14 +336,16 @@ fn dead_letter_headers(settings: &Settings, delivery: &Delivery, reason: &str, m
         .map(|d| d.as_millis())
         .unwrap_or(0);
     let sys = &mut message.system_headers;
-    sys.insert(dlq_headers::REASON.into(), header_safe(reason));
-    sys.insert(dlq_headers::TOPIC.into(), delivery.topic().to_owned());
-    sys.insert(dlq_headers::ATTEMPTS.into(), delivery.attempt().to_string());
-    sys.insert(dlq_headers::ORIGINAL_TIMESTAMP.into(), millis.to_string());
+    sys.insert(dlq_headers::REASON, header_safe(reason));
+    sys.insert(dlq_headers::TOPIC, delivery.topic());
+    sys.insert(dlq_headers::ATTEMPTS, delivery.attempt().to_string());
+    sys.insert(dlq_headers::ORIGINAL_TIMESTAMP, millis.to_string());
     match &settings.group {
-        Some(group) => sys.insert(dlq_headers::GROUP.into(), group.clone()),
-        None => sys.remove(dlq_headers::GROUP),
-    };
+        Some(group) => sys.insert(dlq_headers::GROUP, group.as_str()),
+        None => {
+            sys.remove(dlq_headers::GROUP);
+        }
+    }
     // A dead letter is kept from when it was dead-lettered: retention by time
     // must not delete it at once because the original was old.
     message.timestamp = SystemTime::now();
@@ -368,7 +378,10 @@ fn stub_copy(settings: &Settings, delivery: &Delivery, reason: &str, level: u8) 
         ));
     }
     let fits = |v: &str| v.len() <= 1024 && names::validate_header_value("", v).is_ok() && !v.is_empty();
-    let key = original.key.clone().filter(|k| fits(k));
+    let key = original
+        .key
+        .clone()
+        .filter(|k| std::str::from_utf8(k).is_ok_and(fits));
     if original.key.is_some() && key.is_none() {
         notes.push("key left out".to_owned());
     }
@@ -379,7 +392,7 @@ fn stub_copy(settings: &Settings, delivery: &Delivery, reason: &str, level: u8) 
         uuid::Uuid::new_v4().to_string()
     };
     if !original.headers.is_empty() {
-        let listed: Vec<&str> = original.headers.keys().map(String::as_str).collect();
+        let listed: Vec<&str> = original.headers.keys().collect();
         notes.push(format!(
             "{} user headers left out: {}",
             original.headers.len(),
@@ -393,13 +406,14 @@ fn stub_copy(settings: &Settings, delivery: &Delivery, reason: &str, level: u8) 
         system_headers: Default::default(),
         id,
         timestamp: original.timestamp,
+        tombstone: original.tombstone,
     };
     dead_letter_headers(settings, delivery, reason, &mut message);
     let mut label = format!("labelled copy: {}", notes.join("; "));
     truncate_at_char(&mut label, 1024);
     message
         .system_headers
-        .insert(dlq_headers::STUB.into(), header_safe(&label));
+        .insert(dlq_headers::STUB, header_safe(&label));
     message
 }
 
