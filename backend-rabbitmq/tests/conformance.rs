@@ -3,15 +3,58 @@
 
 use std::time::Duration;
 
-use polybus_conformance::{Harness, Setup, timeout_multiplier};
+use polybus_conformance::{Foreign, ForeignRecord, Harness, Setup, timeout_multiplier};
 use polybus_core::{Capabilities, Connection, Consumer, Result, async_trait};
 use polybus_rabbitmq::{RabbitConfig, RabbitConsumer};
+
+#[path = "support/amqp_raw.rs"]
+mod amqp_raw;
 
 const URL_ENV: &str = "POLYBUS_TEST_AMQP_URL";
 
 struct RabbitHarness {
     config: RabbitConfig,
     admin: RabbitConsumer,
+    foreign: amqp_raw::Target,
+}
+
+/// A foreign record as the AMQP message a native client would write, or why
+/// AMQP cannot carry it.
+fn amqp_message(record: &ForeignRecord) -> std::result::Result<amqp_raw::RawMessage, String> {
+    let Some(payload) = &record.payload else {
+        return Err("AMQP has no null body: a tombstone cannot be written".into());
+    };
+    let mut message = amqp_raw::RawMessage::new(payload.clone());
+    for (i, (name, value)) in record.headers.iter().enumerate() {
+        if record.headers[..i].iter().any(|(n, _)| n == name) {
+            return Err(format!(
+                "an AMQP headers table cannot hold a name twice ({})",
+                String::from_utf8_lossy(name)
+            ));
+        }
+        if std::str::from_utf8(name).is_err() {
+            // RabbitMQ carries it, but lapin cannot parse the frame, so the copy
+            // cannot be read back through polybus as this case expects: the
+            // broker dead-letters the raw message instead (tests/poison.rs).
+            return Err(
+                "a header name that is not UTF-8 drops lapin's connection; RabbitMQ \
+                 dead-letters it broker-side (quorum queues) or the subscription fails \
+                 loudly (classic): tests/poison.rs covers it"
+                    .into(),
+            );
+        }
+        let value = match value {
+            Some(v) => amqp_raw::Value::LongStr(v.clone()),
+            None => amqp_raw::Value::Void,
+        };
+        message = message.header(name.clone(), value);
+    }
+    if let Some(key) = &record.key {
+        // Keys travel as the `polybus-key` long string, as polybus writes them:
+        // any bytes.
+        message = message.header(polybus_core::wire::KEY, amqp_raw::Value::LongStr(key.clone()));
+    }
+    Ok(message)
 }
 
 /// The group queues of `topic` that exist on the broker, found with `rabbitmqctl`
@@ -44,7 +87,12 @@ impl Harness for RabbitHarness {
         let admin = RabbitConsumer::connect(&config)
             .await
             .unwrap_or_else(|e| panic!("{URL_ENV} is set but RabbitMQ cannot be reached: {e}"));
-        Setup::Ready(RabbitHarness { config, admin })
+        let foreign = amqp_raw::Target::from_url(&url);
+        Setup::Ready(RabbitHarness {
+            config,
+            admin,
+            foreign,
+        })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -64,6 +112,17 @@ impl Harness for RabbitHarness {
         let config =
             RabbitConfig::new(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))?.connect_timeout(timeout);
         polybus_rabbitmq::connect_with(config).await
+    }
+
+    async fn publish_foreign(&self, topic: &str, record: &ForeignRecord) -> Result<Foreign> {
+        let message = match amqp_message(record) {
+            Ok(m) => m,
+            Err(why) => return Ok(Foreign::Inexpressible(why)),
+        };
+        amqp_raw::publish(&self.foreign, topic, &[message])
+            .await
+            .map_err(|e| polybus_core::Error::InvalidConfig(format!("foreign AMQP publisher: {e}")))?;
+        Ok(Foreign::Published)
     }
 
     async fn cleanup(&self, topics: &[String]) {
