@@ -16,7 +16,7 @@ use polybus_core::{
     AckHandle, Acker, Bytes, Delivery, Error, Event, HeaderValue, Origin, Result, Subscription, wire,
 };
 
-use crate::config::RabbitConfig;
+use crate::config::{DEFAULT_DELIVERY_LIMIT, QueueType, RabbitConfig};
 use crate::consumer::declare_exchange;
 use crate::errors::{is_not_found, map_error};
 use crate::{BACKEND, header_value, is_broker_header, value_text};
@@ -52,6 +52,17 @@ pub(crate) struct RabbitSubscription {
     /// `stop` cancelled the consumers: no reconnect, and the subscription ends
     /// once the deliveries already received are handed out.
     stopped: bool,
+    /// Poison handling (see `parse_failed`): consuming with prefetch 1 since
+    /// lapin last failed to parse a message, for this many more deliveries.
+    careful: Option<u32>,
+    /// Connections lost to a parse failure in a row, with no delivery between
+    /// them: the same message every time.
+    parse_failures: u32,
+    /// A reconnection in progress (see `reconnect`).
+    opening: Option<tokio::task::JoinHandle<Result<Opened>>>,
+    /// Dropped when the current connection is lost: settlements still waiting
+    /// on it end at once (see `RabbitAck`).
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 impl Drop for RabbitSubscription {
@@ -59,6 +70,7 @@ impl Drop for RabbitSubscription {
         // A crash: closing the connection hands every unacknowledged delivery
         // back to the broker, as a dead process's connection would.
         let (channel, connection) = (self.channel.take(), self.connection.take());
+        let opening = self.opening.take();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 if let Some(channel) = channel {
@@ -67,8 +79,19 @@ impl Drop for RabbitSubscription {
                 if let Some(connection) = connection {
                     let _ = connection.close(200, "dropped".into()).await;
                 }
+                close_opening(opening).await;
             });
         }
+    }
+}
+
+/// Waits for a reconnection in progress and closes what it opened.
+async fn close_opening(opening: Option<tokio::task::JoinHandle<Result<Opened>>>) {
+    if let Some(Ok(Ok(opened))) = match opening {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        let _ = opened.connection.close(200, "bye".into()).await;
     }
 }
 
@@ -82,67 +105,164 @@ async fn open_consumers(
         .create_channel()
         .await
         .map_err(|e| map_error("opening a channel", e))?;
-    let consumers = async {
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| map_error("setting the prefetch", e))?;
-        let mut consumers = Vec::new();
-        for source in sources {
-            if source.private {
-                declare_exchange(&channel, &source.topic).await?;
-                channel
-                    .queue_declare(
-                        source.queue.as_str().into(),
-                        QueueDeclareOptions {
-                            exclusive: true,
-                            auto_delete: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| map_error("declaring a private queue", e))?;
-                channel
-                    .queue_bind(
-                        source.queue.as_str().into(),
-                        source.topic.as_str().into(),
-                        "#".into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| map_error("binding a private queue", e))?;
-            }
-            let consumer = channel
-                .basic_consume(
+    match start_consumers(&channel, sources, prefetch, true).await {
+        Ok((streams, tags)) => Ok((channel, futures::stream::select_all(streams), tags)),
+        Err(e) => {
+            let _ = channel.close(200, "bye".into()).await;
+            Err(e)
+        }
+    }
+}
+
+/// Sets the prefetch of consumers started from now on and starts one consumer
+/// per source on `channel` (declaring private queues first when `declare`).
+async fn start_consumers(
+    channel: &Channel,
+    sources: &[Source],
+    prefetch: u16,
+    declare: bool,
+) -> Result<(Vec<DeliveryStream>, Vec<String>)> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| map_error("setting the prefetch", e))?;
+    let mut consumers = Vec::new();
+    for source in sources {
+        if source.private && declare {
+            declare_exchange(channel, &source.topic).await?;
+            channel
+                .queue_declare(
                     source.queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| map_error(&format!("consuming from '{}'", source.queue), e))?;
-            consumers.push((source.topic.clone(), consumer));
+                .map_err(|e| map_error("declaring a private queue", e))?;
+            channel
+                .queue_bind(
+                    source.queue.as_str().into(),
+                    source.topic.as_str().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| map_error("binding a private queue", e))?;
         }
-        Ok::<_, Error>(consumers)
+        let consumer = channel
+            .basic_consume(
+                source.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_error(&format!("consuming from '{}'", source.queue), e))?;
+        consumers.push((source.topic.clone(), consumer));
     }
-    .await;
-    let consumers = match consumers {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = channel.close(200, "bye".into()).await;
-            return Err(e);
-        }
-    };
     let tags = consumers
         .iter()
         .map(|(_, c)| c.tag().as_str().to_owned())
         .collect();
     let streams = consumers
         .into_iter()
-        .map(|(topic, consumer)| consumer.map(move |delivery| (topic.clone(), delivery)).boxed());
-    Ok((channel, futures::stream::select_all(streams), tags))
+        .map(|(topic, consumer)| consumer.map(move |delivery| (topic.clone(), delivery)).boxed())
+        .collect();
+    Ok((streams, tags))
+}
+
+/// A subscription's connection, channel and consumers.
+struct Opened {
+    connection: lapin::Connection,
+    channel: Channel,
+    deliveries: futures::stream::SelectAll<DeliveryStream>,
+    tags: Vec<String>,
+    /// The sources still to consume (a queue of the old name may be gone).
+    sources: Vec<Source>,
+}
+
+/// Connects and starts consuming `sources`, within the request timeout.
+async fn open_sources(config: &RabbitConfig, mut sources: Vec<Source>, prefetch: u16) -> Result<Opened> {
+    let connection = config.connection_with("polybus-subscription", false).await?;
+    let opening = async {
+        // A queue of the old name may have been deleted (empty and unused while
+        // this subscription was away): consuming it would be refused (404).
+        let mut gone = Vec::new();
+        for source in sources.iter().filter(|s| s.legacy) {
+            if let Ok(channel) = connection.create_channel().await {
+                let found = channel
+                    .queue_declare(
+                        source.queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                if found.as_ref().is_err_and(is_not_found) {
+                    gone.push(source.queue.clone());
+                }
+                let _ = channel.close(200, "bye".into()).await;
+            }
+        }
+        sources.retain(|s| !gone.contains(&s.queue));
+        open_consumers(&connection, &sources, prefetch).await
+    };
+    let limit = config.request_timeout;
+    let opened = match tokio::time::timeout(limit, opening).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::timeout("starting the subscription's consumers", limit)),
+    };
+    match opened {
+        Ok((channel, deliveries, tags)) => Ok(Opened {
+            connection,
+            channel,
+            deliveries,
+            tags,
+            sources,
+        }),
+        Err(e) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection.close(200, "bye".into())).await;
+            Err(e)
+        }
+    }
+}
+
+/// Closes `old` (bounded), then connects again with backoff until it works or
+/// the request timeout has passed.
+async fn reopen(
+    config: RabbitConfig,
+    sources: Vec<Source>,
+    prefetch: u16,
+    old: Option<lapin::Connection>,
+) -> Result<Opened> {
+    if let Some(old) = old {
+        let _ = tokio::time::timeout(Duration::from_secs(1), old.close(200, "reconnecting".into())).await;
+    }
+    let deadline = tokio::time::Instant::now() + config.request_timeout;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match open_sources(&config, sources.clone(), prefetch).await {
+            Ok(opened) => return Ok(opened),
+            Err(e) if tokio::time::Instant::now() + backoff >= deadline => {
+                return Err(Error::Connection {
+                    backend: BACKEND,
+                    message: format!("reconnecting the subscription: {e}"),
+                    source: Some(Box::new(e)),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(target: "polybus_rabbitmq", error = %e, "subscription reconnect failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 impl RabbitSubscription {
@@ -165,78 +285,181 @@ impl RabbitSubscription {
             group,
             consumer_closed,
             stopped: false,
+            careful: None,
+            parse_failures: 0,
+            opening: None,
+            alive: tokio::sync::watch::channel(()).0,
         }
     }
 
     /// Connects and starts consuming.
     pub(crate) async fn open(&mut self) -> Result<()> {
-        let connection = self.config.connection_with("polybus-subscription", false).await?;
-        // A queue of the old name may have been deleted (empty and unused while
-        // this subscription was away): consuming it would be refused (404).
-        let mut gone = Vec::new();
-        for source in self.sources.iter().filter(|s| s.legacy) {
-            if let Ok(channel) = connection.create_channel().await {
-                let found = channel
-                    .queue_declare(
-                        source.queue.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
-                if found.as_ref().is_err_and(is_not_found) {
-                    gone.push(source.queue.clone());
-                }
-                let _ = channel.close(200, "bye".into()).await;
-            }
-        }
-        self.sources.retain(|s| !gone.contains(&s.queue));
-        match open_consumers(&connection, &self.sources, self.prefetch).await {
-            Ok((channel, deliveries, tags)) => {
-                self.connection = Some(connection);
-                self.channel = Some(channel);
-                self.deliveries = deliveries;
-                self.tags = tags;
-                Ok(())
-            }
-            Err(e) => {
-                let _ = connection.close(200, "bye".into()).await;
-                Err(e)
-            }
-        }
+        let opened = open_sources(&self.config, self.sources.clone(), self.current_prefetch()).await?;
+        self.install(opened);
+        Ok(())
+    }
+
+    /// The prefetch to consume with now: 1 while poison handling is careful.
+    fn current_prefetch(&self) -> u16 {
+        if self.careful.is_some() { 1 } else { self.prefetch }
+    }
+
+    fn install(&mut self, opened: Opened) {
+        self.alive = tokio::sync::watch::channel(()).0;
+        self.connection = Some(opened.connection);
+        self.channel = Some(opened.channel);
+        self.deliveries = opened.deliveries;
+        self.tags = opened.tags;
+        self.sources = opened.sources;
     }
 
     /// After the connection dropped: reconnect with backoff, within the request
-    /// timeout (then a retryable error; the next call tries again).
+    /// timeout (then a retryable error; the next call tries again). The work
+    /// runs in a task of its own, so `next` stays cancel-safe: a `next` dropped
+    /// mid-reconnect (the runner polls it with `now_or_never`) leaves the task
+    /// running, and the following call awaits the same task. (Reconnecting in
+    /// the `next` future itself dropped half-open lapin connections and, about
+    /// one run in five of the poison tests, stalled the subscription.)
     async fn reconnect(&mut self) -> Result<()> {
-        self.deliveries = futures::stream::SelectAll::new();
-        self.channel = None;
-        if let Some(old) = self.connection.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), old.close(200, "reconnecting".into())).await;
-        }
-        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.open().await {
-                Ok(()) => {
-                    tracing::info!(target: "polybus_rabbitmq", "subscription reconnected");
-                    return Ok(());
-                }
-                Err(e) if tokio::time::Instant::now() + backoff >= deadline => {
-                    return Err(Error::Connection {
-                        backend: BACKEND,
-                        message: format!("reconnecting the subscription: {e}"),
-                        source: Some(Box::new(e)),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(target: "polybus_rabbitmq", error = %e, "subscription reconnect failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
+        let task = match self.opening.take() {
+            Some(task) => task,
+            None => {
+                // Settlements waiting on the lost connection give up now.
+                self.alive = tokio::sync::watch::channel(()).0;
+                self.deliveries = futures::stream::SelectAll::new();
+                self.channel = None;
+                let old = self.connection.take();
+                let (config, sources, prefetch) =
+                    (self.config.clone(), self.sources.clone(), self.current_prefetch());
+                tokio::spawn(reopen(config, sources, prefetch, old))
             }
+        };
+        let task = self.opening.insert(task);
+        let joined = task.await;
+        self.opening = None;
+        match joined {
+            Ok(Ok(opened)) => {
+                tracing::info!(target: "polybus_rabbitmq", "subscription reconnected");
+                self.install(opened);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(Error::Connection {
+                backend: BACKEND,
+                message: format!("reconnecting the subscription: the task ended: {e}"),
+                source: None,
+            }),
+        }
+    }
+
+    /// lapin could not parse a frame (a message whose header name or
+    /// `message_id` is not UTF-8: lapin's short strings are `String`s) and
+    /// dropped the connection; the broker requeues everything this connection
+    /// held. From now on the subscription consumes with prefetch 1, so the
+    /// messages ahead of the unparsable one are received, handled and acked one
+    /// at a time before it is sent again, and only the unparsable message is
+    /// counted against a quorum queue's delivery limit, which then moves it to
+    /// `<topic>.dlq`. Without such a limit (a classic queue) nothing can move
+    /// it: after a bounded number of losses in a row with no delivery between
+    /// them, the subscription ends with a non-retryable error.
+    fn parse_failed(&mut self, e: lapin::Error) -> Option<Error> {
+        self.parse_failures += 1;
+        self.careful = Some(u32::from(self.prefetch).max(1));
+        let queues: Vec<&str> = self.sources.iter().map(|s| s.queue.as_str()).collect();
+        let limit = self.parse_failure_limit();
+        tracing::warn!(
+            target: "polybus_rabbitmq",
+            error = %e,
+            queues = ?queues,
+            failures = self.parse_failures,
+            limit,
+            "lapin cannot parse a message (a header name or message_id that is not UTF-8?); reconnecting with prefetch 1"
+        );
+        if self.parse_failures < limit {
+            return None;
+        }
+        let hint = if self.all_limited() {
+            "the queue's delivery limit should have dead-lettered it to '<topic>.dlq' by now: \
+             check the queue's x-delivery-limit policy"
+        } else {
+            "a classic queue has no delivery limit, so nothing can move it: take it out of the \
+             queue by other means (e.g. the management UI's get messages, or a shovel) or use \
+             quorum group queues (RabbitConfig::queue_type)"
+        };
+        Some(Error::Backend {
+            backend: BACKEND,
+            message: format!(
+                "the AMQP client cannot parse a message in '{}' ({e}): the connection was lost \
+                 {} times in a row at the same message without receiving any other; a header \
+                 name or message_id that is not UTF-8 (written by another client) does this; {hint}",
+                queues.join("', '"),
+                self.parse_failures,
+            ),
+            retryable: false,
+            source: Some(Box::new(e)),
+        })
+    }
+
+    /// Whether every source is a group queue with a delivery limit (quorum).
+    fn all_limited(&self) -> bool {
+        self.config.queue_type == QueueType::Quorum && self.sources.iter().all(|s| !s.private)
+    }
+
+    /// How many parse failures in a row end the subscription: one more than a
+    /// quorum queue delivers a message before dead-lettering it (its limit + 1),
+    /// or 3 where nothing limits deliveries.
+    fn parse_failure_limit(&self) -> u32 {
+        if self.all_limited() {
+            self.config
+                .delivery_limit
+                .unwrap_or(DEFAULT_DELIVERY_LIMIT)
+                .saturating_add(2)
+        } else {
+            3
+        }
+    }
+
+    /// Counts a delivery received in careful mode; after as many as the normal
+    /// prefetch, the consumers are started again with it (cancelled and
+    /// re-consumed on the same channel, so the delivery just received, the only
+    /// one unacknowledged, stays settleable).
+    async fn received_carefully(&mut self) {
+        let Some(left) = self.careful else {
+            return;
+        };
+        if left > 1 {
+            self.careful = Some(left - 1);
+            return;
+        }
+        self.careful = None;
+        if self.prefetch <= 1 {
+            return;
+        }
+        let (Some(channel), false) = (self.channel.clone(), self.stopped) else {
+            return;
+        };
+        let resumed = async {
+            for tag in &self.tags {
+                channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await
+                    .map_err(|e| map_error("cancelling a careful consumer", e))?;
+            }
+            start_consumers(&channel, &self.sources, self.prefetch, false).await
+        };
+        match tokio::time::timeout(self.config.request_timeout, resumed).await {
+            Ok(Ok((streams, tags))) => {
+                for stream in streams {
+                    self.deliveries.push(stream);
+                }
+                self.tags = tags;
+                tracing::info!(target: "polybus_rabbitmq", prefetch = self.prefetch, "consuming with the full prefetch again");
+            }
+            // The connection is failing: the stream reports it and `next` reconnects.
+            Ok(Err(e)) => {
+                tracing::warn!(target: "polybus_rabbitmq", error = %e, "could not restore the prefetch")
+            }
+            Err(_) => tracing::warn!(target: "polybus_rabbitmq", "restoring the prefetch timed out"),
         }
     }
 
@@ -283,6 +506,7 @@ impl RabbitSubscription {
             Delivery::new(message, origin, attempt),
             Acker::new(RabbitAck {
                 acker: delivery.acker,
+                alive: self.alive.subscribe(),
             }),
         )
     }
@@ -296,12 +520,21 @@ impl Subscription for RabbitSubscription {
                 return None;
             }
             match self.deliveries.next().await {
-                Some((topic, Ok(delivery))) => return Some(Ok(self.delivery(topic, delivery))),
+                Some((topic, Ok(delivery))) => {
+                    self.parse_failures = 0;
+                    self.received_carefully().await;
+                    return Some(Ok(self.delivery(topic, delivery)));
+                }
                 Some((_, Err(e))) if self.stopped => {
                     // Stopped: nothing more is consumed, and the broker has given
                     // back what this connection held.
                     tracing::warn!(target: "polybus_rabbitmq", error = %e, "stopped subscription lost its connection");
                     return None;
+                }
+                Some((_, Err(e))) if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) => {
+                    if let Some(fatal) = self.parse_failed(e) {
+                        return Some(Err(fatal));
+                    }
                 }
                 Some((_, Err(e))) => {
                     tracing::warn!(target: "polybus_rabbitmq", error = %e, "consumer lost its connection; reconnecting");
@@ -354,7 +587,9 @@ impl Subscription for RabbitSubscription {
         let limit = self.config.request_timeout;
         let (channel, connection) = (self.channel.take(), self.connection.take());
         let tags = std::mem::take(&mut self.tags);
+        let opening = self.opening.take();
         let closing = async {
+            close_opening(opening).await;
             if let Some(channel) = channel {
                 for tag in &tags {
                     let _ = channel
@@ -401,6 +636,8 @@ fn content_id(payload: &[u8], headers: &[(String, HeaderValue)], timestamp: u64)
 
 struct RabbitAck {
     acker: lapin::Acker,
+    /// Ends (the sender is dropped) when the delivery's connection is lost.
+    alive: tokio::sync::watch::Receiver<()>,
 }
 
 impl RabbitAck {
@@ -425,10 +662,34 @@ impl RabbitAck {
     }
 }
 
+impl RabbitAck {
+    /// Settles, unless the delivery's connection is lost first: lapin does not
+    /// always resolve a settlement queued just as its connection failed (seen
+    /// after a parse failure: the ack never returned, so the key's lane stayed
+    /// blocked until the runner's settle timeout, and with prefetch 1 nothing
+    /// else was delivered meanwhile).
+    async fn until_lost(
+        &self,
+        operation: &'static str,
+        settling: impl std::future::Future<Output = lapin::Result<bool>>,
+    ) -> Result<()> {
+        let mut alive = self.alive.clone();
+        tokio::select! {
+            biased;
+            result = settling => Self::settled(operation, result),
+            _ = alive.changed() => Err(Error::NotSettled {
+                operation,
+                reason: "the delivery's connection was lost; the broker redelivers it".into(),
+            }),
+        }
+    }
+}
+
 #[async_trait]
 impl AckHandle for RabbitAck {
     async fn ack(&self) -> Result<()> {
-        Self::settled("ack", self.acker.ack(BasicAckOptions::default()).await)
+        self.until_lost("ack", self.acker.ack(BasicAckOptions::default()))
+            .await
     }
 
     async fn release(&self, _delay: Option<Duration>) -> Result<()> {
@@ -436,7 +697,7 @@ impl AckHandle for RabbitAck {
             requeue: true,
             ..Default::default()
         };
-        Self::settled("release", self.acker.nack(options).await)
+        self.until_lost("release", self.acker.nack(options)).await
     }
 }
 

@@ -1,0 +1,215 @@
+//! Poison messages (issue 10): AMQP messages lapin cannot parse (a header name
+//! or `message_id` that is not UTF-8, written by a foreign publisher) never
+//! stop a group silently. On a quorum group queue the broker's delivery limit
+//! moves them to `<topic>.dlq` and the messages around them are handled; on a
+//! classic queue the runner ends with a clear, non-retryable error. Skips
+//! loudly without `POLYBUS_TEST_AMQP_URL`.
+
+use std::time::{Duration, Instant};
+
+use polybus_conformance::{Recorder, broker_url};
+use polybus_core::{Delivery, Message, Order, StartFrom};
+use polybus_rabbitmq::{QueueType, RabbitConfig, RabbitConsumer, group_queue};
+
+#[path = "support/amqp_raw.rs"]
+mod amqp_raw;
+
+use amqp_raw::{RawMessage, Target, Value};
+
+fn config(test: &str) -> Option<(RabbitConfig, Target)> {
+    let url = broker_url("POLYBUS_TEST_AMQP_URL", test)?;
+    Some((RabbitConfig::new(&url).unwrap(), Target::from_url(&url)))
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &Message::new("").id[..8])
+}
+
+fn text(d: &Delivery) -> String {
+    String::from_utf8_lossy(d.payload()).into_owned()
+}
+
+/// Ready messages in `queue` (a passive declare), `None` if it does not exist.
+async fn ready_in(config: &RabbitConfig, queue: &str) -> Option<u32> {
+    let connection = lapin::Connection::connect(&config.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let found = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count());
+    let _ = connection.close(200, "bye".into()).await;
+    found
+}
+
+/// `before-0..3`, the poison message, `after-0..3`, all with key `k`.
+fn around(poison: RawMessage) -> Vec<RawMessage> {
+    let plain = |name: String| RawMessage::new(name).header("polybus-key", Value::LongStr(b"k".to_vec()));
+    let mut messages: Vec<RawMessage> = (0..3).map(|i| plain(format!("before-{i}"))).collect();
+    messages.push(poison.header("polybus-key", Value::LongStr(b"k".to_vec())));
+    messages.extend((0..3).map(|i| plain(format!("after-{i}"))));
+    messages
+}
+
+/// On a quorum group queue (delivery limit 3 here, to keep the test short), the
+/// poison message is delivered limit + 1 times, each time dropping lapin's
+/// connection, then the broker dead-letters it to `<topic>.dlq`; every message
+/// before and after it is handled exactly as published, none is counted out of
+/// its own delivery limit, and the runner never fails.
+async fn quorum_case(test: &str, poison: RawMessage) {
+    let Some((config, target)) = config(test) else {
+        return;
+    };
+    let config = config.delivery_limit(Some(3));
+    let topic = unique("poison");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    amqp_raw::publish(&target, &topic, &around(poison)).await.unwrap();
+    let seen = Recorder::new();
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .order(Order::ByKey)
+        .concurrency(4)
+        .run(seen.handler())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while !seen.all().iter().any(|d| text(d) == "after-2") && started.elapsed() < Duration::from_secs(40) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut dead = None;
+    for _ in 0..100 {
+        dead = ready_in(&config, &format!("{topic}.dlq")).await;
+        if dead == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let error = handle.error();
+    let report = handle.shutdown(Duration::from_secs(10)).await;
+    let left = ready_in(&config, &group_queue(&topic, "g")).await;
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    let _ = admin.delete_topic(&topic, &[group_queue(&topic, "g")]).await;
+    let _ = admin.delete_topic(&format!("{topic}.dlq"), &[]).await;
+    let texts: Vec<String> = seen.all().iter().map(text).collect();
+    let mut distinct: Vec<&String> = Vec::new();
+    for t in &texts {
+        if !distinct.contains(&t) {
+            distinct.push(t);
+        }
+    }
+    assert_eq!(
+        distinct,
+        [
+            "before-0", "before-1", "before-2", "after-0", "after-1", "after-2"
+        ],
+        "every message around the poison one is handled, in key order: {texts:?}"
+    );
+    // The messages lapin had handed out before it failed on the poison one lose
+    // their acks with the connection and come back once (at-least-once); after
+    // that, prefetch 1 keeps them from being delivered again with it.
+    for t in &distinct {
+        let times = texts.iter().filter(|x| x == t).count();
+        let most = if t.starts_with("before-") { 2 } else { 1 };
+        assert!(times <= most, "{t} handled {times} times: {texts:?}");
+    }
+    assert!(error.is_none(), "the runner keeps going: {error:?}");
+    assert_eq!(
+        (dead, left),
+        (Some(1), Some(0)),
+        "only the poison message is in {topic}.dlq; the group is drained"
+    );
+    // Only the acks lost with the first connection failed to settle.
+    assert!(
+        report.dead_lettered == 0 && report.settle_failures <= 3 && report.ended.is_some(),
+        "{report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_dead_lettered_by_the_broker_on_quorum_queues() {
+    quorum_case(
+        "a_header_name_that_is_not_utf8_is_dead_lettered_by_the_broker_on_quorum_queues",
+        RawMessage::new("poison").header(b"\xffname".to_vec(), Value::LongStr(b"v".to_vec())),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_id_that_is_not_utf8_is_dead_lettered_by_the_broker_on_quorum_queues() {
+    quorum_case(
+        "a_message_id_that_is_not_utf8_is_dead_lettered_by_the_broker_on_quorum_queues",
+        RawMessage::new("poison").message_id(b"id-\xfe\xff".to_vec()),
+    )
+    .await;
+}
+
+/// A classic group queue has no delivery limit: no route can move the poison
+/// message, so after a bounded number of connection losses at the same point
+/// the runner fails with a non-retryable error that says what happened,
+/// instead of reconnecting forever. The message stays in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_on_a_classic_queue_fails_the_runner_loudly() {
+    let Some((config, target)) = config("a_poison_message_on_a_classic_queue_fails_the_runner_loudly") else {
+        return;
+    };
+    let config = config.queue_type(QueueType::Classic);
+    let topic = unique("poisonc");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let poison = RawMessage::new("poison").header(b"\xffname".to_vec(), Value::LongStr(b"v".to_vec()));
+    amqp_raw::publish(&target, &topic, &around(poison)).await.unwrap();
+    let seen = Recorder::new();
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .run(seen.handler())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while handle.error().is_none() && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = handle.error();
+    let report = handle.shutdown(Duration::from_secs(10)).await;
+    let left = ready_in(&config, &group_queue(&topic, "g")).await;
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    let _ = admin.delete_topic(&topic, &[group_queue(&topic, "g")]).await;
+    let _ = admin.delete_topic(&format!("{topic}.dlq"), &[]).await;
+    let error = error.expect("the runner fails instead of reconnecting forever");
+    assert!(!error.is_retryable(), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("cannot parse") && message.contains(&group_queue(&topic, "g")),
+        "the error says what happened and where: {message}"
+    );
+    let texts: Vec<String> = seen.all().iter().map(text).collect();
+    assert!(
+        texts.iter().all(|t| t.starts_with("before-")),
+        "nothing behind the poison message: {texts:?}"
+    );
+    assert!(!report.is_clean());
+    assert_eq!(
+        left,
+        Some(4),
+        "the poison message and those behind it stay queued"
+    );
+}
