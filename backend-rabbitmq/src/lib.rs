@@ -48,7 +48,7 @@ mod subscription;
 
 use std::sync::Arc;
 
-use lapin::types::{AMQPValue, LongString};
+use lapin::types::{AMQPValue, ByteArray, DecimalValue, LongString};
 use polybus_core::{Connection, Result};
 
 pub use config::{DEFAULT_DELIVERY_LIMIT, QueueType, RabbitConfig};
@@ -82,11 +82,113 @@ pub(crate) fn long(value: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.into()))
 }
 
+/// The system header that keeps the AMQP types of a delivery's typed header
+/// values (see [`types_label`]); it is not published as such: the producer
+/// re-encodes the values it names.
+pub(crate) const TYPES: &str = "polybus-amqp-types";
+
+/// The AMQP type letter of a scalar value whose text converts back exactly
+/// (RabbitMQ's field type tags), or `None` for strings, void, tables and arrays.
+fn type_tag(value: &AMQPValue) -> Option<char> {
+    Some(match value {
+        AMQPValue::Boolean(_) => 't',
+        AMQPValue::ShortShortInt(_) => 'b',
+        AMQPValue::ShortShortUInt(_) => 'B',
+        AMQPValue::ShortInt(_) => 's',
+        AMQPValue::ShortUInt(_) => 'u',
+        AMQPValue::LongInt(_) => 'I',
+        AMQPValue::LongUInt(_) => 'i',
+        AMQPValue::LongLongInt(_) => 'l',
+        AMQPValue::Float(_) => 'f',
+        AMQPValue::Double(_) => 'd',
+        AMQPValue::DecimalValue(_) => 'D',
+        AMQPValue::Timestamp(_) => 'T',
+        AMQPValue::ByteArray(_) => 'x',
+        _ => None?,
+    })
+}
+
+/// The value of [`TYPES`] for a delivery's headers: `<tag>=<name>` for each
+/// typed scalar, comma-separated, with `%`, `,` and `=` in names percent-encoded;
+/// `None` when every value is a string, void, a table or an array.
+pub(crate) fn types_label<'a>(headers: impl IntoIterator<Item = (&'a str, &'a AMQPValue)>) -> Option<String> {
+    let entries: Vec<String> = headers
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let tag = type_tag(value)?;
+            let name = name.replace('%', "%25").replace(',', "%2C").replace('=', "%3D");
+            Some(format!("{tag}={name}"))
+        })
+        .collect();
+    (!entries.is_empty()).then(|| entries.join(","))
+}
+
+/// The names and type letters of a [`TYPES`] label (malformed entries are skipped).
+pub(crate) fn parse_types_label(label: &str) -> Vec<(String, char)> {
+    label
+        .split(',')
+        .filter_map(|entry| {
+            let (tag, name) = entry.split_once('=')?;
+            let mut tags = tag.chars();
+            let tag = tags.next().filter(|_| tags.next().is_none())?;
+            let name = name.replace("%3D", "=").replace("%2C", ",").replace("%25", "%");
+            Some((name, tag))
+        })
+        .collect()
+}
+
+/// A header value converted back to the AMQP type `tag` names, or `None` when
+/// its text does not parse as one (a changed value stays a long string).
+pub(crate) fn typed_value(tag: char, value: &polybus_core::HeaderValue) -> Option<AMQPValue> {
+    let bytes = value.as_bytes()?;
+    if tag == 'x' {
+        return Some(AMQPValue::ByteArray(ByteArray::from(bytes.to_vec())));
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    Some(match tag {
+        't' => AMQPValue::Boolean(text.parse().ok()?),
+        'b' => AMQPValue::ShortShortInt(text.parse().ok()?),
+        'B' => AMQPValue::ShortShortUInt(text.parse().ok()?),
+        's' => AMQPValue::ShortInt(text.parse().ok()?),
+        'u' => AMQPValue::ShortUInt(text.parse().ok()?),
+        'I' => AMQPValue::LongInt(text.parse().ok()?),
+        'i' => AMQPValue::LongUInt(text.parse().ok()?),
+        'l' => AMQPValue::LongLongInt(text.parse().ok()?),
+        'f' => AMQPValue::Float(text.parse().ok()?),
+        'd' => AMQPValue::Double(text.parse().ok()?),
+        'T' => AMQPValue::Timestamp(text.parse().ok()?),
+        'D' => {
+            let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+            let scale = u8::try_from(fraction.len()).ok()?;
+            if whole.is_empty() || !whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let value = format!("{whole}{fraction}").parse().ok()?;
+            AMQPValue::DecimalValue(DecimalValue { scale, value })
+        }
+        _ => return None,
+    })
+}
+
+/// A decimal's exact text: its digits with the point `scale` places from the right.
+fn decimal_text(decimal: &DecimalValue) -> String {
+    let digits = decimal.value.to_string();
+    let scale = usize::from(decimal.scale);
+    if scale == 0 {
+        return digits;
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    format!("{whole}.{fraction}")
+}
+
 /// An AMQP header value as a polybus header value: long strings and byte
 /// arrays keep their bytes (UTF-8 or not), `Void` is null, and the other typed
-/// values (numbers, booleans, timestamps, decimals, tables, arrays) become their
-/// text, so handlers see them; a dead-letter copy carries that text as a long
-/// string (the AMQP type is not kept).
+/// values become their text, so handlers see them: numbers, booleans and
+/// timestamps (seconds) as Rust prints them (floats in their shortest exact
+/// form), decimals as their exact digits (`12.50`), tables and arrays as a
+/// debug rendering. A dead-letter copy gets the scalars' types back
+/// ([`TYPES`]); tables and arrays travel as that text.
 pub(crate) fn header_value(value: &AMQPValue) -> polybus_core::HeaderValue {
     use polybus_core::HeaderValue;
     match value {
@@ -123,6 +225,66 @@ pub(crate) fn value_text(value: &AMQPValue) -> Option<String> {
         AMQPValue::Double(f) => Some(f.to_string()),
         AMQPValue::Timestamp(t) => Some(t.to_string()),
         AMQPValue::Boolean(b) => Some(b.to_string()),
+        AMQPValue::DecimalValue(d) => Some(decimal_text(d)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use polybus_core::HeaderValue;
+
+    #[test]
+    fn typed_scalars_convert_back_exactly() {
+        let values = [
+            AMQPValue::Boolean(true),
+            AMQPValue::ShortShortInt(-7),
+            AMQPValue::ShortShortUInt(250),
+            AMQPValue::ShortInt(-30_000),
+            AMQPValue::ShortUInt(65_000),
+            AMQPValue::LongInt(i32::MIN),
+            AMQPValue::LongUInt(u32::MAX),
+            AMQPValue::LongLongInt(i64::MIN),
+            AMQPValue::Float(0.1),
+            AMQPValue::Double(-1.0e-300),
+            AMQPValue::Double(f64::MAX),
+            AMQPValue::Timestamp(1_700_000_000),
+            AMQPValue::DecimalValue(DecimalValue { scale: 3, value: 5 }),
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 1250,
+            }),
+            AMQPValue::DecimalValue(DecimalValue { scale: 0, value: 42 }),
+            AMQPValue::ByteArray(ByteArray::from(vec![0, 0xff, 7])),
+        ];
+        for value in values {
+            let tag = type_tag(&value).expect("a scalar");
+            let text = header_value(&value);
+            assert_eq!(
+                typed_value(tag, &text),
+                Some(value.clone()),
+                "{value:?} as {text:?}"
+            );
+        }
+        assert_eq!(
+            header_value(&AMQPValue::DecimalValue(DecimalValue { scale: 3, value: 5 })),
+            HeaderValue::from("0.005")
+        );
+        assert_eq!(typed_value('I', &HeaderValue::from("not a number")), None);
+        assert_eq!(typed_value('D', &HeaderValue::from("-1.5")), None);
+    }
+
+    #[test]
+    fn types_labels_round_trip_any_name() {
+        let int = AMQPValue::LongInt(1);
+        let text = AMQPValue::LongString("x".into());
+        let stamp = AMQPValue::Timestamp(2);
+        let label = types_label([("a,b=c%d", &int), ("plain", &text), ("t", &stamp)]).unwrap();
+        assert_eq!(
+            parse_types_label(&label),
+            vec![("a,b=c%d".to_owned(), 'I'), ("t".to_owned(), 'T')]
+        );
+        assert_eq!(types_label([("plain", &text)]), None);
     }
 }

@@ -169,12 +169,23 @@ impl RabbitProducer {
         // it fits in 255 bytes, else as the `polybus-id` header; the receiver
         // reads whichever is there.
         let id_property = ShortString::try_new(message.id.as_str()).ok();
+        // A copy of a received message gets its typed AMQP values back.
+        let types: Vec<(String, char)> = message
+            .system_headers
+            .get(crate::TYPES)
+            .map(crate::parse_types_label)
+            .unwrap_or_default();
         let mut headers = FieldTable::default();
         for (key, value) in wire::encode(message) {
-            if key == wire::ID && id_property.is_some() {
+            if (key == wire::ID && id_property.is_some()) || key == crate::TYPES {
                 continue;
             }
-            headers.insert(ShortString::from(key), crate::amqp_value(&value));
+            let typed = types
+                .iter()
+                .find(|(name, _)| name == key)
+                .and_then(|(_, tag)| crate::typed_value(*tag, &value));
+            let value = typed.unwrap_or_else(|| crate::amqp_value(&value));
+            headers.insert(ShortString::from(key), value);
         }
         let timestamp = message
             .timestamp

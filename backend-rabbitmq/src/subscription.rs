@@ -19,7 +19,7 @@ use polybus_core::{
 use crate::config::{DEFAULT_DELIVERY_LIMIT, QueueType, RabbitConfig};
 use crate::consumer::declare_exchange;
 use crate::errors::{is_not_found, map_error};
-use crate::{BACKEND, header_value, is_broker_header, value_text};
+use crate::{BACKEND, TYPES, header_value, is_broker_header, types_label, value_text};
 
 type DeliveryStream = futures::stream::BoxStream<'static, (String, lapin::Result<lapin::message::Delivery>)>;
 
@@ -469,16 +469,22 @@ impl RabbitSubscription {
             .and_then(|t| t.inner().get("x-delivery-count"))
             .and_then(value_text)
             .and_then(|c| c.parse::<u32>().ok());
-        let headers: Vec<(String, HeaderValue)> = table
+        // The label is ours to make: one arriving from the wire is dropped.
+        let fields: Vec<(&str, &lapin::types::AMQPValue)> = table
             .map(|table| {
                 table
                     .inner()
                     .iter()
-                    .filter(|(k, _)| !is_broker_header(k.as_str()))
-                    .map(|(k, v)| (k.as_str().to_owned(), header_value(v)))
+                    .map(|(k, v)| (k.as_str(), v))
+                    .filter(|(k, _)| !is_broker_header(k) && *k != TYPES)
                     .collect()
             })
             .unwrap_or_default();
+        let mut headers: Vec<(String, HeaderValue)> = fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), header_value(v)))
+            .collect();
+        let types = types_label(fields.iter().copied());
         let attempt = match delivery_count {
             Some(count) => count.saturating_add(1),
             None if delivery.redelivered => 2,
@@ -495,6 +501,9 @@ impl RabbitSubscription {
                 delivery.properties.timestamp().unwrap_or(0),
             ),
         };
+        if let Some(types) = types {
+            headers.push((TYPES.to_owned(), HeaderValue::from(types)));
+        }
         let message = wire::decode(Bytes::from(delivery.data), headers, || fallback);
         let origin = Origin {
             topic,

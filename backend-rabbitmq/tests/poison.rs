@@ -213,3 +213,171 @@ async fn a_poison_message_on_a_classic_queue_fails_the_runner_loudly() {
         "the poison message and those behind it stay queued"
     );
 }
+
+/// Typed AMQP header values from a foreign publisher: handlers see scalars as
+/// exact text (byte arrays as their bytes, void as null), and the dead-letter
+/// copy in `<topic>.dlq` has each scalar back in its AMQP type (through the
+/// `polybus-amqp-types` label); tables and arrays reach both as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_header_values_are_text_for_handlers_and_typed_in_dead_letters() {
+    use lapin::types::{AMQPValue, ByteArray, DecimalValue};
+    let Some((config, target)) =
+        config("typed_header_values_are_text_for_handlers_and_typed_in_dead_letters")
+    else {
+        return;
+    };
+    let topic = unique("typed");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    // (name, as written, as the handler sees it, as the dead-letter copy holds it)
+    let long = |s: &str| AMQPValue::LongString(s.into());
+    let cases: Vec<(&str, Value, Option<&[u8]>, AMQPValue)> = vec![
+        ("bool", Value::Bool(true), Some(b"true"), AMQPValue::Boolean(true)),
+        ("i8", Value::I8(-8), Some(b"-8"), AMQPValue::ShortShortInt(-8)),
+        ("u8", Value::U8(200), Some(b"200"), AMQPValue::ShortShortUInt(200)),
+        ("i16", Value::I16(-300), Some(b"-300"), AMQPValue::ShortInt(-300)),
+        (
+            "u16",
+            Value::U16(60_000),
+            Some(b"60000"),
+            AMQPValue::ShortUInt(60_000),
+        ),
+        ("i32", Value::I32(-5), Some(b"-5"), AMQPValue::LongInt(-5)),
+        (
+            "u32",
+            Value::U32(4_000_000_000),
+            Some(b"4000000000"),
+            AMQPValue::LongUInt(4_000_000_000),
+        ),
+        (
+            "i64",
+            Value::I64(-9_000_000_000),
+            Some(b"-9000000000"),
+            AMQPValue::LongLongInt(-9_000_000_000),
+        ),
+        ("f32", Value::F32(0.1), Some(b"0.1"), AMQPValue::Float(0.1)),
+        (
+            "f64",
+            Value::F64(-2.5e-8),
+            Some(b"-0.000000025"),
+            AMQPValue::Double(-2.5e-8),
+        ),
+        (
+            "price",
+            Value::Decimal {
+                scale: 2,
+                value: 1250,
+            },
+            Some(b"12.50"),
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 1250,
+            }),
+        ),
+        (
+            "ts",
+            Value::Timestamp(1_700_000_000),
+            Some(b"1700000000"),
+            AMQPValue::Timestamp(1_700_000_000),
+        ),
+        (
+            "blob",
+            Value::Bytes(vec![0, 0xff, 1]),
+            Some(b"\x00\xff\x01"),
+            AMQPValue::ByteArray(ByteArray::from(vec![0, 0xff, 1])),
+        ),
+        (
+            "city",
+            Value::LongStr(b"Z\xfcrich".to_vec()),
+            Some(b"Z\xfcrich"),
+            AMQPValue::LongString(b"Z\xfcrich".to_vec().into()),
+        ),
+        ("nothing", Value::Void, None, AMQPValue::Void),
+    ];
+    let mut message = RawMessage::new("typed");
+    for (name, value, _, _) in &cases {
+        message = message.header(name.as_bytes().to_vec(), value.clone());
+    }
+    message = message
+        .header("nested", Value::Table(vec![(b"a".to_vec(), Value::I32(1))]))
+        .header(
+            "list",
+            Value::Array(vec![Value::I32(1), Value::LongStr(b"x".to_vec())]),
+        );
+    amqp_raw::publish(&target, &topic, &[message]).await.unwrap();
+    let seen = Recorder::new();
+    let handler = {
+        let seen = seen.clone();
+        move |d: Delivery| {
+            let seen = seen.clone();
+            async move {
+                seen.record(&d);
+                Err(polybus_core::HandlerError::permanent(
+                    "to see the dead-letter copy",
+                ))
+            }
+        }
+    };
+    let handle = conn.runner().topic(&topic).group("g").run(handler).await.unwrap();
+    let got = seen.wait_for(1, Duration::from_secs(20)).await;
+    let dlq = format!("{topic}.dlq");
+    for _ in 0..100 {
+        if ready_in(&config, &dlq).await == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = handle.shutdown(Duration::from_secs(10)).await;
+    let connection = lapin::Connection::connect(&config.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let copy = channel
+        .basic_get(
+            dlq.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "bye".into()).await;
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    let _ = admin.delete_topic(&topic, &[group_queue(&topic, "g")]).await;
+    let _ = admin.delete_topic(&dlq, &[]).await;
+    let got = got.expect("the handler saw the message");
+    let copy = copy.expect("the dead-letter copy is in the queue");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let message = got[0].message();
+    let table = copy.properties.headers().clone().unwrap_or_default();
+    for (name, _, text, typed) in &cases {
+        let seen_value = message
+            .headers
+            .get_value(name)
+            .unwrap_or_else(|| panic!("{name} reaches the handler"));
+        assert_eq!(seen_value.as_bytes(), *text, "{name} as the handler sees it");
+        assert_eq!(
+            table.inner().get(*name),
+            Some(typed),
+            "{name} in the dead-letter copy"
+        );
+    }
+    assert!(
+        message.headers.get("nested").is_some_and(|t| t.contains('a')),
+        "a table reaches the handler as text: {:?}",
+        message.headers.get("nested")
+    );
+    for name in ["nested", "list"] {
+        let text = message.headers.get(name).unwrap().to_owned();
+        assert_eq!(
+            table.inner().get(name),
+            Some(&long(&text)),
+            "{name} travels as its text"
+        );
+    }
+    assert!(
+        table.inner().get("polybus-amqp-types").is_none(),
+        "the label itself is not published"
+    );
+}
