@@ -31,6 +31,14 @@
 //!   auto-recovery (a `send` during an outage waits for recovery within the
 //!   request timeout or fails with a retryable error), each subscription's by
 //!   reconnecting its own connection with backoff and consuming anew.
+//! * Messages from other publishers: typed AMQP header values reach handlers as
+//!   text and get their type back in dead-letter copies (the
+//!   `polybus-amqp-types` system header). A message lapin cannot parse (a header
+//!   name or `message_id` that is not UTF-8) drops the connection: the
+//!   subscription then consumes with prefetch 1, so a quorum queue's delivery
+//!   limit dead-letters only that message, and after a bounded number of losses
+//!   in a row at the same point (classic queues: 3) it fails with a
+//!   non-retryable error instead of reconnecting forever.
 //!
 //! ```no_run
 //! # async fn demo() -> polybus_core::Result<()> {

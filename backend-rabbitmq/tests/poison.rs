@@ -296,6 +296,7 @@ async fn typed_header_values_are_text_for_handlers_and_typed_in_dead_letters() {
             AMQPValue::LongString(b"Z\xfcrich".to_vec().into()),
         ),
         ("nothing", Value::Void, None, AMQPValue::Void),
+        ("empty", Value::LongStr(Vec::new()), Some(b""), long("")),
     ];
     let mut message = RawMessage::new("typed");
     for (name, value, _, _) in &cases {
