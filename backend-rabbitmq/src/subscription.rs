@@ -18,7 +18,7 @@ use polybus_core::{
 
 use crate::config::{DEFAULT_DELIVERY_LIMIT, QueueType, RabbitConfig};
 use crate::consumer::declare_exchange;
-use crate::errors::{is_not_found, map_error};
+use crate::errors::{alive as alive_channel, is_not_found, map_error};
 use crate::{BACKEND, TYPES, header_value, is_broker_header, types_label, value_text};
 
 type DeliveryStream = futures::stream::BoxStream<'static, (String, lapin::Result<lapin::message::Delivery>)>;
@@ -60,6 +60,9 @@ pub(crate) struct RabbitSubscription {
     parse_failures: u32,
     /// A reconnection in progress (see `reconnect`).
     opening: Option<tokio::task::JoinHandle<Result<Opened>>>,
+    /// Consumers being started again with the full prefetch (see
+    /// `received_carefully`).
+    restoring: Option<tokio::task::JoinHandle<Result<Restored>>>,
     /// Dropped when the current connection is lost: settlements still waiting
     /// on it end at once (see `RabbitAck`).
     alive: tokio::sync::watch::Sender<()>,
@@ -175,6 +178,9 @@ async fn start_consumers(
     Ok((streams, tags))
 }
 
+/// Consumers started again on the same channel, and their tags.
+type Restored = (Vec<DeliveryStream>, Vec<String>);
+
 /// A subscription's connection, channel and consumers.
 struct Opened {
     connection: lapin::Connection,
@@ -288,6 +294,7 @@ impl RabbitSubscription {
             careful: None,
             parse_failures: 0,
             opening: None,
+            restoring: None,
             alive: tokio::sync::watch::channel(()).0,
         }
     }
@@ -326,6 +333,9 @@ impl RabbitSubscription {
             None => {
                 // Settlements waiting on the lost connection give up now.
                 self.alive = tokio::sync::watch::channel(()).0;
+                if let Some(restoring) = self.restoring.take() {
+                    restoring.abort();
+                }
                 self.deliveries = futures::stream::SelectAll::new();
                 self.channel = None;
                 let old = self.connection.take();
@@ -420,10 +430,11 @@ impl RabbitSubscription {
     }
 
     /// Counts a delivery received in careful mode; after as many as the normal
-    /// prefetch, the consumers are started again with it (cancelled and
-    /// re-consumed on the same channel, so the delivery just received, the only
-    /// one unacknowledged, stays settleable).
-    async fn received_carefully(&mut self) {
+    /// prefetch, the consumers are started again with it, in a task (so `next`
+    /// stays cancel-safe): cancelled and re-consumed on the same channel, so
+    /// the deliveries already received stay settleable. `next` takes the new
+    /// consumers when the task ends.
+    fn received_carefully(&mut self) {
         let Some(left) = self.careful else {
             return;
         };
@@ -432,22 +443,39 @@ impl RabbitSubscription {
             return;
         }
         self.careful = None;
-        if self.prefetch <= 1 {
+        if self.prefetch <= 1 || self.restoring.is_some() {
             return;
         }
         let (Some(channel), false) = (self.channel.clone(), self.stopped) else {
             return;
         };
-        let resumed = async {
-            for tag in &self.tags {
-                channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await
-                    .map_err(|e| map_error("cancelling a careful consumer", e))?;
+        let (tags, sources, prefetch, limit) = (
+            self.tags.clone(),
+            self.sources.clone(),
+            self.prefetch,
+            self.config.request_timeout,
+        );
+        self.restoring = Some(tokio::spawn(async move {
+            let resumed = async {
+                for tag in &tags {
+                    channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await
+                        .map_err(|e| map_error("cancelling a careful consumer", e))?;
+                }
+                start_consumers(&channel, &sources, prefetch, false).await
+            };
+            match tokio::time::timeout(limit, resumed).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::timeout("restoring the prefetch", limit)),
             }
-            start_consumers(&channel, &self.sources, self.prefetch, false).await
-        };
-        match tokio::time::timeout(self.config.request_timeout, resumed).await {
+        }));
+    }
+
+    /// Takes the consumers a finished restore started.
+    fn restored(&mut self, joined: std::result::Result<Result<Restored>, tokio::task::JoinError>) {
+        self.restoring = None;
+        match joined {
             Ok(Ok((streams, tags))) => {
                 for stream in streams {
                     self.deliveries.push(stream);
@@ -455,11 +483,12 @@ impl RabbitSubscription {
                 self.tags = tags;
                 tracing::info!(target: "polybus_rabbitmq", prefetch = self.prefetch, "consuming with the full prefetch again");
             }
-            // The connection is failing: the stream reports it and `next` reconnects.
+            // The connection is failing: the stream reports it (or ends) and
+            // `next` reconnects.
             Ok(Err(e)) => {
                 tracing::warn!(target: "polybus_rabbitmq", error = %e, "could not restore the prefetch")
             }
-            Err(_) => tracing::warn!(target: "polybus_rabbitmq", "restoring the prefetch timed out"),
+            Err(e) => tracing::warn!(target: "polybus_rabbitmq", error = %e, "restoring the prefetch failed"),
         }
     }
 
@@ -516,6 +545,7 @@ impl RabbitSubscription {
             Acker::new(RabbitAck {
                 acker: delivery.acker,
                 alive: self.alive.subscribe(),
+                channel: self.channel.clone(),
             }),
         )
     }
@@ -528,10 +558,30 @@ impl Subscription for RabbitSubscription {
             if self.consumer_closed.load(Ordering::Acquire) {
                 return None;
             }
-            match self.deliveries.next().await {
+            let polled = match self.restoring.as_mut() {
+                Some(task) => tokio::select! {
+                    joined = task => {
+                        self.restored(joined);
+                        continue;
+                    }
+                    polled = self.deliveries.next() => polled,
+                },
+                None => self.deliveries.next().await,
+            };
+            let polled = match (polled, self.restoring.as_mut()) {
+                // The careful consumer is cancelled and the new ones are not
+                // pushed yet: wait for them instead of reconnecting.
+                (None, Some(task)) => {
+                    let joined = task.await;
+                    self.restored(joined);
+                    continue;
+                }
+                (polled, _) => polled,
+            };
+            match polled {
                 Some((topic, Ok(delivery))) => {
                     self.parse_failures = 0;
-                    self.received_carefully().await;
+                    self.received_carefully();
                     return Some(Ok(self.delivery(topic, delivery)));
                 }
                 Some((_, Err(e))) if self.stopped => {
@@ -572,6 +622,12 @@ impl Subscription for RabbitSubscription {
             return Ok(());
         }
         self.stopped = true;
+        if let Some(task) = self.restoring.as_mut() {
+            // Its consumers must be cancelled too.
+            if let Ok(joined) = tokio::time::timeout(self.config.request_timeout, task).await {
+                self.restored(joined);
+            }
+        }
         let tags = std::mem::take(&mut self.tags);
         let Some(channel) = self.channel.clone() else {
             return Ok(());
@@ -645,8 +701,12 @@ fn content_id(payload: &[u8], headers: &[(String, HeaderValue)], timestamp: u64)
 
 struct RabbitAck {
     acker: lapin::Acker,
-    /// Ends (the sender is dropped) when the delivery's connection is lost.
+    /// Ends (the sender is dropped) when the subscription sees the delivery's
+    /// connection lost.
     alive: tokio::sync::watch::Receiver<()>,
+    /// The delivery's channel, watched while settling: the subscription only
+    /// sees a lost connection when the runner pulls, which a full runner does not.
+    channel: Option<Channel>,
 }
 
 impl RabbitAck {
@@ -683,9 +743,22 @@ impl RabbitAck {
         settling: impl std::future::Future<Output = lapin::Result<bool>>,
     ) -> Result<()> {
         let mut alive = self.alive.clone();
+        let channel = self.channel.clone();
+        let channel_gone = async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if channel.as_ref().is_none_or(|c| !alive_channel(c)) {
+                    return;
+                }
+            }
+        };
         tokio::select! {
             biased;
             result = settling => Self::settled(operation, result),
+            _ = channel_gone => Err(Error::NotSettled {
+                operation,
+                reason: "the delivery's channel is gone; the broker redelivers it".into(),
+            }),
             _ = alive.changed() => Err(Error::NotSettled {
                 operation,
                 reason: "the delivery's connection was lost; the broker redelivers it".into(),

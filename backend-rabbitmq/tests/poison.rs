@@ -51,12 +51,12 @@ async fn ready_in(config: &RabbitConfig, queue: &str) -> Option<u32> {
     found
 }
 
-/// `before-0..3`, the poison message, `after-0..3`, all with key `k`.
-fn around(poison: RawMessage) -> Vec<RawMessage> {
+/// `before-0..3`, the poison message, `after-0..after`, all with key `k`.
+fn around(poison: RawMessage, after: usize) -> Vec<RawMessage> {
     let plain = |name: String| RawMessage::new(name).header("polybus-key", Value::LongStr(b"k".to_vec()));
     let mut messages: Vec<RawMessage> = (0..3).map(|i| plain(format!("before-{i}"))).collect();
     messages.push(poison.header("polybus-key", Value::LongStr(b"k".to_vec())));
-    messages.extend((0..3).map(|i| plain(format!("after-{i}"))));
+    messages.extend((0..after).map(|i| plain(format!("after-{i}"))));
     messages
 }
 
@@ -65,7 +65,7 @@ fn around(poison: RawMessage) -> Vec<RawMessage> {
 /// connection, then the broker dead-letters it to `<topic>.dlq`; every message
 /// before and after it is handled exactly as published, none is counted out of
 /// its own delivery limit, and the runner never fails.
-async fn quorum_case(test: &str, poison: RawMessage) {
+async fn quorum_case(test: &str, poison: RawMessage, after: usize, concurrency: usize) {
     let Some((config, target)) = config(test) else {
         return;
     };
@@ -76,21 +76,27 @@ async fn quorum_case(test: &str, poison: RawMessage) {
         .declare_group(&topic, "g", StartFrom::Latest)
         .await
         .unwrap();
-    amqp_raw::publish(&target, &topic, &around(poison)).await.unwrap();
+    amqp_raw::publish(&target, &topic, &around(poison, after))
+        .await
+        .unwrap();
     let seen = Recorder::new();
+    let last = format!("after-{}", after - 1);
     let handle = conn
         .runner()
         .topic(&topic)
         .group("g")
         .order(Order::ByKey)
-        .concurrency(4)
+        .concurrency(concurrency)
+        .buffer(1)
         .run(seen.handler())
         .await
         .unwrap();
     let started = Instant::now();
-    while !seen.all().iter().any(|d| text(d) == "after-2") && started.elapsed() < Duration::from_secs(40) {
+    while !seen.all().iter().any(|d| text(d) == last) && started.elapsed() < Duration::from_secs(40) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A few reconnects (delivery limit 3): seconds, not a settle timeout.
+    let took = started.elapsed();
     let mut dead = None;
     for _ in 0..100 {
         dead = ready_in(&config, &format!("{topic}.dlq")).await;
@@ -112,11 +118,13 @@ async fn quorum_case(test: &str, poison: RawMessage) {
             distinct.push(t);
         }
     }
+    let expected: Vec<String> = (0..3)
+        .map(|i| format!("before-{i}"))
+        .chain((0..after).map(|i| format!("after-{i}")))
+        .collect();
     assert_eq!(
         distinct,
-        [
-            "before-0", "before-1", "before-2", "after-0", "after-1", "after-2"
-        ],
+        expected.iter().collect::<Vec<_>>(),
         "every message around the poison one is handled, in key order: {texts:?}"
     );
     // The messages lapin had handed out before it failed on the poison one lose
@@ -128,6 +136,7 @@ async fn quorum_case(test: &str, poison: RawMessage) {
         assert!(times <= most, "{t} handled {times} times: {texts:?}");
     }
     assert!(error.is_none(), "the runner keeps going: {error:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
     assert_eq!(
         (dead, left),
         (Some(1), Some(0)),
@@ -145,6 +154,8 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_by_the_broker_on_quorum
     quorum_case(
         "a_header_name_that_is_not_utf8_is_dead_lettered_by_the_broker_on_quorum_queues",
         RawMessage::new("poison").header(b"\xffname".to_vec(), Value::LongStr(b"v".to_vec())),
+        3,
+        4,
     )
     .await;
 }
@@ -154,6 +165,23 @@ async fn a_message_id_that_is_not_utf8_is_dead_lettered_by_the_broker_on_quorum_
     quorum_case(
         "a_message_id_that_is_not_utf8_is_dead_lettered_by_the_broker_on_quorum_queues",
         RawMessage::new("poison").message_id(b"id-\xfe\xff".to_vec()),
+        3,
+        4,
+    )
+    .await;
+}
+
+/// After the poison message, the subscription goes back to the runner's full
+/// prefetch (4 here: concurrency 1, buffer 1, backoff room 2) once it has
+/// received that many messages with prefetch 1; the 40 messages behind it are
+/// all handled once, in order, across that switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_prefetch_comes_back_after_a_poison_message() {
+    quorum_case(
+        "the_full_prefetch_comes_back_after_a_poison_message",
+        RawMessage::new("poison").header(b"\xffname".to_vec(), Value::LongStr(b"v".to_vec())),
+        40,
+        1,
     )
     .await;
 }
@@ -175,7 +203,9 @@ async fn a_poison_message_on_a_classic_queue_fails_the_runner_loudly() {
         .await
         .unwrap();
     let poison = RawMessage::new("poison").header(b"\xffname".to_vec(), Value::LongStr(b"v".to_vec()));
-    amqp_raw::publish(&target, &topic, &around(poison)).await.unwrap();
+    amqp_raw::publish(&target, &topic, &around(poison, 3))
+        .await
+        .unwrap();
     let seen = Recorder::new();
     let handle = conn
         .runner()
