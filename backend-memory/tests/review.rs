@@ -60,6 +60,80 @@ fn slow_and_bad() -> impl Fn(Delivery) -> BoxedHandler + Clone {
 
 type BoxedHandler = std::pin::Pin<Box<dyn std::future::Future<Output = HandlerResult> + Send>>;
 
+/// The runner fails by itself (its dead letter is refused by the environment)
+/// while another handler is still running; the application, seeing `Failed`,
+/// calls `shutdown(500 ms)`. The failure drain gives running handlers the whole
+/// settle timeout (30 s by default) and ignores the later shutdown's deadline,
+/// so `shutdown(500 ms)` returns after ~30 s.
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_a_failure_drain_keeps_its_deadline() {
+    let broker = broker_with_group().await;
+    let conn = broker.connection();
+    broker.fail_publishes("t.dlq", 1, refused);
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .concurrency(2)
+        .retry(quick())
+        .run(slow_and_bad())
+        .await
+        .unwrap();
+    conn.producer
+        .send("t", Message::new("s").with_key("slow"))
+        .await
+        .unwrap();
+    conn.producer
+        .send("t", Message::new("b").with_key("bad"))
+        .await
+        .unwrap();
+    until(|| handle.error().is_some()).await;
+    let asked = Instant::now();
+    let report = handle.shutdown(Duration::from_millis(500)).await;
+    let took = asked.elapsed();
+    assert!(report.error().is_some(), "{report:?}");
+    assert!(
+        took <= Duration::from_millis(500) + Duration::from_secs(3),
+        "shutdown(500 ms) took {took:?}"
+    );
+}
+
+/// Same through `run_until`: the signal fires after the runner failed by
+/// itself; `run_until` must still return within its timeout.
+#[tokio::test(start_paused = true)]
+async fn run_until_with_a_signal_after_a_failure_keeps_its_deadline() {
+    let broker = broker_with_group().await;
+    let conn = broker.connection();
+    broker.fail_publishes("t.dlq", 1, refused);
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .concurrency(2)
+        .retry(quick())
+        .run(slow_and_bad())
+        .await
+        .unwrap();
+    conn.producer
+        .send("t", Message::new("s").with_key("slow"))
+        .await
+        .unwrap();
+    conn.producer
+        .send("t", Message::new("b").with_key("bad"))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let watcher = handle.clone();
+    let signal = async move {
+        until(|| watcher.error().is_some()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let report = handle.run_until(signal, Duration::from_millis(500)).await;
+    let took = start.elapsed();
+    assert!(report.error().is_some(), "{report:?}");
+    assert!(took <= Duration::from_secs(4), "run_until took {took:?}");
+}
+
 /// Attempts count up by one across a panic-retry and a retryable error, and the
 /// dead letter's attempt header agrees (tried: passes).
 #[tokio::test(start_paused = true)]

@@ -580,8 +580,14 @@ impl Dispatcher {
             self.release_where(|_| true);
         }
         // Let running handlers finish (and, when draining, start what waits), keeping
-        // held deliveries alive meanwhile.
+        // held deliveries alive meanwhile. A `shutdown` called meanwhile (after the
+        // runner failed by itself) brings the deadline forward to its own.
+        let stop = self.shared.stop.clone();
+        let mut deadline = deadline;
         loop {
+            if let Some(asked) = self.shared.deadline() {
+                deadline = deadline.min(asked);
+            }
             if drain {
                 self.start_ready();
             }
@@ -591,6 +597,7 @@ impl Dispatcher {
             tokio::select! {
                 Some(joined) = self.running.join_next_with_id() => self.finished(joined, true),
                 _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
+                _ = stop.cancelled(), if !stop.is_cancelled() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
