@@ -134,6 +134,44 @@ async fn run_until_with_a_signal_after_a_failure_keeps_its_deadline() {
     assert!(took <= Duration::from_secs(4), "run_until took {took:?}");
 }
 
+/// A handler future whose `Drop` panics (a guard in user code) is cancelled at
+/// the shutdown deadline on its last attempt. The cancellation surfaces as a
+/// panicking `JoinError`, which the dispatcher maps through `worker_panicked`
+/// to `Fatal`: a graceful shutdown reports `Failed` and counts the cancelled
+/// handler as `released` instead of `abandoned`.
+#[tokio::test(start_paused = true)]
+async fn a_handler_panicking_in_drop_at_the_deadline_is_abandoned_not_fatal() {
+    struct PanicOnDrop;
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("review: guard panics in drop");
+            }
+        }
+    }
+    let broker = broker_with_group().await;
+    let conn = broker.connection();
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .retry(RetryPolicy::attempts(1))
+        .run(|_d: Delivery| async move {
+            let _guard = PanicOnDrop;
+            std::future::pending::<()>().await;
+            HandlerResult::Ok(())
+        })
+        .await
+        .unwrap();
+    conn.producer.send("t", Message::new("x")).await.unwrap();
+    until(|| broker.group_stats("t", "g").is_some_and(|s| s.unacked == 1)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let report = handle.shutdown(Duration::from_millis(100)).await;
+    assert_eq!(report.ended, Some(Ended::Shutdown), "{report:?}");
+    assert_eq!((report.abandoned, report.released), (1, 0), "{report:?}");
+    assert_eq!(handle.state(), RunState::Stopped);
+}
+
 /// Attempts count up by one across a panic-retry and a retryable error, and the
 /// dead letter's attempt header agrees (tried: passes).
 #[tokio::test(start_paused = true)]

@@ -92,6 +92,9 @@ pub(super) struct Dispatcher {
     shared: Arc<Shared>,
     /// The error that ends the runner, once one has happened.
     fatal: Option<Arc<Error>>,
+    /// Running workers are being cancelled (shutdown deadline): a worker whose
+    /// drop panics then was cancelled, not a failed attempt.
+    aborting: bool,
 }
 
 impl Dispatcher {
@@ -129,6 +132,7 @@ impl Dispatcher {
             checked_topics,
             shared,
             fatal: None,
+            aborting: false,
         }
     }
 
@@ -343,7 +347,9 @@ impl Dispatcher {
     fn finished(&mut self, joined: std::result::Result<(tokio::task::Id, Done), JoinError>, stopping: bool) {
         let (id, done) = match joined {
             Ok(pair) => pair,
-            Err(e) if e.is_cancelled() => (e.id(), Done::Cancelled),
+            // A worker cancelled at the deadline whose future panicked while being
+            // dropped (a guard in user code) was cancelled all the same.
+            Err(e) if e.is_cancelled() || self.aborting => (e.id(), Done::Cancelled),
             Err(e) => {
                 // Workers catch every panic themselves; this is a last resort that
                 // still counts the attempt (see `worker_panicked`).
@@ -607,6 +613,7 @@ impl Dispatcher {
                 running = self.running.len(),
                 "shutdown deadline reached; cancelling handlers"
             );
+            self.aborting = true;
             self.running.abort_all();
             let cancel_wait = Instant::now() + Duration::from_secs(2);
             loop {
