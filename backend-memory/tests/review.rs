@@ -172,6 +172,34 @@ async fn a_handler_panicking_in_drop_at_the_deadline_is_abandoned_not_fatal() {
     assert_eq!(handle.state(), RunState::Stopped);
 }
 
+/// `abort` on a runner that has already failed turns its state from `Failed`
+/// into `Stopped`: a liveness probe then sees a stopped runner, not a failed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_a_failure_keeps_the_failed_state() {
+    let broker = broker_with_group().await;
+    let conn = broker.connection();
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .run(|_d: Delivery| async { HandlerResult::Ok(()) })
+        .await
+        .unwrap();
+    broker.fail_subscriptions(|| Error::Unsupported("access revoked (injected)".into()));
+    let report = tokio::time::timeout(Duration::from_secs(5), handle.wait())
+        .await
+        .expect("the runner ends");
+    assert!(report.error().is_some());
+    assert_eq!(handle.state(), RunState::Failed);
+    handle.abort().await;
+    assert_eq!(
+        handle.state(),
+        RunState::Failed,
+        "abort rewrote how the runner ended"
+    );
+    assert!(handle.error().is_some());
+}
+
 /// Attempts count up by one across a panic-retry and a retryable error, and the
 /// dead letter's attempt header agrees (tried: passes).
 #[tokio::test(start_paused = true)]

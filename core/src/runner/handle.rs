@@ -272,7 +272,11 @@ impl RunHandle {
             task.abort();
             let _ = task.await;
         }
-        self.shared.ended(&Ended::Aborted);
+        // A runner that had already ended keeps how it ended (a `Failed` runner
+        // stays failed for its probes).
+        if self.shared.report.borrow().is_none() {
+            self.shared.ended(&Ended::Aborted);
+        }
     }
 
     /// What the runner has done so far (`ended` is `None` while it runs).
