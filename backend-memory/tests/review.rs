@@ -200,6 +200,43 @@ async fn abort_after_a_failure_keeps_the_failed_state() {
     assert!(handle.error().is_some());
 }
 
+/// The dead-letter publish panics (client-library bug), so a labelled stub is
+/// sent; that stub's publish meets a *retryable* error (a timeout). The stub is
+/// tried once and any error becomes `Fatal`: the runner ends with a retryable
+/// error instead of retrying the stub with backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stub_after_a_panicking_publish_is_retried_on_a_retryable_error() {
+    let broker = broker_with_group().await;
+    let conn = broker.connection();
+    let calls = Arc::new(AtomicUsize::new(0));
+    {
+        let calls = Arc::clone(&calls);
+        broker.fail_publishes("t.dlq", 2, move || {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("review: client library bug (injected)");
+            }
+            Error::timeout("publish", Duration::from_secs(1))
+        });
+    }
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .retry(quick())
+        .run(|_d: Delivery| async { Err(HandlerError::permanent("bad")) })
+        .await
+        .unwrap();
+    conn.producer.send("t", Message::new("x")).await.unwrap();
+    let settled = broker.wait_until_settled(Duration::from_secs(5)).await;
+    let report = handle.shutdown(Duration::from_secs(5)).await;
+    assert!(report.error().is_none(), "a timeout ended the runner: {report:?}");
+    settled.unwrap();
+    let dead = broker.published("t.dlq");
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].system_headers.contains_key("polybus-dlq-stub"));
+    assert_eq!(report.dead_lettered, 1);
+}
+
 /// Attempts count up by one across a panic-retry and a retryable error, and the
 /// dead letter's attempt header agrees (tried: passes).
 #[tokio::test(start_paused = true)]
