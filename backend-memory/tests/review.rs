@@ -237,6 +237,41 @@ async fn a_stub_after_a_panicking_publish_is_retried_on_a_retryable_error() {
     assert_eq!(report.dead_lettered, 1);
 }
 
+/// Each delivery is counted once: a dead-lettered message whose ack failed is
+/// counted in `dead_lettered` *and* `settle_failures` (the docs say
+/// `dead_lettered` counts copies "published ... and acked", and a handled
+/// message whose ack failed counts only in `settle_failures`). The broker then
+/// redelivers it and it is dead-lettered again: 2 deliveries, 3 counted.
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_whose_ack_failed_is_counted_once() {
+    let broker = broker_with_group().await;
+    let conn = broker.connection();
+    broker.inject_ack_faults(AckFault::Fail, 1);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .retry(quick())
+        .run({
+            let calls = Arc::clone(&calls);
+            move |_d: Delivery| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::permanent("bad")) }
+            }
+        })
+        .await
+        .unwrap();
+    conn.producer.send("t", Message::new("x")).await.unwrap();
+    broker.wait_until_settled(Duration::from_secs(120)).await.unwrap();
+    let report = handle.shutdown(Duration::from_secs(5)).await;
+    let deliveries = calls.load(Ordering::SeqCst) as u64;
+    assert_eq!(deliveries, 2, "redelivered once after the failed ack");
+    let counted =
+        report.handled + report.dead_lettered + report.released + report.abandoned + report.settle_failures;
+    assert_eq!(counted, deliveries, "{report:?}");
+}
+
 /// Attempts count up by one across a panic-retry and a retryable error, and the
 /// dead letter's attempt header agrees (tried: passes).
 #[tokio::test(start_paused = true)]

@@ -400,12 +400,10 @@ impl Dispatcher {
             }
             Done::Acked => Counters::bump(&self.counters.handled, 1),
             Done::AckFailed => Counters::bump(&self.counters.settle_failures, 1),
-            Done::DeadLettered { ack_failed } => {
-                Counters::bump(&self.counters.dead_lettered, 1);
-                if ack_failed {
-                    Counters::bump(&self.counters.settle_failures, 1);
-                }
-            }
+            // Like a handled message whose ack failed: counted once, as a settle
+            // failure (the broker delivers it again).
+            Done::DeadLettered { ack_failed: true } => Counters::bump(&self.counters.settle_failures, 1),
+            Done::DeadLettered { ack_failed: false } => Counters::bump(&self.counters.dead_lettered, 1),
         }
         lane.items.pop_front();
         self.held -= 1;

@@ -70,7 +70,8 @@ const FAILED: u8 = 3;
 pub struct ShutdownReport {
     /// Deliveries handled successfully and acked.
     pub handled: u64,
-    /// Deliveries published to the dead-letter topic and acked.
+    /// Deliveries published to the dead-letter topic and acked (one whose ack
+    /// then failed counts in `settle_failures` instead).
     pub dead_lettered: u64,
     /// Attempts that failed and were retried in process.
     pub retried: u64,
