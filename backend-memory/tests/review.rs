@@ -272,6 +272,30 @@ async fn a_dead_letter_whose_ack_failed_is_counted_once() {
     assert_eq!(counted, deliveries, "{report:?}");
 }
 
+/// `backoff_capacity(usize::MAX)` (or `buffer(usize::MAX)`) reads as "no
+/// limit", and the builder accepts it (the prefetch saturates), but the
+/// dispatcher adds `max_held + backoff_capacity` unchecked: it overflows (a
+/// panic in debug builds), and the runner fails before handling anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbounded_backoff_capacity_does_not_overflow() {
+    let broker = broker_with_group().await;
+    let conn = broker.connection();
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .backoff_capacity(usize::MAX)
+        .run(|_d: Delivery| async { HandlerResult::Ok(()) })
+        .await
+        .unwrap();
+    conn.producer.send("t", Message::new("x")).await.unwrap();
+    let settled = broker.wait_until_settled(Duration::from_secs(5)).await;
+    let report = handle.shutdown(Duration::from_secs(5)).await;
+    assert!(report.error().is_none(), "{report:?}");
+    settled.unwrap();
+    assert_eq!(report.handled, 1);
+}
+
 /// Attempts count up by one across a panic-retry and a retryable error, and the
 /// dead letter's attempt header agrees (tried: passes).
 #[tokio::test(start_paused = true)]

@@ -155,7 +155,7 @@ impl Dispatcher {
     }
 
     fn has_room(&self) -> bool {
-        if self.held >= self.limits.max_held + self.limits.backoff_capacity {
+        if self.held >= self.limits.max_held.saturating_add(self.limits.backoff_capacity) {
             return false;
         }
         self.held < self.limits.max_held || self.held - self.parked() < self.limits.max_held
