@@ -191,6 +191,26 @@ async fn shutdown_survives_stop_and_close_panicking() {
     assert_eq!(counts.releases.load(Ordering::SeqCst), 3);
 }
 
+/// Releases that hang at shutdown (default settle timeout, 30 s) are cut off
+/// 5 s after the deadline by aborting the side tasks, and nothing counts them:
+/// the report says 3 deliveries were given back (`abandoned` 1, `released` 2),
+/// `settle_failures` 0 and `is_clean()` — although no release took effect.
+#[tokio::test(start_paused = true)]
+async fn releases_that_hang_at_shutdown_are_reported() {
+    let counts = Arc::new(Counts::default());
+    let handle = runner()
+        .run_subscription(sub(3, Fault::Hang, Fault::None, Fault::None, &counts), never)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let asked = Instant::now();
+    let report = handle.shutdown(Duration::from_millis(200)).await;
+    let took = asked.elapsed();
+    assert!(took <= Duration::from_secs(10), "shutdown took {took:?}");
+    assert_eq!(counts.releases.load(Ordering::SeqCst), 0);
+    assert_eq!(report.settle_failures, 3, "{report:?}");
+    assert!(!report.is_clean(), "{report:?}");
+}
+
 /// A release that panics in one delivery of a batch must not keep the other
 /// deliveries of the batch from being released (tried).
 #[tokio::test(start_paused = true)]

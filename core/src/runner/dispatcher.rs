@@ -17,6 +17,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -496,24 +497,31 @@ impl Dispatcher {
         }
         let settings = Arc::clone(&self.settings);
         self.side.spawn(async move {
-            let releases = ackers
-                .iter()
-                .map(|a| worker::settle(&settings, "release", a.release(None)));
-            let results = AssertUnwindSafe(futures::future::join_all(releases))
-                .catch_unwind()
-                .await;
-            let failed = match results {
-                Ok(results) => results
-                    .into_iter()
-                    .filter_map(|r| r.err())
-                    .inspect(|e| tracing::warn!(error = %e, "release did not take effect; the broker will redeliver"))
-                    .count(),
-                Err(_) => {
-                    tracing::error!("a release panicked; the broker will redeliver");
-                    ackers.len()
-                }
+            // Every release not yet known to have taken effect is a settle failure
+            // if this task ends early: a release that panics stops its batch, and
+            // shutdown aborts releases still pending at its end.
+            let unsettled = Unsettled {
+                left: AtomicU64::new(ackers.len() as u64),
+                counters: Arc::clone(&settings.counters),
             };
-            Counters::bump(&settings.counters.settle_failures, failed as u64);
+            let releases = ackers.iter().map(|a| {
+                let (settings, unsettled) = (&settings, &unsettled);
+                async move {
+                    let result = worker::settle(settings, "release", a.release(None)).await;
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "release did not take effect; the broker will redeliver");
+                        Counters::bump(&settings.counters.settle_failures, 1);
+                    }
+                    unsettled.left.fetch_sub(1, Ordering::Relaxed);
+                }
+            });
+            if AssertUnwindSafe(futures::future::join_all(releases))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!("a release panicked; the broker will redeliver");
+            }
         });
     }
 
@@ -656,6 +664,18 @@ impl Dispatcher {
             Ok(Err(_)) => tracing::error!("closing the subscription panicked"),
             Err(_) => tracing::warn!(after = ?close_limit, "closing the subscription timed out"),
         }
+    }
+}
+
+/// Counts the releases of a batch that never finished as settle failures.
+struct Unsettled {
+    left: AtomicU64,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        Counters::bump(&self.counters.settle_failures, self.left.load(Ordering::Relaxed));
     }
 }
 

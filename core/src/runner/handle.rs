@@ -81,8 +81,9 @@ pub struct ShutdownReport {
     /// Handlers cancelled at the shutdown deadline (their messages were released).
     pub abandoned: u64,
     /// Acks and releases that did not take effect or timed out (the broker
-    /// redelivers those messages). A handled message whose ack failed counts
-    /// here, not in `handled`.
+    /// redelivers those messages). A handled or dead-lettered message whose ack
+    /// failed counts here, not in `handled` or `dead_lettered`; a release that
+    /// failed, timed out or was cut off at the end of shutdown counts here too.
     pub settle_failures: u64,
     /// Dead-letter publishes that failed (each retry counts).
     pub dead_letter_failures: u64,
