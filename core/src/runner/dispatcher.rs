@@ -573,7 +573,18 @@ impl Dispatcher {
         // Stop the broker from sending more before giving anything back, so what
         // is released goes to another consumer (or a later one), not straight back
         // into this subscription's prefetch at the cost of a delivery attempt.
-        let stop_limit = self.settings.settle_timeout.min(Duration::from_secs(5));
+        //
+        // Shutdown returns by `deadline + SHUTDOWN_GRACE` whatever the
+        // subscription does: `stop` gets what is left before the deadline (at
+        // most 5 s), the cancel and release waits end 1 s after it, and `close`
+        // gets what is left of the grace (at least 2 s). A `close` cut off that
+        // way loses, at worst, a final commit: duplicates, never loss.
+        let stop_limit = self
+            .settings
+            .settle_timeout
+            .min(Duration::from_secs(5))
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(100));
         match tokio::time::timeout(stop_limit, AssertUnwindSafe(self.sub.stop()).catch_unwind()).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "stopping the subscription failed"),
@@ -621,7 +632,7 @@ impl Dispatcher {
             );
             self.aborting = true;
             self.running.abort_all();
-            let cancel_wait = Instant::now() + Duration::from_secs(2);
+            let cancel_wait = Instant::now().max(deadline) + Duration::from_secs(1);
             loop {
                 tokio::select! {
                     joined = self.running.join_next_with_id() => match joined {
@@ -649,14 +660,17 @@ impl Dispatcher {
         }
         self.release_where(|_| true);
         // Wait for releases to reach the broker before closing.
-        let settle_limit = later(deadline.max(Instant::now()), Duration::from_secs(5));
+        let settle_limit = later(deadline.max(Instant::now()), Duration::from_secs(1));
         while !self.side.is_empty() {
             tokio::select! {
                 _ = self.side.join_next() => {}
                 _ = tokio::time::sleep_until(settle_limit) => self.side.abort_all(),
             }
         }
-        let close_limit = self.settings.settle_timeout.max(Duration::from_secs(30));
+        let hard_end = later(deadline, SHUTDOWN_GRACE);
+        let close_limit = hard_end
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(2));
         let sub = std::mem::replace(&mut self.sub, Box::new(Closed));
         match tokio::time::timeout(close_limit, AssertUnwindSafe(sub.close()).catch_unwind()).await {
             Ok(Ok(Ok(()))) => {}
@@ -678,6 +692,10 @@ impl Drop for Unsettled {
         Counters::bump(&self.counters.settle_failures, self.left.load(Ordering::Relaxed));
     }
 }
+
+/// How long after its deadline a shutdown may take, at most, to cancel, release
+/// and close (plus the time a handler blocking its thread takes to notice).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Stands in for the subscription once it has been closed.
 struct Closed;
