@@ -36,6 +36,7 @@ mod consumer_config;
 mod core_mode;
 mod headers;
 mod jetstream;
+mod poison;
 mod security;
 mod status;
 mod subscription;
