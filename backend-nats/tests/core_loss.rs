@@ -56,7 +56,10 @@ async fn core_mode_counts_what_the_client_dropped() {
     // How many get through depends on how far the client's reader has got when
     // the test starts reading (a loaded machine lets more in); what matters is
     // that messages were lost and the loss was counted.
-    assert!(received < sent, "a buffer of 64 cannot hold {sent}: received {received}");
+    assert!(
+        received < sent,
+        "a buffer of 64 cannot hold {sent}: received {received}"
+    );
     assert!(
         counted > 0,
         "the loss must be counted (received {received} of {sent})"

@@ -62,14 +62,6 @@ async fn jetstream_poison_value_is_dead_lettered_and_the_group_moves_on() {
     let seen = Recorder::new();
     let bystander = Recorder::new();
     let dead = Recorder::new();
-    let handle = conn
-        .runner()
-        .topic(&topic)
-        .group(&group)
-        .concurrency(4)
-        .run(seen.handler())
-        .await
-        .unwrap();
     let other_handle = conn
         .runner()
         .topic(&other)
@@ -82,6 +74,16 @@ async fn jetstream_poison_value_is_dead_lettered_and_the_group_moves_on() {
         .topic(&dlq)
         .group(&group)
         .run(dead.handler())
+        .await
+        .unwrap();
+    // The poison runner last: the poison costs the shared connection, and a
+    // subscribe in flight at that moment times out (retryably).
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group(&group)
+        .concurrency(4)
+        .run(seen.handler())
         .await
         .unwrap();
     conn.producer
