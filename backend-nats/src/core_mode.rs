@@ -106,6 +106,7 @@ pub struct DropCounter {
 #[derive(Default)]
 struct DropInner {
     dropped: AtomicU64,
+    connection_losses: AtomicU64,
     warned: Mutex<Option<Instant>>,
 }
 
@@ -113,6 +114,7 @@ impl std::fmt::Debug for DropCounter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DropCounter")
             .field("dropped", &self.dropped())
+            .field("connection_losses", &self.connection_losses())
             .finish()
     }
 }
@@ -121,6 +123,26 @@ impl DropCounter {
     /// Messages dropped so far (a lower bound, see the type's docs).
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// How often the consumer's connection was lost. Whatever was on its way
+    /// to the consumer then is gone (at-most-once): a message async-nats cannot
+    /// parse (header values or names that are not UTF-8 / printable ASCII, from
+    /// another client) costs the connection each time one is published, and
+    /// the messages behind it in the same read.
+    pub fn connection_losses(&self) -> u64 {
+        self.inner.connection_losses.load(Ordering::Relaxed)
+    }
+
+    /// Counts one connection loss, loudly.
+    pub(crate) fn record_loss(&self) {
+        let total = self.inner.connection_losses.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(
+            target: "polybus_nats",
+            connection_losses = total,
+            "core NATS consumer connection lost: messages in flight to it are lost (at-most-once); \
+             a message the NATS client cannot parse (headers that are not UTF-8) does this each time it is published"
+        );
     }
 
     /// Counts one dropped message and logs the total (at most once a second).
@@ -176,6 +198,12 @@ impl CoreConsumer {
     /// subscription's buffer was full (a lower bound, see [`DropCounter`]).
     pub fn dropped(&self) -> u64 {
         self.drops.dropped()
+    }
+
+    /// How often this consumer's connection was lost (see
+    /// [`DropCounter::connection_losses`]).
+    pub fn connection_losses(&self) -> u64 {
+        self.drops.connection_losses()
     }
 
     /// A handle that reads the same count, kept after the consumer is put in a

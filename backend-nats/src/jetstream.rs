@@ -124,6 +124,10 @@ impl std::fmt::Debug for JetStreamProducer {
     }
 }
 
+/// The largest header block JetStream stores (nats-server refuses more with
+/// err_code 10097).
+const MAX_JETSTREAM_HEADER_BYTES: usize = 64 * 1024;
+
 impl JetStreamProducer {
     /// Opens a NATS connection for publishing.
     pub async fn connect(config: &NatsConfig) -> Result<Self> {
@@ -190,7 +194,19 @@ impl Producer for JetStreamProducer {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
         let headers = headers::encode(&message, true)?;
-        let size = message.payload.len() + headers::wire_len(&headers);
+        let header_len = headers::wire_len(&headers);
+        if header_len > MAX_JETSTREAM_HEADER_BYTES {
+            // The server would refuse it (err_code 10097) with an error that
+            // looks retryable; nothing about this message will ever fit.
+            return Err(Error::MessageRejected {
+                backend: BACKEND,
+                message: format!(
+                    "a header block of {header_len} bytes exceeds JetStream's {MAX_JETSTREAM_HEADER_BYTES}"
+                ),
+                source: None,
+            });
+        }
+        let size = message.payload.len() + header_len;
         if size > self.server_max {
             return Err(Error::PayloadTooLarge {
                 size,

@@ -36,6 +36,7 @@ mod consumer_config;
 mod core_mode;
 mod headers;
 mod jetstream;
+mod poison;
 mod security;
 mod status;
 mod subscription;
@@ -424,6 +425,7 @@ impl NatsConfig {
                     }
                     match (&event, &drops) {
                         (async_nats::Event::SlowConsumer(_), Some(drops)) => drops.record(),
+                        (async_nats::Event::Disconnected, Some(drops)) => drops.record_loss(),
                         (async_nats::Event::SlowConsumer(_), None) => {
                             tracing::warn!(target: "polybus_nats", %event, "NATS client dropped a message (subscription buffer full)");
                         }

@@ -243,7 +243,13 @@ fn client_config(config: &NatsConfig, ca: &Path) -> Result<rustls::ClientConfig>
         return Err(file_error("TLS CA file", ca, "no certificate in it"));
     }
     let roots = Arc::new(roots);
-    let builder = rustls::ClientConfig::builder().with_root_certificates(Arc::clone(&roots));
+    // An explicit provider: rustls cannot pick a process default by itself when
+    // another crate in the process (lapin, say) enables a second one.
+    let builder =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::InvalidConfig(format!("NATS TLS: {e}")))?
+            .with_root_certificates(Arc::clone(&roots));
     let mut tls = match (&config.tls_client_cert, &config.tls_client_key) {
         (Some(cert), Some(key)) => {
             let pem = read_file("TLS client certificate", cert)?;
@@ -262,13 +268,29 @@ fn client_config(config: &NatsConfig, ca: &Path) -> Result<rustls::ClientConfig>
     if let Some(name) = &config.tls_server_name {
         let name = rustls::pki_types::ServerName::try_from(name.clone())
             .map_err(|e| Error::InvalidConfig(format!("NATS TLS server name '{name}': {e}")))?;
-        let inner = rustls::client::WebPkiServerVerifier::builder(roots)
-            .build()
-            .map_err(|e| Error::InvalidConfig(format!("NATS TLS verifier: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots,
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| Error::InvalidConfig(format!("NATS TLS verifier: {e}")))?;
         tls.dangerous()
             .set_certificate_verifier(Arc::new(NameOverride { inner, name }));
     }
     Ok(tls)
+}
+
+/// async-nats builds its own rustls configuration when polybus does not (no CA
+/// file given, or a server that asks for TLS): rustls then needs a process-level
+/// default crypto provider, and it panics if it cannot pick one — which happens
+/// as soon as another crate in the process (lapin, for example) enables a second
+/// provider. Installs ring (what async-nats is built with) as the default if
+/// nothing is installed yet; an application that installs its own first keeps it.
+pub(crate) fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: a default exists then.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 /// Adds the configured credentials and TLS settings to `options`; the URL's
@@ -278,6 +300,7 @@ pub(crate) async fn apply(
     userinfo: Option<(String, Option<String>)>,
     mut options: ConnectOptions,
 ) -> Result<ConnectOptions> {
+    ensure_crypto_provider();
     match (userinfo, &config.user, &config.password, &config.token) {
         (Some((user, Some(pass))), ..) => options = options.user_and_password(user, pass),
         (Some((token, None)), ..) => options = options.token(token),

@@ -1,7 +1,7 @@
 //! A JetStream subscription: one pull loop ("pump") per topic, a shared buffer,
 //! and the settlement handle of each delivery.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::BACKEND;
 use crate::consumer_config::PullLimits;
+use crate::poison::{self, Poisoned};
 use crate::status::{PullStatus, Transient, classify};
 
 /// Fetched messages not yet handed out, and the credit that bounds fetching.
@@ -39,11 +40,31 @@ pub(crate) struct Shared {
     /// Ephemeral consumers to delete on close (a recreated one replaces its
     /// predecessor).
     ephemeral: Mutex<Vec<(usize, stream::Stream, String)>>,
+    /// Poison messages found (pump, stream sequence) and not acknowledged yet:
+    /// `true` while one is buffered or handed out.
+    poisoned: Mutex<HashMap<(usize, u64), bool>>,
 }
+
+/// A fetched message: a JetStream delivery, or a poison message fetched by
+/// sequence (see [`crate::poison`]). The common case is not boxed.
+#[allow(clippy::large_enum_variant)]
+enum Fetched {
+    Js(jetstream::Message),
+    Poisoned(Box<Poisoned>),
+}
+
+/// Connection losses in a row, each right after the server delivered
+/// messages to this consumer that never arrived, with no poison message found
+/// and nothing received in between, after which the subscription ends.
+const LOSSES_WITHOUT_PROGRESS: u32 = 5;
+
+/// At most this many stream sequences are fetched by sequence after one
+/// connection loss (the rest after the next).
+const SCAN_LIMIT: u64 = 4096;
 
 struct State {
     /// Fetched, not yet handed out: (pump, generation, message).
-    buffer: VecDeque<(usize, u64, jetstream::Message)>,
+    buffer: VecDeque<(usize, u64, Fetched)>,
     /// Per pump: buffered + handed out and unsettled + asked for in a pull request.
     outstanding: Vec<usize>,
     failure: Option<Error>,
@@ -67,6 +88,7 @@ impl Shared {
             pumps,
             generations: (0..pumps).map(|_| AtomicU64::new(0)).collect(),
             ephemeral: Mutex::new(Vec::new()),
+            poisoned: Mutex::new(HashMap::new()),
         }
     }
 
@@ -79,6 +101,10 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((pump, stream, name));
+    }
+
+    fn poisoned(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u64), bool>> {
+        self.poisoned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn generation(&self, pump: usize) -> u64 {
@@ -164,6 +190,17 @@ pub(crate) struct Pump {
     /// The highest stream sequence seen (to recreate an ephemeral consumer).
     last_sequence: u64,
     transient: Transient,
+    /// The client's connect count when last looked at (a change: the
+    /// connection was lost and is back).
+    connects: u64,
+    /// Stream sequences up to this one were checked for poison.
+    scanned_through: u64,
+    /// A message arrived since the last connection loss.
+    received_since_loss: bool,
+    /// The consumer's `delivered.consumer_seq` at the last connection loss.
+    delivered_at_loss: u64,
+    /// Connection losses in a row without progress (see [`LOSSES_WITHOUT_PROGRESS`]).
+    losses: u32,
 }
 
 enum Flow {
@@ -188,11 +225,17 @@ impl Pump {
         );
         let transient = Transient::new(setup.retry_limit);
         let last_sequence = setup.start_sequence;
+        let connects = setup.client.statistics().connects.load(Ordering::Relaxed);
         Pump {
             setup,
             next_subject,
             last_sequence,
             transient,
+            connects,
+            scanned_through: 0,
+            received_since_loss: false,
+            delivered_at_loss: 0,
+            losses: 0,
         }
     }
 
@@ -234,6 +277,21 @@ impl Pump {
             tokio::pin!(credit_returned);
             credit_returned.as_mut().enable();
             let connected = self.setup.client.connection_state() == async_nats::connection::State::Connected;
+            let connects = self.setup.client.statistics().connects.load(Ordering::Relaxed);
+            if connected && !stopped && connects != self.connects {
+                // The connection was lost and is back: the open pull request died
+                // with it, and what it had delivered may have been what killed it.
+                self.connects = connects;
+                let had_request = request.is_some();
+                if let Some(r) = request.take() {
+                    shared.give_back(index, r.remaining);
+                }
+                if let After::Fail(e) = self.after_reconnect(had_request).await {
+                    shared.pump_ended(Some(e));
+                    return;
+                }
+                continue;
+            }
             if !stopped && request.is_none() && paused_until.is_none() && connected {
                 let credits = self.take_credit();
                 if credits > 0 {
@@ -332,6 +390,8 @@ impl Pump {
                 }
                 _ = credit_returned, if waiting_for_credit && connected => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)), if !connected && !stopped => {}
+                // A reconnect can be quicker than the state seen above: look again.
+                _ = tokio::time::sleep(Duration::from_millis(250)), if !stopped => {}
                 _ = tick.tick() => self.keep_buffered_alive().await,
             }
         }
@@ -382,6 +442,7 @@ impl Pump {
                     self.last_sequence = self.last_sequence.max(info.stream_sequence);
                 }
                 self.transient.reset();
+                self.received_since_loss = true;
                 let generation = shared.generation(index);
                 let mut state = shared.lock();
                 match request {
@@ -396,7 +457,7 @@ impl Pump {
                     _ => state.outstanding[index] += 1,
                 }
                 let was_empty = state.buffer.is_empty();
-                state.buffer.push_back((index, generation, message));
+                state.buffer.push_back((index, generation, Fetched::Js(message)));
                 drop(state);
                 // `next` only waits on an empty buffer.
                 if was_empty {
@@ -565,6 +626,116 @@ impl Pump {
         }
     }
 
+    /// After a connection loss: finds the messages the consumer delivered that
+    /// async-nats cannot parse (see [`crate::poison`]) and buffers each as an
+    /// undecodable delivery. A loss right after the server delivered messages
+    /// we never received, with no poison found and nothing received since the
+    /// last one, counts; after [`LOSSES_WITHOUT_PROGRESS`] in a row the
+    /// subscription ends with a non-retryable error instead of looping.
+    async fn after_reconnect(&mut self, had_request: bool) -> After {
+        let (topic, consumer) = (self.setup.topic.clone(), self.setup.consumer.clone());
+        let info = match self.setup.stream.consumer_info(&consumer).await {
+            Ok(info) => info.clone(),
+            Err(e) => {
+                tracing::warn!(target: "polybus_nats", topic, consumer, error = %e, "consumer info after a reconnect failed; not looking for poison messages this time");
+                return After::Continue;
+            }
+        };
+        let shared = Arc::clone(&self.setup.shared);
+        let index = self.setup.index;
+        let stream = self.setup.stream.cached_info().config.name.clone();
+        let floor = info.ack_floor.stream_sequence;
+        let delivered = info.delivered.stream_sequence;
+        // Poison found before and released since (not acked): offer it again.
+        let mut candidates: Vec<u64> = shared
+            .poisoned()
+            .iter()
+            .filter(|((pump, seq), in_flight)| *pump == index && !**in_flight && *seq > floor)
+            .map(|((_, seq), _)| *seq)
+            .collect();
+        candidates.sort_unstable();
+        let from = self.scanned_through.max(floor) + 1;
+        let to = delivered.min(from.saturating_add(SCAN_LIMIT - 1));
+        if from <= to {
+            candidates.extend(from..=to);
+        }
+        let mut found = 0usize;
+        for seq in candidates {
+            match poison::fetch_if_poisoned(
+                &self.setup.client,
+                &stream,
+                &consumer,
+                seq,
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(Some(p)) => {
+                    {
+                        let mut known = shared.poisoned();
+                        if known.get(&(index, seq)) == Some(&true) {
+                            continue;
+                        }
+                        known.insert((index, seq), true);
+                    }
+                    found += 1;
+                    let generation = shared.generation(index);
+                    let mut state = shared.lock();
+                    state.outstanding[index] += 1;
+                    state
+                        .buffer
+                        .push_back((index, generation, Fetched::Poisoned(Box::new(p))));
+                    drop(state);
+                    shared.data.notify_waiters();
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(target: "polybus_nats", topic, consumer, sequence = seq, error = %e, "fetching a message by sequence failed; looking again after the next reconnect");
+                    self.scanned_through = self.scanned_through.max(seq.saturating_sub(1).min(to));
+                    break;
+                }
+            }
+            self.scanned_through = self.scanned_through.max(seq);
+        }
+        let progress = found > 0 || self.received_since_loss;
+        let unseen = info.delivered.consumer_sequence > self.delivered_at_loss;
+        self.received_since_loss = false;
+        self.delivered_at_loss = info.delivered.consumer_sequence;
+        if progress {
+            self.losses = 0;
+            if found > 0 {
+                tracing::warn!(target: "polybus_nats", topic, consumer, found, "messages the NATS client cannot parse cost the connection; fetched them by sequence to dead-letter them");
+            }
+            return After::Continue;
+        }
+        if !(had_request && unseen) {
+            return After::Continue;
+        }
+        self.losses += 1;
+        tracing::warn!(
+            target: "polybus_nats",
+            topic, consumer, losses = self.losses, ack_floor = floor, delivered,
+            "the NATS connection was lost right after the server delivered messages that never arrived, and no message the client cannot parse was found"
+        );
+        if self.losses < LOSSES_WITHOUT_PROGRESS {
+            return After::Continue;
+        }
+        tracing::error!(target: "polybus_nats", topic, consumer, losses = self.losses, "the subscription ends: the connection keeps dropping at the same point");
+        After::Fail(Error::Backend {
+            backend: BACKEND,
+            message: format!(
+                "the NATS connection of consumer '{consumer}' on topic '{topic}' was lost {} times in a row right \
+                 after the server delivered messages (stream sequences {}..={delivered}) that never arrived, \
+                 with nothing received in between: a message the client cannot read (and polybus could not \
+                 identify) stops this group",
+                self.losses,
+                floor + 1
+            ),
+            retryable: false,
+            source: None,
+        })
+    }
+
     /// In-progress acks for fetched messages the runner has not taken yet.
     async fn keep_buffered_alive(&self) {
         let replies: Vec<_> = {
@@ -573,7 +744,10 @@ impl Pump {
                 .buffer
                 .iter()
                 .filter(|(pump, _, _)| *pump == self.setup.index)
-                .filter_map(|(_, _, m)| m.message.reply.clone())
+                .filter_map(|(_, _, m)| match m {
+                    Fetched::Js(m) => m.message.reply.as_ref().map(ToString::to_string),
+                    Fetched::Poisoned(p) => Some(p.ack_subject.clone()),
+                })
                 .collect()
         };
         for reply in replies {
@@ -608,7 +782,33 @@ impl Drop for JetStreamSubscription {
 }
 
 impl JetStreamSubscription {
-    fn delivery(&self, pump: usize, generation: u64, msg: jetstream::Message) -> Event {
+    fn delivery(&self, pump: usize, generation: u64, fetched: Fetched) -> Event {
+        let msg = match fetched {
+            Fetched::Js(msg) => msg,
+            Fetched::Poisoned(p) => {
+                let p = *p;
+                let origin = Origin {
+                    topic: p.subject.clone(),
+                    group: self.group.clone(),
+                    partition: None,
+                    sequence: Some(p.sequence),
+                };
+                tracing::warn!(target: "polybus_nats", topic = p.subject, sequence = p.sequence, reason = p.reason, "undecodable message; dead-lettering it");
+                let acker = Acker::new(PoisonAck {
+                    client: self.client.clone(),
+                    ack_subject: p.ack_subject,
+                    sequence: p.sequence,
+                    pump,
+                    generation,
+                    shared: Arc::clone(&self.shared),
+                    consumer_closed: Arc::clone(&self.consumer_closed),
+                    timeout: self.request_timeout,
+                    returned: AtomicBool::new(false),
+                    acked: AtomicBool::new(false),
+                });
+                return Event::Delivery(Delivery::undecodable(p.message, origin, 1, p.reason), acker);
+            }
+        };
         let (attempt, sequence, fallback) = match msg.info() {
             Ok(info) => (
                 u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
@@ -734,8 +934,19 @@ impl Subscription for JetStreamSubscription {
         // Give back what was fetched but not handed out, at once. The server no
         // longer has a pull request of ours, so it goes to another consumer.
         let unhanded: Vec<_> = self.shared.lock().buffer.drain(..).collect();
-        for (_, _, msg) in unhanded {
-            let _ = msg.ack_with(AckKind::Nak(None)).await;
+        for (pump, _, fetched) in unhanded {
+            match fetched {
+                Fetched::Js(msg) => {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                }
+                Fetched::Poisoned(p) => {
+                    self.shared.poisoned().insert((pump, p.sequence), false);
+                    let _ = self
+                        .client
+                        .publish(p.ack_subject, AckKind::Nak(None).into())
+                        .await;
+                }
+            }
         }
         let ephemeral: Vec<_> =
             std::mem::take(&mut *self.shared.ephemeral.lock().unwrap_or_else(|p| p.into_inner()));
@@ -814,6 +1025,123 @@ impl JetStreamAck {
                 self.timeout,
             )),
         }
+    }
+}
+
+/// Settles a poison message (fetched by sequence) through the consumer's ack
+/// subject built for its stream sequence. The ack asks for the server's reply,
+/// so it is known to have landed.
+struct PoisonAck {
+    client: Client,
+    ack_subject: String,
+    sequence: u64,
+    pump: usize,
+    generation: u64,
+    shared: Arc<Shared>,
+    consumer_closed: Arc<AtomicBool>,
+    timeout: Duration,
+    returned: AtomicBool,
+    acked: AtomicBool,
+}
+
+impl PoisonAck {
+    fn give_back(&self) {
+        if !self.returned.swap(true, Ordering::AcqRel) {
+            self.shared.give_back(self.pump, 1);
+            let mut known = self.shared.poisoned();
+            if self.acked.load(Ordering::Acquire) {
+                known.remove(&(self.pump, self.sequence));
+            } else if let Some(in_flight) = known.get_mut(&(self.pump, self.sequence)) {
+                // Not acked: offered again after the next reconnect.
+                *in_flight = false;
+            }
+        }
+    }
+
+    fn check(&self, operation: &'static str) -> Result<()> {
+        let not_settled = |reason: &str| Error::NotSettled {
+            operation,
+            reason: reason.into(),
+        };
+        if self.consumer_closed.load(Ordering::Acquire) {
+            return Err(not_settled("the NATS consumer (its connection) was closed"));
+        }
+        if self.shared.generation(self.pump) != self.generation {
+            return Err(not_settled(
+                "the JetStream consumer that delivered it was deleted",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PoisonAck {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+#[async_trait]
+impl AckHandle for PoisonAck {
+    async fn ack(&self) -> Result<()> {
+        let result = async {
+            self.check("ack")?;
+            match tokio::time::timeout(
+                self.timeout,
+                self.client.request(self.ack_subject.clone(), AckKind::Ack.into()),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {
+                    self.acked.store(true, Ordering::Release);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(Error::NotSettled {
+                    operation: "ack",
+                    reason: format!(
+                        "the ack of stream sequence {} was not confirmed: {e}",
+                        self.sequence
+                    ),
+                }),
+                Err(_) => Err(Error::timeout(
+                    "acking a message fetched by sequence",
+                    self.timeout,
+                )),
+            }
+        }
+        .await;
+        self.give_back();
+        result
+    }
+
+    async fn release(&self, delay: Option<Duration>) -> Result<()> {
+        let result = async {
+            self.check("release")?;
+            self.client
+                .publish(
+                    self.ack_subject.clone(),
+                    AckKind::Nak(delay.filter(|d| !d.is_zero())).into(),
+                )
+                .await
+                .map_err(|e| Error::NotSettled {
+                    operation: "release",
+                    reason: format!("the NATS client refused it: {e}"),
+                })
+        }
+        .await;
+        self.give_back();
+        result
+    }
+
+    async fn keep_alive(&self) -> Result<()> {
+        self.check("keep-alive")?;
+        self.client
+            .publish(self.ack_subject.clone(), AckKind::Progress.into())
+            .await
+            .map_err(|e| Error::NotSettled {
+                operation: "keep-alive",
+                reason: format!("the NATS client refused it: {e}"),
+            })
     }
 }
 

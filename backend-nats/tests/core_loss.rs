@@ -53,7 +53,13 @@ async fn core_mode_counts_what_the_client_dropped() {
     }
     let counted = dropped.dropped();
     eprintln!("core loss: sent {sent}, received {received}, counted as dropped {counted}");
-    assert!(received <= 64 + 1, "the buffer holds 64: received {received}");
+    // How many get through depends on how far the client's reader has got when
+    // the test starts reading (a loaded machine lets more in); what matters is
+    // that messages were lost and the loss was counted.
+    assert!(
+        received < sent,
+        "a buffer of 64 cannot hold {sent}: received {received}"
+    );
     assert!(
         counted > 0,
         "the loss must be counted (received {received} of {sent})"

@@ -200,3 +200,31 @@ async fn a_message_in_backoff_is_kept_alive() {
         .await
         .unwrap();
 }
+
+/// A header block over JetStream's 64 KiB is refused at once as a message the
+/// broker will never take (`MessageRejected`, not retryable), so a dead-letter
+/// copy that large becomes a labelled stub instead of being retried for ever
+/// (the server's refusal, err_code 10097, looked retryable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_blocks_are_rejected_not_retried() {
+    let Some(config) = config("oversized_header_blocks_are_rejected_not_retried") else {
+        return;
+    };
+    let topic = unique("bighdr");
+    let conn = polybus_nats::connect_with(config.clone()).await.unwrap();
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    let message = Message::new("x").with_header("big", "v".repeat(70 * 1024));
+    let started = std::time::Instant::now();
+    let result = conn.producer.send(&topic, message).await;
+    assert!(matches!(result, Err(Error::MessageRejected { .. })), "{result:?}");
+    assert!(!result.unwrap_err().is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(2), "refused at once");
+    let fits = Message::new("x").with_header("big", "v".repeat(60 * 1024));
+    conn.producer.send(&topic, fits).await.unwrap();
+    JetStreamConsumer::connect(&config)
+        .await
+        .unwrap()
+        .delete_topic(&topic)
+        .await
+        .unwrap();
+}

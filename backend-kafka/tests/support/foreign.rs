@@ -23,6 +23,9 @@ pub fn produce(bootstrap: &str, topic: &str, record: &ForeignRecord) -> Result<(
         .set("bootstrap.servers", bootstrap)
         // tansu cannot fetch from inside a batch (NOTES): one record per batch.
         .set("batch.num.messages", "1")
+        // A Java producer may write records up to the broker's limit (more with
+        // compression): larger than polybus's own producer limit.
+        .set("message.max.bytes", "2000000")
         .set("log_level", "3")
         .create()
         .map_err(|e| Error::InvalidConfig(format!("foreign producer: {e}")))?;

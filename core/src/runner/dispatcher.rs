@@ -17,6 +17,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -92,6 +93,9 @@ pub(super) struct Dispatcher {
     shared: Arc<Shared>,
     /// The error that ends the runner, once one has happened.
     fatal: Option<Arc<Error>>,
+    /// Running workers are being cancelled (shutdown deadline): a worker whose
+    /// drop panics then was cancelled, not a failed attempt.
+    aborting: bool,
 }
 
 impl Dispatcher {
@@ -129,6 +133,7 @@ impl Dispatcher {
             checked_topics,
             shared,
             fatal: None,
+            aborting: false,
         }
     }
 
@@ -151,7 +156,7 @@ impl Dispatcher {
     }
 
     fn has_room(&self) -> bool {
-        if self.held >= self.limits.max_held + self.limits.backoff_capacity {
+        if self.held >= self.limits.max_held.saturating_add(self.limits.backoff_capacity) {
             return false;
         }
         self.held < self.limits.max_held || self.held - self.parked() < self.limits.max_held
@@ -343,7 +348,9 @@ impl Dispatcher {
     fn finished(&mut self, joined: std::result::Result<(tokio::task::Id, Done), JoinError>, stopping: bool) {
         let (id, done) = match joined {
             Ok(pair) => pair,
-            Err(e) if e.is_cancelled() => (e.id(), Done::Cancelled),
+            // A worker cancelled at the deadline whose future panicked while being
+            // dropped (a guard in user code) was cancelled all the same.
+            Err(e) if e.is_cancelled() || self.aborting => (e.id(), Done::Cancelled),
             Err(e) => {
                 // Workers catch every panic themselves; this is a last resort that
                 // still counts the attempt (see `worker_panicked`).
@@ -394,12 +401,10 @@ impl Dispatcher {
             }
             Done::Acked => Counters::bump(&self.counters.handled, 1),
             Done::AckFailed => Counters::bump(&self.counters.settle_failures, 1),
-            Done::DeadLettered { ack_failed } => {
-                Counters::bump(&self.counters.dead_lettered, 1);
-                if ack_failed {
-                    Counters::bump(&self.counters.settle_failures, 1);
-                }
-            }
+            // Like a handled message whose ack failed: counted once, as a settle
+            // failure (the broker delivers it again).
+            Done::DeadLettered { ack_failed: true } => Counters::bump(&self.counters.settle_failures, 1),
+            Done::DeadLettered { ack_failed: false } => Counters::bump(&self.counters.dead_lettered, 1),
         }
         lane.items.pop_front();
         self.held -= 1;
@@ -492,24 +497,31 @@ impl Dispatcher {
         }
         let settings = Arc::clone(&self.settings);
         self.side.spawn(async move {
-            let releases = ackers
-                .iter()
-                .map(|a| worker::settle(&settings, "release", a.release(None)));
-            let results = AssertUnwindSafe(futures::future::join_all(releases))
-                .catch_unwind()
-                .await;
-            let failed = match results {
-                Ok(results) => results
-                    .into_iter()
-                    .filter_map(|r| r.err())
-                    .inspect(|e| tracing::warn!(error = %e, "release did not take effect; the broker will redeliver"))
-                    .count(),
-                Err(_) => {
-                    tracing::error!("a release panicked; the broker will redeliver");
-                    ackers.len()
-                }
+            // Every release not yet known to have taken effect is a settle failure
+            // if this task ends early: a release that panics stops its batch, and
+            // shutdown aborts releases still pending at its end.
+            let unsettled = Unsettled {
+                left: AtomicU64::new(ackers.len() as u64),
+                counters: Arc::clone(&settings.counters),
             };
-            Counters::bump(&settings.counters.settle_failures, failed as u64);
+            let releases = ackers.iter().map(|a| {
+                let (settings, unsettled) = (&settings, &unsettled);
+                async move {
+                    let result = worker::settle(settings, "release", a.release(None)).await;
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "release did not take effect; the broker will redeliver");
+                        Counters::bump(&settings.counters.settle_failures, 1);
+                    }
+                    unsettled.left.fetch_sub(1, Ordering::Relaxed);
+                }
+            });
+            if AssertUnwindSafe(futures::future::join_all(releases))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!("a release panicked; the broker will redeliver");
+            }
         });
     }
 
@@ -561,7 +573,18 @@ impl Dispatcher {
         // Stop the broker from sending more before giving anything back, so what
         // is released goes to another consumer (or a later one), not straight back
         // into this subscription's prefetch at the cost of a delivery attempt.
-        let stop_limit = self.settings.settle_timeout.min(Duration::from_secs(5));
+        //
+        // Shutdown returns by `deadline + SHUTDOWN_GRACE` whatever the
+        // subscription does: `stop` gets what is left before the deadline (at
+        // most 5 s), the cancel and release waits end 1 s after it, and `close`
+        // gets what is left of the grace (at least 2 s). A `close` cut off that
+        // way loses, at worst, a final commit: duplicates, never loss.
+        let stop_limit = self
+            .settings
+            .settle_timeout
+            .min(Duration::from_secs(5))
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(100));
         match tokio::time::timeout(stop_limit, AssertUnwindSafe(self.sub.stop()).catch_unwind()).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "stopping the subscription failed"),
@@ -580,8 +603,14 @@ impl Dispatcher {
             self.release_where(|_| true);
         }
         // Let running handlers finish (and, when draining, start what waits), keeping
-        // held deliveries alive meanwhile.
+        // held deliveries alive meanwhile. A `shutdown` called meanwhile (after the
+        // runner failed by itself) brings the deadline forward to its own.
+        let stop = self.shared.stop.clone();
+        let mut deadline = deadline;
         loop {
+            if let Some(asked) = self.shared.deadline() {
+                deadline = deadline.min(asked);
+            }
             if drain {
                 self.start_ready();
             }
@@ -591,6 +620,7 @@ impl Dispatcher {
             tokio::select! {
                 Some(joined) = self.running.join_next_with_id() => self.finished(joined, true),
                 _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
+                _ = stop.cancelled(), if !stop.is_cancelled() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
@@ -600,8 +630,9 @@ impl Dispatcher {
                 running = self.running.len(),
                 "shutdown deadline reached; cancelling handlers"
             );
+            self.aborting = true;
             self.running.abort_all();
-            let cancel_wait = Instant::now() + Duration::from_secs(2);
+            let cancel_wait = Instant::now().max(deadline) + Duration::from_secs(1);
             loop {
                 tokio::select! {
                     joined = self.running.join_next_with_id() => match joined {
@@ -629,14 +660,17 @@ impl Dispatcher {
         }
         self.release_where(|_| true);
         // Wait for releases to reach the broker before closing.
-        let settle_limit = later(deadline.max(Instant::now()), Duration::from_secs(5));
+        let settle_limit = later(deadline.max(Instant::now()), Duration::from_secs(1));
         while !self.side.is_empty() {
             tokio::select! {
                 _ = self.side.join_next() => {}
                 _ = tokio::time::sleep_until(settle_limit) => self.side.abort_all(),
             }
         }
-        let close_limit = self.settings.settle_timeout.max(Duration::from_secs(30));
+        let hard_end = later(deadline, SHUTDOWN_GRACE);
+        let close_limit = hard_end
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(2));
         let sub = std::mem::replace(&mut self.sub, Box::new(Closed));
         match tokio::time::timeout(close_limit, AssertUnwindSafe(sub.close()).catch_unwind()).await {
             Ok(Ok(Ok(()))) => {}
@@ -646,6 +680,22 @@ impl Dispatcher {
         }
     }
 }
+
+/// Counts the releases of a batch that never finished as settle failures.
+struct Unsettled {
+    left: AtomicU64,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        Counters::bump(&self.counters.settle_failures, self.left.load(Ordering::Relaxed));
+    }
+}
+
+/// How long after its deadline a shutdown may take, at most, to cancel, release
+/// and close (plus the time a handler blocking its thread takes to notice).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Stands in for the subscription once it has been closed.
 struct Closed;

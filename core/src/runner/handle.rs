@@ -70,7 +70,8 @@ const FAILED: u8 = 3;
 pub struct ShutdownReport {
     /// Deliveries handled successfully and acked.
     pub handled: u64,
-    /// Deliveries published to the dead-letter topic and acked.
+    /// Deliveries published to the dead-letter topic and acked (one whose ack
+    /// then failed counts in `settle_failures` instead).
     pub dead_lettered: u64,
     /// Attempts that failed and were retried in process.
     pub retried: u64,
@@ -80,8 +81,9 @@ pub struct ShutdownReport {
     /// Handlers cancelled at the shutdown deadline (their messages were released).
     pub abandoned: u64,
     /// Acks and releases that did not take effect or timed out (the broker
-    /// redelivers those messages). A handled message whose ack failed counts
-    /// here, not in `handled`.
+    /// redelivers those messages). A handled or dead-lettered message whose ack
+    /// failed counts here, not in `handled` or `dead_lettered`; a release that
+    /// failed, timed out or was cut off at the end of shutdown counts here too.
     pub settle_failures: u64,
     /// Dead-letter publishes that failed (each retry counts).
     pub dead_letter_failures: u64,
@@ -272,7 +274,11 @@ impl RunHandle {
             task.abort();
             let _ = task.await;
         }
-        self.shared.ended(&Ended::Aborted);
+        // A runner that had already ended keeps how it ended (a `Failed` runner
+        // stays failed for its probes).
+        if self.shared.report.borrow().is_none() {
+            self.shared.ended(&Ended::Aborted);
+        }
     }
 
     /// What the runner has done so far (`ended` is `None` while it runs).

@@ -98,14 +98,15 @@ pub(super) async fn attempt(
             // the client library cannot take): try the labelled stub once.
             tracing::error!(id = delivery.id(), panic = %panic, "dead-letter publish panicked; sending a labelled stub");
             let reason = format!("the dead-letter publish panicked: {panic}");
+            // The stub goes through the same loop as any dead letter: retried
+            // while the error is retryable, a smaller stub if the message is refused.
             let stub = AssertUnwindSafe(async {
                 let message = stub_copy(&settings, &delivery, &reason, 0);
-                let done = publish_dead_letter(&settings, &delivery, message).await;
-                (done, stage.load(Ordering::Acquire))
+                dead_letter_from(&settings, &delivery, &reason, message, 1).await
             });
             match stub.catch_unwind().await {
-                Ok((Ok(()), _)) => ack_dead_lettered(&settings, &delivery, &acker).await,
-                Ok((Err(e), _)) => Done::Fatal(e),
+                Ok(Ok(())) => ack_dead_lettered(&settings, &delivery, &acker).await,
+                Ok(Err(e)) => Done::Fatal(e),
                 Err(again) => Done::Fatal(Error::Backend {
                     backend: "polybus",
                     message: format!(
@@ -260,8 +261,18 @@ fn caused_by_message(error: &Error) -> bool {
 /// counted; a shutdown cancels the attempt at its deadline, which releases the
 /// message). Returns the error that no retry can fix.
 async fn dead_letter(settings: &Settings, delivery: &Delivery, reason: &str) -> Result<()> {
-    let mut level = 0u8;
-    let mut message = dead_letter_copy(settings, delivery, reason);
+    let message = dead_letter_copy(settings, delivery, reason);
+    dead_letter_from(settings, delivery, reason, message, 0).await
+}
+
+/// The dead-letter loop from `message`, with `level` stubs already used.
+async fn dead_letter_from(
+    settings: &Settings,
+    delivery: &Delivery,
+    reason: &str,
+    mut message: Message,
+    mut level: u8,
+) -> Result<()> {
     let mut failures = 0u32;
     loop {
         let error = match publish_dead_letter(settings, delivery, message.clone()).await {

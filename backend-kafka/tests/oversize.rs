@@ -1,0 +1,121 @@
+//! A record from another producer that is larger than polybus's own producer
+//! accepts (a Java producer may write 1,048,576 bytes, more with compression;
+//! polybus caps at `max_message_bytes` − 16 KiB) and that the handler rejects
+//! can never be dead-lettered as it is. It used to be retried for ever, holding
+//! the partition's commit; now the dead letter is a labelled stub and the
+//! records behind it are handled (issue 10). On the mock cluster (always) and on
+//! the real broker of `POLYBUS_TEST_KAFKA_BROKERS` (skipped loudly without it).
+
+mod support;
+
+use std::time::Duration;
+
+use polybus_conformance::{Harness, Recorder, Setup, timeout_multiplier};
+use polybus_core::{Delivery, HandlerError, StartFrom};
+use support::KafkaHarness;
+
+async fn oversized_foreign_record_is_dead_lettered_as_a_stub<const REAL: bool>(test: &str) {
+    let harness = match KafkaHarness::<REAL>::setup().await {
+        Setup::Ready(h) => h,
+        Setup::MissingBroker(reason) => {
+            assert!(
+                !polybus_conformance::brokers_required(),
+                "{test}: POLYBUS_TEST_REQUIRE_BROKERS=1 but {reason}"
+            );
+            polybus_conformance::loud(&format!("SKIP {test} (real broker): {reason}"));
+            return;
+        }
+    };
+    let secs = |s: f64| Duration::from_secs_f64(s * timeout_multiplier());
+    let conn = harness.connect().await.expect("connect");
+    let topic = harness.unique_name("oversize");
+    conn.consumer.declare_topic(&topic).await.expect("declare topic");
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .expect("declare group");
+    let dlq = polybus_core::names::dead_letter_topic(&topic);
+    conn.consumer
+        .declare_group(&dlq, "g", StartFrom::Earliest)
+        .await
+        .expect("declare the dead-letter group");
+    let huge = vec![b'x'; 1_048_576];
+    assert!(
+        huge.len() > conn.producer.max_payload(),
+        "bigger than polybus sends"
+    );
+    for payload in [b"before".to_vec(), huge.clone(), b"after".to_vec()] {
+        let record = polybus_conformance::ForeignRecord::new(payload).key(b"k".to_vec());
+        let brokers = harness.config.brokers.join(",");
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || support::foreign::produce(&brokers, &topic, &record))
+            .await
+            .expect("task")
+            .expect("foreign produce");
+    }
+    let handled = Recorder::new();
+    let handler = {
+        let handled = handled.clone();
+        move |d: Delivery| {
+            let handled = handled.clone();
+            async move {
+                if d.payload().len() > 1000 {
+                    return Err(HandlerError::permanent("too big for this service"));
+                }
+                handled.record(&d);
+                Ok(())
+            }
+        }
+    };
+    let dead = Recorder::new();
+    let dlq_handle = conn
+        .runner()
+        .topic(&dlq)
+        .group("g")
+        .run(dead.handler())
+        .await
+        .expect("dlq runner");
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .run(handler)
+        .await
+        .expect("runner");
+    let got = handled
+        .wait_for(2, secs(30.0))
+        .await
+        .expect("the records behind it are handled");
+    let copies = dead.wait_for(1, secs(30.0)).await.expect("a dead letter");
+    let report = handle.shutdown(secs(10.0)).await;
+    let _ = dlq_handle.shutdown(secs(10.0)).await;
+    let texts: Vec<&[u8]> = got.iter().map(|d| &d.payload()[..]).collect();
+    assert_eq!(texts, vec![&b"before"[..], &b"after"[..]]);
+    let info = copies[0].dead_letter().expect("dead-letter headers");
+    let label = info.stub.expect("a labelled stub, not a copy the broker refused");
+    assert!(label.contains("payload truncated"), "{label}");
+    assert!(
+        copies[0].payload().iter().all(|b| *b == b'x'),
+        "the stub keeps a prefix of the payload"
+    );
+    assert_eq!(copies[0].key(), Some("k"));
+    assert_eq!((report.handled, report.dead_lettered), (2, 1), "{report:?}");
+    assert!(report.error().is_none(), "{report:?}");
+    conn.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_foreign_record_is_dead_lettered_as_a_stub_on_mock() {
+    oversized_foreign_record_is_dead_lettered_as_a_stub::<false>(
+        "oversized_foreign_record_is_dead_lettered_as_a_stub_on_mock",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_foreign_record_is_dead_lettered_as_a_stub_on_broker() {
+    oversized_foreign_record_is_dead_lettered_as_a_stub::<true>(
+        "oversized_foreign_record_is_dead_lettered_as_a_stub_on_broker",
+    )
+    .await;
+}
