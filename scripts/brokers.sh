@@ -84,6 +84,18 @@ ensure_kafka() {
   _polybus_wait_port 127.0.0.1 9092 tansu
 }
 
+# Python clients for interop tests (kafka-python's partitioner), in a venv
+# outside the clone, made once per machine; exports POLYBUS_TEST_PYTHON.
+ensure_python_clients() {
+  local venv="${POLYBUS_VENV:-${HOME:-/tmp}/.cache/polybus-venv}"
+  if ! "$venv/bin/python" -c "import kafka" >/dev/null 2>&1; then
+    echo "polybus: installing Python clients into $venv" >&2
+    python3 -m venv "$venv" >&2 || return 1
+    "$venv/bin/pip" install -q "kafka-python==3.0.12" >&2 || return 1
+  fi
+  export POLYBUS_TEST_PYTHON="$venv/bin/python"
+}
+
 stop_started_brokers() {
   if [ "${POLYBUS_STARTED_RABBITMQ:-}" = 1 ]; then
     local sudo=""
