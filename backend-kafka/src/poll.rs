@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use polybus_core::{Bytes, Delivery, Error, HeaderValue, Message as PolybusMessage, Origin, Result, wire};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -255,8 +255,38 @@ fn undecodable_after_panic(message: &BorrowedMessage<'_>, group: Option<String>)
 /// the record becomes an undecodable delivery (dead-lettered with every raw
 /// header in `polybus-dlq-raw-headers`) instead of a panic in the poll thread.
 pub(crate) fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) -> Delivery {
-    let raw = crate::raw_headers::read(message);
-    let mut headers: Vec<(String, HeaderValue)> = Vec::with_capacity(raw.len() + 2);
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    let origin = Origin {
+        topic: topic.to_owned(),
+        group,
+        partition: Some(partition),
+        sequence: Some(offset as u64),
+    };
+    let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+    let fallback_id = || format!("{topic}/{partition}/{offset}");
+    let raw = match crate::raw_headers::read(message) {
+        Ok(raw) => raw,
+        Err(code) => {
+            // librdkafka could not parse the header block (more than 100,000
+            // headers, a truncated block): the record is not "without headers".
+            let mut copy = PolybusMessage::new(payload);
+            copy.key = message.key().map(Bytes::copy_from_slice);
+            copy.id = fallback_id();
+            copy.tombstone = message.payload().is_none();
+            if let Some(millis) = message
+                .timestamp()
+                .to_millis()
+                .and_then(|ms| u64::try_from(ms).ok())
+            {
+                copy.timestamp = UNIX_EPOCH + Duration::from_millis(millis);
+            }
+            let reason =
+                format!("librdkafka could not read the record's header block ({code:?}); headers left out");
+            tracing::warn!(topic, partition, offset, %reason, "undecodable record; dead-lettering it");
+            return Delivery::undecodable(copy, origin, 1, reason);
+        }
+    };
+    let mut headers: Vec<(String, HeaderValue)> = Vec::with_capacity(raw.len());
     let mut bad_names = 0usize;
     for header in &raw {
         match std::str::from_utf8(&header.name) {
@@ -270,21 +300,36 @@ pub(crate) fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) 
             Err(_) => bad_names += 1,
         }
     }
-    if let Some(key) = message.key() {
-        headers.push((wire::KEY.to_owned(), HeaderValue::from(key)));
+    // The key and the timestamp are the record's own fields: a `polybus-key` or
+    // `polybus-ts` header (polybus never writes them on Kafka) is another
+    // producer's and stays a system header, so a dead-letter copy keeps it.
+    // The id is the `polybus-id` header when there is exactly one and it can be
+    // an id; otherwise every `polybus-id` header is kept as it came and the id
+    // is the record's position.
+    let (user, mut system) = PolybusMessage::split_headers(headers);
+    let id = {
+        let mut ids = system.get_all(wire::ID);
+        match (ids.next().and_then(HeaderValue::as_str), ids.next()) {
+            (Some(id), None) if !id.is_empty() => Some(id.to_owned()),
+            _ => None,
+        }
+    };
+    if id.is_some() {
+        system.remove(wire::ID);
     }
-    if let Some(millis) = message.timestamp().to_millis() {
-        headers.push((wire::TIMESTAMP.to_owned(), HeaderValue::from(millis.to_string())));
-    }
-    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-    let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
-    let mut decoded = wire::decode(payload, headers, || format!("{topic}/{partition}/{offset}"));
-    decoded.tombstone = message.payload().is_none();
-    let origin = Origin {
-        topic: topic.to_owned(),
-        group,
-        partition: Some(partition),
-        sequence: Some(offset as u64),
+    let timestamp = message
+        .timestamp()
+        .to_millis()
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map_or_else(SystemTime::now, |ms| UNIX_EPOCH + Duration::from_millis(ms));
+    let mut decoded = PolybusMessage {
+        payload,
+        key: message.key().map(Bytes::copy_from_slice),
+        headers: user,
+        system_headers: system,
+        id: id.unwrap_or_else(fallback_id),
+        timestamp,
+        tombstone: message.payload().is_none(),
     };
     if bad_names > 0 {
         let label = wire::raw_headers_label(raw.iter().map(|h| (&h.name[..], h.value.as_deref())));

@@ -179,16 +179,23 @@ fn record<'a>(topic: &'a str, message: &'a Message) -> FutureRecord<'a, [u8], [u
 }
 
 /// The headers a record carries: the user's, the system ones and the id. The key
-/// and the timestamp travel in the record's own fields.
+/// and the timestamp travel in the record's own fields, so every system header
+/// is written as it is (a dead-letter copy keeps another producer's
+/// `polybus-key`, `polybus-ts` and `polybus-id` headers byte-exact); the id is
+/// added unless such a copy already carries its own `polybus-id` headers.
 pub(crate) fn record_headers(message: &Message) -> OwnedHeaders {
     // Values are bytes or null, as Kafka carries them (a dead-letter copy keeps
     // another producer's non-UTF-8 and null values).
-    let pairs: Vec<(&str, polybus_core::HeaderValue)> = wire::encode(message)
-        .filter(|(k, _)| *k != wire::KEY && *k != wire::TIMESTAMP)
-        .collect();
+    let id = (!message.system_headers.contains_key(wire::ID))
+        .then(|| polybus_core::HeaderValue::from(message.id.as_str()));
     let mut headers =
         OwnedHeaders::new_with_capacity(message.headers.len() + message.system_headers.len() + 1);
-    for (key, value) in &pairs {
+    for (key, value) in message
+        .headers
+        .iter()
+        .chain(&message.system_headers)
+        .chain(id.as_ref().map(|id| (wire::ID, id)))
+    {
         headers = headers.insert(Header {
             key,
             value: value.as_bytes(),

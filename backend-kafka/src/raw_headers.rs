@@ -10,7 +10,10 @@
 //!
 //! Invariants relied on (librdkafka 2.x, `rdkafka.h`):
 //!
-//! * `rd_kafka_message_headers(msg, &hdrs)` returns `RD_KAFKA_RESP_ERR_NO_ERROR`
+//! * `rd_kafka_message_headers(msg, &hdrs)` returns `RD_KAFKA_RESP_ERR__NOENT`
+//!   for a record without headers, another error when it cannot parse the
+//!   header block (reported, never taken for "no headers"), or
+//!   `RD_KAFKA_RESP_ERR_NO_ERROR`
 //!   and sets `hdrs` to headers **owned by the message** (not to be freed) that
 //!   stay valid while the message is alive and not modified. The message is
 //!   borrowed (`&BorrowedMessage`) for the whole function, and nothing here
@@ -38,8 +41,11 @@ pub(crate) struct RawHeader {
     pub(crate) value: Option<Vec<u8>>,
 }
 
-/// Every header of `message`, in order, with names and values as bytes.
-pub(crate) fn read(message: &BorrowedMessage<'_>) -> Vec<RawHeader> {
+/// Every header of `message`, in order, with names and values as bytes; the
+/// error librdkafka gave when it could not parse the header block (it refuses
+/// more than 100,000 headers, or a truncated block, with `_BAD_MSG`). A record
+/// without headers (`_NOENT`) has none.
+pub(crate) fn read(message: &BorrowedMessage<'_>) -> Result<Vec<RawHeader>, RDKafkaRespErr> {
     let mut out = Vec::new();
     // SAFETY: see the module's invariants. `message.ptr()` is the live message
     // this borrow guarantees; the headers pointer it yields is owned by it and
@@ -47,8 +53,14 @@ pub(crate) fn read(message: &BorrowedMessage<'_>) -> Vec<RawHeader> {
     unsafe {
         let mut hdrs: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
         let err = rdsys::rd_kafka_message_headers(message.ptr(), &mut hdrs);
-        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
-            return out;
+        if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__NOENT {
+            return Ok(out);
+        }
+        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Err(err);
+        }
+        if hdrs.is_null() {
+            return Ok(out);
         }
         let count = rdsys::rd_kafka_header_cnt(hdrs);
         out.reserve(count);
@@ -57,8 +69,11 @@ pub(crate) fn read(message: &BorrowedMessage<'_>) -> Vec<RawHeader> {
             let mut value: *const std::os::raw::c_void = std::ptr::null();
             let mut size: usize = 0;
             let err = rdsys::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size);
-            if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
-                break;
+            if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return Err(err);
+            }
+            if name.is_null() {
+                return Err(RDKafkaRespErr::RD_KAFKA_RESP_ERR__BAD_MSG);
             }
             let name = CStr::from_ptr(name).to_bytes().to_vec();
             let value = if value.is_null() {
@@ -69,5 +84,5 @@ pub(crate) fn read(message: &BorrowedMessage<'_>) -> Vec<RawHeader> {
             out.push(RawHeader { name, value });
         }
     }
-    out
+    Ok(out)
 }
