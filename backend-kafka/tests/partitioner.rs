@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use polybus_conformance::{Harness, Setup, timeout_multiplier};
-use polybus_core::{Event, Message, Producer as _, StartFrom, SubscribeOptions};
+use polybus_core::{Event, Message, StartFrom, SubscribeOptions};
 use support::KafkaHarness;
 
 /// Kafka's `UtilsTest.testMurmur2` vectors: key → murmur2 (Java `int`).
