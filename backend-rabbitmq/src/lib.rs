@@ -44,6 +44,7 @@ mod consumer;
 mod errors;
 mod names;
 mod producer;
+mod security;
 mod subscription;
 
 use std::sync::Arc;
