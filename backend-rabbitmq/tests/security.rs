@@ -420,6 +420,21 @@ fn no_secret_leaks_from_failed_and_successful_connections() {
         texts.push_str(&format!("{failed:?}\n"));
         let err = refused(failed, |e| matches!(e, Error::Unauthenticated { .. })).await;
         texts.push_str(&error_text(&err));
+        // Failures after the credentials were sent or while TLS was set up.
+        let wrong_vhost = url.replacen(&format!("/{VHOST}"), "/no-such-vhost", 1);
+        let err = refused(config(&wrong_vhost), |e| {
+            matches!(e, Error::PermissionDenied { .. })
+        })
+        .await;
+        texts.push_str(&error_text(&err));
+        let rogue = config(&url).tls_ca_file(tls_dir().unwrap().join("rogue-ca.pem"));
+        let err = refused(rogue, |e| matches!(e, Error::Tls { .. })).await;
+        texts.push_str(&error_text(&err));
+        let mut no_cert = config(&url);
+        no_cert.tls_client_cert = None;
+        no_cert.tls_client_key = None;
+        let err = refused(no_cert, |e| matches!(e, Error::Tls { .. })).await;
+        texts.push_str(&error_text(&err));
         let err = RabbitConfig::new(&format!("amqps://u:{password}@h:port/v"))
             .err()
             .unwrap();
