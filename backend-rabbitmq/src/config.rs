@@ -194,10 +194,11 @@ impl RabbitConfig {
         // Files are read (and their errors reported) before any connection.
         let tls = security::tls_for(&uri, &self.url, &self.tls_params())?;
         if recover {
-            // lapin's auto-recovery also retries the first connect, a refused
-            // login or TLS handshake included, until the timeout. A connection
-            // without recovery first finds out at once whether the broker takes
-            // us (refused TCP, TLS, credentials, vhost), with a final error.
+            // lapin's auto-recovery also retries the first connect (TCP and
+            // the TLS handshake: an untrusted certificate until the timeout).
+            // A connection without recovery first finds out at once whether
+            // the broker takes us (refused TCP, TLS, credentials, vhost), with
+            // a final error.
             let probe = self
                 .open(name, false, &uri, &tls)
                 .await
