@@ -267,6 +267,7 @@ CONF
   "${ctl[@]}" set_permissions -p polybus-secure polybus '.*' '.*' '.*' >/dev/null
   "${ctl[@]}" delete_user guest >/dev/null 2>&1 || true
   export POLYBUS_TEST_AMQP_SECURE_URL="amqps://polybus:$pass@localhost:$port/polybus-secure"
-  export POLYBUS_TEST_AMQP_SECURE_CTL="$bin/rabbitmqctl -n $node"
+  # rabbitmqctl finds the node's Erlang cookie through HOME.
+  export POLYBUS_TEST_AMQP_SECURE_CTL="env HOME=$dir $bin/rabbitmqctl -n $node"
   echo "polybus: secured RabbitMQ node $node on 127.0.0.1:$port in $((SECONDS - started)) s" >&2
 }

@@ -1,13 +1,14 @@
 //! Configuration: URL, queue type, timeouts, and opening connections.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::ConnectionProperties;
 use polybus_core::{Error, Result, redact_url};
 
-use crate::BACKEND;
 use crate::errors::map_error;
+use crate::security::{self, TlsParams};
 
 /// The default `x-delivery-limit` of quorum group queues: RabbitMQ 4.x's own
 /// default, applied on every version.
@@ -28,8 +29,22 @@ pub enum QueueType {
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct RabbitConfig {
-    /// `amqp://user:pass@host:port/vhost` (or `amqps://`).
+    /// `amqp://user:pass@host:port/vhost` (or `amqps://`). The TLS query
+    /// parameters (`tls_ca`, `tls_cert`, `tls_key`, `tls_server_name`) are read
+    /// into the fields below by [`RabbitConfig::new`].
     pub url: String,
+    /// Trust the CA certificates in this PEM file instead of the system roots
+    /// (`amqps://` only; URL `tls_ca`).
+    pub tls_ca_file: Option<PathBuf>,
+    /// The client certificate chain (PEM) for mutual TLS; with
+    /// [`tls_client_key`](Self::tls_client_key) (URL `tls_cert`).
+    pub tls_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, PKCS#8, PKCS#1 or SEC1; URL `tls_key`).
+    pub tls_client_key: Option<PathBuf>,
+    /// The name the TLS handshake sends and checks the server's certificate
+    /// against, instead of the URL's host (URL `tls_server_name`). Certificate
+    /// verification itself is never switched off.
+    pub tls_server_name: Option<String>,
     /// The type of group queues (quorum by default).
     pub queue_type: QueueType,
     /// Group queues with single active consumer: one instance of a group
@@ -56,6 +71,10 @@ impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitConfig")
             .field("url", &redact_url(&self.url))
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert", &self.tls_client_cert)
+            .field("tls_client_key", &self.tls_client_key)
+            .field("tls_server_name", &self.tls_server_name)
             .field("queue_type", &self.queue_type)
             .field("single_active_consumer", &self.single_active_consumer)
             .field("mandatory", &self.mandatory)
@@ -83,8 +102,13 @@ impl RabbitConfig {
                 redact_url(url)
             )));
         }
+        let tls = TlsParams::from_query(url);
         Ok(RabbitConfig {
             url: url.to_owned(),
+            tls_ca_file: tls.ca_file,
+            tls_client_cert: tls.client_cert,
+            tls_client_key: tls.client_key,
+            tls_server_name: tls.server_name,
             queue_type: QueueType::Quorum,
             single_active_consumer: false,
             mandatory: false,
@@ -125,6 +149,34 @@ impl RabbitConfig {
         self
     }
 
+    /// Trusts the CA certificates in `path` instead of the system roots.
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// A client certificate and key for mutual TLS.
+    pub fn tls_client_auth(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls_client_cert = Some(cert.into());
+        self.tls_client_key = Some(key.into());
+        self
+    }
+
+    /// Checks the server's certificate against `name` instead of the URL's host.
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
+    fn tls_params(&self) -> TlsParams {
+        TlsParams {
+            ca_file: self.tls_ca_file.clone(),
+            client_cert: self.tls_client_cert.clone(),
+            client_key: self.tls_client_key.clone(),
+            server_name: self.tls_server_name.clone(),
+        }
+    }
+
     pub(crate) async fn connection(&self, name: &str) -> Result<lapin::Connection> {
         self.connection_with(name, true).await
     }
@@ -132,31 +184,50 @@ impl RabbitConfig {
     /// A connection; with `recover`, lapin reconnects it and replays its
     /// topology by itself (subscriptions recover their own, see `reconnect`).
     pub(crate) async fn connection_with(&self, name: &str, recover: bool) -> Result<lapin::Connection> {
+        let uri = self.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            Error::InvalidConfig(format!(
+                "RabbitMQ URL {}: {}",
+                redact_url(&self.url),
+                e.replace(&self.url, "<url>")
+            ))
+        })?;
+        // Files are read (and their errors reported) before any connection.
+        let tls = security::tls_for(&uri, &self.url, &self.tls_params())?;
+        if recover {
+            // lapin's auto-recovery also retries the first connect (TCP and
+            // the TLS handshake: an untrusted certificate until the timeout).
+            // A connection without recovery first finds out at once whether
+            // the broker takes us (refused TCP, TLS, credentials, vhost), with
+            // a final error.
+            let probe = self
+                .open(name, false, &uri, &tls)
+                .await
+                .map_err(|e| security::probe_error(e, &tls))?;
+            let _ = tokio::time::timeout(self.connect_timeout, probe.close(200, "OK".into())).await;
+        }
+        self.open(name, recover, &uri, &tls).await
+    }
+
+    async fn open(
+        &self,
+        name: &str,
+        recover: bool,
+        uri: &lapin::uri::AMQPUri,
+        tls: &Option<security::Tls>,
+    ) -> Result<lapin::Connection> {
         let mut properties = ConnectionProperties::default().with_connection_name(name.into());
         if recover {
             properties = properties.enable_auto_recover();
         }
-        // lapin's auto-recovery also retries the first connect until the timeout;
-        // a broker that refuses TCP outright is reported at once instead.
-        if let Ok(uri) = self.url.parse::<lapin::uri::AMQPUri>() {
-            let address = (uri.authority.host.clone(), uri.authority.port);
-            match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(address)).await {
-                Err(_) => return Err(Error::timeout("connecting to RabbitMQ", self.connect_timeout)),
-                Ok(Err(e)) => {
-                    return Err(Error::Connection {
-                        backend: BACKEND,
-                        message: format!("connecting to {}: {e}", redact_url(&self.url)),
-                        source: Some(Box::new(e)),
-                    });
-                }
-                Ok(Ok(_probe)) => {}
-            }
-        }
-        let connecting = lapin::Connection::connect(&self.url, properties);
+        let connecting = security::connect(uri.clone(), tls.clone(), properties);
+        let what = format!("connecting to {}", redact_url(&self.url));
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => Err(Error::timeout("connecting to RabbitMQ", self.connect_timeout)),
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(map_error(&format!("connecting to {}", redact_url(&self.url)), e)),
+            Ok(Err(e)) => Err(match security::connect_error(&what, e.clone()) {
+                Some(mapped) => mapped,
+                None => map_error(&what, e),
+            }),
         }
     }
 }

@@ -28,6 +28,14 @@ pub(crate) fn map_error(what: &str, e: lapin::Error) -> Error {
     let message = format!("{what}: {e}");
     if is_not_found(&e) {
         Error::NotFound { what: message }
+    } else if crate::security::is_access_refused(&e) {
+        // ACCESS_REFUSED on a channel: this user may not configure, write or
+        // read the exchange or queue named in the message.
+        Error::PermissionDenied {
+            backend: BACKEND,
+            message,
+            source: Some(Box::new(e)),
+        }
     } else if is_refusal(&e) || e.is_amqp_hard_error() || (e.is_amqp_error() && !e.can_be_recovered()) {
         Error::Backend {
             backend: BACKEND,

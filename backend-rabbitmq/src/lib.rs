@@ -27,6 +27,14 @@
 //!   retries in process). Settlement goes through lapin's per-delivery acker,
 //!   which is single-use and poisoned when its channel dies, so a stale delivery
 //!   tag never acks another message after a reconnect.
+//! * `amqps://` connections verify the server's certificate (a CA file of
+//!   their own or the system roots), optionally present a client certificate,
+//!   and may check another server name ([`RabbitConfig::tls_ca_file`],
+//!   [`RabbitConfig::tls_client_auth`], [`RabbitConfig::tls_server_name`], or
+//!   the URL's `tls_ca`, `tls_cert`, `tls_key`, `tls_server_name`). A refused
+//!   login, vhost or handshake fails at once with a non-retryable
+//!   `Unauthenticated`, `PermissionDenied` or `Tls` error; a refused operation
+//!   on an exchange or queue is `PermissionDenied`.
 //! * Connections recover by themselves: the producer's through lapin's
 //!   auto-recovery (a `send` during an outage waits for recovery within the
 //!   request timeout or fails with a retryable error), each subscription's by
@@ -52,6 +60,7 @@ mod consumer;
 mod errors;
 mod names;
 mod producer;
+mod security;
 mod subscription;
 
 use std::sync::Arc;
