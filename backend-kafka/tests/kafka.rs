@@ -12,26 +12,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use polybus_conformance::{Harness, Setup, timeout_multiplier};
+use polybus_conformance::{Harness, timeout_multiplier};
 use polybus_core::{Connection, Delivery, HandlerResult, Message, Order, StartFrom};
-use support::KafkaHarness;
+use support::{KafkaHarness, harness};
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s * timeout_multiplier())
-}
-
-async fn harness<const REAL: bool>(test: &str) -> Option<KafkaHarness<REAL>> {
-    match KafkaHarness::<REAL>::setup().await {
-        Setup::Ready(h) => Some(h),
-        Setup::MissingBroker(reason) => {
-            assert!(
-                !polybus_conformance::brokers_required(),
-                "{test}: POLYBUS_TEST_REQUIRE_BROKERS=1 but {reason}"
-            );
-            polybus_conformance::loud(&format!("SKIP {test} (real broker): {reason}"));
-            None
-        }
-    }
 }
 
 /// What one handler saw: (key, seq, partition, offset) in handling order.

@@ -10,21 +10,12 @@ mod support;
 
 use std::time::Duration;
 
-use polybus_conformance::{Harness, Recorder, Setup, timeout_multiplier};
+use polybus_conformance::{Harness, Recorder, timeout_multiplier};
 use polybus_core::{Delivery, HandlerError, StartFrom};
-use support::KafkaHarness;
 
 async fn oversized_foreign_record_is_dead_lettered_as_a_stub<const REAL: bool>(test: &str) {
-    let harness = match KafkaHarness::<REAL>::setup().await {
-        Setup::Ready(h) => h,
-        Setup::MissingBroker(reason) => {
-            assert!(
-                !polybus_conformance::brokers_required(),
-                "{test}: POLYBUS_TEST_REQUIRE_BROKERS=1 but {reason}"
-            );
-            polybus_conformance::loud(&format!("SKIP {test} (real broker): {reason}"));
-            return;
-        }
+    let Some(harness) = support::harness::<REAL>(test).await else {
+        return;
     };
     let secs = |s: f64| Duration::from_secs_f64(s * timeout_multiplier());
     let conn = harness.connect().await.expect("connect");
@@ -46,11 +37,9 @@ async fn oversized_foreign_record_is_dead_lettered_as_a_stub<const REAL: bool>(t
     );
     for payload in [b"before".to_vec(), huge.clone(), b"after".to_vec()] {
         let record = polybus_conformance::ForeignRecord::new(payload).key(b"k".to_vec());
-        let brokers = harness.config.brokers.join(",");
-        let topic = topic.clone();
-        tokio::task::spawn_blocking(move || support::foreign::produce(&brokers, &topic, &record))
+        harness
+            .publish_foreign(&topic, &record)
             .await
-            .expect("task")
             .expect("foreign produce");
     }
     let handled = Recorder::new();

@@ -30,16 +30,8 @@ fn java_partition(hash: i32, partitions: i32) -> i32 {
 }
 
 async fn keys_land_where_java_puts_them<const REAL: bool>(test: &str) {
-    let harness = match KafkaHarness::<REAL>::setup().await {
-        Setup::Ready(h) => h,
-        Setup::MissingBroker(reason) => {
-            assert!(
-                !polybus_conformance::brokers_required(),
-                "{test}: POLYBUS_TEST_REQUIRE_BROKERS=1 but {reason}"
-            );
-            polybus_conformance::loud(&format!("SKIP {test} (real broker): {reason}"));
-            return;
-        }
+    let Some(harness) = support::harness::<REAL>(test).await else {
+        return;
     };
     let conn = harness.connect().await.expect("connect");
     let topic = harness.unique_name("murmur");

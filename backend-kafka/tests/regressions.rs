@@ -20,30 +20,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use polybus_conformance::{Harness, Setup, timeout_multiplier};
+use polybus_conformance::{Harness, timeout_multiplier};
 use polybus_core::{Connection, Delivery, Error, Event, HandlerResult, Message, StartFrom, SubscribeOptions};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use support::KafkaHarness;
+use support::harness;
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s * timeout_multiplier())
-}
-
-async fn harness<const REAL: bool>(test: &str) -> Option<KafkaHarness<REAL>> {
-    match KafkaHarness::<REAL>::setup().await {
-        Setup::Ready(h) => Some(h),
-        Setup::MissingBroker(reason) => {
-            assert!(
-                !polybus_conformance::brokers_required(),
-                "{test}: POLYBUS_TEST_REQUIRE_BROKERS=1 but {reason}"
-            );
-            polybus_conformance::loud(&format!("SKIP {test} (real broker): {reason}"));
-            None
-        }
-    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -35,11 +35,9 @@ async fn run(records: Vec<ForeignRecord>, handled: usize, dead: usize) -> (Vec<D
         .await
         .expect("declare the dead-letter group");
     for record in records {
-        let brokers = harness.config.brokers.join(",");
-        let topic = topic.clone();
-        tokio::task::spawn_blocking(move || support::foreign::produce(&brokers, &topic, &record))
+        harness
+            .publish_foreign(&topic, &record)
             .await
-            .expect("task")
             .expect("foreign produce");
     }
     let seen = Recorder::new();

@@ -19,6 +19,23 @@ pub mod mock;
 /// The variable naming the real Kafka brokers the tests use.
 pub const BROKERS_ENV: &str = "POLYBUS_TEST_KAFKA_BROKERS";
 
+/// The harness for a test outside the suite: the mock cluster (`REAL = false`,
+/// always there) or the real broker, or `None` after a loud `SKIP` line when no
+/// broker is configured (a failure under `POLYBUS_TEST_REQUIRE_BROKERS=1`).
+pub async fn harness<const REAL: bool>(test: &str) -> Option<KafkaHarness<REAL>> {
+    match KafkaHarness::<REAL>::setup().await {
+        Setup::Ready(h) => Some(h),
+        Setup::MissingBroker(reason) => {
+            assert!(
+                !polybus_conformance::brokers_required(),
+                "{test}: POLYBUS_TEST_REQUIRE_BROKERS=1 but {reason}"
+            );
+            polybus_conformance::loud(&format!("SKIP {test} (real broker): {reason}"));
+            None
+        }
+    }
+}
+
 /// Test settings: short session timeout and quick commits, 4 partitions.
 pub fn test_config(brokers: &str) -> KafkaConfig {
     let m = timeout_multiplier();
