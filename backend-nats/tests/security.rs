@@ -80,25 +80,7 @@ async fn refused(config: NatsConfig, expected: fn(&Error) -> bool) -> Error {
 async fn roundtrip(config: NatsConfig) -> polybus_core::Result<()> {
     let conn = polybus_nats::connect_with(config.storage(polybus_nats::Storage::Memory)).await?;
     let topic = format!("secured-{}", &uuid_like());
-    conn.consumer.declare_topic(&topic).await?;
-    conn.consumer
-        .declare_group(&topic, "g", StartFrom::Latest)
-        .await?;
-    let recorder = Recorder::new();
-    let handle = conn
-        .runner()
-        .topic(&topic)
-        .group("g")
-        .run(recorder.handler())
-        .await?;
-    conn.producer.send(&topic, Message::new("over TLS")).await?;
-    let got = recorder
-        .wait_for(1, secs(10.0))
-        .await
-        .expect("the message arrives");
-    assert_eq!(got[0].payload().as_ref(), b"over TLS");
-    let report = handle.shutdown(secs(5.0)).await;
-    assert!(report.is_clean(), "{report:?}");
+    polybus_conformance::roundtrip_once(&conn, &topic, secs(10.0)).await?;
     conn.close().await
 }
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use polybus_conformance::secrets::{assert_no_leak, capture_logs, error_text, percent_encode};
-use polybus_conformance::{Harness, Recorder, Setup, broker_url, timeout_multiplier};
+use polybus_conformance::{Harness, Setup, broker_url, timeout_multiplier};
 use polybus_core::{Capabilities, Connection, Consumer, Error, Message, Result, StartFrom, async_trait};
 use polybus_rabbitmq::{RabbitConfig, RabbitConsumer};
 
@@ -173,25 +173,7 @@ async fn refused(config: RabbitConfig, expected: fn(&Error) -> bool) -> Error {
 async fn roundtrip(config: RabbitConfig) -> Result<()> {
     let conn = polybus_rabbitmq::connect_with(config).await?;
     let topic = unique("secured");
-    conn.consumer.declare_topic(&topic).await?;
-    conn.consumer
-        .declare_group(&topic, "g", StartFrom::Latest)
-        .await?;
-    let recorder = Recorder::new();
-    let handle = conn
-        .runner()
-        .topic(&topic)
-        .group("g")
-        .run(recorder.handler())
-        .await?;
-    conn.producer.send(&topic, Message::new("over TLS")).await?;
-    let got = recorder
-        .wait_for(1, secs(10.0))
-        .await
-        .expect("the message arrives");
-    assert_eq!(got[0].payload().as_ref(), b"over TLS");
-    let report = handle.shutdown(secs(5.0)).await;
-    assert!(report.is_clean(), "{report:?}");
+    polybus_conformance::roundtrip_once(&conn, &topic, secs(10.0)).await?;
     conn.close().await?;
     Ok(())
 }

@@ -29,7 +29,7 @@ mod foreign_cases;
 pub mod secrets;
 mod support;
 
-pub use support::Recorder;
+pub use support::{Recorder, roundtrip_once};
 
 /// The environment variable that turns a skip for a missing broker into a failure.
 pub const REQUIRE_BROKERS_ENV: &str = "POLYBUS_TEST_REQUIRE_BROKERS";

@@ -101,3 +101,30 @@ impl Recorder {
         }
     }
 }
+
+/// One message through `conn`, end to end: declares `topic` and a group `g` on
+/// it, runs a runner, sends one message, waits up to `within` for it, and
+/// checks the runner shuts down cleanly within `within / 2`. For smoke runs over a connection set
+/// up some special way (TLS, credentials).
+pub async fn roundtrip_once(
+    conn: &polybus_core::Connection,
+    topic: &str,
+    within: Duration,
+) -> polybus_core::Result<()> {
+    use polybus_core::{Message, StartFrom};
+    conn.consumer.declare_topic(topic).await?;
+    conn.consumer.declare_group(topic, "g", StartFrom::Latest).await?;
+    let recorder = Recorder::new();
+    let handle = conn
+        .runner()
+        .topic(topic)
+        .group("g")
+        .run(recorder.handler())
+        .await?;
+    conn.producer.send(topic, Message::new("over TLS")).await?;
+    let got = recorder.wait_for(1, within).await.expect("the message arrives");
+    assert_eq!(got[0].payload().as_ref(), b"over TLS");
+    let report = handle.shutdown(within / 2).await;
+    assert!(report.is_clean(), "{report:?}");
+    Ok(())
+}
