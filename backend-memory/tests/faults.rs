@@ -267,3 +267,39 @@ async fn dead_letter_names_are_checked_when_the_runner_starts() {
     );
     assert_eq!((report.handled, report.released), (0, 1));
 }
+
+/// A dead-letter publish that keeps failing retryably is not retried for ever:
+/// after 20 tries the message is released and the runner ends with the error
+/// (before: retried until shutdown, the runner reported nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_outage_ends_the_runner_after_bounded_retries() {
+    let broker = MemoryBroker::new();
+    let conn = broker.connection();
+    conn.consumer
+        .declare_group("t", "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    broker.fail_publishes("t.dlq", 1000, || Error::connection("memory", "outage (injected)"));
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .retry(quick())
+        .run(|_d: Delivery| async { Err(HandlerError::permanent("bad")) })
+        .await
+        .unwrap();
+    conn.producer.send("t", Message::new("x")).await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("the runner ends instead of retrying the dead letter for ever");
+    assert!(
+        matches!(report.error(), Some(Error::Connection { .. })),
+        "{report:?}"
+    );
+    assert_eq!(report.dead_letter_failures, 20, "{report:?}");
+    assert_eq!(
+        broker.group_stats("t", "g").map(|s| s.pending),
+        Some(1),
+        "released, not lost"
+    );
+}

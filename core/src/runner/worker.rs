@@ -265,6 +265,11 @@ async fn dead_letter(settings: &Settings, delivery: &Delivery, reason: &str) -> 
     dead_letter_from(settings, delivery, reason, message, 0).await
 }
 
+/// How many times a dead-letter publish is tried while it fails retryably;
+/// after that the message is released and the runner ends with the last
+/// error (with the default backoff, a few minutes of outage).
+pub(super) const DEAD_LETTER_ATTEMPTS: u32 = 20;
+
 /// The dead-letter loop from `message`, with `level` stubs already used.
 async fn dead_letter_from(
     settings: &Settings,
@@ -280,6 +285,17 @@ async fn dead_letter_from(
             Err(e) => e,
         };
         Counters::bump(&settings.counters.dead_letter_failures, 1);
+        if error.is_retryable() && failures + 1 >= DEAD_LETTER_ATTEMPTS {
+            // A broker that refuses dead letters this long is an outage the
+            // application must see: release the message and end the runner.
+            tracing::error!(
+                error = %error,
+                id = delivery.id(),
+                attempts = DEAD_LETTER_ATTEMPTS,
+                "dead-letter publish kept failing; giving up"
+            );
+            return Err(error);
+        }
         if error.is_retryable() {
             failures += 1;
             tracing::error!(
