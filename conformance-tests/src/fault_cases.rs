@@ -501,7 +501,8 @@ pub async fn shutdown_release_costs_one_attempt<H: Harness>(cx: Ctx<H>) -> CaseR
             let started = started.clone();
             async move {
                 started.record(&d);
-                tokio::time::sleep(Duration::from_secs(3600)).await;
+                // Never finishes by itself: cancelled at the shutdown deadline.
+                std::future::pending::<()>().await;
                 HandlerResult::Ok(())
             }
         }
