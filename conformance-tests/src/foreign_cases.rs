@@ -282,3 +282,79 @@ pub async fn foreign_undecodable_record_is_dead_lettered<H: Harness>(cx: Ctx<H>)
     assert!(report.is_clean(), "{report:?}");
     Ok(Outcome::Passed)
 }
+
+/// A record larger than polybus's own `send` accepts — another producer may
+/// write up to the broker's limit (a Java Kafka producer 1,048,576 bytes where
+/// polybus's `send` stops 16 KiB below `max_message_bytes`) — that the handler
+/// refuses is dead-lettered whole, or as a labelled stub where the broker
+/// refuses the copy, and the records behind it on the same key are handled.
+/// It used to be retried for ever on Kafka, holding the partition.
+///
+/// The payload is `max_payload` + 8 KiB: every backend keeps at least 16 KiB
+/// between `send`'s limit and its broker's (headers, framing).
+pub async fn foreign_payload_over_the_send_limit_does_not_stop_the_group<H: Harness>(
+    cx: Ctx<H>,
+) -> CaseResult {
+    let conn = cx.connect().await?;
+    let (topic, group) = cx.topic_and_group(&conn, "bigforeign").await?;
+    let big = vec![b'z'; conn.producer.max_payload() + 8 * 1024];
+    let records = [
+        ForeignRecord::new("before").key(b"k".to_vec()),
+        ForeignRecord::new(big.clone()).key(b"k".to_vec()),
+        ForeignRecord::new("after").key(b"k".to_vec()),
+    ];
+    let (dead, dlq_handle) = dead_letter_listener(&cx, &conn, &topic).await?;
+    let seen = Recorder::new();
+    let handler = {
+        let seen = seen.clone();
+        move |d: Delivery| {
+            let seen = seen.clone();
+            async move {
+                if d.payload().len() > 1024 {
+                    return Err(HandlerError::permanent("too large for this service"));
+                }
+                seen.record(&d);
+                Ok(())
+            }
+        }
+    };
+    let handle = cx
+        .runner(&conn, &topic, &group)
+        .start(polybus_core::StartFrom::Earliest)
+        .order(Order::ByKey)
+        .run(handler)
+        .await?;
+    // Published once the runner listens: core NATS keeps nothing for later.
+    if let Some(skip) = publish_all(&cx, &topic, &records).await? {
+        let _ = handle.shutdown(cx.secs(10.0)).await;
+        let _ = dlq_handle.shutdown(cx.secs(10.0)).await;
+        return Ok(skip);
+    }
+    let got = seen.wait_for(2, cx.secs(30.0)).await?;
+    let dead_letters = dead.wait_for(1, cx.secs(30.0)).await?;
+    let report = handle.shutdown(cx.secs(10.0)).await;
+    let _ = dlq_handle.shutdown(cx.secs(10.0)).await;
+    let texts: Vec<String> = got.iter().map(text).collect();
+    assert_eq!(
+        texts,
+        vec!["before", "after"],
+        "the records behind it are handled"
+    );
+    let copy = &dead_letters[0];
+    let info = copy.dead_letter().expect("dead-letter headers");
+    match &info.stub {
+        None => assert!(copy.payload() == &big[..], "a whole copy keeps the payload"),
+        Some(label) => assert!(
+            label.contains("payload truncated") && big.starts_with(copy.payload()),
+            "a stub says what it left out and keeps a prefix: {label}"
+        ),
+    }
+    assert_eq!(
+        copy.key_bytes().map(|k| &k[..]),
+        Some(&b"k"[..]),
+        "the copy keeps the key"
+    );
+    assert_eq!((report.handled, report.dead_lettered), (2, 1), "{report:?}");
+    assert!(report.error().is_none(), "{report:?}");
+    Ok(Outcome::Passed)
+}

@@ -405,6 +405,7 @@ macro_rules! conformance_suite {
             foreign_headers_keep_their_bytes,
             foreign_tombstone_is_not_an_empty_payload,
             foreign_undecodable_record_is_dead_lettered,
+            foreign_payload_over_the_send_limit_does_not_stop_the_group,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {
