@@ -8,6 +8,9 @@
 //! cargo bench --bench core_path
 //! POLYBUS_BENCH_MESSAGES=200000 POLYBUS_BENCH_RUNS=7 cargo bench --bench core_path
 //! ```
+//!
+//! `POLYBUS_BENCH_ONLY=raw|polybus0|polybus4` runs one pipeline only (what
+//! `scripts/callgrind-core-path.sh` uses to count instructions per message).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -115,13 +118,17 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let only = std::env::var("POLYBUS_BENCH_ONLY").ok();
     println!("core path: {n} messages of 100 bytes, median of {runs} runs, in-memory backend");
     let mut results = Vec::new();
-    for (name, layers) in [
-        ("raw tokio mpsc", None),
-        ("polybus, no middleware", Some(0)),
-        ("polybus, 4 middleware", Some(4)),
+    for (tag, name, layers) in [
+        ("raw", "raw tokio mpsc", None),
+        ("polybus0", "polybus, no middleware", Some(0)),
+        ("polybus4", "polybus, 4 middleware", Some(4)),
     ] {
+        if only.as_deref().is_some_and(|only| only != tag) {
+            continue;
+        }
         let rates: Vec<f64> = (0..runs)
             .map(|_| {
                 let took = runtime.block_on(async {
@@ -136,6 +143,9 @@ fn main() {
         let rate = median(rates);
         println!("{name:<24} {rate:>12.0} msg/s");
         results.push((name, rate));
+    }
+    if only.is_some() {
+        return;
     }
     let raw = results[0].1;
     for (name, rate) in &results[1..] {

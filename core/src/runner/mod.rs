@@ -54,6 +54,8 @@ use crate::middleware::{Middleware, Pipeline};
 use crate::names;
 
 mod dispatcher;
+mod lanes;
+mod pool;
 mod handle;
 mod worker;
 
