@@ -33,6 +33,7 @@
 //! and examples, not for unbounded streams.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -110,9 +111,63 @@ struct Shared {
     config: MemoryConfig,
     ids: AtomicU64,
     faults: Mutex<Faults>,
+    /// Ack faults may be queued (so an ack without any skips the faults lock).
+    ack_faults: AtomicBool,
+    /// `Faults::subscription_failures`, readable without the lock.
+    subscription_failures: AtomicU64,
 }
 
 type ErrorFn = Arc<dyn Fn() -> Error + Send + Sync>;
+
+/// A fast, unkeyed hasher (multiply and rotate, 8 bytes at a time) for the
+/// broker's own tables: their keys are the application's topic and group names
+/// and the broker's own sequence numbers, so SipHash's protection against
+/// chosen keys buys nothing here and costs several times more per lookup.
+#[derive(Default, Clone, Copy)]
+struct FastHasher(u64);
+
+const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FastHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(SEED);
+    }
+}
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
 /// Faults injected by tests.
 #[derive(Default)]
@@ -141,24 +196,29 @@ pub enum AckFault {
 
 #[derive(Default)]
 struct State {
-    topics: HashMap<String, TopicLog>,
-    subs: HashMap<u64, SubState>,
+    topics: Map<String, TopicLog>,
+    subs: Map<u64, SubState>,
 }
 
 #[derive(Default)]
 struct TopicLog {
     messages: Vec<Message>,
     /// Records inserted as undecodable (by sequence), with the reason.
-    undecodable: HashMap<usize, String>,
-    groups: HashMap<String, Group>,
+    undecodable: Map<usize, String>,
+    groups: Map<String, Group>,
 }
 
 struct Group {
     cursor: usize,
     /// Released or expired deliveries, by sequence, with the earliest redelivery time.
     redeliver: BTreeMap<usize, Instant>,
-    leases: HashMap<usize, Lease>,
-    deliveries: HashMap<usize, u32>,
+    leases: Map<usize, Lease>,
+    /// No lease ends before this (a lower bound: acks and keep-alives do not
+    /// raise it), so leases are scanned for expiry only once it has passed.
+    /// `None` while the group has no lease.
+    first_deadline: Option<Instant>,
+    /// Delivery counts of the records delivered and not yet acked.
+    deliveries: Map<usize, u32>,
     anonymous: bool,
 }
 
@@ -178,10 +238,38 @@ impl Group {
         Group {
             cursor,
             redeliver: BTreeMap::new(),
-            leases: HashMap::new(),
-            deliveries: HashMap::new(),
+            leases: Map::default(),
+            first_deadline: None,
+            deliveries: Map::default(),
             anonymous,
         }
+    }
+
+    /// Moves every lease past its deadline to redelivery (only when one may
+    /// be: see `first_deadline`); returns when the next lease ends, if any.
+    fn expire(&mut self, now: Instant, subs: &mut Map<u64, SubState>, topic: &str, group: &str) -> Option<Instant> {
+        if self.first_deadline.is_some_and(|first| first <= now) {
+            let mut first: Option<Instant> = None;
+            let redeliver = &mut self.redeliver;
+            self.leases.retain(|seq, lease| {
+                if lease.deadline <= now {
+                    tracing::debug!(topic, group, seq, "ack deadline passed; redelivering");
+                    if let Some(sub) = subs.get_mut(&lease.sub) {
+                        sub.outstanding = sub.outstanding.saturating_sub(1);
+                    }
+                    redeliver.insert(*seq, now);
+                    false
+                } else {
+                    first = Some(first.map_or(lease.deadline, |f| f.min(lease.deadline)));
+                    true
+                }
+            });
+            self.first_deadline = first;
+        }
+        if self.leases.is_empty() {
+            self.first_deadline = None;
+        }
+        self.first_deadline
     }
 
     fn is_settled(&self, log_len: usize) -> bool {
@@ -227,6 +315,8 @@ impl MemoryBroker {
                 config,
                 ids: AtomicU64::new(1),
                 faults: Mutex::new(Faults::default()),
+                ack_faults: AtomicBool::new(false),
+                subscription_failures: AtomicU64::new(0),
             }),
         }
     }
@@ -332,10 +422,11 @@ impl MemoryBroker {
 
     /// Makes the next `count` acks (of any delivery) behave as `fault` says.
     pub fn inject_ack_faults(&self, fault: AckFault, count: usize) {
+        let mut faults = self.shared.faults();
+        faults.acks.extend(std::iter::repeat_n(fault, count));
         self.shared
-            .faults()
-            .acks
-            .extend(std::iter::repeat_n(fault, count));
+            .ack_faults
+            .store(!faults.acks.is_empty(), Ordering::Release);
     }
 
     /// Expires every lease now, as if every ack deadline had passed: the
@@ -349,6 +440,9 @@ impl MemoryBroker {
                 for lease in group.leases.values_mut() {
                     lease.deadline = now;
                 }
+                if !group.leases.is_empty() {
+                    group.first_deadline = Some(now);
+                }
             }
         }
         drop(state);
@@ -361,6 +455,9 @@ impl MemoryBroker {
         let mut faults = self.shared.faults();
         faults.subscription_failures += 1;
         faults.subscription_error = Some(Arc::new(error));
+        self.shared
+            .subscription_failures
+            .store(faults.subscription_failures, Ordering::Release);
         drop(faults);
         self.shared.changed.notify_waiters();
     }
@@ -407,6 +504,17 @@ impl Shared {
 
     fn faults(&self) -> MutexGuard<'_, Faults> {
         self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The injected fault for this ack, if one is due.
+    fn ack_fault(&self) -> Option<AckFault> {
+        if !self.ack_faults.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut faults = self.faults();
+        let fault = faults.acks.pop_front();
+        self.ack_faults.store(!faults.acks.is_empty(), Ordering::Release);
+        fault
     }
 
     /// The injected error for a publish to `topic`, if one is due.
@@ -644,7 +752,7 @@ fn not_settled(operation: &'static str) -> Error {
 #[async_trait]
 impl AckHandle for MemoryAck {
     async fn ack(&self) -> Result<()> {
-        let fault = self.shared.faults().acks.pop_front();
+        let fault = self.shared.ack_fault();
         match fault {
             Some(AckFault::Fail) => {
                 return Err(Error::NotSettled {
@@ -711,6 +819,21 @@ impl AckHandle for MemoryAck {
 }
 
 impl MemorySubscription {
+    /// The error `fail_subscriptions` injected, once per call.
+    fn injected_failure(&mut self) -> Option<Error> {
+        if self.shared.subscription_failures.load(Ordering::Acquire) <= self.failures_seen {
+            return None;
+        }
+        let faults = self.shared.faults();
+        if faults.subscription_failures <= self.failures_seen {
+            return None;
+        }
+        self.failures_seen = faults.subscription_failures;
+        let error = faults.subscription_error.clone()?;
+        drop(faults);
+        Some(error())
+    }
+
     /// Takes the next available delivery, or tells when to look again.
     fn try_take(&mut self) -> std::result::Result<Event, Option<Instant>> {
         let now = Instant::now();
@@ -726,23 +849,8 @@ impl MemorySubscription {
             else {
                 continue;
             };
-            let expired: Vec<usize> = group
-                .leases
-                .iter()
-                .filter(|(_, l)| l.deadline <= now)
-                .map(|(seq, _)| *seq)
-                .collect();
-            for seq in expired {
-                if let Some(lease) = group.leases.remove(&seq) {
-                    tracing::debug!(topic, group = %self.group, seq, "ack deadline passed; redelivering");
-                    if let Some(sub) = state.subs.get_mut(&lease.sub) {
-                        sub.outstanding = sub.outstanding.saturating_sub(1);
-                    }
-                    group.redeliver.insert(seq, now);
-                }
-            }
-            for lease in group.leases.values() {
-                wake = Some(wake.map_or(lease.deadline, |w| w.min(lease.deadline)));
+            if let Some(next) = group.expire(now, &mut state.subs, topic, &self.group) {
+                wake = Some(wake.map_or(next, |w| w.min(next)));
             }
         }
         let Some(sub) = state.subs.get(&self.id) else {
@@ -792,6 +900,7 @@ impl MemorySubscription {
                     deadline,
                 },
             );
+            group.first_deadline = Some(group.first_deadline.map_or(deadline, |f| f.min(deadline)));
             let attempt = group.deliveries.entry(seq).or_insert(0);
             *attempt += 1;
             let attempt = *attempt;
@@ -865,19 +974,20 @@ impl Subscription for MemorySubscription {
             if self.closed || self.stopped || self.consumer_closed.load(Ordering::Acquire) {
                 return None;
             }
+            if let Some(error) = self.injected_failure() {
+                return Some(Err(error));
+            }
+            // Take what is there without registering for a wake-up; register
+            // (before looking again, so no change is missed) only when idle.
+            if let Ok(event) = self.try_take() {
+                return Some(Ok(event));
+            }
             let shared = Arc::clone(&self.shared);
             let changed = shared.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            {
-                let faults = self.shared.faults();
-                if faults.subscription_failures > self.failures_seen {
-                    self.failures_seen = faults.subscription_failures;
-                    if let Some(error) = faults.subscription_error.clone() {
-                        drop(faults);
-                        return Some(Err(error()));
-                    }
-                }
+            if let Some(error) = self.injected_failure() {
+                return Some(Err(error));
             }
             match self.try_take() {
                 Ok(event) => return Some(Ok(event)),

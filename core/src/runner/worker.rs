@@ -411,7 +411,7 @@ fn stub_copy(settings: &Settings, delivery: &Delivery, reason: &str, level: u8) 
         original.id.clone()
     } else {
         notes.push("id replaced".to_owned());
-        uuid::Uuid::new_v4().to_string()
+        crate::message::new_id()
     };
     if !original.headers.is_empty() {
         let listed: Vec<&str> = original.headers.keys().collect();
