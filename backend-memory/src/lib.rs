@@ -113,6 +113,8 @@ struct Shared {
     faults: Mutex<Faults>,
     /// Ack faults may be queued (so an ack without any skips the faults lock).
     ack_faults: AtomicBool,
+    /// Publish faults may be set (likewise for publishes).
+    publish_faults: AtomicBool,
     /// `Faults::subscription_failures`, readable without the lock.
     subscription_failures: AtomicU64,
 }
@@ -316,6 +318,7 @@ impl MemoryBroker {
                 ids: AtomicU64::new(1),
                 faults: Mutex::new(Faults::default()),
                 ack_faults: AtomicBool::new(false),
+                publish_faults: AtomicBool::new(false),
                 subscription_failures: AtomicU64::new(0),
             }),
         }
@@ -414,10 +417,11 @@ impl MemoryBroker {
         count: usize,
         error: impl Fn() -> Error + Send + Sync + 'static,
     ) {
-        self.shared
-            .faults()
+        let mut faults = self.shared.faults();
+        faults
             .publishes
             .insert(topic.to_owned(), (count, Arc::new(error)));
+        self.shared.publish_faults.store(true, Ordering::Release);
     }
 
     /// Makes the next `count` acks (of any delivery) behave as `fault` says.
@@ -519,12 +523,17 @@ impl Shared {
 
     /// The injected error for a publish to `topic`, if one is due.
     fn publish_fault(&self, topic: &str) -> Option<ErrorFn> {
+        if !self.publish_faults.load(Ordering::Acquire) {
+            return None;
+        }
         let mut faults = self.faults();
         let (left, error) = faults.publishes.get_mut(topic)?;
         let error = Arc::clone(error);
         *left -= 1;
         if *left == 0 {
             faults.publishes.remove(topic);
+            self.publish_faults
+                .store(!faults.publishes.is_empty(), Ordering::Release);
         }
         Some(error)
     }
@@ -553,8 +562,8 @@ impl Shared {
         // broker has (logically) given the message to someone else.
         let owned = state
             .topics
-            .get(&target.topic)
-            .and_then(|t| t.groups.get(&target.group))
+            .get(&*target.topic)
+            .and_then(|t| t.groups.get(&*target.group))
             .and_then(|g| g.leases.get(&target.seq))
             .is_some_and(|l| l.token == target.token && l.deadline > now);
         if owned {
@@ -595,13 +604,17 @@ impl Producer for MemoryProducer {
         if let Some(error) = self.shared.publish_fault(topic) {
             return Err(error());
         }
-        self.shared
-            .lock()
-            .topics
-            .entry(topic.to_owned())
-            .or_default()
-            .messages
-            .push(message);
+        let mut state = self.shared.lock();
+        match state.topics.get_mut(topic) {
+            Some(log) => log.messages.push(message),
+            None => state
+                .topics
+                .entry(topic.to_owned())
+                .or_default()
+                .messages
+                .push(message),
+        }
+        drop(state);
         self.shared.changed.notify_waiters();
         Ok(())
     }
@@ -683,8 +696,8 @@ impl Consumer for MemoryConsumer {
             shared: Arc::clone(&self.shared),
             consumer_closed: Arc::clone(&self.closed),
             id,
-            topics: options.topics,
-            group,
+            topics: options.topics.iter().map(|t| Arc::from(t.as_str())).collect(),
+            group: Arc::from(group),
             named_group: options.group,
             turn: 0,
             closed: false,
@@ -704,8 +717,9 @@ struct MemorySubscription {
     shared: Arc<Shared>,
     consumer_closed: Arc<AtomicBool>,
     id: u64,
-    topics: Vec<String>,
-    group: String,
+    /// Shared with every lease, which names its topic and group.
+    topics: Vec<Arc<str>>,
+    group: Arc<str>,
     named_group: Option<String>,
     turn: usize,
     closed: bool,
@@ -716,8 +730,8 @@ struct MemorySubscription {
 }
 
 struct LeaseRef {
-    topic: String,
-    group: String,
+    topic: Arc<str>,
+    group: Arc<str>,
     seq: usize,
     token: u64,
 }
@@ -730,8 +744,8 @@ struct MemoryAck {
 fn end_lease(state: &mut State, target: &LeaseRef) {
     let Some(group) = state
         .topics
-        .get_mut(&target.topic)
-        .and_then(|t| t.groups.get_mut(&target.group))
+        .get_mut(&*target.topic)
+        .and_then(|t| t.groups.get_mut(&*target.group))
     else {
         return;
     };
@@ -767,8 +781,8 @@ impl AckHandle for MemoryAck {
             end_lease(state, &self.lease);
             if let Some(g) = state
                 .topics
-                .get_mut(&self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&self.lease.group))
+                .get_mut(&*self.lease.topic)
+                .and_then(|t| t.groups.get_mut(&*self.lease.group))
             {
                 g.deliveries.remove(&self.lease.seq);
             }
@@ -785,8 +799,8 @@ impl AckHandle for MemoryAck {
             end_lease(state, &self.lease);
             if let Some(g) = state
                 .topics
-                .get_mut(&self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&self.lease.group))
+                .get_mut(&*self.lease.topic)
+                .and_then(|t| t.groups.get_mut(&*self.lease.group))
             {
                 g.redeliver.insert(self.lease.seq, at);
             }
@@ -803,8 +817,8 @@ impl AckHandle for MemoryAck {
         let owned = self.shared.with_lease(&self.lease, |state, now| {
             if let Some(lease) = state
                 .topics
-                .get_mut(&self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&self.lease.group))
+                .get_mut(&*self.lease.topic)
+                .and_then(|t| t.groups.get_mut(&*self.lease.group))
                 .and_then(|g| g.leases.get_mut(&self.lease.seq))
             {
                 lease.deadline = later(now, extend);
@@ -844,8 +858,8 @@ impl MemorySubscription {
         for topic in &self.topics {
             let Some(group) = state
                 .topics
-                .get_mut(topic)
-                .and_then(|t| t.groups.get_mut(&self.group))
+                .get_mut(&**topic)
+                .and_then(|t| t.groups.get_mut(&*self.group))
             else {
                 continue;
             };
@@ -864,10 +878,10 @@ impl MemorySubscription {
         for i in 0..n {
             let index = (self.turn + i) % n;
             let topic = &self.topics[index];
-            let Some(log) = state.topics.get_mut(topic) else {
+            let Some(log) = state.topics.get_mut(&**topic) else {
                 continue;
             };
-            let Some(group) = log.groups.get_mut(&self.group) else {
+            let Some(group) = log.groups.get_mut(&*self.group) else {
                 continue;
             };
             let redelivery = group
@@ -909,7 +923,7 @@ impl MemorySubscription {
             }
             self.turn = index + 1;
             let origin = Origin {
-                topic: topic.clone(),
+                topic: String::from(&**topic),
                 group: self.named_group.clone(),
                 partition: None,
                 sequence: Some(seq as u64),
@@ -922,8 +936,8 @@ impl MemorySubscription {
             let acker = Acker::new(MemoryAck {
                 shared: Arc::clone(&self.shared),
                 lease: LeaseRef {
-                    topic: topic.clone(),
-                    group: self.group.clone(),
+                    topic: Arc::clone(topic),
+                    group: Arc::clone(&self.group),
                     seq,
                     token,
                 },
@@ -943,10 +957,10 @@ impl MemorySubscription {
         let mut state = self.shared.lock();
         state.subs.remove(&self.id);
         for topic in &self.topics {
-            let Some(log) = state.topics.get_mut(topic) else {
+            let Some(log) = state.topics.get_mut(&**topic) else {
                 continue;
             };
-            if let Some(group) = log.groups.get_mut(&self.group) {
+            if let Some(group) = log.groups.get_mut(&*self.group) {
                 let mine: Vec<usize> = group
                     .leases
                     .iter()
@@ -958,7 +972,7 @@ impl MemorySubscription {
                     group.redeliver.insert(seq, now);
                 }
                 if group.anonymous {
-                    log.groups.remove(&self.group);
+                    log.groups.remove(&*self.group);
                 }
             }
         }
@@ -1000,6 +1014,16 @@ impl Subscription for MemorySubscription {
                 }
             }
         }
+    }
+
+    fn try_next(&mut self) -> Option<Option<Result<Event>>> {
+        if self.closed || self.stopped || self.consumer_closed.load(Ordering::Acquire) {
+            return Some(None);
+        }
+        if let Some(error) = self.injected_failure() {
+            return Some(Some(Err(error)));
+        }
+        self.try_take().ok().map(|event| Some(Ok(event)))
     }
 
     async fn stop(&mut self) -> Result<()> {

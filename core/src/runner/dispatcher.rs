@@ -152,6 +152,9 @@ impl Dispatcher {
         let mut subscription_open = true;
         // After a transient subscription error, pulling pauses until then.
         let mut pull_paused_until: Option<Instant> = None;
+        // One wait for the stop signal for the whole loop (not one per wake-up).
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             self.start_ready();
             if self.fatal.is_some() {
@@ -164,7 +167,7 @@ impl Dispatcher {
             let can_pull = subscription_open && pull_paused_until.is_none() && self.has_room();
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
+                _ = &mut stopped => break,
                 event = self.pool.next() => {
                     self.pool_event(event, false);
                     // Collect every other attempt that is already done in one go.
@@ -194,14 +197,8 @@ impl Dispatcher {
                         continue;
                     }
                     // Take the events that are already waiting without a round
-                    // through `select!` each (`next` is cancel-safe, so polling it
-                    // once and dropping it when it is not ready loses nothing).
-                    while subscription_open && pull_paused_until.is_none() && self.fatal.is_none() && self.has_room() {
-                        match self.sub.next().now_or_never() {
-                            Some(event) => self.on_event(event, &mut subscription_open, &mut pull_paused_until),
-                            None => break,
-                        }
-                    }
+                    // through `select!` each.
+                    self.take_ready(&mut subscription_open, &mut pull_paused_until);
                 }
             }
         }
@@ -220,6 +217,16 @@ impl Dispatcher {
             (None, false) => Ended::SubscriptionEnded,
         };
         self.counters.report(Some(ended))
+    }
+
+    /// Takes the events the subscription has ready, while there is room.
+    fn take_ready(&mut self, subscription_open: &mut bool, pull_paused_until: &mut Option<Instant>) {
+        while *subscription_open && pull_paused_until.is_none() && self.fatal.is_none() && self.has_room() {
+            match self.sub.try_next() {
+                Some(event) => self.on_event(event, subscription_open, pull_paused_until),
+                None => break,
+            }
+        }
     }
 
     /// Handles one event from the subscription.
@@ -250,8 +257,7 @@ impl Dispatcher {
     }
 
     fn enqueue(&mut self, delivery: Delivery, acker: Acker) {
-        let acker = Arc::new(acker);
-        if !self.checked_topics.contains(delivery.topic()) {
+                if !self.checked_topics.contains(delivery.topic()) {
             // Failures of this topic must be able to reach `<topic>.dlq`.
             if let Err(e) = names::validate_declared_topic(delivery.topic()) {
                 Counters::bump(&self.counters.released, 1);
@@ -312,7 +318,7 @@ impl Dispatcher {
             let job = Job {
                 slot: 0,
                 delivery: head.delivery.clone(),
-                acker: Arc::clone(&head.acker),
+                acker: head.acker.clone(),
             };
             let slot = self.running.start(id);
             self.pool.submit(Job { slot, ..job }, self.running.len());
@@ -422,9 +428,10 @@ impl Dispatcher {
         let mut emptied = Vec::new();
         for (&key, lane) in &mut self.lanes {
             let first = usize::from(lane.head == Head::Running);
-            if let Some(pos) = lane.items.iter().skip(first).position(&pred) {
+            let found = lane.items.iter().skip(first).position(&pred);
+            if let Some(pos) = found {
                 let pos = pos + first;
-                released.extend(lane.items.drain(pos..).map(|h| h.acker));
+                released.extend(lane.items.drain_from(pos).into_iter().map(|h| h.acker));
                 if pos == 0 {
                     if let Some(k) = lane.backoff_key.take() {
                         self.backoff.remove(&k);
@@ -461,7 +468,7 @@ impl Dispatcher {
         self.release_all(lane.items.into_iter().map(|h| h.acker).collect());
     }
 
-    fn release_all(&mut self, ackers: Vec<Arc<Acker>>) {
+    fn release_all(&mut self, ackers: Vec<Acker>) {
         if ackers.is_empty() {
             return;
         }
@@ -515,10 +522,10 @@ impl Dispatcher {
     }
 
     fn keep_alive_all(&mut self) {
-        let ackers: Vec<Arc<Acker>> = self
+        let ackers: Vec<Acker> = self
             .lanes
             .values()
-            .flat_map(|lane| lane.items.iter().map(|h| Arc::clone(&h.acker)))
+            .flat_map(|lane| lane.items.iter().map(|h| h.acker.clone()))
             .collect();
         if ackers.is_empty() {
             return;

@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
 
 use tokio_util::time::delay_queue;
 
@@ -56,11 +55,76 @@ pub(super) enum Head {
 
 pub(super) struct Held {
     pub(super) delivery: Delivery,
-    pub(super) acker: Arc<Acker>,
+    pub(super) acker: Acker,
+}
+
+/// A lane's FIFO queue. The head is kept inline, so a lane of one delivery
+/// (every lane with [`Order::Unordered`](super::Order::Unordered)) allocates
+/// nothing beyond its table entry.
+#[derive(Default)]
+pub(super) struct Items {
+    head: Option<Held>,
+    rest: VecDeque<Held>,
+}
+
+impl Items {
+    pub(super) fn len(&self) -> usize {
+        usize::from(self.head.is_some()) + self.rest.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.head.is_none()
+    }
+
+    pub(super) fn push_back(&mut self, held: Held) {
+        match self.head {
+            None => self.head = Some(held),
+            Some(_) => self.rest.push_back(held),
+        }
+    }
+
+    pub(super) fn front(&self) -> Option<&Held> {
+        self.head.as_ref()
+    }
+
+    pub(super) fn front_mut(&mut self) -> Option<&mut Held> {
+        self.head.as_mut()
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Held> {
+        let head = self.head.take();
+        self.head = self.rest.pop_front();
+        head
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Held> {
+        self.head.iter().chain(self.rest.iter())
+    }
+
+    /// Removes the items from position `from` on, in order.
+    pub(super) fn drain_from(&mut self, from: usize) -> Vec<Held> {
+        if from == 0 {
+            let mut all = Vec::with_capacity(self.len());
+            all.extend(self.head.take());
+            all.extend(self.rest.drain(..));
+            all
+        } else {
+            self.rest.drain(from.min(self.rest.len() + 1) - 1..).collect()
+        }
+    }
+}
+
+impl IntoIterator for Items {
+    type Item = Held;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<Held>, std::collections::vec_deque::IntoIter<Held>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.head.into_iter().chain(self.rest)
+    }
 }
 
 pub(super) struct Lane {
-    pub(super) items: VecDeque<Held>,
+    pub(super) items: Items,
     pub(super) head: Head,
     pub(super) backoff_key: Option<delay_queue::Key>,
     /// The message key this lane orders ([`Order::ByKey`](super::Order::ByKey)).
@@ -70,7 +134,7 @@ pub(super) struct Lane {
 impl Lane {
     pub(super) fn new(key: Option<bytes::Bytes>) -> Self {
         Lane {
-            items: VecDeque::with_capacity(1),
+            items: Items::default(),
             head: Head::Waiting,
             backoff_key: None,
             key,

@@ -40,7 +40,7 @@ const IDLE: usize = usize::MAX;
 pub(super) struct Job {
     pub(super) slot: usize,
     pub(super) delivery: Delivery,
-    pub(super) acker: Arc<Acker>,
+    pub(super) acker: Acker,
 }
 
 /// What the pool tells the dispatcher.
