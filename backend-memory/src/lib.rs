@@ -555,21 +555,35 @@ impl Shared {
     }
 
     /// Finds a lease by token and applies `f` to the group and lease.
-    fn with_lease(&self, target: &LeaseRef, f: impl FnOnce(&mut State, Instant)) -> bool {
+    /// Finds the lease `target` names and, if it is still held, applies `f`
+    /// to its group (one lookup of topic and group).
+    fn with_lease(
+        &self,
+        target: &LeaseRef,
+        f: impl FnOnce(&mut Group, &mut Map<u64, SubState>, Instant),
+    ) -> bool {
         let now = Instant::now();
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let group = state
+            .topics
+            .get_mut(&*target.topic)
+            .and_then(|t| t.groups.get_mut(&*target.group));
         // A lease past its deadline is lost even if no one has reaped it yet: the
         // broker has (logically) given the message to someone else.
-        let owned = state
-            .topics
-            .get(&*target.topic)
-            .and_then(|t| t.groups.get(&*target.group))
-            .and_then(|g| g.leases.get(&target.seq))
-            .is_some_and(|l| l.token == target.token && l.deadline > now);
-        if owned {
-            f(&mut state, now);
-        }
-        drop(state);
+        let owned = match group {
+            Some(group)
+                if group
+                    .leases
+                    .get(&target.seq)
+                    .is_some_and(|l| l.token == target.token && l.deadline > now) =>
+            {
+                f(group, &mut state.subs, now);
+                true
+            }
+            _ => false,
+        };
+        drop(guard);
         if owned {
             self.changed.notify_waiters();
         }
@@ -741,16 +755,9 @@ struct MemoryAck {
     lease: LeaseRef,
 }
 
-fn end_lease(state: &mut State, target: &LeaseRef) {
-    let Some(group) = state
-        .topics
-        .get_mut(&*target.topic)
-        .and_then(|t| t.groups.get_mut(&*target.group))
-    else {
-        return;
-    };
-    if let Some(lease) = group.leases.remove(&target.seq)
-        && let Some(sub) = state.subs.get_mut(&lease.sub)
+fn end_lease(group: &mut Group, subs: &mut Map<u64, SubState>, seq: usize) {
+    if let Some(lease) = group.leases.remove(&seq)
+        && let Some(sub) = subs.get_mut(&lease.sub)
     {
         sub.outstanding = sub.outstanding.saturating_sub(1);
     }
@@ -777,15 +784,10 @@ impl AckHandle for MemoryAck {
             Some(AckFault::Hang) => std::future::pending::<()>().await,
             _ => {}
         }
-        let owned = self.shared.with_lease(&self.lease, |state, _| {
-            end_lease(state, &self.lease);
-            if let Some(g) = state
-                .topics
-                .get_mut(&*self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&*self.lease.group))
-            {
-                g.deliveries.remove(&self.lease.seq);
-            }
+        let seq = self.lease.seq;
+        let owned = self.shared.with_lease(&self.lease, |group, subs, _| {
+            end_lease(group, subs, seq);
+            group.deliveries.remove(&seq);
         });
         if fault == Some(AckFault::PanicAfterAck) {
             panic!("injected panic after the ack (memory broker fault)");
@@ -794,16 +796,11 @@ impl AckHandle for MemoryAck {
     }
 
     async fn release(&self, delay: Option<Duration>) -> Result<()> {
-        let owned = self.shared.with_lease(&self.lease, |state, now| {
+        let seq = self.lease.seq;
+        let owned = self.shared.with_lease(&self.lease, |group, subs, now| {
             let at = later(now, delay.unwrap_or_default());
-            end_lease(state, &self.lease);
-            if let Some(g) = state
-                .topics
-                .get_mut(&*self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&*self.lease.group))
-            {
-                g.redeliver.insert(self.lease.seq, at);
-            }
+            end_lease(group, subs, seq);
+            group.redeliver.insert(seq, at);
         });
         if owned {
             Ok(())
@@ -814,13 +811,9 @@ impl AckHandle for MemoryAck {
 
     async fn keep_alive(&self) -> Result<()> {
         let extend = self.shared.config.ack_deadline;
-        let owned = self.shared.with_lease(&self.lease, |state, now| {
-            if let Some(lease) = state
-                .topics
-                .get_mut(&*self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&*self.lease.group))
-                .and_then(|g| g.leases.get_mut(&self.lease.seq))
-            {
+        let seq = self.lease.seq;
+        let owned = self.shared.with_lease(&self.lease, |group, _, now| {
+            if let Some(lease) = group.leases.get_mut(&seq) {
                 lease.deadline = later(now, extend);
             }
         });
@@ -854,8 +847,10 @@ impl MemorySubscription {
         let mut guard = self.shared.lock();
         let state = &mut *guard;
         let mut wake: Option<Instant> = None;
-        // Expire overdue leases of every group this subscription reads.
-        for topic in &self.topics {
+        let n = self.topics.len();
+        // Expire overdue leases of every group this subscription reads (with one
+        // topic, in the same lookup as the take below).
+        for topic in self.topics.iter().filter(|_| n > 1) {
             let Some(group) = state
                 .topics
                 .get_mut(&**topic)
@@ -867,14 +862,7 @@ impl MemorySubscription {
                 wake = Some(wake.map_or(next, |w| w.min(next)));
             }
         }
-        let Some(sub) = state.subs.get(&self.id) else {
-            return Err(None);
-        };
-        if sub.outstanding >= sub.prefetch {
-            return Err(wake);
-        }
         let deadline = later(now, self.shared.config.ack_deadline);
-        let n = self.topics.len();
         for i in 0..n {
             let index = (self.turn + i) % n;
             let topic = &self.topics[index];
@@ -884,6 +872,17 @@ impl MemorySubscription {
             let Some(group) = log.groups.get_mut(&*self.group) else {
                 continue;
             };
+            if n == 1
+                && let Some(next) = group.expire(now, &mut state.subs, topic, &self.group)
+            {
+                wake = Some(wake.map_or(next, |w| w.min(next)));
+            }
+            let Some(sub) = state.subs.get(&self.id) else {
+                return Err(None);
+            };
+            if sub.outstanding >= sub.prefetch {
+                return Err(wake);
+            }
             let redelivery = group
                 .redeliver
                 .iter()

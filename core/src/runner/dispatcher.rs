@@ -157,6 +157,11 @@ impl Dispatcher {
         tokio::pin!(stopped);
         loop {
             self.start_ready();
+            // Take what the subscription already holds (room permitting) and start
+            // it, without a round through `select!` per delivery.
+            if !stop.is_cancelled() && self.take_ready(&mut subscription_open, &mut pull_paused_until) {
+                self.start_ready();
+            }
             if self.fatal.is_some() {
                 break;
             }
@@ -171,8 +176,8 @@ impl Dispatcher {
                 event = self.pool.next() => {
                     self.pool_event(event, false);
                     // Collect every other attempt that is already done in one go.
-                    while let Some(finished) = self.pool.try_finished() {
-                        self.finished(finished, false);
+                    while let Some(event) = self.pool.try_next() {
+                        self.pool_event(event, false);
                     }
                 }
                 Some(expired) = self.backoff.next(), if !self.backoff.is_empty() => {
@@ -220,13 +225,17 @@ impl Dispatcher {
     }
 
     /// Takes the events the subscription has ready, while there is room.
-    fn take_ready(&mut self, subscription_open: &mut bool, pull_paused_until: &mut Option<Instant>) {
+    /// Returns whether it took any.
+    fn take_ready(&mut self, subscription_open: &mut bool, pull_paused_until: &mut Option<Instant>) -> bool {
+        let mut took = false;
         while *subscription_open && pull_paused_until.is_none() && self.fatal.is_none() && self.has_room() {
             match self.sub.try_next() {
                 Some(event) => self.on_event(event, subscription_open, pull_paused_until),
                 None => break,
             }
+            took = true;
         }
+        took
     }
 
     /// Handles one event from the subscription.
@@ -399,7 +408,10 @@ impl Dispatcher {
     fn pool_event(&mut self, event: PoolEvent, stopping: bool) {
         match event {
             PoolEvent::Finished(finished) => self.finished(finished, stopping),
-            PoolEvent::WorkerEnded(slot) => self.worker_ended(slot, stopping),
+            PoolEvent::WorkerEnded { slot, .. } => {
+                tracing::error!("a runner worker ended unexpectedly");
+                self.worker_ended(slot, stopping);
+            }
         }
     }
 
@@ -610,9 +622,12 @@ impl Dispatcher {
             self.pool.abort_all();
             let cancel_wait = Instant::now().max(deadline) + Duration::from_secs(1);
             let joined = self.pool.join_aborted(cancel_wait).await;
-            // Attempts that finished before they were cancelled count as such.
-            while let Some(finished) = self.pool.try_finished() {
-                self.finished(finished, true);
+            // Attempts that finished before they were cancelled count as such;
+            // the others are released below.
+            while let Some(event) = self.pool.try_next() {
+                if let PoolEvent::Finished(finished) = event {
+                    self.finished(finished, true);
+                }
             }
             if !joined {
                 // A handler blocking its thread cannot be cancelled: give its

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::FutureExt;
@@ -47,8 +47,9 @@ pub(super) struct Job {
 pub(super) enum PoolEvent {
     /// An attempt ended.
     Finished(Finished),
-    /// A worker task ended by itself while running this slot (if any).
-    WorkerEnded(Option<usize>),
+    /// A worker task ended without being asked to (it never should: everything
+    /// it runs is guarded), or was aborted; `slot` is what it was running.
+    WorkerEnded { worker: u64, slot: Option<usize> },
 }
 
 /// What the dispatcher hears back: the slot and how its attempt ended.
@@ -99,10 +100,11 @@ pub(super) struct Pool {
     settings: Arc<Settings>,
     limit: usize,
     workers: JoinSet<()>,
-    /// Per worker (by task id): the slot it is running, or [`IDLE`].
-    current: Vec<(tokio::task::Id, Arc<AtomicUsize>)>,
-    results_tx: mpsc::UnboundedSender<Finished>,
-    results: mpsc::UnboundedReceiver<Finished>,
+    /// The workers alive, by the pool's own id.
+    alive: Vec<u64>,
+    next_worker: u64,
+    results_tx: mpsc::UnboundedSender<PoolEvent>,
+    results: mpsc::UnboundedReceiver<PoolEvent>,
 }
 
 impl Pool {
@@ -119,7 +121,8 @@ impl Pool {
             settings,
             limit: limit.max(1),
             workers: JoinSet::new(),
-            current: Vec::new(),
+            alive: Vec::new(),
+            next_worker: 0,
             results_tx,
             results,
         }
@@ -129,7 +132,7 @@ impl Pool {
     /// finished, this one included (at most the pool's limit).
     pub(super) fn submit(&mut self, job: Job, outstanding: usize) {
         self.queue.jobs().push_back(job);
-        if self.current.len() < outstanding.min(self.limit) {
+        if self.alive.len() < outstanding.min(self.limit) {
             self.spawn_worker();
         } else {
             self.queue.available.notify_one();
@@ -137,43 +140,42 @@ impl Pool {
     }
 
     fn spawn_worker(&mut self) {
-        let current = Arc::new(AtomicUsize::new(IDLE));
+        self.next_worker += 1;
+        let exit = Exit {
+            worker: self.next_worker,
+            slot: IDLE,
+            results: self.results_tx.clone(),
+            clean: false,
+        };
         let work = work(
             Arc::clone(&self.queue),
             self.pipeline.clone(),
             Arc::clone(&self.settings),
-            self.results_tx.clone(),
-            Arc::clone(&current),
+            exit,
         );
-        let id = self.workers.spawn(work).id();
-        self.current.push((id, current));
+        self.workers.spawn(work);
+        self.alive.push(self.next_worker);
     }
 
-    /// The next finished attempt, or a worker that ended by itself (it never
-    /// should: everything it runs is guarded; the slot it was running, if any, is
-    /// then a failed attempt). Cancel-safe.
+    /// The next finished attempt, or a worker that ended. Cancel-safe.
     pub(super) async fn next(&mut self) -> PoolEvent {
-        let ended = tokio::select! {
-            biased;
-            Some(finished) = self.results.recv() => return PoolEvent::Finished(finished),
-            Some(ended) = self.workers.join_next_with_id(), if !self.workers.is_empty() => ended,
-        };
-        let id = match &ended {
-            Ok((id, ())) => *id,
-            Err(e) => e.id(),
-        };
-        tracing::error!(ok = ended.is_ok(), "a runner worker ended unexpectedly");
-        let Some(at) = self.current.iter().position(|(worker, _)| *worker == id) else {
-            return PoolEvent::WorkerEnded(None);
-        };
-        let (_, slot) = self.current.swap_remove(at);
-        let slot = slot.load(Ordering::Acquire);
-        PoolEvent::WorkerEnded((slot != IDLE).then_some(slot))
+        match self.results.recv().await {
+            Some(event) => self.seen(event),
+            // The pool keeps a sender itself.
+            None => std::future::pending().await,
+        }
     }
 
-    /// A finished attempt that is already waiting, if any.
-    pub(super) fn try_finished(&mut self) -> Option<Finished> {
-        self.results.try_recv().ok()
+    /// An event that is already waiting, if any.
+    pub(super) fn try_next(&mut self) -> Option<PoolEvent> {
+        self.results.try_recv().ok().map(|event| self.seen(event))
+    }
+
+    fn seen(&mut self, event: PoolEvent) -> PoolEvent {
+        if let PoolEvent::WorkerEnded { worker, .. } = &event {
+            self.alive.retain(|alive| alive != worker);
+        }
+        event
     }
 
     /// Cancels every worker (shutdown deadline): running attempts are dropped.
@@ -197,7 +199,7 @@ impl Pool {
         }
     }
 
-    /// How many workers are still alive (for the log of a stuck shutdown).
+    /// How many worker tasks have not ended (for the log of a stuck shutdown).
     pub(super) fn workers(&self) -> usize {
         self.workers.len()
     }
@@ -210,14 +212,30 @@ impl Drop for Pool {
     }
 }
 
+/// Tells the dispatcher when a worker ends other than by the pool closing
+/// (aborted at the shutdown deadline, or a panic that escaped every guard), and
+/// which slot it was running.
+struct Exit {
+    worker: u64,
+    slot: usize,
+    results: mpsc::UnboundedSender<PoolEvent>,
+    clean: bool,
+}
+
+impl Drop for Exit {
+    fn drop(&mut self) {
+        if !self.clean {
+            let slot = (self.slot != IDLE).then_some(self.slot);
+            let _ = self.results.send(PoolEvent::WorkerEnded {
+                worker: self.worker,
+                slot,
+            });
+        }
+    }
+}
+
 /// One worker: takes jobs until the pool closes or it is aborted.
-async fn work(
-    queue: Arc<Queue>,
-    pipeline: Pipeline,
-    settings: Arc<Settings>,
-    results: mpsc::UnboundedSender<Finished>,
-    current: Arc<AtomicUsize>,
-) {
+async fn work(queue: Arc<Queue>, pipeline: Pipeline, settings: Arc<Settings>, mut exit: Exit) {
     let mut reported = false;
     loop {
         let job = match queue.pop() {
@@ -231,18 +249,19 @@ async fn work(
             }
             None => match queue.next().await {
                 Some(job) => job,
-                None => return,
+                None => break,
             },
         };
         let slot = job.slot;
-        current.store(slot, Ordering::Release);
+        exit.slot = slot;
         let done = run_job(&pipeline, &settings, job).await;
-        current.store(IDLE, Ordering::Release);
-        reported = results.send(Finished { slot, done }).is_ok();
+        exit.slot = IDLE;
+        reported = exit.results.send(PoolEvent::Finished(Finished { slot, done })).is_ok();
         if !reported {
-            return;
+            break;
         }
     }
+    exit.clean = true;
 }
 
 /// Runs one attempt; a panic that escapes it (or dropping what it held) is a
