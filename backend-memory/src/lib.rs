@@ -33,7 +33,7 @@
 //! and examples, not for unbounded streams.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -46,6 +46,8 @@ use polybus_core::{
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+mod hash;
 
 /// Settings of an in-memory broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,55 +123,7 @@ struct Shared {
 
 type ErrorFn = Arc<dyn Fn() -> Error + Send + Sync>;
 
-/// A fast, unkeyed hasher (multiply and rotate, 8 bytes at a time) for the
-/// broker's own tables: their keys are the application's topic and group names
-/// and the broker's own sequence numbers, so SipHash's protection against
-/// chosen keys buys nothing here and costs several times more per lookup.
-#[derive(Default, Clone, Copy)]
-struct FastHasher(u64);
-
-const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-impl FastHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(SEED);
-    }
-}
-
-impl Hasher for FastHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u8(&mut self, n: u8) {
-        self.add(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-}
-
-type Map<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<hash::FastHasher>>;
 
 /// Faults injected by tests.
 #[derive(Default)]
@@ -249,7 +203,13 @@ impl Group {
 
     /// Moves every lease past its deadline to redelivery (only when one may
     /// be: see `first_deadline`); returns when the next lease ends, if any.
-    fn expire(&mut self, now: Instant, subs: &mut Map<u64, SubState>, topic: &str, group: &str) -> Option<Instant> {
+    fn expire(
+        &mut self,
+        now: Instant,
+        subs: &mut Map<u64, SubState>,
+        topic: &str,
+        group: &str,
+    ) -> Option<Instant> {
         if self.first_deadline.is_some_and(|first| first <= now) {
             let mut first: Option<Instant> = None;
             let redeliver = &mut self.redeliver;

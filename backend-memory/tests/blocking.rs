@@ -68,5 +68,9 @@ async fn a_handler_blocking_its_thread_cannot_hold_up_shutdown() {
     assert_eq!(report.handled, 1, "{report:?}");
     assert_eq!(report.abandoned, 1, "{report:?}");
     let stats = broker.group_stats("t", "g").unwrap();
-    assert_eq!((stats.pending, stats.unacked), (1, 0), "the blocked message was given back");
+    assert_eq!(
+        (stats.pending, stats.unacked),
+        (1, 0),
+        "the blocked message was given back"
+    );
 }

@@ -266,7 +266,7 @@ impl Dispatcher {
     }
 
     fn enqueue(&mut self, delivery: Delivery, acker: Acker) {
-                if !self.checked_topics.contains(delivery.topic()) {
+        if !self.checked_topics.contains(delivery.topic()) {
             // Failures of this topic must be able to reach `<topic>.dlq`.
             if let Err(e) = names::validate_declared_topic(delivery.topic()) {
                 Counters::bump(&self.counters.released, 1);
@@ -366,7 +366,7 @@ impl Dispatcher {
                     head.delivery = head.delivery.with_attempt(head.delivery.attempt() + 1);
                 }
                 lane.head = Head::Backoff;
-                lane.backoff_key = Some(self.backoff.insert(key.clone(), delay));
+                lane.backoff_key = Some(self.backoff.insert(key, delay));
                 self.parked_lanes.insert(key);
                 return;
             }

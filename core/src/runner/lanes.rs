@@ -116,7 +116,8 @@ impl Items {
 
 impl IntoIterator for Items {
     type Item = Held;
-    type IntoIter = std::iter::Chain<std::option::IntoIter<Held>, std::collections::vec_deque::IntoIter<Held>>;
+    type IntoIter =
+        std::iter::Chain<std::option::IntoIter<Held>, std::collections::vec_deque::IntoIter<Held>>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.head.into_iter().chain(self.rest)

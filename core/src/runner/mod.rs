@@ -54,9 +54,9 @@ use crate::middleware::{Middleware, Pipeline};
 use crate::names;
 
 mod dispatcher;
+mod handle;
 mod lanes;
 mod pool;
-mod handle;
 mod worker;
 
 pub use handle::{Ended, RunHandle, RunState, ShutdownReport};

@@ -256,7 +256,10 @@ async fn work(queue: Arc<Queue>, pipeline: Pipeline, settings: Arc<Settings>, mu
         exit.slot = slot;
         let done = run_job(&pipeline, &settings, job).await;
         exit.slot = IDLE;
-        reported = exit.results.send(PoolEvent::Finished(Finished { slot, done })).is_ok();
+        reported = exit
+            .results
+            .send(PoolEvent::Finished(Finished { slot, done }))
+            .is_ok();
         if !reported {
             break;
         }

@@ -70,7 +70,12 @@ const ACKING_HANDLED: u8 = 2;
 const ACKING_DEAD_LETTERED: u8 = 3;
 
 /// Runs one attempt of one delivery and settles it. Never panics.
-pub(super) async fn attempt(pipeline: &Pipeline, settings: &Settings, delivery: &Delivery, acker: &Acker) -> Done {
+pub(super) async fn attempt(
+    pipeline: &Pipeline,
+    settings: &Settings,
+    delivery: &Delivery,
+    acker: &Acker,
+) -> Done {
     let stage = AtomicU8::new(HANDLING);
     let work = AssertUnwindSafe(run(pipeline, settings, delivery, acker, &stage))
         .catch_unwind()
