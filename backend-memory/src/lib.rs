@@ -156,6 +156,25 @@ struct State {
     subs: Map<u64, SubState>,
 }
 
+impl State {
+    /// Wakes the subscriptions that read `topic` (in `group`, if given): one
+    /// wake-up each, only for those the change concerns.
+    fn wake_readers(&self, topic: &str, group: Option<&str>) {
+        for sub in self.subs.values() {
+            if group.is_none_or(|g| *sub.group == *g) && sub.topics.iter().any(|t| **t == *topic) {
+                sub.wake.notify_one();
+            }
+        }
+    }
+
+    /// Wakes every subscription (faults, closing, expired leases: rare).
+    fn wake_all(&self) {
+        for sub in self.subs.values() {
+            sub.wake.notify_one();
+        }
+    }
+}
+
 #[derive(Default)]
 struct TopicLog {
     messages: Vec<Message>,
@@ -187,6 +206,19 @@ struct Lease {
 struct SubState {
     outstanding: usize,
     prefetch: usize,
+    /// Wakes this subscription's `next` (a permit is kept if it is not waiting).
+    wake: Arc<Notify>,
+    topics: Vec<Arc<str>>,
+    group: Arc<str>,
+}
+
+/// Whom a settlement wakes, besides `wait_until_settled`.
+enum Wakes {
+    Nobody,
+    /// The subscription that held the lease: it was at its prefetch limit.
+    Sub(u64),
+    /// Every subscription of the lease's group on its topic (a redelivery).
+    Group,
 }
 
 impl Group {
@@ -345,13 +377,15 @@ impl MemoryBroker {
     /// values that are not UTF-8 or null, a null payload (`tombstone`), oversized
     /// payloads. For hostile-input tests.
     pub fn insert_raw(&self, topic: &str, message: Message) {
-        self.shared
-            .lock()
+        let mut state = self.shared.lock();
+        state
             .topics
             .entry(topic.to_owned())
             .or_default()
             .messages
             .push(message);
+        state.wake_readers(topic, None);
+        drop(state);
         self.shared.changed.notify_waiters();
     }
 
@@ -364,6 +398,7 @@ impl MemoryBroker {
         let log = state.topics.entry(topic.to_owned()).or_default();
         log.undecodable.insert(log.messages.len(), reason.to_owned());
         log.messages.push(message);
+        state.wake_readers(topic, None);
         drop(state);
         self.shared.changed.notify_waiters();
     }
@@ -409,6 +444,7 @@ impl MemoryBroker {
                 }
             }
         }
+        state.wake_all();
         drop(state);
         self.shared.changed.notify_waiters();
     }
@@ -423,6 +459,7 @@ impl MemoryBroker {
             .subscription_failures
             .store(faults.subscription_failures, Ordering::Release);
         drop(faults);
+        self.shared.lock().wake_all();
         self.shared.changed.notify_waiters();
     }
 
@@ -520,7 +557,7 @@ impl Shared {
     fn with_lease(
         &self,
         target: &LeaseRef,
-        f: impl FnOnce(&mut Group, &mut Map<u64, SubState>, Instant),
+        f: impl FnOnce(&mut Group, &mut Map<u64, SubState>, Instant) -> Wakes,
     ) -> bool {
         let now = Instant::now();
         let mut guard = self.lock();
@@ -538,13 +575,22 @@ impl Shared {
                     .get(&target.seq)
                     .is_some_and(|l| l.token == target.token && l.deadline > now) =>
             {
-                f(group, &mut state.subs, now);
+                match f(group, &mut state.subs, now) {
+                    Wakes::Nobody => {}
+                    Wakes::Sub(id) => {
+                        if let Some(sub) = state.subs.get(&id) {
+                            sub.wake.notify_one();
+                        }
+                    }
+                    Wakes::Group => state.wake_readers(&target.topic, Some(&target.group)),
+                }
                 true
             }
             _ => false,
         };
         drop(guard);
         if owned {
+            // For `wait_until_settled`.
             self.changed.notify_waiters();
         }
         owned
@@ -588,8 +634,10 @@ impl Producer for MemoryProducer {
                 .messages
                 .push(message),
         }
+        // Wakes the subscriptions of this topic only; `wait_until_settled`
+        // needs no wake-up for a message that makes nothing settled.
+        state.wake_readers(topic, None);
         drop(state);
-        self.shared.changed.notify_waiters();
         Ok(())
     }
 
@@ -654,6 +702,9 @@ impl Consumer for MemoryConsumer {
             .group
             .clone()
             .unwrap_or_else(|| format!("~anonymous-{id}"));
+        let topics: Vec<Arc<str>> = options.topics.iter().map(|t| Arc::from(t.as_str())).collect();
+        let group: Arc<str> = Arc::from(group);
+        let wake = Arc::new(Notify::new());
         let mut state = self.shared.lock();
         for topic in &options.topics {
             Shared::declare_group(&mut state, topic, &group, options.start, options.group.is_none());
@@ -663,6 +714,9 @@ impl Consumer for MemoryConsumer {
             SubState {
                 outstanding: 0,
                 prefetch: options.prefetch.max(1),
+                wake: Arc::clone(&wake),
+                topics: topics.clone(),
+                group: Arc::clone(&group),
             },
         );
         drop(state);
@@ -670,8 +724,9 @@ impl Consumer for MemoryConsumer {
             shared: Arc::clone(&self.shared),
             consumer_closed: Arc::clone(&self.closed),
             id,
-            topics: options.topics.iter().map(|t| Arc::from(t.as_str())).collect(),
-            group: Arc::from(group),
+            wake,
+            topics,
+            group,
             named_group: options.group,
             turn: 0,
             closed: false,
@@ -682,6 +737,7 @@ impl Consumer for MemoryConsumer {
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
+        self.shared.lock().wake_all();
         self.shared.changed.notify_waiters();
         Ok(())
     }
@@ -691,6 +747,8 @@ struct MemorySubscription {
     shared: Arc<Shared>,
     consumer_closed: Arc<AtomicBool>,
     id: u64,
+    /// Woken by what concerns this subscription (see `State::wake_readers`).
+    wake: Arc<Notify>,
     /// Shared with every lease, which names its topic and group.
     topics: Vec<Arc<str>>,
     group: Arc<str>,
@@ -715,12 +773,14 @@ struct MemoryAck {
     lease: LeaseRef,
 }
 
-fn end_lease(group: &mut Group, subs: &mut Map<u64, SubState>, seq: usize) {
-    if let Some(lease) = group.leases.remove(&seq)
-        && let Some(sub) = subs.get_mut(&lease.sub)
-    {
-        sub.outstanding = sub.outstanding.saturating_sub(1);
-    }
+/// Ends a lease; returns its subscription if that was at its prefetch limit
+/// (so it may take again and must be woken).
+fn end_lease(group: &mut Group, subs: &mut Map<u64, SubState>, seq: usize) -> Option<u64> {
+    let lease = group.leases.remove(&seq)?;
+    let sub = subs.get_mut(&lease.sub)?;
+    let was_full = sub.outstanding >= sub.prefetch;
+    sub.outstanding = sub.outstanding.saturating_sub(1);
+    was_full.then_some(lease.sub)
 }
 
 fn not_settled(operation: &'static str) -> Error {
@@ -746,8 +806,9 @@ impl AckHandle for MemoryAck {
         }
         let seq = self.lease.seq;
         let owned = self.shared.with_lease(&self.lease, |group, subs, _| {
-            end_lease(group, subs, seq);
+            let full = end_lease(group, subs, seq);
             group.deliveries.remove(&seq);
+            full.map_or(Wakes::Nobody, Wakes::Sub)
         });
         if fault == Some(AckFault::PanicAfterAck) {
             panic!("injected panic after the ack (memory broker fault)");
@@ -761,6 +822,7 @@ impl AckHandle for MemoryAck {
             let at = later(now, delay.unwrap_or_default());
             end_lease(group, subs, seq);
             group.redeliver.insert(seq, at);
+            Wakes::Group
         });
         if owned {
             Ok(())
@@ -776,6 +838,7 @@ impl AckHandle for MemoryAck {
             if let Some(lease) = group.leases.get_mut(&seq) {
                 lease.deadline = later(now, extend);
             }
+            Wakes::Nobody
         });
         if owned {
             Ok(())
@@ -934,6 +997,7 @@ impl MemorySubscription {
                     log.groups.remove(&*self.group);
                 }
             }
+            state.wake_readers(topic, Some(&self.group));
         }
         drop(state);
         self.shared.changed.notify_waiters();
@@ -955,8 +1019,8 @@ impl Subscription for MemorySubscription {
             if let Ok(event) = self.try_take() {
                 return Some(Ok(event));
             }
-            let shared = Arc::clone(&self.shared);
-            let changed = shared.changed.notified();
+            let wake = Arc::clone(&self.wake);
+            let changed = wake.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if let Some(error) = self.injected_failure() {
