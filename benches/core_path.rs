@@ -8,13 +8,20 @@
 //! cargo bench --bench core_path
 //! POLYBUS_BENCH_MESSAGES=200000 POLYBUS_BENCH_RUNS=7 cargo bench --bench core_path
 //! ```
+//!
+//! `POLYBUS_BENCH_ONLY=raw|polybus0|polybus4` runs one pipeline only (what
+//! `scripts/callgrind-core-path.sh` uses to count instructions per message).
+//! `POLYBUS_BENCH_HELD=N` instead makes a runner hold N deliveries in backoff
+//! and stop there (what `scripts/held-memory.sh` measures the heap of);
+//! `POLYBUS_BENCH_HELD_MODE=published` only publishes the N messages (the
+//! broker's own share, to subtract).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use polybus::memory::MemoryBroker;
-use polybus::{Delivery, HandlerResult, Message, Next, Order, StartFrom, from_fn};
+use polybus::{Delivery, HandlerError, HandlerResult, Message, Next, Order, RetryPolicy, StartFrom, from_fn};
 use tokio::sync::{Notify, mpsc};
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -102,6 +109,45 @@ async fn raw_once(n: usize, payload: &[u8]) -> Duration {
     started.elapsed()
 }
 
+/// Publishes `n` messages and (unless `publish_only`) has a runner hold all of
+/// them in backoff (each attempt fails retryably, the backoff is an hour);
+/// returns once they are all held, printing the runner's counts.
+async fn held(n: usize, publish_only: bool, payload: &[u8]) {
+    let broker = MemoryBroker::new();
+    let conn = broker.connection();
+    conn.consumer
+        .declare_group("bench", "bench", StartFrom::Latest)
+        .await
+        .expect("declare");
+    for _ in 0..n {
+        conn.producer
+            .send("bench", Message::new(payload.to_vec()))
+            .await
+            .expect("send");
+    }
+    if publish_only {
+        println!("published {n}");
+        return;
+    }
+    let handle = conn
+        .runner()
+        .topic("bench")
+        .group("bench")
+        .order(Order::Unordered)
+        .concurrency(16)
+        .backoff_capacity(n)
+        .retry(RetryPolicy::attempts(2).backoff(Duration::from_secs(3600), Duration::from_secs(3600)))
+        .run(|_d: Delivery| async { Err::<(), _>(HandlerError::retryable("held")) })
+        .await
+        .expect("run");
+    while handle.stats().retried < n as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("held {n}: {:?}", handle.stats());
+    // Measured here, at the peak; the process exits without a shutdown.
+    std::process::exit(0);
+}
+
 fn median(mut rates: Vec<f64>) -> f64 {
     rates.sort_by(f64::total_cmp);
     rates[rates.len() / 2]
@@ -115,13 +161,25 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    if let Some(n) = std::env::var("POLYBUS_BENCH_HELD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        let publish_only = std::env::var("POLYBUS_BENCH_HELD_MODE").is_ok_and(|m| m == "published");
+        runtime.block_on(held(n, publish_only, &payload));
+        return;
+    }
+    let only = std::env::var("POLYBUS_BENCH_ONLY").ok();
     println!("core path: {n} messages of 100 bytes, median of {runs} runs, in-memory backend");
     let mut results = Vec::new();
-    for (name, layers) in [
-        ("raw tokio mpsc", None),
-        ("polybus, no middleware", Some(0)),
-        ("polybus, 4 middleware", Some(4)),
+    for (tag, name, layers) in [
+        ("raw", "raw tokio mpsc", None),
+        ("polybus0", "polybus, no middleware", Some(0)),
+        ("polybus4", "polybus, 4 middleware", Some(4)),
     ] {
+        if only.as_deref().is_some_and(|only| only != tag) {
+            continue;
+        }
         let rates: Vec<f64> = (0..runs)
             .map(|_| {
                 let took = runtime.block_on(async {
@@ -136,6 +194,9 @@ fn main() {
         let rate = median(rates);
         println!("{name:<24} {rate:>12.0} msg/s");
         results.push((name, rate));
+    }
+    if only.is_some() {
+        return;
     }
     let raw = results[0].1;
     for (name, rate) in &results[1..] {

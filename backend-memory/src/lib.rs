@@ -33,6 +33,7 @@
 //! and examples, not for unbounded streams.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -45,6 +46,8 @@ use polybus_core::{
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+mod hash;
 
 /// Settings of an in-memory broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,9 +113,17 @@ struct Shared {
     config: MemoryConfig,
     ids: AtomicU64,
     faults: Mutex<Faults>,
+    /// Ack faults may be queued (so an ack without any skips the faults lock).
+    ack_faults: AtomicBool,
+    /// Publish faults may be set (likewise for publishes).
+    publish_faults: AtomicBool,
+    /// `Faults::subscription_failures`, readable without the lock.
+    subscription_failures: AtomicU64,
 }
 
 type ErrorFn = Arc<dyn Fn() -> Error + Send + Sync>;
+
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<hash::FastHasher>>;
 
 /// Faults injected by tests.
 #[derive(Default)]
@@ -141,24 +152,48 @@ pub enum AckFault {
 
 #[derive(Default)]
 struct State {
-    topics: HashMap<String, TopicLog>,
-    subs: HashMap<u64, SubState>,
+    topics: Map<String, TopicLog>,
+    subs: Map<u64, SubState>,
+}
+
+impl State {
+    /// Wakes the subscriptions that read `topic` (in `group`, if given): one
+    /// wake-up each, only for those the change concerns.
+    fn wake_readers(&self, topic: &str, group: Option<&str>) {
+        for sub in self.subs.values() {
+            if group.is_none_or(|g| *sub.group == *g) && sub.topics.iter().any(|t| **t == *topic) {
+                sub.wake.notify_one();
+            }
+        }
+    }
+
+    /// Wakes every subscription (faults, closing, expired leases: rare).
+    fn wake_all(&self) {
+        for sub in self.subs.values() {
+            sub.wake.notify_one();
+        }
+    }
 }
 
 #[derive(Default)]
 struct TopicLog {
     messages: Vec<Message>,
     /// Records inserted as undecodable (by sequence), with the reason.
-    undecodable: HashMap<usize, String>,
-    groups: HashMap<String, Group>,
+    undecodable: Map<usize, String>,
+    groups: Map<String, Group>,
 }
 
 struct Group {
     cursor: usize,
     /// Released or expired deliveries, by sequence, with the earliest redelivery time.
     redeliver: BTreeMap<usize, Instant>,
-    leases: HashMap<usize, Lease>,
-    deliveries: HashMap<usize, u32>,
+    leases: Map<usize, Lease>,
+    /// No lease ends before this (a lower bound: acks and keep-alives do not
+    /// raise it), so leases are scanned for expiry only once it has passed.
+    /// `None` while the group has no lease.
+    first_deadline: Option<Instant>,
+    /// Delivery counts of the records delivered and not yet acked.
+    deliveries: Map<usize, u32>,
     anonymous: bool,
 }
 
@@ -171,6 +206,19 @@ struct Lease {
 struct SubState {
     outstanding: usize,
     prefetch: usize,
+    /// Wakes this subscription's `next` (a permit is kept if it is not waiting).
+    wake: Arc<Notify>,
+    topics: Vec<Arc<str>>,
+    group: Arc<str>,
+}
+
+/// Whom a settlement wakes, besides `wait_until_settled`.
+enum Wakes {
+    Nobody,
+    /// The subscription that held the lease: it was at its prefetch limit.
+    Sub(u64),
+    /// Every subscription of the lease's group on its topic (a redelivery).
+    Group,
 }
 
 impl Group {
@@ -178,10 +226,44 @@ impl Group {
         Group {
             cursor,
             redeliver: BTreeMap::new(),
-            leases: HashMap::new(),
-            deliveries: HashMap::new(),
+            leases: Map::default(),
+            first_deadline: None,
+            deliveries: Map::default(),
             anonymous,
         }
+    }
+
+    /// Moves every lease past its deadline to redelivery (only when one may
+    /// be: see `first_deadline`); returns when the next lease ends, if any.
+    fn expire(
+        &mut self,
+        now: Instant,
+        subs: &mut Map<u64, SubState>,
+        topic: &str,
+        group: &str,
+    ) -> Option<Instant> {
+        if self.first_deadline.is_some_and(|first| first <= now) {
+            let mut first: Option<Instant> = None;
+            let redeliver = &mut self.redeliver;
+            self.leases.retain(|seq, lease| {
+                if lease.deadline <= now {
+                    tracing::debug!(topic, group, seq, "ack deadline passed; redelivering");
+                    if let Some(sub) = subs.get_mut(&lease.sub) {
+                        sub.outstanding = sub.outstanding.saturating_sub(1);
+                    }
+                    redeliver.insert(*seq, now);
+                    false
+                } else {
+                    first = Some(first.map_or(lease.deadline, |f| f.min(lease.deadline)));
+                    true
+                }
+            });
+            self.first_deadline = first;
+        }
+        if self.leases.is_empty() {
+            self.first_deadline = None;
+        }
+        self.first_deadline
     }
 
     fn is_settled(&self, log_len: usize) -> bool {
@@ -227,6 +309,9 @@ impl MemoryBroker {
                 config,
                 ids: AtomicU64::new(1),
                 faults: Mutex::new(Faults::default()),
+                ack_faults: AtomicBool::new(false),
+                publish_faults: AtomicBool::new(false),
+                subscription_failures: AtomicU64::new(0),
             }),
         }
     }
@@ -292,13 +377,15 @@ impl MemoryBroker {
     /// values that are not UTF-8 or null, a null payload (`tombstone`), oversized
     /// payloads. For hostile-input tests.
     pub fn insert_raw(&self, topic: &str, message: Message) {
-        self.shared
-            .lock()
+        let mut state = self.shared.lock();
+        state
             .topics
             .entry(topic.to_owned())
             .or_default()
             .messages
             .push(message);
+        state.wake_readers(topic, None);
+        drop(state);
         self.shared.changed.notify_waiters();
     }
 
@@ -311,6 +398,7 @@ impl MemoryBroker {
         let log = state.topics.entry(topic.to_owned()).or_default();
         log.undecodable.insert(log.messages.len(), reason.to_owned());
         log.messages.push(message);
+        state.wake_readers(topic, None);
         drop(state);
         self.shared.changed.notify_waiters();
     }
@@ -324,18 +412,20 @@ impl MemoryBroker {
         count: usize,
         error: impl Fn() -> Error + Send + Sync + 'static,
     ) {
-        self.shared
-            .faults()
+        let mut faults = self.shared.faults();
+        faults
             .publishes
             .insert(topic.to_owned(), (count, Arc::new(error)));
+        self.shared.publish_faults.store(true, Ordering::Release);
     }
 
     /// Makes the next `count` acks (of any delivery) behave as `fault` says.
     pub fn inject_ack_faults(&self, fault: AckFault, count: usize) {
+        let mut faults = self.shared.faults();
+        faults.acks.extend(std::iter::repeat_n(fault, count));
         self.shared
-            .faults()
-            .acks
-            .extend(std::iter::repeat_n(fault, count));
+            .ack_faults
+            .store(!faults.acks.is_empty(), Ordering::Release);
     }
 
     /// Expires every lease now, as if every ack deadline had passed: the
@@ -349,8 +439,12 @@ impl MemoryBroker {
                 for lease in group.leases.values_mut() {
                     lease.deadline = now;
                 }
+                if !group.leases.is_empty() {
+                    group.first_deadline = Some(now);
+                }
             }
         }
+        state.wake_all();
         drop(state);
         self.shared.changed.notify_waiters();
     }
@@ -361,7 +455,11 @@ impl MemoryBroker {
         let mut faults = self.shared.faults();
         faults.subscription_failures += 1;
         faults.subscription_error = Some(Arc::new(error));
+        self.shared
+            .subscription_failures
+            .store(faults.subscription_failures, Ordering::Release);
         drop(faults);
+        self.shared.lock().wake_all();
         self.shared.changed.notify_waiters();
     }
 
@@ -409,14 +507,30 @@ impl Shared {
         self.faults.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The injected fault for this ack, if one is due.
+    fn ack_fault(&self) -> Option<AckFault> {
+        if !self.ack_faults.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut faults = self.faults();
+        let fault = faults.acks.pop_front();
+        self.ack_faults.store(!faults.acks.is_empty(), Ordering::Release);
+        fault
+    }
+
     /// The injected error for a publish to `topic`, if one is due.
     fn publish_fault(&self, topic: &str) -> Option<ErrorFn> {
+        if !self.publish_faults.load(Ordering::Acquire) {
+            return None;
+        }
         let mut faults = self.faults();
         let (left, error) = faults.publishes.get_mut(topic)?;
         let error = Arc::clone(error);
         *left -= 1;
         if *left == 0 {
             faults.publishes.remove(topic);
+            self.publish_faults
+                .store(!faults.publishes.is_empty(), Ordering::Release);
         }
         Some(error)
     }
@@ -438,22 +552,45 @@ impl Shared {
     }
 
     /// Finds a lease by token and applies `f` to the group and lease.
-    fn with_lease(&self, target: &LeaseRef, f: impl FnOnce(&mut State, Instant)) -> bool {
+    /// Finds the lease `target` names and, if it is still held, applies `f`
+    /// to its group (one lookup of topic and group).
+    fn with_lease(
+        &self,
+        target: &LeaseRef,
+        f: impl FnOnce(&mut Group, &mut Map<u64, SubState>, Instant) -> Wakes,
+    ) -> bool {
         let now = Instant::now();
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let group = state
+            .topics
+            .get_mut(&*target.topic)
+            .and_then(|t| t.groups.get_mut(&*target.group));
         // A lease past its deadline is lost even if no one has reaped it yet: the
         // broker has (logically) given the message to someone else.
-        let owned = state
-            .topics
-            .get(&target.topic)
-            .and_then(|t| t.groups.get(&target.group))
-            .and_then(|g| g.leases.get(&target.seq))
-            .is_some_and(|l| l.token == target.token && l.deadline > now);
+        let owned = match group {
+            Some(group)
+                if group
+                    .leases
+                    .get(&target.seq)
+                    .is_some_and(|l| l.token == target.token && l.deadline > now) =>
+            {
+                match f(group, &mut state.subs, now) {
+                    Wakes::Nobody => {}
+                    Wakes::Sub(id) => {
+                        if let Some(sub) = state.subs.get(&id) {
+                            sub.wake.notify_one();
+                        }
+                    }
+                    Wakes::Group => state.wake_readers(&target.topic, Some(&target.group)),
+                }
+                true
+            }
+            _ => false,
+        };
+        drop(guard);
         if owned {
-            f(&mut state, now);
-        }
-        drop(state);
-        if owned {
+            // For `wait_until_settled`.
             self.changed.notify_waiters();
         }
         owned
@@ -487,14 +624,20 @@ impl Producer for MemoryProducer {
         if let Some(error) = self.shared.publish_fault(topic) {
             return Err(error());
         }
-        self.shared
-            .lock()
-            .topics
-            .entry(topic.to_owned())
-            .or_default()
-            .messages
-            .push(message);
-        self.shared.changed.notify_waiters();
+        let mut state = self.shared.lock();
+        match state.topics.get_mut(topic) {
+            Some(log) => log.messages.push(message),
+            None => state
+                .topics
+                .entry(topic.to_owned())
+                .or_default()
+                .messages
+                .push(message),
+        }
+        // Wakes the subscriptions of this topic only; `wait_until_settled`
+        // needs no wake-up for a message that makes nothing settled.
+        state.wake_readers(topic, None);
+        drop(state);
         Ok(())
     }
 
@@ -559,6 +702,9 @@ impl Consumer for MemoryConsumer {
             .group
             .clone()
             .unwrap_or_else(|| format!("~anonymous-{id}"));
+        let topics: Vec<Arc<str>> = options.topics.iter().map(|t| Arc::from(t.as_str())).collect();
+        let group: Arc<str> = Arc::from(group);
+        let wake = Arc::new(Notify::new());
         let mut state = self.shared.lock();
         for topic in &options.topics {
             Shared::declare_group(&mut state, topic, &group, options.start, options.group.is_none());
@@ -568,6 +714,9 @@ impl Consumer for MemoryConsumer {
             SubState {
                 outstanding: 0,
                 prefetch: options.prefetch.max(1),
+                wake: Arc::clone(&wake),
+                topics: topics.clone(),
+                group: Arc::clone(&group),
             },
         );
         drop(state);
@@ -575,7 +724,8 @@ impl Consumer for MemoryConsumer {
             shared: Arc::clone(&self.shared),
             consumer_closed: Arc::clone(&self.closed),
             id,
-            topics: options.topics,
+            wake,
+            topics,
             group,
             named_group: options.group,
             turn: 0,
@@ -587,6 +737,7 @@ impl Consumer for MemoryConsumer {
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
+        self.shared.lock().wake_all();
         self.shared.changed.notify_waiters();
         Ok(())
     }
@@ -596,8 +747,11 @@ struct MemorySubscription {
     shared: Arc<Shared>,
     consumer_closed: Arc<AtomicBool>,
     id: u64,
-    topics: Vec<String>,
-    group: String,
+    /// Woken by what concerns this subscription (see `State::wake_readers`).
+    wake: Arc<Notify>,
+    /// Shared with every lease, which names its topic and group.
+    topics: Vec<Arc<str>>,
+    group: Arc<str>,
     named_group: Option<String>,
     turn: usize,
     closed: bool,
@@ -608,8 +762,8 @@ struct MemorySubscription {
 }
 
 struct LeaseRef {
-    topic: String,
-    group: String,
+    topic: Arc<str>,
+    group: Arc<str>,
     seq: usize,
     token: u64,
 }
@@ -619,19 +773,14 @@ struct MemoryAck {
     lease: LeaseRef,
 }
 
-fn end_lease(state: &mut State, target: &LeaseRef) {
-    let Some(group) = state
-        .topics
-        .get_mut(&target.topic)
-        .and_then(|t| t.groups.get_mut(&target.group))
-    else {
-        return;
-    };
-    if let Some(lease) = group.leases.remove(&target.seq)
-        && let Some(sub) = state.subs.get_mut(&lease.sub)
-    {
-        sub.outstanding = sub.outstanding.saturating_sub(1);
-    }
+/// Ends a lease; returns its subscription if that was at its prefetch limit
+/// (so it may take again and must be woken).
+fn end_lease(group: &mut Group, subs: &mut Map<u64, SubState>, seq: usize) -> Option<u64> {
+    let lease = group.leases.remove(&seq)?;
+    let sub = subs.get_mut(&lease.sub)?;
+    let was_full = sub.outstanding >= sub.prefetch;
+    sub.outstanding = sub.outstanding.saturating_sub(1);
+    was_full.then_some(lease.sub)
 }
 
 fn not_settled(operation: &'static str) -> Error {
@@ -644,7 +793,7 @@ fn not_settled(operation: &'static str) -> Error {
 #[async_trait]
 impl AckHandle for MemoryAck {
     async fn ack(&self) -> Result<()> {
-        let fault = self.shared.faults().acks.pop_front();
+        let fault = self.shared.ack_fault();
         match fault {
             Some(AckFault::Fail) => {
                 return Err(Error::NotSettled {
@@ -655,15 +804,11 @@ impl AckHandle for MemoryAck {
             Some(AckFault::Hang) => std::future::pending::<()>().await,
             _ => {}
         }
-        let owned = self.shared.with_lease(&self.lease, |state, _| {
-            end_lease(state, &self.lease);
-            if let Some(g) = state
-                .topics
-                .get_mut(&self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&self.lease.group))
-            {
-                g.deliveries.remove(&self.lease.seq);
-            }
+        let seq = self.lease.seq;
+        let owned = self.shared.with_lease(&self.lease, |group, subs, _| {
+            let full = end_lease(group, subs, seq);
+            group.deliveries.remove(&seq);
+            full.map_or(Wakes::Nobody, Wakes::Sub)
         });
         if fault == Some(AckFault::PanicAfterAck) {
             panic!("injected panic after the ack (memory broker fault)");
@@ -672,16 +817,12 @@ impl AckHandle for MemoryAck {
     }
 
     async fn release(&self, delay: Option<Duration>) -> Result<()> {
-        let owned = self.shared.with_lease(&self.lease, |state, now| {
+        let seq = self.lease.seq;
+        let owned = self.shared.with_lease(&self.lease, |group, subs, now| {
             let at = later(now, delay.unwrap_or_default());
-            end_lease(state, &self.lease);
-            if let Some(g) = state
-                .topics
-                .get_mut(&self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&self.lease.group))
-            {
-                g.redeliver.insert(self.lease.seq, at);
-            }
+            end_lease(group, subs, seq);
+            group.redeliver.insert(seq, at);
+            Wakes::Group
         });
         if owned {
             Ok(())
@@ -692,15 +833,12 @@ impl AckHandle for MemoryAck {
 
     async fn keep_alive(&self) -> Result<()> {
         let extend = self.shared.config.ack_deadline;
-        let owned = self.shared.with_lease(&self.lease, |state, now| {
-            if let Some(lease) = state
-                .topics
-                .get_mut(&self.lease.topic)
-                .and_then(|t| t.groups.get_mut(&self.lease.group))
-                .and_then(|g| g.leases.get_mut(&self.lease.seq))
-            {
+        let seq = self.lease.seq;
+        let owned = self.shared.with_lease(&self.lease, |group, _, now| {
+            if let Some(lease) = group.leases.get_mut(&seq) {
                 lease.deadline = later(now, extend);
             }
+            Wakes::Nobody
         });
         if owned {
             Ok(())
@@ -711,57 +849,63 @@ impl AckHandle for MemoryAck {
 }
 
 impl MemorySubscription {
+    /// The error `fail_subscriptions` injected, once per call.
+    fn injected_failure(&mut self) -> Option<Error> {
+        if self.shared.subscription_failures.load(Ordering::Acquire) <= self.failures_seen {
+            return None;
+        }
+        let faults = self.shared.faults();
+        if faults.subscription_failures <= self.failures_seen {
+            return None;
+        }
+        self.failures_seen = faults.subscription_failures;
+        let error = faults.subscription_error.clone()?;
+        drop(faults);
+        Some(error())
+    }
+
     /// Takes the next available delivery, or tells when to look again.
     fn try_take(&mut self) -> std::result::Result<Event, Option<Instant>> {
         let now = Instant::now();
         let mut guard = self.shared.lock();
         let state = &mut *guard;
         let mut wake: Option<Instant> = None;
-        // Expire overdue leases of every group this subscription reads.
-        for topic in &self.topics {
+        let n = self.topics.len();
+        // Expire overdue leases of every group this subscription reads (with one
+        // topic, in the same lookup as the take below).
+        for topic in self.topics.iter().filter(|_| n > 1) {
             let Some(group) = state
                 .topics
-                .get_mut(topic)
-                .and_then(|t| t.groups.get_mut(&self.group))
+                .get_mut(&**topic)
+                .and_then(|t| t.groups.get_mut(&*self.group))
             else {
                 continue;
             };
-            let expired: Vec<usize> = group
-                .leases
-                .iter()
-                .filter(|(_, l)| l.deadline <= now)
-                .map(|(seq, _)| *seq)
-                .collect();
-            for seq in expired {
-                if let Some(lease) = group.leases.remove(&seq) {
-                    tracing::debug!(topic, group = %self.group, seq, "ack deadline passed; redelivering");
-                    if let Some(sub) = state.subs.get_mut(&lease.sub) {
-                        sub.outstanding = sub.outstanding.saturating_sub(1);
-                    }
-                    group.redeliver.insert(seq, now);
-                }
+            if let Some(next) = group.expire(now, &mut state.subs, topic, &self.group) {
+                wake = Some(wake.map_or(next, |w| w.min(next)));
             }
-            for lease in group.leases.values() {
-                wake = Some(wake.map_or(lease.deadline, |w| w.min(lease.deadline)));
-            }
-        }
-        let Some(sub) = state.subs.get(&self.id) else {
-            return Err(None);
-        };
-        if sub.outstanding >= sub.prefetch {
-            return Err(wake);
         }
         let deadline = later(now, self.shared.config.ack_deadline);
-        let n = self.topics.len();
         for i in 0..n {
             let index = (self.turn + i) % n;
             let topic = &self.topics[index];
-            let Some(log) = state.topics.get_mut(topic) else {
+            let Some(log) = state.topics.get_mut(&**topic) else {
                 continue;
             };
-            let Some(group) = log.groups.get_mut(&self.group) else {
+            let Some(group) = log.groups.get_mut(&*self.group) else {
                 continue;
             };
+            if n == 1
+                && let Some(next) = group.expire(now, &mut state.subs, topic, &self.group)
+            {
+                wake = Some(wake.map_or(next, |w| w.min(next)));
+            }
+            let Some(sub) = state.subs.get(&self.id) else {
+                return Err(None);
+            };
+            if sub.outstanding >= sub.prefetch {
+                return Err(wake);
+            }
             let redelivery = group
                 .redeliver
                 .iter()
@@ -792,6 +936,7 @@ impl MemorySubscription {
                     deadline,
                 },
             );
+            group.first_deadline = Some(group.first_deadline.map_or(deadline, |f| f.min(deadline)));
             let attempt = group.deliveries.entry(seq).or_insert(0);
             *attempt += 1;
             let attempt = *attempt;
@@ -800,7 +945,7 @@ impl MemorySubscription {
             }
             self.turn = index + 1;
             let origin = Origin {
-                topic: topic.clone(),
+                topic: String::from(&**topic),
                 group: self.named_group.clone(),
                 partition: None,
                 sequence: Some(seq as u64),
@@ -813,8 +958,8 @@ impl MemorySubscription {
             let acker = Acker::new(MemoryAck {
                 shared: Arc::clone(&self.shared),
                 lease: LeaseRef {
-                    topic: topic.clone(),
-                    group: self.group.clone(),
+                    topic: Arc::clone(topic),
+                    group: Arc::clone(&self.group),
                     seq,
                     token,
                 },
@@ -834,10 +979,10 @@ impl MemorySubscription {
         let mut state = self.shared.lock();
         state.subs.remove(&self.id);
         for topic in &self.topics {
-            let Some(log) = state.topics.get_mut(topic) else {
+            let Some(log) = state.topics.get_mut(&**topic) else {
                 continue;
             };
-            if let Some(group) = log.groups.get_mut(&self.group) {
+            if let Some(group) = log.groups.get_mut(&*self.group) {
                 let mine: Vec<usize> = group
                     .leases
                     .iter()
@@ -849,9 +994,10 @@ impl MemorySubscription {
                     group.redeliver.insert(seq, now);
                 }
                 if group.anonymous {
-                    log.groups.remove(&self.group);
+                    log.groups.remove(&*self.group);
                 }
             }
+            state.wake_readers(topic, Some(&self.group));
         }
         drop(state);
         self.shared.changed.notify_waiters();
@@ -865,19 +1011,20 @@ impl Subscription for MemorySubscription {
             if self.closed || self.stopped || self.consumer_closed.load(Ordering::Acquire) {
                 return None;
             }
-            let shared = Arc::clone(&self.shared);
-            let changed = shared.changed.notified();
+            if let Some(error) = self.injected_failure() {
+                return Some(Err(error));
+            }
+            // Take what is there without registering for a wake-up; register
+            // (before looking again, so no change is missed) only when idle.
+            if let Ok(event) = self.try_take() {
+                return Some(Ok(event));
+            }
+            let wake = Arc::clone(&self.wake);
+            let changed = wake.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            {
-                let faults = self.shared.faults();
-                if faults.subscription_failures > self.failures_seen {
-                    self.failures_seen = faults.subscription_failures;
-                    if let Some(error) = faults.subscription_error.clone() {
-                        drop(faults);
-                        return Some(Err(error()));
-                    }
-                }
+            if let Some(error) = self.injected_failure() {
+                return Some(Err(error));
             }
             match self.try_take() {
                 Ok(event) => return Some(Ok(event)),
@@ -890,6 +1037,16 @@ impl Subscription for MemorySubscription {
                 }
             }
         }
+    }
+
+    fn try_next(&mut self) -> Option<Option<Result<Event>>> {
+        if self.closed || self.stopped || self.consumer_closed.load(Ordering::Acquire) {
+            return Some(None);
+        }
+        if let Some(error) = self.injected_failure() {
+            return Some(Some(Err(error)));
+        }
+        self.try_take().ok().map(|event| Some(Ok(event)))
     }
 
     async fn stop(&mut self) -> Result<()> {

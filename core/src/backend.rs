@@ -285,6 +285,15 @@ pub trait Subscription: Send {
     /// delivery is lost (the runner polls it inside `select!`).
     async fn next(&mut self) -> Option<Result<Event>>;
 
+    /// What [`next`](Subscription::next) would return at once, without waiting:
+    /// `Some(event)` if it is ready, `None` if `next` would wait. The runner
+    /// calls it to take what has already arrived without a wait (and without a
+    /// future per delivery). The default polls `next` once and drops it, which
+    /// is correct for any cancel-safe `next`; a backend may answer more cheaply.
+    fn try_next(&mut self) -> Option<Option<Result<Event>>> {
+        futures::FutureExt::now_or_never(self.next())
+    }
+
     /// The next control event ([`Event::Assigned`], [`Event::Revoked`], or an
     /// error), without taking a delivery. The runner polls this while it holds
     /// all it may and does not call [`next`](Subscription::next), so a
@@ -332,9 +341,16 @@ pub trait AckHandle: Send + Sync + 'static {
 
 /// Settles one delivery. Settling is idempotent: only the first `ack` or `release`
 /// reaches the broker, later ones (and keep-alives after settling) do nothing.
+/// Cheap to clone: clones settle the same delivery (one allocation per
+/// delivery, shared by the runner and the attempt that handles it).
+#[derive(Clone)]
 pub struct Acker {
-    handle: Box<dyn AckHandle>,
+    inner: Arc<AckerInner<dyn AckHandle>>,
+}
+
+struct AckerInner<H: ?Sized> {
     settled: AtomicBool,
+    handle: H,
 }
 
 impl std::fmt::Debug for Acker {
@@ -349,24 +365,26 @@ impl Acker {
     /// Wraps a backend's settlement handle.
     pub fn new(handle: impl AckHandle) -> Self {
         Acker {
-            handle: Box::new(handle),
-            settled: AtomicBool::new(false),
+            inner: Arc::new(AckerInner {
+                settled: AtomicBool::new(false),
+                handle,
+            }),
         }
     }
 
     /// Whether `ack` or `release` has been called.
     pub fn is_settled(&self) -> bool {
-        self.settled.load(Ordering::Acquire)
+        self.inner.settled.load(Ordering::Acquire)
     }
 
     fn settle_once(&self) -> bool {
-        !self.settled.swap(true, Ordering::AcqRel)
+        !self.inner.settled.swap(true, Ordering::AcqRel)
     }
 
     /// Acknowledges the delivery (once).
     pub async fn ack(&self) -> Result<()> {
         if self.settle_once() {
-            self.handle.ack().await
+            self.inner.handle.ack().await
         } else {
             Ok(())
         }
@@ -375,7 +393,7 @@ impl Acker {
     /// Gives the delivery back for redelivery (once), optionally after `delay`.
     pub async fn release(&self, delay: Option<Duration>) -> Result<()> {
         if self.settle_once() {
-            self.handle.release(delay).await
+            self.inner.handle.release(delay).await
         } else {
             Ok(())
         }
@@ -386,7 +404,7 @@ impl Acker {
         if self.is_settled() {
             Ok(())
         } else {
-            self.handle.keep_alive().await
+            self.inner.handle.keep_alive().await
         }
     }
 }

@@ -78,7 +78,7 @@ impl Message {
             key: None,
             headers: Headers::new(),
             system_headers: Headers::new(),
-            id: uuid::Uuid::new_v4().to_string(),
+            id: new_id(),
             timestamp: SystemTime::now(),
             tombstone: false,
         }
@@ -189,6 +189,15 @@ impl Message {
         }
         (user, system)
     }
+}
+
+/// A fresh message id: a random UUID v4 in its usual 36-character lowercase
+/// form (the wire format every polybus version reads), written straight into
+/// the string rather than through `Display`.
+pub(crate) fn new_id() -> String {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    String::from(&*text)
 }
 
 /// A header value polybus may send: UTF-8 text without CR/LF.
@@ -446,6 +455,15 @@ mod tests {
             d.key_bytes().map(|k| &k[..]),
             Some(&[0u8, 0, 0, 0xff, 0xfe, 7][..])
         );
+    }
+
+    #[test]
+    fn fresh_ids_are_hyphenated_lowercase_uuids() {
+        let id = Message::new("x").id;
+        let parsed = uuid::Uuid::parse_str(&id).expect("a UUID");
+        assert_eq!(id, parsed.hyphenated().to_string());
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_ne!(id, Message::new("x").id);
     }
 
     #[test]

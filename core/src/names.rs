@@ -99,7 +99,11 @@ pub fn validate_header_key(key: &str) -> Result<()> {
 
 /// Checks a header value: UTF-8 (guaranteed by `&str`) without CR or LF.
 pub fn validate_header_value(key: &str, value: &str) -> Result<()> {
-    if value.bytes().any(|b| b == b'\r' || b == b'\n') {
+    // No early exit: the whole scan vectorises, and values are short.
+    if value
+        .bytes()
+        .fold(false, |found, b| found | (b == b'\r') | (b == b'\n'))
+    {
         return Err(Error::InvalidHeader {
             key: key.to_owned(),
             reason: "value must not contain CR or LF",

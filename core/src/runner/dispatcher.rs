@@ -21,12 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use tokio::task::{AbortHandle, JoinError, JoinSet};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::time::{DelayQueue, delay_queue};
+use tokio_util::time::DelayQueue;
 
 use super::Order;
 use super::handle::{Counters, Ended, Shared, ShutdownReport};
+use super::lanes::{Head, Held, IdMap, IdSet, Lane, LaneId, SEQUENTIAL, Slots};
+use super::pool::{self, Finished, Job, Pool, PoolEvent};
 use super::worker::{self, Done, Settings};
 use crate::backend::{Acker, Event, Partition, Subscription};
 use crate::error::{Error, Result};
@@ -34,32 +36,6 @@ use crate::message::Delivery;
 use crate::middleware::Pipeline;
 use crate::names;
 use crate::time::later;
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum LaneKey {
-    /// Same key bytes, same lane (binary keys included).
-    Key(bytes::Bytes),
-    Solo(u64),
-    Sequential,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Head {
-    Waiting,
-    Running,
-    Backoff,
-}
-
-struct Held {
-    delivery: Delivery,
-    acker: Arc<Acker>,
-}
-
-struct Lane {
-    items: VecDeque<Held>,
-    head: Head,
-    backoff_key: Option<delay_queue::Key>,
-}
 
 pub(super) struct Limits {
     pub(super) concurrency: usize,
@@ -69,21 +45,24 @@ pub(super) struct Limits {
 
 pub(super) struct Dispatcher {
     sub: Box<dyn Subscription>,
-    pipeline: Pipeline,
     settings: Arc<Settings>,
     order: Order,
     limits: Limits,
     positional: bool,
     keep_alive: Option<Duration>,
-    lanes: HashMap<LaneKey, Lane>,
-    ready: VecDeque<LaneKey>,
-    running: JoinSet<Done>,
-    running_lanes: HashMap<tokio::task::Id, LaneKey>,
-    backoff: DelayQueue<LaneKey>,
+    lanes: IdMap<Lane>,
+    /// The lane of each message key that has one ([`Order::ByKey`]).
+    keyed: HashMap<bytes::Bytes, LaneId>,
+    ready: VecDeque<LaneId>,
+    /// Which lane's head runs in which slot of the pool.
+    running: Slots,
+    pool: Pool,
+    backoff: DelayQueue<LaneId>,
     /// Lanes whose head is in backoff.
-    parked_lanes: HashSet<LaneKey>,
+    parked_lanes: IdSet,
     held: usize,
-    next_solo: u64,
+    /// The last lane id handed out ([`SEQUENTIAL`] is 0).
+    next_lane: LaneId,
     counters: Arc<Counters>,
     side: JoinSet<()>,
     /// Partitions taken away from this subscription (until assigned again).
@@ -93,9 +72,6 @@ pub(super) struct Dispatcher {
     shared: Arc<Shared>,
     /// The error that ends the runner, once one has happened.
     fatal: Option<Arc<Error>>,
-    /// Running workers are being cancelled (shutdown deadline): a worker whose
-    /// drop panics then was cancelled, not a failed attempt.
-    aborting: bool,
 }
 
 impl Dispatcher {
@@ -113,27 +89,26 @@ impl Dispatcher {
     ) -> Self {
         Dispatcher {
             sub,
-            pipeline,
+            pool: Pool::new(pipeline, Arc::clone(&settings), limits.concurrency),
             counters: Arc::clone(&settings.counters),
             settings,
             order,
             limits,
             positional,
             keep_alive,
-            lanes: HashMap::new(),
+            lanes: IdMap::default(),
+            keyed: HashMap::new(),
             ready: VecDeque::new(),
-            running: JoinSet::new(),
-            running_lanes: HashMap::new(),
+            running: Slots::default(),
             backoff: DelayQueue::new(),
-            parked_lanes: HashSet::new(),
+            parked_lanes: IdSet::default(),
             held: 0,
-            next_solo: 0,
+            next_lane: SEQUENTIAL,
             side: JoinSet::new(),
             revoked: HashSet::new(),
             checked_topics,
             shared,
             fatal: None,
-            aborting: false,
         }
     }
 
@@ -177,8 +152,16 @@ impl Dispatcher {
         let mut subscription_open = true;
         // After a transient subscription error, pulling pauses until then.
         let mut pull_paused_until: Option<Instant> = None;
+        // One wait for the stop signal for the whole loop (not one per wake-up).
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             self.start_ready();
+            // Take what the subscription already holds (room permitting) and start
+            // it, without a round through `select!` per delivery.
+            if !stop.is_cancelled() && self.take_ready(&mut subscription_open, &mut pull_paused_until) {
+                self.start_ready();
+            }
             if self.fatal.is_some() {
                 break;
             }
@@ -189,12 +172,12 @@ impl Dispatcher {
             let can_pull = subscription_open && pull_paused_until.is_none() && self.has_room();
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
-                Some(joined) = self.running.join_next_with_id(), if !self.running.is_empty() => {
-                    self.finished(joined, false);
-                    // Collect every other worker that is already done in one go.
-                    while let Some(joined) = self.running.try_join_next_with_id() {
-                        self.finished(joined, false);
+                _ = &mut stopped => break,
+                event = self.pool.next() => {
+                    self.pool_event(event, false);
+                    // Collect every other attempt that is already done in one go.
+                    while let Some(event) = self.pool.try_next() {
+                        self.pool_event(event, false);
                     }
                 }
                 Some(expired) = self.backoff.next(), if !self.backoff.is_empty() => {
@@ -219,14 +202,8 @@ impl Dispatcher {
                         continue;
                     }
                     // Take the events that are already waiting without a round
-                    // through `select!` each (`next` is cancel-safe, so polling it
-                    // once and dropping it when it is not ready loses nothing).
-                    while subscription_open && pull_paused_until.is_none() && self.fatal.is_none() && self.has_room() {
-                        match self.sub.next().now_or_never() {
-                            Some(event) => self.on_event(event, &mut subscription_open, &mut pull_paused_until),
-                            None => break,
-                        }
-                    }
+                    // through `select!` each.
+                    self.take_ready(&mut subscription_open, &mut pull_paused_until);
                 }
             }
         }
@@ -245,6 +222,20 @@ impl Dispatcher {
             (None, false) => Ended::SubscriptionEnded,
         };
         self.counters.report(Some(ended))
+    }
+
+    /// Takes the events the subscription has ready, while there is room.
+    /// Returns whether it took any.
+    fn take_ready(&mut self, subscription_open: &mut bool, pull_paused_until: &mut Option<Instant>) -> bool {
+        let mut took = false;
+        while *subscription_open && pull_paused_until.is_none() && self.fatal.is_none() && self.has_room() {
+            match self.sub.try_next() {
+                Some(event) => self.on_event(event, subscription_open, pull_paused_until),
+                None => break,
+            }
+            took = true;
+        }
+        took
     }
 
     /// Handles one event from the subscription.
@@ -275,7 +266,6 @@ impl Dispatcher {
     }
 
     fn enqueue(&mut self, delivery: Delivery, acker: Acker) {
-        let acker = Arc::new(acker);
         if !self.checked_topics.contains(delivery.topic()) {
             // Failures of this topic must be able to reach `<topic>.dlq`.
             if let Err(e) = names::validate_declared_topic(delivery.topic()) {
@@ -286,33 +276,45 @@ impl Dispatcher {
             }
             self.checked_topics.insert(delivery.topic().to_owned());
         }
-        let key = match (self.order, delivery.key_bytes()) {
-            (Order::Sequential, _) => LaneKey::Sequential,
-            (Order::ByKey, Some(key)) => LaneKey::Key(key.clone()),
+        let (id, key) = match (self.order, delivery.key_bytes()) {
+            (Order::Sequential, _) => (SEQUENTIAL, None),
+            (Order::ByKey, Some(key)) => match self.keyed.get(key) {
+                Some(id) => (*id, None),
+                None => {
+                    self.next_lane += 1;
+                    self.keyed.insert(key.clone(), self.next_lane);
+                    (self.next_lane, Some(key.clone()))
+                }
+            },
             _ => {
-                self.next_solo += 1;
-                LaneKey::Solo(self.next_solo)
+                self.next_lane += 1;
+                (self.next_lane, None)
             }
         };
-        let lane = self.lanes.entry(key.clone()).or_insert_with(|| Lane {
-            items: VecDeque::new(),
-            head: Head::Waiting,
-            backoff_key: None,
-        });
+        let lane = self.lanes.entry(id).or_insert_with(|| Lane::new(key));
         lane.items.push_back(Held { delivery, acker });
         self.held += 1;
         if lane.items.len() == 1 {
             lane.head = Head::Waiting;
-            self.ready.push_back(key);
+            self.ready.push_back(id);
         }
+    }
+
+    /// Removes a lane, and its key's entry.
+    fn remove_lane(&mut self, id: LaneId) -> Option<Lane> {
+        let lane = self.lanes.remove(&id)?;
+        if let Some(key) = &lane.key {
+            self.keyed.remove(key);
+        }
+        Some(lane)
     }
 
     fn start_ready(&mut self) {
         while self.running.len() < self.limits.concurrency && self.fatal.is_none() {
-            let Some(key) = self.ready.pop_front() else {
+            let Some(id) = self.ready.pop_front() else {
                 break;
             };
-            let Some(lane) = self.lanes.get_mut(&key) else {
+            let Some(lane) = self.lanes.get_mut(&id) else {
                 continue;
             };
             if lane.head != Head::Waiting {
@@ -322,14 +324,13 @@ impl Dispatcher {
                 continue;
             };
             lane.head = Head::Running;
-            let work = worker::attempt(
-                self.pipeline.clone(),
-                Arc::clone(&self.settings),
-                head.delivery.clone(),
-                Arc::clone(&head.acker),
-            );
-            let abort: AbortHandle = self.running.spawn(work);
-            self.running_lanes.insert(abort.id(), key);
+            let job = Job {
+                slot: 0,
+                delivery: head.delivery.clone(),
+                acker: head.acker.clone(),
+            };
+            let slot = self.running.start(id);
+            self.pool.submit(Job { slot, ..job }, self.running.len());
         }
     }
 
@@ -344,22 +345,10 @@ impl Dispatcher {
             })
     }
 
-    /// A worker ended. `stopping`: retry nothing, give the rest of its lane back.
-    fn finished(&mut self, joined: std::result::Result<(tokio::task::Id, Done), JoinError>, stopping: bool) {
-        let (id, done) = match joined {
-            Ok(pair) => pair,
-            // A worker cancelled at the deadline whose future panicked while being
-            // dropped (a guard in user code) was cancelled all the same.
-            Err(e) if e.is_cancelled() || self.aborting => (e.id(), Done::Cancelled),
-            Err(e) => {
-                // Workers catch every panic themselves; this is a last resort that
-                // still counts the attempt (see `worker_panicked`).
-                let id = e.id();
-                let done = self.worker_panicked(id);
-                (id, done)
-            }
-        };
-        let Some(key) = self.running_lanes.remove(&id) else {
+    /// An attempt ended. `stopping`: retry nothing, give the rest of its lane back.
+    fn finished(&mut self, finished: Finished, stopping: bool) {
+        let Finished { slot, done } = finished;
+        let Some(key) = self.running.finish(slot) else {
             return;
         };
         let revoked = self
@@ -377,7 +366,7 @@ impl Dispatcher {
                     head.delivery = head.delivery.with_attempt(head.delivery.attempt() + 1);
                 }
                 lane.head = Head::Backoff;
-                lane.backoff_key = Some(self.backoff.insert(key.clone(), delay));
+                lane.backoff_key = Some(self.backoff.insert(key, delay));
                 self.parked_lanes.insert(key);
                 return;
             }
@@ -390,12 +379,12 @@ impl Dispatcher {
                 } else {
                     Counters::bump(&self.counters.released, 1);
                 }
-                self.release_lane(&key, true);
+                self.release_lane(key, true);
                 return;
             }
             Done::Fatal(error) => {
                 Counters::bump(&self.counters.released, 1);
-                self.release_lane(&key, true);
+                self.release_lane(key, true);
                 self.set_fatal(error);
                 return;
             }
@@ -409,40 +398,39 @@ impl Dispatcher {
         lane.items.pop_front();
         self.held -= 1;
         if lane.items.is_empty() {
-            self.lanes.remove(&key);
+            self.remove_lane(key);
         } else {
             lane.head = Head::Waiting;
             self.ready.push_back(key);
         }
     }
 
-    /// A worker task panicked outside the worker's own guard. If its delivery was
-    /// settled, it is done; otherwise the attempt failed: retry within the attempt
-    /// limit, or stop (its message is released) since the dead-letter path itself
-    /// cannot be trusted.
-    fn worker_panicked(&mut self, id: tokio::task::Id) -> Done {
-        let head = self
-            .running_lanes
-            .get(&id)
-            .and_then(|key| self.lanes.get(key))
-            .and_then(|lane| lane.items.front());
-        let Some(head) = head else {
-            return Done::Cancelled;
+    fn pool_event(&mut self, event: PoolEvent, stopping: bool) {
+        match event {
+            PoolEvent::Finished(finished) => self.finished(finished, stopping),
+            PoolEvent::WorkerEnded { slot, .. } => {
+                tracing::error!("a runner worker ended unexpectedly");
+                self.worker_ended(slot, stopping);
+            }
+        }
+    }
+
+    /// A worker task ended by itself (workers guard everything they run, so
+    /// this is a last resort): the attempt it was running, if any, failed.
+    fn worker_ended(&mut self, slot: Option<usize>, stopping: bool) {
+        let Some(slot) = slot else {
+            return;
         };
-        if head.acker.is_settled() {
-            return Done::AckFailed;
-        }
-        let attempt = head.delivery.attempt();
-        if attempt < self.settings.retry.max_attempts {
-            Done::Retry(self.settings.retry.delay_after(attempt))
-        } else {
-            Done::Fatal(Error::Backend {
-                backend: "polybus",
-                message: "a worker panicked outside its guard on the last attempt".into(),
-                retryable: false,
-                source: None,
-            })
-        }
+        let head = self
+            .running
+            .get(slot)
+            .and_then(|id| self.lanes.get(&id))
+            .and_then(|lane| lane.items.front());
+        let done = match head {
+            Some(head) => pool::panicked(&self.settings, &head.delivery, &head.acker),
+            None => Done::Cancelled,
+        };
+        self.finished(Finished { slot, done }, stopping);
     }
 
     /// Releases every held delivery that is not running and matches `pred`, with
@@ -450,25 +438,26 @@ impl Dispatcher {
     fn release_where(&mut self, pred: impl Fn(&Held) -> bool) {
         let mut released = Vec::new();
         let mut emptied = Vec::new();
-        for (key, lane) in &mut self.lanes {
+        for (&key, lane) in &mut self.lanes {
             let first = usize::from(lane.head == Head::Running);
-            if let Some(pos) = lane.items.iter().skip(first).position(&pred) {
+            let found = lane.items.iter().skip(first).position(&pred);
+            if let Some(pos) = found {
                 let pos = pos + first;
-                released.extend(lane.items.drain(pos..).map(|h| h.acker));
+                released.extend(lane.items.drain_from(pos).into_iter().map(|h| h.acker));
                 if pos == 0 {
                     if let Some(k) = lane.backoff_key.take() {
                         self.backoff.remove(&k);
                     }
-                    self.parked_lanes.remove(key);
+                    self.parked_lanes.remove(&key);
                     lane.head = Head::Waiting;
                 }
                 if lane.items.is_empty() {
-                    emptied.push(key.clone());
+                    emptied.push(key);
                 }
             }
         }
         for key in emptied {
-            self.lanes.remove(&key);
+            self.remove_lane(key);
         }
         self.held -= released.len();
         Counters::bump(&self.counters.released, released.len() as u64);
@@ -476,11 +465,11 @@ impl Dispatcher {
     }
 
     /// Releases a whole lane; `head_counted`: its head was already counted.
-    fn release_lane(&mut self, key: &LaneKey, head_counted: bool) {
-        let Some(lane) = self.lanes.remove(key) else {
+    fn release_lane(&mut self, key: LaneId, head_counted: bool) {
+        let Some(lane) = self.remove_lane(key) else {
             return;
         };
-        self.parked_lanes.remove(key);
+        self.parked_lanes.remove(&key);
         if let Some(k) = lane.backoff_key {
             self.backoff.remove(&k);
         }
@@ -491,7 +480,7 @@ impl Dispatcher {
         self.release_all(lane.items.into_iter().map(|h| h.acker).collect());
     }
 
-    fn release_all(&mut self, ackers: Vec<Arc<Acker>>) {
+    fn release_all(&mut self, ackers: Vec<Acker>) {
         if ackers.is_empty() {
             return;
         }
@@ -545,10 +534,10 @@ impl Dispatcher {
     }
 
     fn keep_alive_all(&mut self) {
-        let ackers: Vec<Arc<Acker>> = self
+        let ackers: Vec<Acker> = self
             .lanes
             .values()
-            .flat_map(|lane| lane.items.iter().map(|h| Arc::clone(&h.acker)))
+            .flat_map(|lane| lane.items.iter().map(|h| h.acker.clone()))
             .collect();
         if ackers.is_empty() {
             return;
@@ -594,9 +583,9 @@ impl Dispatcher {
         // Give back at once what has not started: every lane in backoff, and (unless
         // acks are positional, where fetched messages are drained instead — or the
         // runner failed) every waiting delivery.
-        let in_backoff: Vec<LaneKey> = self.parked_lanes.iter().cloned().collect();
+        let in_backoff: Vec<LaneId> = self.parked_lanes.iter().copied().collect();
         for key in in_backoff {
-            self.release_lane(&key, false);
+            self.release_lane(key, false);
         }
         let drain = self.positional && self.fatal.is_none();
         if !drain {
@@ -618,7 +607,7 @@ impl Dispatcher {
                 break;
             }
             tokio::select! {
-                Some(joined) = self.running.join_next_with_id() => self.finished(joined, true),
+                event = self.pool.next() => self.pool_event(event, true),
                 _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
                 _ = stop.cancelled(), if !stop.is_cancelled() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
@@ -630,34 +619,31 @@ impl Dispatcher {
                 running = self.running.len(),
                 "shutdown deadline reached; cancelling handlers"
             );
-            self.aborting = true;
-            self.running.abort_all();
+            self.pool.abort_all();
             let cancel_wait = Instant::now().max(deadline) + Duration::from_secs(1);
-            loop {
-                tokio::select! {
-                    joined = self.running.join_next_with_id() => match joined {
-                        Some(joined) => self.finished(joined, true),
-                        None => break,
-                    },
-                    _ = tokio::time::sleep_until(cancel_wait) => {
-                        // A handler blocking its thread cannot be cancelled: give its
-                        // message back anyway and stop waiting for it.
-                        tracing::error!(
-                            stuck = self.running.len(),
-                            "handlers did not yield to cancellation; releasing their messages"
-                        );
-                        let stuck = self.running.len() as u64;
-                        Counters::bump(&self.counters.abandoned, stuck);
-                        let keys: Vec<LaneKey> = self.running_lanes.drain().map(|(_, key)| key).collect();
-                        for key in keys {
-                            self.release_lane(&key, true);
-                        }
-                        self.running.detach_all();
-                        break;
-                    }
+            let joined = self.pool.join_aborted(cancel_wait).await;
+            // Attempts that finished before they were cancelled count as such;
+            // the others are released below.
+            while let Some(event) = self.pool.try_next() {
+                if let PoolEvent::Finished(finished) = event {
+                    self.finished(finished, true);
                 }
             }
+            if !joined {
+                // A handler blocking its thread cannot be cancelled: give its
+                // message back anyway and stop waiting for it.
+                tracing::error!(
+                    stuck = self.pool.workers(),
+                    "handlers did not yield to cancellation; releasing their messages"
+                );
+            }
+            let cancelled = self.running.drain();
+            Counters::bump(&self.counters.abandoned, cancelled.len() as u64);
+            for key in cancelled {
+                self.release_lane(key, true);
+            }
         }
+        self.pool.abort_all();
         self.release_where(|_| true);
         // Wait for releases to reach the broker before closing.
         let settle_limit = later(deadline.max(Instant::now()), Duration::from_secs(1));

@@ -55,6 +55,8 @@ use crate::names;
 
 mod dispatcher;
 mod handle;
+mod lanes;
+mod pool;
 mod worker;
 
 pub use handle::{Ended, RunHandle, RunState, ShutdownReport};

@@ -71,13 +71,13 @@ const ACKING_DEAD_LETTERED: u8 = 3;
 
 /// Runs one attempt of one delivery and settles it. Never panics.
 pub(super) async fn attempt(
-    pipeline: Pipeline,
-    settings: Arc<Settings>,
-    delivery: Delivery,
-    acker: Arc<Acker>,
+    pipeline: &Pipeline,
+    settings: &Settings,
+    delivery: &Delivery,
+    acker: &Acker,
 ) -> Done {
     let stage = AtomicU8::new(HANDLING);
-    let work = AssertUnwindSafe(run(&pipeline, &settings, &delivery, &acker, &stage))
+    let work = AssertUnwindSafe(run(pipeline, settings, delivery, acker, &stage))
         .catch_unwind()
         .await;
     let panic = match work {
@@ -101,11 +101,11 @@ pub(super) async fn attempt(
             // The stub goes through the same loop as any dead letter: retried
             // while the error is retryable, a smaller stub if the message is refused.
             let stub = AssertUnwindSafe(async {
-                let message = stub_copy(&settings, &delivery, &reason, 0);
-                dead_letter_from(&settings, &delivery, &reason, message, 1).await
+                let message = stub_copy(settings, delivery, &reason, 0);
+                dead_letter_from(settings, delivery, &reason, message, 1).await
             });
             match stub.catch_unwind().await {
-                Ok(Ok(())) => ack_dead_lettered(&settings, &delivery, &acker).await,
+                Ok(Ok(())) => ack_dead_lettered(settings, delivery, acker).await,
                 Ok(Err(e)) => Done::Fatal(e),
                 Err(again) => Done::Fatal(Error::Backend {
                     backend: "polybus",
@@ -126,7 +126,7 @@ pub(super) async fn attempt(
                 permanent: false,
                 reason: format!("panicked: {panic}"),
             };
-            let after = AssertUnwindSafe(after_failure(&settings, &delivery, &acker, failure, &stage));
+            let after = AssertUnwindSafe(after_failure(settings, delivery, acker, failure, &stage));
             match after.catch_unwind().await {
                 Ok(done) => done,
                 Err(again) => Done::Fatal(Error::Backend {
@@ -421,7 +421,7 @@ fn stub_copy(settings: &Settings, delivery: &Delivery, reason: &str, level: u8) 
         original.id.clone()
     } else {
         notes.push("id replaced".to_owned());
-        uuid::Uuid::new_v4().to_string()
+        crate::message::new_id()
     };
     if !original.headers.is_empty() {
         let listed: Vec<&str> = original.headers.keys().collect();
