@@ -191,6 +191,10 @@ impl Producer for JetStreamProducer {
         self.server_max.saturating_sub(HEADER_ROOM)
     }
 
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
         let headers = headers::encode(&message, true)?;

@@ -21,6 +21,7 @@ mod headers;
 mod message;
 pub mod middleware;
 pub mod names;
+pub mod observe;
 mod runner;
 pub mod time;
 pub mod wire;
