@@ -24,6 +24,9 @@ pub mod names;
 pub mod observe;
 mod runner;
 pub mod time;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
 pub mod wire;
 
 pub use async_trait::async_trait;
