@@ -28,6 +28,8 @@ pub mod faults;
 mod foreign_cases;
 pub mod secrets;
 mod support;
+#[cfg(feature = "opentelemetry")]
+mod trace_cases;
 
 pub use support::{Recorder, roundtrip_once};
 
@@ -405,6 +407,7 @@ macro_rules! conformance_suite {
             foreign_headers_keep_their_bytes,
             foreign_tombstone_is_not_an_empty_payload,
             foreign_undecodable_record_is_dead_lettered,
+            trace_crosses_the_broker,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {

@@ -177,15 +177,7 @@ pub trait Producer: Send + Sync + 'static {
     /// [`max_payload`](Producer::max_payload).
     async fn send(&self, topic: &str, message: Message) -> Result<()> {
         message.validate(topic, self.max_payload())?;
-        #[cfg(feature = "metrics")]
-        {
-            let started = std::time::Instant::now();
-            let result = self.publish(topic, message).await;
-            crate::observe::send_metrics(self.backend(), topic, started.elapsed(), &result);
-            result
-        }
-        #[cfg(not(feature = "metrics"))]
-        self.publish(topic, message).await
+        crate::observe::send(self.backend(), topic, message, |m| self.publish(topic, m)).await
     }
 
     /// Sends many messages, pipelined; resolves when the broker has taken all of
@@ -195,15 +187,9 @@ pub trait Producer: Send + Sync + 'static {
         for message in &messages {
             message.validate(topic, max)?;
         }
-        #[cfg(feature = "metrics")]
-        let sends = messages.into_iter().map(|m| async move {
-            let started = std::time::Instant::now();
-            let result = self.publish(topic, m).await;
-            crate::observe::send_metrics(self.backend(), topic, started.elapsed(), &result);
-            result
-        });
-        #[cfg(not(feature = "metrics"))]
-        let sends = messages.into_iter().map(|m| self.publish(topic, m));
+        let sends = messages
+            .into_iter()
+            .map(|m| crate::observe::send(self.backend(), topic, m, |m| self.publish(topic, m)));
         futures::future::try_join_all(sends).await.map(|_| ())
     }
 }

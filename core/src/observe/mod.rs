@@ -26,8 +26,35 @@ pub(crate) mod lag;
 #[cfg(feature = "metrics")]
 mod recorder;
 
-#[cfg(feature = "metrics")]
-pub(crate) use recorder::send_metrics;
+#[cfg(feature = "opentelemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
+pub mod trace;
+
+/// Sends one validated message through `publish`, with the send's metrics and
+/// its PRODUCER span (by feature); just `publish(message)` without them.
+#[inline(always)]
+pub(crate) async fn send<F, Fut>(
+    system: &'static str,
+    topic: &str,
+    message: crate::message::Message,
+    publish: F,
+) -> crate::error::Result<()>
+where
+    F: FnOnce(crate::message::Message) -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<()>>,
+{
+    #[cfg(feature = "metrics")]
+    let started = std::time::Instant::now();
+    #[cfg(feature = "opentelemetry")]
+    let result = trace::send(system, topic, message, publish).await;
+    #[cfg(not(feature = "opentelemetry"))]
+    let result = publish(message).await;
+    #[cfg(feature = "metrics")]
+    recorder::send_metrics(system, topic, started.elapsed(), &result);
+    #[cfg(not(any(feature = "metrics", feature = "opentelemetry")))]
+    let _ = (system, topic);
+    result
+}
 
 /// What kind of instrument a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,6 +283,7 @@ pub(crate) enum Outcome {
     SettleFailed,
 }
 
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Outcome {
     pub(crate) const ALL: [Outcome; 6] = [
         Outcome::Ok,
@@ -306,6 +334,10 @@ impl Timer {
 pub(crate) struct Observer {
     #[cfg(feature = "metrics")]
     metrics: Option<std::sync::Arc<recorder::RunnerMetrics>>,
+    #[cfg(feature = "opentelemetry")]
+    system: &'static str,
+    #[cfg(feature = "opentelemetry")]
+    group: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for Observer {
@@ -318,16 +350,53 @@ impl std::fmt::Debug for Observer {
 impl Observer {
     /// The hooks of a runner on `system` (the backend's name) in `group`.
     pub(crate) fn new(system: &'static str, group: Option<&str>) -> Self {
-        #[cfg(feature = "metrics")]
-        {
-            Observer {
-                metrics: Some(std::sync::Arc::new(recorder::RunnerMetrics::new(system, group))),
-            }
+        let _ = (system, group);
+        Observer {
+            #[cfg(feature = "metrics")]
+            metrics: Some(std::sync::Arc::new(recorder::RunnerMetrics::new(system, group))),
+            #[cfg(feature = "opentelemetry")]
+            system,
+            #[cfg(feature = "opentelemetry")]
+            group: group.map(std::sync::Arc::from),
         }
-        #[cfg(not(feature = "metrics"))]
+    }
+
+    /// Runs one handler attempt inside its `process <topic>` span (feature
+    /// `opentelemetry`).
+    #[inline(always)]
+    pub(crate) async fn process(
+        &self,
+        delivery: &crate::message::Delivery,
+        attempt: impl std::future::Future<Output = std::thread::Result<crate::handler::HandlerResult>>,
+    ) -> std::thread::Result<crate::handler::HandlerResult> {
+        #[cfg(feature = "opentelemetry")]
         {
-            let _ = (system, group);
-            Observer {}
+            trace::process(self.system, self.group.as_deref(), delivery, attempt, handler_error_type).await
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        {
+            let _ = delivery;
+            attempt.await
+        }
+    }
+
+    /// Publishes a dead letter of `delivery` to `topic` inside its span, linked
+    /// to the original's trace (feature `opentelemetry`).
+    #[inline(always)]
+    pub(crate) async fn dead_letter(
+        &self,
+        topic: &str,
+        delivery: &crate::message::Delivery,
+        publish: impl std::future::Future<Output = crate::error::Result<()>>,
+    ) -> crate::error::Result<()> {
+        #[cfg(feature = "opentelemetry")]
+        {
+            trace::dead_letter(self.system, topic, delivery, publish).await
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        {
+            let _ = (topic, delivery);
+            publish.await
         }
     }
 

@@ -29,7 +29,7 @@ pub(super) fn describe_all() {
 
 /// Records one `send` (or one message of `send_batch`): the sent-messages counter
 /// and the operation duration, with `error.type` when it failed.
-pub(crate) fn send_metrics(system: &'static str, topic: &str, took: Duration, result: &Result<(), Error>) {
+pub(super) fn send_metrics(system: &'static str, topic: &str, took: Duration, result: &Result<(), Error>) {
     let mut labels = vec![
         Label::from_static_parts(SYSTEM, system),
         Label::new(DESTINATION, topic.to_owned()),

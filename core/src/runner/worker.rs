@@ -166,7 +166,7 @@ async fn run(
     }
     let timer = Timer::start();
     let call = AssertUnwindSafe(async { pipeline.call(delivery.clone()).await });
-    let result = call.catch_unwind().await;
+    let result = settings.observe.process(delivery, call.catch_unwind()).await;
     settings
         .observe
         .processed(delivery, timer, crate::observe::handler_error_type(&result));
@@ -339,12 +339,12 @@ async fn dead_letter_from(
 async fn publish_dead_letter(settings: &Settings, delivery: &Delivery, message: Message) -> Result<()> {
     let topic = names::dead_letter_topic(delivery.topic());
     names::validate_topic(&topic)?;
-    settle(
+    let publish = settle(
         settings,
         "dead-letter publish",
         settings.producer.publish(&topic, message),
-    )
-    .await
+    );
+    settings.observe.dead_letter(&topic, delivery, publish).await
 }
 
 /// Text made safe for a header value: no CR/LF, at most 1024 bytes. Used for
