@@ -525,6 +525,22 @@ impl Consumer for JetStreamConsumer {
         }))
     }
 
+    /// The durable consumer's `num_pending` (not yet delivered) plus
+    /// `num_ack_pending` (delivered, not yet acked).
+    async fn lag_unchecked(&self, topic: &str, group: &str) -> Result<u64> {
+        let stream = self
+            .streams
+            .js
+            .get_stream(stream_name(topic))
+            .await
+            .map_err(|e| backend_error(&format!("looking up topic '{topic}'"), e, true))?;
+        let info = stream
+            .consumer_info(stream_name(group))
+            .await
+            .map_err(|e| backend_error(&format!("looking up group '{group}'"), e, true))?;
+        Ok(info.num_pending.saturating_add(info.num_ack_pending as u64))
+    }
+
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
         self.client

@@ -15,6 +15,7 @@ use crate::{CaseResult, Ctx, Harness, Outcome, Recorder};
 
 pub use crate::fault_cases::*;
 pub use crate::foreign_cases::*;
+pub use crate::lag_cases::*;
 #[cfg(feature = "opentelemetry")]
 pub use crate::trace_cases::trace_crosses_the_broker;
 

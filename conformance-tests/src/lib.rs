@@ -26,6 +26,7 @@ pub mod cases;
 mod fault_cases;
 pub mod faults;
 mod foreign_cases;
+mod lag_cases;
 pub mod secrets;
 mod support;
 #[cfg(feature = "opentelemetry")]
@@ -408,6 +409,7 @@ macro_rules! conformance_suite {
             foreign_tombstone_is_not_an_empty_payload,
             foreign_undecodable_record_is_dead_lettered,
             trace_crosses_the_broker,
+            lag_counts_the_backlog,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {
