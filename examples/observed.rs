@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-use polybus::{Connection, Delivery, HandlerError, HandlerResult, Message, RetryPolicy, RunHandle, StartFrom};
+use polybus::{
+    Connection, Delivery, HandlerError, HandlerResult, Message, RetryPolicy, RunHandle, StartFrom,
+};
 
 /// Latency buckets in seconds for every `…duration` histogram: the `metrics`
 /// facade cannot set buckets, the exporter does.
@@ -51,7 +53,9 @@ async fn bill(delivery: Delivery) -> HandlerResult {
 /// Declares the topic and group and starts the billing runner.
 pub async fn start(conn: &Connection, lag_every: Duration) -> polybus::Result<RunHandle> {
     conn.consumer.declare_topic(TOPIC).await?;
-    conn.consumer.declare_group(TOPIC, GROUP, StartFrom::Latest).await?;
+    conn.consumer
+        .declare_group(TOPIC, GROUP, StartFrom::Latest)
+        .await?;
     conn.runner()
         .topic(TOPIC)
         .group(GROUP)
@@ -64,9 +68,16 @@ pub async fn start(conn: &Connection, lag_every: Duration) -> polybus::Result<Ru
 /// Publishes `n` orders; every tenth (the 10th, 20th, …) is a poison one.
 pub async fn publish_orders(conn: &Connection, n: usize) -> polybus::Result<()> {
     for i in 1..=n {
-        let payload = if i % 10 == 0 { "poison".to_owned() } else { format!("order {i}") };
+        let payload = if i % 10 == 0 {
+            "poison".to_owned()
+        } else {
+            format!("order {i}")
+        };
         conn.producer
-            .send(TOPIC, Message::new(payload).with_key(format!("customer-{}", i % 4)))
+            .send(
+                TOPIC,
+                Message::new(payload).with_key(format!("customer-{}", i % 4)),
+            )
             .await?;
     }
     Ok(())

@@ -70,7 +70,10 @@ fn gauge(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let until = tokio::time::Instant::now() + Duration::from_secs(20);
     while !done() {
-        assert!(tokio::time::Instant::now() < until, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -141,7 +144,10 @@ async fn runner_and_send_metrics_have_the_expected_values() {
         .await
         .unwrap();
     for _ in 0..5 {
-        conn.producer.send("backlog", Message::new("later")).await.unwrap();
+        conn.producer
+            .send("backlog", Message::new("later"))
+            .await
+            .unwrap();
     }
     let gate = Arc::new(Notify::new());
     let started = Arc::new(AtomicU32::new(0));
@@ -190,7 +196,10 @@ async fn runner_and_send_metrics_have_the_expected_values() {
         ("messaging.system", "memory"),
         ("messaging.destination.name", "orders"),
     ];
-    let billing = [("messaging.system", "memory"), ("messaging.consumer.group.name", "billing")];
+    let billing = [
+        ("messaging.system", "memory"),
+        ("messaging.consumer.group.name", "billing"),
+    ];
     let with = |extra: &[(&'static str, &'static str)]| {
         let mut all = orders.to_vec();
         all.push(("messaging.consumer.group.name", "billing"));
@@ -201,18 +210,35 @@ async fn runner_and_send_metrics_have_the_expected_values() {
     // Sends: 10 to orders, through `send`; the dead letter goes through
     // `publish` and is not a send.
     assert_eq!(
-        counter(&samples, observe::SENT_MESSAGES, &[("messaging.destination.name", "orders")]),
+        counter(
+            &samples,
+            observe::SENT_MESSAGES,
+            &[("messaging.destination.name", "orders")]
+        ),
         10
     );
     assert!(find(&samples, observe::SENT_MESSAGES, &[("error.type", "closed")]).is_empty());
-    assert!(find(&samples, observe::SENT_MESSAGES, &[("messaging.destination.name", "orders.dlq")]).is_empty());
+    assert!(
+        find(
+            &samples,
+            observe::SENT_MESSAGES,
+            &[("messaging.destination.name", "orders.dlq")]
+        )
+        .is_empty()
+    );
     let send_durations = histogram(
         &samples,
         observe::OPERATION_DURATION,
-        &[("messaging.destination.name", "orders"), ("messaging.operation.name", "send")],
+        &[
+            ("messaging.destination.name", "orders"),
+            ("messaging.operation.name", "send"),
+        ],
     );
     assert_eq!(send_durations.len(), 10);
-    assert!(send_durations.iter().all(|s| (0.0..5.0).contains(s)), "{send_durations:?}");
+    assert!(
+        send_durations.iter().all(|s| (0.0..5.0).contains(s)),
+        "{send_durations:?}"
+    );
 
     // Received once each (retries stay in process).
     assert_eq!(counter(&samples, observe::CONSUMED_MESSAGES, &with(&[])), 10);
@@ -222,11 +248,21 @@ async fn runner_and_send_metrics_have_the_expected_values() {
         .saturating_sub(3);
     assert_eq!(ok, 9);
     assert_eq!(
-        histogram(&samples, observe::PROCESS_DURATION, &with(&[("error.type", "retryable")])).len(),
+        histogram(
+            &samples,
+            observe::PROCESS_DURATION,
+            &with(&[("error.type", "retryable")])
+        )
+        .len(),
         2
     );
     assert_eq!(
-        histogram(&samples, observe::PROCESS_DURATION, &with(&[("error.type", "permanent")])).len(),
+        histogram(
+            &samples,
+            observe::PROCESS_DURATION,
+            &with(&[("error.type", "permanent")])
+        )
+        .len(),
         1
     );
     // Outcomes.
@@ -248,7 +284,11 @@ async fn runner_and_send_metrics_have_the_expected_values() {
         [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]
     );
     assert_eq!(
-        histogram(&samples, observe::ATTEMPTS, &with(&[("polybus.outcome", "dead_lettered")])),
+        histogram(
+            &samples,
+            observe::ATTEMPTS,
+            &with(&[("polybus.outcome", "dead_lettered")])
+        ),
         [1.0]
     );
     // Settlement: 10 acks, 1 dead-letter publish; no failures.
@@ -257,14 +297,20 @@ async fn runner_and_send_metrics_have_the_expected_values() {
     assert_eq!(histogram(&samples, observe::OPERATION_DURATION, &acks).len(), 10);
     let mut dead_letter = billing.to_vec();
     dead_letter.push(("messaging.operation.name", "dead_letter"));
-    assert_eq!(histogram(&samples, observe::OPERATION_DURATION, &dead_letter).len(), 1);
+    assert_eq!(
+        histogram(&samples, observe::OPERATION_DURATION, &dead_letter).len(),
+        1
+    );
     assert!(find(&samples, observe::DEAD_LETTER_FAILURES, &[]).is_empty());
     // One shutdown; the runner was empty when it ended.
     assert_eq!(histogram(&samples, observe::SHUTDOWN_DURATION, &billing).len(), 1);
     assert_eq!(gauge(&samples, observe::HELD, &billing), 0.0);
 
     // The blocked runner: 5 held and running, none in backoff, lag 5.
-    let slow_group = [("messaging.system", "memory"), ("messaging.consumer.group.name", "slow")];
+    let slow_group = [
+        ("messaging.system", "memory"),
+        ("messaging.consumer.group.name", "slow"),
+    ];
     assert_eq!(gauge(&samples, observe::HELD, &slow_group), 5.0);
     assert_eq!(gauge(&samples, observe::RUNNING, &slow_group), 5.0);
     assert_eq!(gauge(&samples, observe::BACKOFF, &slow_group), 0.0);
@@ -275,9 +321,27 @@ async fn runner_and_send_metrics_have_the_expected_values() {
     // Every emitted metric is in the descriptor list with only its attributes,
     // and no label carries a key, an id or payload data.
     let allowed_values: HashSet<&str> = [
-        "memory", "orders", "backlog", "billing", "slow", "send", "receive", "process", "ack", "release",
-        "keep_alive", "dead_letter", "settle", "ok", "retried", "dead_lettered", "released", "cancelled",
-        "settle_failed", "retryable", "permanent",
+        "memory",
+        "orders",
+        "backlog",
+        "billing",
+        "slow",
+        "send",
+        "receive",
+        "process",
+        "ack",
+        "release",
+        "keep_alive",
+        "dead_letter",
+        "settle",
+        "ok",
+        "retried",
+        "dead_lettered",
+        "released",
+        "cancelled",
+        "settle_failed",
+        "retryable",
+        "permanent",
     ]
     .into_iter()
     .collect();

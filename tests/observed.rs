@@ -18,7 +18,10 @@ type Line = (String, BTreeMap<String, String>, f64);
 
 fn parse(text: &str) -> Vec<Line> {
     let mut lines = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let (series, value) = line.rsplit_once(' ').expect("name and value");
         let (name, labels) = match series.split_once('{') {
             Some((name, rest)) => (name, rest.trim_end_matches('}')),
@@ -43,7 +46,9 @@ fn value(lines: &[Line], name: &str, with: &[(&str, &str)]) -> f64 {
         .iter()
         .filter(|(n, labels, _)| {
             (n == name || *n == format!("{name}_total"))
-                && with.iter().all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+                && with
+                    .iter()
+                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
         })
         .map(|(_, _, v)| *v)
         .collect();
@@ -104,33 +109,62 @@ async fn the_example_serves_its_metrics_over_http() {
         all.extend_from_slice(extra);
         all
     };
-    assert_eq!(value(&lines, "messaging_client_sent_messages", &orders), 20.0, "{text}");
-    assert_eq!(value(&lines, "messaging_client_consumed_messages", &billing(&[])), 20.0);
-    assert_eq!(value(&lines, "polybus_handler_outcomes", &billing(&[("polybus_outcome", "ok")])), 18.0);
     assert_eq!(
-        value(&lines, "polybus_handler_outcomes", &billing(&[("polybus_outcome", "dead_lettered")])),
+        value(&lines, "messaging_client_sent_messages", &orders),
+        20.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&lines, "messaging_client_consumed_messages", &billing(&[])),
+        20.0
+    );
+    assert_eq!(
+        value(
+            &lines,
+            "polybus_handler_outcomes",
+            &billing(&[("polybus_outcome", "ok")])
+        ),
+        18.0
+    );
+    assert_eq!(
+        value(
+            &lines,
+            "polybus_handler_outcomes",
+            &billing(&[("polybus_outcome", "dead_lettered")])
+        ),
         2.0
     );
     // The handler-duration histogram, with the example's buckets: 18
     // successful attempts, 2 permanent failures.
     let ok_attempts: Vec<&Line> = lines
         .iter()
-        .filter(|(n, labels, _)| n == "messaging_process_duration_count" && !labels.contains_key("error_type"))
+        .filter(|(n, labels, _)| {
+            n == "messaging_process_duration_count" && !labels.contains_key("error_type")
+        })
         .collect();
     assert_eq!(ok_attempts.len(), 1, "{text}");
     assert_eq!(ok_attempts[0].2, 18.0);
     assert_eq!(
-        value(&lines, "messaging_process_duration_count", &billing(&[("error_type", "permanent")])),
+        value(
+            &lines,
+            "messaging_process_duration_count",
+            &billing(&[("error_type", "permanent")])
+        ),
         2.0
     );
     let buckets: Vec<&str> = lines
         .iter()
-        .filter(|(n, labels, _)| n == "messaging_process_duration_bucket" && !labels.contains_key("error_type"))
+        .filter(|(n, labels, _)| {
+            n == "messaging_process_duration_bucket" && !labels.contains_key("error_type")
+        })
         .filter_map(|(_, labels, _)| labels.get("le").map(String::as_str))
         .collect();
     assert_eq!(
         buckets,
-        ["0.0001", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.5", "1", "5", "+Inf"],
+        [
+            "0.0001", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.5", "1", "5",
+            "+Inf"
+        ],
         "{text}"
     );
     // The +Inf bucket of the successful attempts holds all 18 (the series

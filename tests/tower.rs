@@ -49,7 +49,10 @@ struct Gauge {
 }
 
 impl Gauge {
-    fn handler(self: &Arc<Self>, work: Duration) -> impl Fn(Delivery) -> futures::future::BoxFuture<'static, HandlerResult> + Send + Sync + 'static {
+    fn handler(
+        self: &Arc<Self>,
+        work: Duration,
+    ) -> impl Fn(Delivery) -> futures::future::BoxFuture<'static, HandlerResult> + Send + Sync + 'static {
         let gauge = Arc::clone(self);
         move |_d: Delivery| {
             let gauge = Arc::clone(&gauge);
@@ -79,7 +82,10 @@ async fn concurrency_limit_layer_bounds_handlers_inside_a_runner() {
         .await
         .unwrap();
     let report = settle_all(&handle, 12).await;
-    assert_eq!((report.handled, report.dead_lettered, report.released), (12, 0, 0));
+    assert_eq!(
+        (report.handled, report.dead_lettered, report.released),
+        (12, 0, 0)
+    );
     let max = gauge.max.load(Ordering::SeqCst);
     assert!(max <= 2, "{max} handlers ran at once under a limit of 2");
 }
@@ -110,7 +116,10 @@ async fn rate_limit_layer_paces_handlers_inside_a_runner() {
     let early = starts.iter().filter(|t| **t < first + per / 2).count();
     assert!(early <= 3, "{early} handlers started within half a window");
     let span = starts[8] - first;
-    assert!(span >= per * 2 - per / 2, "9 calls at 3 per {per:?} took only {span:?}");
+    assert!(
+        span >= per * 2 - per / 2,
+        "9 calls at 3 per {per:?} took only {span:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +190,9 @@ async fn a_tower_timeout_is_a_retryable_failure() {
         .topic("slow")
         .group("g")
         .retry(RetryPolicy::attempts(2).backoff(Duration::from_millis(5), Duration::from_millis(5)))
-        .layer(polybus::tower::layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(20))))
+        .layer(polybus::tower::layer(tower::timeout::TimeoutLayer::new(
+            Duration::from_millis(20),
+        )))
         .run({
             let calls = Arc::clone(&calls);
             move |_d: Delivery| {

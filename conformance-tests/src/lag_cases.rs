@@ -18,12 +18,20 @@ pub async fn lag_counts_the_backlog<H: Harness>(cx: Ctx<H>) -> CaseResult {
         Ok(n) => panic!("a new group on a new topic has a lag of {n}"),
     }
     const BACKLOG: u64 = 7;
-    publish(&conn, &topic, (0..BACKLOG as usize).map(|i| numbered("lag", i)).collect()).await?;
+    publish(
+        &conn,
+        &topic,
+        (0..BACKLOG as usize).map(|i| numbered("lag", i)).collect(),
+    )
+    .await?;
     // Brokers update their counts asynchronously: poll until the backlog shows.
     let until = tokio::time::Instant::now() + cx.secs(10.0);
     let mut lag = conn.consumer.lag(&topic, &group).await?;
     while lag != BACKLOG && tokio::time::Instant::now() < until {
-        assert!(lag < BACKLOG, "lag {lag} is more than the {BACKLOG} messages sent");
+        assert!(
+            lag < BACKLOG,
+            "lag {lag} is more than the {BACKLOG} messages sent"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         lag = conn.consumer.lag(&topic, &group).await?;
     }

@@ -79,11 +79,9 @@ pub async fn trace_crosses_the_broker<H: Harness>(cx: Ctx<H>) -> CaseResult {
                 let span = tracer.start("handle");
                 let trace = span.span_context().trace_id();
                 drop(span);
-                seen.lock().unwrap().push((
-                    index,
-                    trace,
-                    d.header("traceparent").map(str::to_owned),
-                ));
+                seen.lock()
+                    .unwrap()
+                    .push((index, trace, d.header("traceparent").map(str::to_owned)));
                 match index {
                     0 if !std::mem::replace(&mut *failed_once.lock().unwrap(), true) => {
                         Err(HandlerError::retryable("first attempt fails"))
@@ -128,19 +126,37 @@ pub async fn trace_crosses_the_broker<H: Harness>(cx: Ctx<H>) -> CaseResult {
         assert_eq!(producer.len(), 1, "message {i}: one `send` span in its trace");
         let producer = producer[0];
         assert_eq!(producer.span_kind, SpanKind::Producer, "message {i}");
-        assert_eq!(producer.parent_span_id, *root_span, "message {i}: `send` is a child of the caller's span");
+        assert_eq!(
+            producer.parent_span_id, *root_span,
+            "message {i}: `send` is a child of the caller's span"
+        );
         let expected = format!("00-{}-{}-01", trace, producer.span_context.span_id());
         // What the handler saw: the producer's context, and its own span in the same trace.
         let attempts: Vec<_> = seen.iter().filter(|(index, _, _)| *index == i).collect();
-        assert_eq!(attempts.len(), if i == 0 { 2 } else { 1 }, "attempts of message {i}");
+        assert_eq!(
+            attempts.len(),
+            if i == 0 { 2 } else { 1 },
+            "attempts of message {i}"
+        );
         for (_, handler_trace, traceparent) in &attempts {
-            assert_eq!(handler_trace, trace, "message {i}: the handler's span is in the producer's trace");
-            assert_eq!(traceparent.as_deref(), Some(expected.as_str()), "message {i}: traceparent");
+            assert_eq!(
+                handler_trace, trace,
+                "message {i}: the handler's span is in the producer's trace"
+            );
+            assert_eq!(
+                traceparent.as_deref(),
+                Some(expected.as_str()),
+                "message {i}: traceparent"
+            );
         }
         traceparents.insert(i, expected);
         let process_name = format!("process {topic}");
         let process: Vec<&SpanData> = in_trace.iter().filter(|s| s.name == process_name).collect();
-        assert_eq!(process.len(), attempts.len(), "message {i}: one `process` span per attempt");
+        assert_eq!(
+            process.len(),
+            attempts.len(),
+            "message {i}: one `process` span per attempt"
+        );
         for span in &process {
             assert_eq!(span.span_kind, SpanKind::Consumer);
             assert_eq!(
@@ -153,7 +169,9 @@ pub async fn trace_crosses_the_broker<H: Harness>(cx: Ctx<H>) -> CaseResult {
         assert_eq!(handler_spans.len(), attempts.len(), "message {i}: handler spans");
         for span in handler_spans {
             assert!(
-                process.iter().any(|p| p.span_context.span_id() == span.parent_span_id),
+                process
+                    .iter()
+                    .any(|p| p.span_context.span_id() == span.parent_span_id),
                 "message {i}: the handler's span is a child of a `process` span"
             );
         }

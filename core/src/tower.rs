@@ -126,7 +126,9 @@ pub struct NextService {
 
 impl Clone for NextService {
     fn clone(&self) -> Self {
-        NextService { next: self.next.fork() }
+        NextService {
+            next: self.next.fork(),
+        }
     }
 }
 

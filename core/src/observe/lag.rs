@@ -26,7 +26,8 @@ pub(crate) async fn refresh(
         loop {
             timer.tick().await;
             for topic in &topics {
-                let asked = tokio::time::timeout(every.max(Duration::from_secs(1)), consumer.lag(topic, &group));
+                let asked =
+                    tokio::time::timeout(every.max(Duration::from_secs(1)), consumer.lag(topic, &group));
                 match asked.await {
                     Ok(Ok(lag)) => observe.lag(topic, lag),
                     Ok(Err(Error::Unsupported(why))) => {

@@ -371,7 +371,14 @@ impl Observer {
     ) -> std::thread::Result<crate::handler::HandlerResult> {
         #[cfg(feature = "opentelemetry")]
         {
-            trace::process(self.system, self.group.as_deref(), delivery, attempt, handler_error_type).await
+            trace::process(
+                self.system,
+                self.group.as_deref(),
+                delivery,
+                attempt,
+                handler_error_type,
+            )
+            .await
         }
         #[cfg(not(feature = "opentelemetry"))]
         {
@@ -405,7 +412,7 @@ impl Observer {
     pub(crate) fn received(&self, delivery: &crate::message::Delivery) {
         #[cfg(feature = "metrics")]
         if let Some(m) = &self.metrics {
-            m.topic(delivery.topic()).consumed.increment(1);
+            m.with_topic(delivery.topic(), |t| t.consumed.increment(1));
         }
         #[cfg(not(feature = "metrics"))]
         let _ = delivery;
@@ -414,7 +421,12 @@ impl Observer {
     /// One handler attempt ended; `error`: `None` when it succeeded, else the
     /// kind of failure (`retryable`, `permanent`, `overloaded`, `panic`).
     #[inline(always)]
-    pub(crate) fn processed(&self, delivery: &crate::message::Delivery, timer: Timer, error: Option<&'static str>) {
+    pub(crate) fn processed(
+        &self,
+        delivery: &crate::message::Delivery,
+        timer: Timer,
+        error: Option<&'static str>,
+    ) {
         #[cfg(feature = "metrics")]
         if let Some(m) = &self.metrics {
             m.processed(delivery, timer.elapsed(), error);
@@ -428,7 +440,7 @@ impl Observer {
     pub(crate) fn outcome(&self, topic: &str, outcome: Outcome, n: u64) {
         #[cfg(feature = "metrics")]
         if let Some(m) = &self.metrics {
-            m.topic(topic).outcomes[outcome as usize].increment(n);
+            m.with_topic(topic, |t| t.outcomes[outcome as usize].increment(n));
         }
         #[cfg(not(feature = "metrics"))]
         let _ = (topic, outcome, n);
@@ -497,8 +509,7 @@ impl Observer {
     #[cfg(feature = "metrics")]
     pub(crate) fn lag(&self, topic: &str, lag: u64) {
         if let Some(m) = &self.metrics {
-            m.topic(topic).lag.set(lag as f64);
+            m.with_topic(topic, |t| t.lag.set(lag as f64));
         }
     }
-
 }

@@ -2,16 +2,17 @@
 //! topic, so the per-message cost is a few atomic operations (or nothing but a
 //! branch when no recorder is installed).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Label, Unit};
 
 use super::{
-    ATTEMPTS, BACKOFF, CONSUMED_MESSAGES, DEAD_LETTER_FAILURES, DESTINATION, ERROR_TYPE, GROUP, HELD, LAG, METRICS,
-    MetricKind, OPERATION, OPERATION_DURATION, OPERATION_TYPE, OUTCOME, OUTCOMES, Outcome, PROCESS_DURATION, RUNNING,
-    SENT_MESSAGES, SHUTDOWN_DURATION, SYSTEM, error_type,
+    ATTEMPTS, BACKOFF, CONSUMED_MESSAGES, DEAD_LETTER_FAILURES, DESTINATION, ERROR_TYPE, GROUP, HELD, LAG,
+    METRICS, MetricKind, OPERATION, OPERATION_DURATION, OPERATION_TYPE, OUTCOME, OUTCOMES, Outcome,
+    PROCESS_DURATION, RUNNING, SENT_MESSAGES, SHUTDOWN_DURATION, SYSTEM, error_type,
 };
 use crate::error::Error;
 use crate::message::Delivery;
@@ -27,20 +28,67 @@ pub(super) fn describe_all() {
     }
 }
 
-/// Records one `send` (or one message of `send_batch`): the sent-messages counter
-/// and the operation duration, with `error.type` when it failed.
-pub(super) fn send_metrics(system: &'static str, topic: &str, took: Duration, result: &Result<(), Error>) {
+/// The handles of successful sends to one topic.
+struct SendHandles {
+    sent: Counter,
+    duration: Histogram,
+}
+
+/// Send handles per backend, then per topic.
+type SendCache = HashMap<&'static str, HashMap<String, SendHandles>>;
+
+thread_local! {
+    /// Send handles, registered on a thread's first send to a topic (so, like
+    /// a runner's, they belong to the recorder installed then). Per thread: a
+    /// hit costs a hash lookup and no shared atomics.
+    static SEND_HANDLES: RefCell<SendCache> = RefCell::new(HashMap::new());
+}
+
+fn with_send_handles(system: &'static str, topic: &str, f: impl FnOnce(&SendHandles)) {
+    SEND_HANDLES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let topics = cache.entry(system).or_default();
+        if let Some(found) = topics.get(topic) {
+            return f(found);
+        }
+        let labels = send_labels(system, topic, None);
+        let mut with_type = labels.clone();
+        with_type.push(Label::from_static_parts(OPERATION_TYPE, "send"));
+        let made = SendHandles {
+            sent: metrics::counter!(SENT_MESSAGES, labels),
+            duration: metrics::histogram!(OPERATION_DURATION, with_type),
+        };
+        f(topics.entry(topic.to_owned()).or_insert(made));
+    });
+}
+
+fn send_labels(system: &'static str, topic: &str, error: Option<&'static str>) -> Vec<Label> {
     let mut labels = vec![
         Label::from_static_parts(SYSTEM, system),
         Label::new(DESTINATION, topic.to_owned()),
         Label::from_static_parts(OPERATION, "send"),
     ];
-    if let Err(e) = result {
-        labels.push(Label::from_static_parts(ERROR_TYPE, error_type(e)));
+    if let Some(error) = error {
+        labels.push(Label::from_static_parts(ERROR_TYPE, error));
     }
-    metrics::counter!(SENT_MESSAGES, labels.iter()).increment(1);
-    labels.push(Label::from_static_parts(OPERATION_TYPE, "send"));
-    metrics::histogram!(OPERATION_DURATION, labels.iter()).record(took.as_secs_f64());
+    labels
+}
+
+/// Records one `send` (or one message of `send_batch`): the sent-messages counter
+/// and the operation duration, with `error.type` when it failed.
+pub(super) fn send_metrics(system: &'static str, topic: &str, took: Duration, result: &Result<(), Error>) {
+    match result {
+        Ok(()) => with_send_handles(system, topic, |handles| {
+            handles.sent.increment(1);
+            handles.duration.record(took.as_secs_f64());
+        }),
+        Err(e) => {
+            let mut labels = send_labels(system, topic, Some(error_type(e)));
+            metrics::counter!(SENT_MESSAGES, labels.iter()).increment(1);
+            labels.push(Label::from_static_parts(OPERATION_TYPE, "send"));
+            metrics::histogram!(OPERATION_DURATION, labels).record(took.as_secs_f64());
+        }
+    }
 }
 
 /// One topic's handles in one runner.
@@ -58,8 +106,8 @@ pub(super) struct TopicMetrics {
 pub(super) struct RunnerMetrics {
     system: &'static str,
     group: Option<String>,
-    first: OnceLock<Arc<TopicMetrics>>,
-    topics: RwLock<HashMap<String, Arc<TopicMetrics>>>,
+    first: OnceLock<TopicMetrics>,
+    topics: RwLock<HashMap<String, TopicMetrics>>,
     pub(super) held: Gauge,
     pub(super) running: Gauge,
     pub(super) backoff: Gauge,
@@ -100,22 +148,23 @@ impl RunnerMetrics {
         }
     }
 
-    /// The handles of `topic` (registered the first time it is seen).
-    pub(super) fn topic(&self, topic: &str) -> Arc<TopicMetrics> {
-        if let Some(first) = self.first.get()
-            && first.topic == topic
-        {
-            return Arc::clone(first);
+    /// Calls `f` with the handles of `topic` (registered the first time it is
+    /// seen). The runner's first topic is kept inline: no lock, no reference
+    /// count on the per-message path.
+    pub(super) fn with_topic<R>(&self, topic: &str, f: impl FnOnce(&TopicMetrics) -> R) -> R {
+        let first = match self.first.get() {
+            Some(first) => first,
+            None => self.first.get_or_init(|| self.register(topic)),
+        };
+        if first.topic == topic {
+            return f(first);
         }
         if let Some(found) = self.topics.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
-            return Arc::clone(found);
+            return f(found);
         }
-        let made = Arc::new(self.register(topic));
+        let made = self.register(topic);
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        let entry = Arc::clone(topics.entry(topic.to_owned()).or_insert(made));
-        drop(topics);
-        let _ = self.first.set(Arc::clone(&entry));
-        entry
+        f(topics.entry(topic.to_owned()).or_insert(made))
     }
 
     fn register(&self, topic: &str) -> TopicMetrics {
@@ -131,7 +180,10 @@ impl RunnerMetrics {
             process_ok: metrics::histogram!(PROCESS_DURATION, with(OPERATION, "process")),
             outcomes: Outcome::ALL.map(|o| metrics::counter!(OUTCOMES, with(OUTCOME, o.as_str()))),
             attempts_ok: metrics::histogram!(ATTEMPTS, with(OUTCOME, Outcome::Ok.as_str())),
-            attempts_dead_lettered: metrics::histogram!(ATTEMPTS, with(OUTCOME, Outcome::DeadLettered.as_str())),
+            attempts_dead_lettered: metrics::histogram!(
+                ATTEMPTS,
+                with(OUTCOME, Outcome::DeadLettered.as_str())
+            ),
             lag: metrics::gauge!(LAG, base.iter()),
         }
     }
@@ -139,7 +191,7 @@ impl RunnerMetrics {
     pub(super) fn processed(&self, delivery: &Delivery, took: Duration, error: Option<&'static str>) {
         let secs = took.as_secs_f64();
         match error {
-            None => self.topic(delivery.topic()).process_ok.record(secs),
+            None => self.with_topic(delivery.topic(), |t| t.process_ok.record(secs)),
             Some(kind) => {
                 let mut labels = base_labels(self.system, self.group.as_deref(), Some(delivery.topic()));
                 labels.push(Label::from_static_parts(OPERATION, "process"));
@@ -150,14 +202,15 @@ impl RunnerMetrics {
     }
 
     pub(super) fn settled(&self, delivery: &Delivery, outcome: Outcome) {
-        let topic = self.topic(delivery.topic());
-        topic.outcomes[outcome as usize].increment(1);
-        let attempts = match outcome {
-            Outcome::Ok => &topic.attempts_ok,
-            Outcome::DeadLettered => &topic.attempts_dead_lettered,
-            _ => return,
-        };
-        attempts.record(f64::from(delivery.attempt()));
+        self.with_topic(delivery.topic(), |topic| {
+            topic.outcomes[outcome as usize].increment(1);
+            let attempts = match outcome {
+                Outcome::Ok => &topic.attempts_ok,
+                Outcome::DeadLettered => &topic.attempts_dead_lettered,
+                _ => return,
+            };
+            attempts.record(f64::from(delivery.attempt()));
+        });
     }
 
     pub(super) fn settle_call(&self, operation: &'static str, took: Duration, result: &Result<(), Error>) {

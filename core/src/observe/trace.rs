@@ -51,7 +51,9 @@ fn traceparent(cx: &SpanContext) -> String {
 }
 
 fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The remote span context in `traceparent` (and `tracestate`), if valid.
@@ -98,7 +100,12 @@ fn end(cx: &Context, error: Option<&'static str>) {
 /// Sends `message` through `publish` inside a `send <topic>` PRODUCER span,
 /// with the span's context written into the message's headers. Outside a
 /// trace, sends it unchanged.
-pub(crate) async fn send<F, Fut>(system: &'static str, topic: &str, mut message: Message, publish: F) -> Result<()>
+pub(crate) async fn send<F, Fut>(
+    system: &'static str,
+    topic: &str,
+    mut message: Message,
+    publish: F,
+) -> Result<()>
 where
     F: FnOnce(Message) -> Fut,
     Fut: Future<Output = Result<()>>,
@@ -149,7 +156,10 @@ pub(crate) async fn process<T>(
         attributes.push(KeyValue::new(GROUP, group.to_owned()));
     }
     attributes.push(KeyValue::new("messaging.message.id", delivery.id().to_owned()));
-    attributes.push(KeyValue::new("messaging.message.delivery_attempt", i64::from(delivery.attempt())));
+    attributes.push(KeyValue::new(
+        "messaging.message.delivery_attempt",
+        i64::from(delivery.attempt()),
+    ));
     let tracer = global::tracer(SCOPE);
     let span = tracer
         .span_builder(format!("process {}", delivery.topic()))
@@ -222,6 +232,12 @@ mod tests {
             assert!(extract(&headers(bad, None)).is_none(), "{bad:?}");
         }
         // A later version may carry more fields.
-        assert!(extract(&headers("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", None)).is_some());
+        assert!(
+            extract(&headers(
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                None
+            ))
+            .is_some()
+        );
     }
 }

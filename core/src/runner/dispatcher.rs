@@ -180,7 +180,9 @@ impl Dispatcher {
         let mut pull_paused_until: Option<Instant> = None;
         loop {
             self.start_ready();
-            self.settings.observe.load(self.held, self.running.len(), || self.parked());
+            self.settings
+                .observe
+                .load(self.held, self.running.len(), || self.parked());
             if self.fatal.is_some() {
                 break;
             }
@@ -286,7 +288,9 @@ impl Dispatcher {
             // Failures of this topic must be able to reach `<topic>.dlq`.
             if let Err(e) = names::validate_declared_topic(delivery.topic()) {
                 Counters::bump(&self.counters.released, 1);
-                self.settings.observe.outcome(delivery.topic(), Outcome::Released, 1);
+                self.settings
+                    .observe
+                    .outcome(delivery.topic(), Outcome::Released, 1);
                 self.release_all(vec![acker]);
                 self.set_fatal(e);
                 return;
@@ -742,7 +746,9 @@ impl Subscription for Closed {
 fn observe_done(observe: &crate::observe::Observer, delivery: &Delivery, done: &Done, retry: bool) {
     match done {
         Done::Retry(_) if retry => observe.outcome(delivery.topic(), Outcome::Retried, 1),
-        Done::Retry(_) | Done::Fatal(_) | Done::Release => observe.outcome(delivery.topic(), Outcome::Released, 1),
+        Done::Retry(_) | Done::Fatal(_) | Done::Release => {
+            observe.outcome(delivery.topic(), Outcome::Released, 1)
+        }
         Done::Cancelled => observe.outcome(delivery.topic(), Outcome::Cancelled, 1),
         Done::Acked => observe.settled(delivery, Outcome::Ok),
         Done::AckFailed | Done::DeadLettered { ack_failed: true } => {
