@@ -15,6 +15,10 @@ use polybus_core::{Delivery, HandlerError, Message};
 use crate::cases::{dead_letter_listener, index_of, numbered};
 use crate::{CaseResult, Ctx, Harness, Outcome, Recorder};
 
+/// What a handler attempt saw: the message's index, its current trace and the
+/// `traceparent` header.
+type Seen = (usize, TraceId, Option<String>);
+
 /// Every span ended in this process, kept in memory.
 #[derive(Debug, Clone, Default)]
 struct Spans(Arc<Mutex<Vec<SpanData>>>);
@@ -66,7 +70,7 @@ pub async fn trace_crosses_the_broker<H: Harness>(cx: Ctx<H>) -> CaseResult {
     let (dead, dlq_handle) = dead_letter_listener(&cx, &conn, &topic).await?;
     // Message 0 fails once (retryable) then succeeds; message 1 fails permanently.
     let failed_once = Arc::new(Mutex::new(false));
-    let seen: Arc<Mutex<Vec<(usize, TraceId, Option<String>)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let handled = Recorder::new();
     let handler = {
         let (failed_once, seen, handled) = (Arc::clone(&failed_once), Arc::clone(&seen), handled.clone());

@@ -1,5 +1,5 @@
-//! tower interop (feature `tower`): any [`tower::Layer`](::tower::Layer) as
-//! polybus middleware, any [`tower::Service<Delivery>`](::tower::Service) as a
+//! tower interop (feature `tower`): any [`tower::Layer`] as
+//! polybus middleware, any `tower::Service<Delivery>` as a
 //! handler, so tower's timeout, rate-limit, concurrency-limit and load-shed
 //! layers (and your own) work unchanged.
 //!
@@ -164,11 +164,14 @@ impl Service<Delivery> for NextService {
     }
 }
 
+/// A layer's service built for one (pipeline, position).
+type Built<S> = ((usize, usize), S);
+
 /// Middleware made from a tower layer, see [`layer`].
 pub struct LayerMiddleware<L: Layer<NextService>> {
     layer: L,
     /// The layer's service per (pipeline, position), built on first use.
-    built: Mutex<Vec<((usize, usize), L::Service)>>,
+    built: Mutex<Vec<Built<L::Service>>>,
 }
 
 impl<L: Layer<NextService>> std::fmt::Debug for LayerMiddleware<L> {
