@@ -266,9 +266,10 @@ pub(crate) fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) 
     let fallback_id = || format!("{topic}/{partition}/{offset}");
     let raw = match crate::raw_headers::read(message) {
         Ok(raw) => raw,
-        Err(code) => {
+        Err(cause) => {
             // librdkafka could not parse the header block (more than 100,000
-            // headers, a truncated block): the record is not "without headers".
+            // headers, a truncated block), or a name could not be read whole:
+            // the record is not "without headers".
             let mut copy = PolybusMessage::new(payload);
             copy.key = message.key().map(Bytes::copy_from_slice);
             copy.id = fallback_id();
@@ -280,8 +281,7 @@ pub(crate) fn to_delivery(message: &BorrowedMessage<'_>, group: Option<String>) 
             {
                 copy.timestamp = UNIX_EPOCH + Duration::from_millis(millis);
             }
-            let reason =
-                format!("librdkafka could not read the record's header block ({code:?}); headers left out");
+            let reason = format!("{cause}; headers left out");
             tracing::warn!(topic, partition, offset, %reason, "undecodable record; dead-lettering it");
             return Delivery::undecodable(copy, origin, 1, reason);
         }

@@ -10,6 +10,17 @@
 //! leaves a librdkafka producer dead for good. The sends it hits fail with a
 //! retryable error, and the producer is replaced by a new one (a new producer
 //! id), so later sends and dead letters go through.
+//!
+//! **Records larger than `max_message_bytes`.** `send` refuses them
+//! client-side, but a dead-letter copy of another producer's record may be
+//! larger (a Java producer writes up to 1,048,576 bytes by default, more with
+//! compression, and librdkafka checks the *uncompressed* size). Such a
+//! `publish` goes through a second librdkafka producer, made on first need,
+//! whose `message.max.bytes` is librdkafka's maximum and which compresses
+//! (lz4): the broker then decides by its own limit, the one that let the
+//! original in (`<topic>.dlq` is created with its source's
+//! `max.message.bytes`). A copy the broker still refuses is
+//! `PayloadTooLarge`, and the runner dead-letters a labelled stub.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
@@ -22,6 +33,10 @@ use tokio::time::Instant;
 
 use crate::{BACKEND, KafkaConfig, map_error, millis};
 
+/// librdkafka's largest `message.max.bytes`: the oversize producer leaves the
+/// limit to the broker.
+const OVERSIZE_MESSAGE_MAX_BYTES: usize = 1_000_000_000;
+
 /// How long an enqueue waits before trying a full queue again.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 
@@ -29,6 +44,9 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 pub struct KafkaProducer {
     /// The current librdkafka producer (replaced after a fatal error).
     inner: RwLock<Arc<FutureProducer>>,
+    /// The producer for records over `max_message_bytes` (dead-letter copies
+    /// of foreign records), made on first need; see the module doc.
+    oversize: std::sync::Mutex<Option<Arc<FutureProducer>>>,
     config: KafkaConfig,
     gate: SendGate,
     max_payload: usize,
@@ -45,15 +63,28 @@ impl std::fmt::Debug for KafkaProducer {
 }
 
 fn create(config: &KafkaConfig) -> Result<FutureProducer> {
-    config
-        .client_config()
-        .set("acks", "all")
+    producer_config(config)
+        .create()
+        .map_err(|e| map_error("creating the Kafka producer", e))
+}
+
+/// The producer for records over `max_message_bytes` (module doc).
+fn create_oversize(config: &KafkaConfig) -> Result<FutureProducer> {
+    producer_config(config)
+        .set("message.max.bytes", OVERSIZE_MESSAGE_MAX_BYTES.to_string())
+        .set("compression.type", "lz4")
+        .create()
+        .map_err(|e| map_error("creating the Kafka producer for large records", e))
+}
+
+fn producer_config(config: &KafkaConfig) -> rdkafka::ClientConfig {
+    let mut c = config.client_config();
+    c.set("acks", "all")
         .set("enable.idempotence", "true")
         .set("partitioner", config.partitioner.librdkafka_name())
         .set("message.timeout.ms", millis(config.delivery_timeout))
-        .set("request.timeout.ms", millis(config.request_timeout))
-        .create()
-        .map_err(|e| map_error("creating the Kafka producer", e))
+        .set("request.timeout.ms", millis(config.request_timeout));
+    c
 }
 
 impl KafkaProducer {
@@ -61,6 +92,7 @@ impl KafkaProducer {
     pub fn new(config: &KafkaConfig) -> Result<Self> {
         Ok(KafkaProducer {
             inner: RwLock::new(Arc::new(create(config)?)),
+            oversize: std::sync::Mutex::new(None),
             config: config.clone(),
             gate: SendGate::new("producer"),
             max_payload: config.max_payload(),
@@ -72,12 +104,34 @@ impl KafkaProducer {
         Arc::clone(&self.inner.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// The producer for `message`: the oversize one when the record would be
+    /// over `max_message_bytes` (only a `publish` of a copy can be).
+    fn for_record(&self, message: &Message) -> Result<Arc<FutureProducer>> {
+        if record_size(message) <= self.config.max_message_bytes {
+            return Ok(self.current());
+        }
+        let mut slot = self.oversize.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(producer) = &*slot {
+            return Ok(Arc::clone(producer));
+        }
+        let producer = Arc::new(create_oversize(&self.config)?);
+        *slot = Some(Arc::clone(&producer));
+        Ok(producer)
+    }
+
     /// Maps a send's error; when `producer` has hit a fatal error, replaces it
     /// (once: a producer already replaced is left alone) and says so.
     fn failed(&self, producer: &Arc<FutureProducer>, topic: &str, e: KafkaError) -> Error {
         let Some((code, reason)) = producer.client().fatal_error() else {
             return map_error(&format!("sending to {topic}"), e);
         };
+        {
+            // A dead oversize producer is made again on next need.
+            let mut slot = self.oversize.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.as_ref().is_some_and(|o| Arc::ptr_eq(o, producer)) {
+                *slot = None;
+            }
+        }
         let mut current = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&current, producer) {
             match create(&self.config) {
@@ -158,6 +212,19 @@ impl KafkaProducer {
     }
 }
 
+/// An upper bound of the bytes librdkafka counts for `message` against
+/// `message.max.bytes` (payload, key, headers, framing).
+fn record_size(message: &Message) -> usize {
+    const FRAMING: usize = 128;
+    let headers: usize = message
+        .headers
+        .iter()
+        .chain(message.system_headers.iter())
+        .map(|(k, v)| k.len() + v.as_bytes().map_or(0, <[u8]>::len) + 10)
+        .sum();
+    message.payload.len() + message.key.as_ref().map_or(0, |k| k.len()) + headers + message.id.len() + FRAMING
+}
+
 /// A record for `message`: the key and the timestamp in the record's own fields.
 fn record<'a>(topic: &'a str, message: &'a Message) -> FutureRecord<'a, [u8], [u8]> {
     let millis = message
@@ -216,7 +283,7 @@ impl Producer for KafkaProducer {
 
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
-        let producer = self.current();
+        let producer = self.for_record(&message)?;
         let deadline = Instant::now() + self.delivery_timeout;
         let delivery = self.enqueue(&producer, topic, &message, deadline).await?;
         self.delivered(&producer, topic, delivery).await

@@ -303,3 +303,42 @@ async fn a_dead_letter_outage_ends_the_runner_after_bounded_retries() {
         "released, not lost"
     );
 }
+
+/// An undecodable record whose dead-letter copy is refused (too large for the
+/// dead-letter topic) is dead-lettered as a stub; the stub used to drop the
+/// record's `polybus-dlq-raw-headers` label, the only trace of its headers.
+/// A small label is now kept (a large one is named in the stub's note).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stub_of_an_undecodable_record_keeps_its_raw_headers_label() {
+    let broker = MemoryBroker::new();
+    let conn = broker.connection();
+    conn.consumer
+        .declare_group("t", "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    broker.fail_publishes("t.dlq", 1, || Error::PayloadTooLarge { size: 2, max: 1 });
+    let handle = conn
+        .runner()
+        .topic("t")
+        .group("g")
+        .run(|_d: Delivery| async { HandlerResult::Ok(()) })
+        .await
+        .unwrap();
+    let label = polybus_core::wire::raw_headers_label([(&b"\xffname"[..], Some(&b"v"[..]))]);
+    let mut record = Message::new("payload");
+    record
+        .system_headers
+        .insert(polybus_core::dlq_headers::RAW_HEADERS, label.as_str());
+    broker.insert_undecodable("t", record, "header name is not UTF-8");
+    broker.wait_until_settled(Duration::from_secs(10)).await.unwrap();
+    let report = handle.shutdown(Duration::from_secs(5)).await;
+    let dead = broker.published("t.dlq");
+    assert_eq!(dead.len(), 1, "{report:?}");
+    assert!(dead[0].system_headers.contains_key("polybus-dlq-stub"), "{dead:?}");
+    assert_eq!(
+        dead[0].system_headers.get(polybus_core::dlq_headers::RAW_HEADERS),
+        Some(label.as_str()),
+        "the stub keeps the raw headers: {:?}",
+        dead[0].system_headers
+    );
+}

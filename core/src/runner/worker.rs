@@ -400,10 +400,15 @@ fn dead_letter_copy(settings: &Settings, delivery: &Delivery, reason: &str) -> M
     message
 }
 
+/// The largest raw-headers label (of an undecodable record) a stub keeps.
+const STUB_RAW_HEADERS_MAX: usize = 4096;
+
 /// A labelled stub for a message that cannot be dead-lettered as it is: its id
 /// and key when they are valid, as much of its payload as fits (`level` 0: half
-/// the producer's maximum; later levels: none), no user headers, and a
-/// `polybus-dlq-stub` header saying what was left out.
+/// the producer's maximum; later levels: none), no user headers (at `level` 0
+/// an undecodable record's raw-headers label when it is at most
+/// [`STUB_RAW_HEADERS_MAX`] bytes), and a `polybus-dlq-stub` header saying what
+/// was left out.
 fn stub_copy(settings: &Settings, delivery: &Delivery, reason: &str, level: u8) -> Message {
     let original = delivery.message();
     let mut notes = Vec::new();
@@ -449,6 +454,13 @@ fn stub_copy(settings: &Settings, delivery: &Delivery, reason: &str, level: u8) 
         timestamp: original.timestamp,
         tombstone: original.tombstone,
     };
+    if let Some(raw) = original.system_headers.get(dlq_headers::RAW_HEADERS) {
+        if level == 0 && raw.len() <= STUB_RAW_HEADERS_MAX {
+            message.system_headers.insert(dlq_headers::RAW_HEADERS, raw);
+        } else {
+            notes.push(format!("raw headers left out ({} bytes of label)", raw.len()));
+        }
+    }
     dead_letter_headers(settings, delivery, reason, &mut message);
     let mut label = format!("labelled copy: {}", notes.join("; "));
     truncate_at_char(&mut label, 1024);
