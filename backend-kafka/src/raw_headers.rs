@@ -77,7 +77,10 @@ impl std::fmt::Display for ReadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReadError::Librdkafka(code) => {
-                write!(f, "librdkafka could not read the record's header block ({code:?})")
+                write!(
+                    f,
+                    "librdkafka could not read the record's header block ({code:?})"
+                )
             }
             ReadError::NameNotReadable => f.write_str(
                 "a header name holds a NUL byte and this librdkafka build does not give its full length",

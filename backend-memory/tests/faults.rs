@@ -334,7 +334,10 @@ async fn a_stub_of_an_undecodable_record_keeps_its_raw_headers_label() {
     let report = handle.shutdown(Duration::from_secs(5)).await;
     let dead = broker.published("t.dlq");
     assert_eq!(dead.len(), 1, "{report:?}");
-    assert!(dead[0].system_headers.contains_key("polybus-dlq-stub"), "{dead:?}");
+    assert!(
+        dead[0].system_headers.contains_key("polybus-dlq-stub"),
+        "{dead:?}"
+    );
     assert_eq!(
         dead[0].system_headers.get(polybus_core::dlq_headers::RAW_HEADERS),
         Some(label.as_str()),

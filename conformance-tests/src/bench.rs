@@ -165,7 +165,8 @@ mod recorder {
         fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
 
         fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            self.0.get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
+            self.0
+                .get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
         }
 
         fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
@@ -173,7 +174,8 @@ mod recorder {
         }
 
         fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-            self.0.get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
+            self.0
+                .get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
         }
     }
 
