@@ -7,6 +7,9 @@
 //! ```text
 //! cargo bench --bench core_path
 //! POLYBUS_BENCH_MESSAGES=200000 POLYBUS_BENCH_RUNS=7 cargo bench --bench core_path
+//! # metrics hooks compiled in, no recorder; then with a Prometheus recorder installed:
+//! cargo bench --bench core_path --features metrics
+//! POLYBUS_BENCH_RECORDER=prometheus cargo bench --bench core_path --features metrics
 //! ```
 //!
 //! `POLYBUS_BENCH_ONLY=raw|polybus0|polybus4` runs one pipeline only (what
@@ -170,7 +173,25 @@ fn main() {
         return;
     }
     let only = std::env::var("POLYBUS_BENCH_ONLY").ok();
-    println!("core path: {n} messages of 100 bytes, median of {runs} runs, in-memory backend");
+    #[cfg(feature = "metrics")]
+    let recorder = if std::env::var("POLYBUS_BENCH_RECORDER").is_ok_and(|v| v == "prometheus") {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("the Prometheus recorder");
+        polybus::observe::describe_metrics();
+        Some(handle)
+    } else {
+        None
+    };
+    #[cfg(feature = "metrics")]
+    let observed = if recorder.is_some() {
+        "metrics feature, Prometheus recorder installed"
+    } else {
+        "metrics feature, no recorder"
+    };
+    #[cfg(not(feature = "metrics"))]
+    let observed = "metrics feature off";
+    println!("core path: {n} messages of 100 bytes, median of {runs} runs, in-memory backend ({observed})");
     let mut results = Vec::new();
     for (tag, name, layers) in [
         ("raw", "raw tokio mpsc", None),
@@ -201,5 +222,14 @@ fn main() {
     let raw = results[0].1;
     for (name, rate) in &results[1..] {
         println!("ratio {name} / raw: {:.3}", rate / raw);
+    }
+    #[cfg(feature = "metrics")]
+    if let Some(handle) = recorder {
+        // Proof that the recorder saw the runs: the rendered text has the series.
+        let text = handle.render();
+        assert!(
+            text.contains("polybus_handler_outcomes"),
+            "the recorder saw nothing"
+        );
     }
 }

@@ -414,6 +414,12 @@ impl Consumer for KafkaConsumer {
         caps
     }
 
+    /// End offsets less the group's committed offsets, summed over partitions
+    /// (see [`KafkaConsumer::lag`]).
+    async fn lag_unchecked(&self, topic: &str, group: &str) -> Result<u64> {
+        KafkaConsumer::lag(self, topic, group).await
+    }
+
     async fn declare_topic_unchecked(&self, topic: &str) -> Result<()> {
         self.check_open()?;
         self.create_topics(&[topic.to_owned(), names::dead_letter_topic(topic)])

@@ -277,6 +277,10 @@ impl Producer for KafkaProducer {
         self.max_payload
     }
 
+    fn backend(&self) -> &'static str {
+        crate::BACKEND
+    }
+
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
         let producer = self.for_record(&message)?;

@@ -617,6 +617,10 @@ impl Producer for MemoryProducer {
         self.shared.config.max_payload
     }
 
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("producer"));
@@ -740,6 +744,24 @@ impl Consumer for MemoryConsumer {
         self.shared.lock().wake_all();
         self.shared.changed.notify_waiters();
         Ok(())
+    }
+
+    /// Exact: messages not yet delivered, waiting for redelivery, or delivered
+    /// and not yet acked.
+    async fn lag_unchecked(&self, topic: &str, group: &str) -> Result<u64> {
+        self.check_open()?;
+        let state = self.shared.lock();
+        let stats = state
+            .topics
+            .get(topic)
+            .and_then(|log| log.groups.get(group).map(|g| (log, g)))
+            .map(|(log, g)| log.messages.len().saturating_sub(g.cursor) + g.redeliver.len() + g.leases.len());
+        match stats {
+            Some(lag) => Ok(lag as u64),
+            None => Err(Error::NotFound {
+                what: format!("group {group:?} on topic {topic:?}"),
+            }),
+        }
     }
 }
 

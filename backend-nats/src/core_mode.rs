@@ -60,6 +60,10 @@ impl Producer for CoreProducer {
         capabilities(self.server_max).max_payload
     }
 
+    fn backend(&self) -> &'static str {
+        capabilities(self.server_max).backend
+    }
+
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
         let headers = headers::encode(&message, false)?;

@@ -191,6 +191,10 @@ impl Producer for JetStreamProducer {
         self.server_max.saturating_sub(HEADER_ROOM)
     }
 
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
         let headers = headers::encode(&message, true)?;
@@ -519,6 +523,22 @@ impl Consumer for JetStreamConsumer {
             request_timeout: config.request_timeout,
             stopped: false,
         }))
+    }
+
+    /// The durable consumer's `num_pending` (not yet delivered) plus
+    /// `num_ack_pending` (delivered, not yet acked).
+    async fn lag_unchecked(&self, topic: &str, group: &str) -> Result<u64> {
+        let stream = self
+            .streams
+            .js
+            .get_stream(stream_name(topic))
+            .await
+            .map_err(|e| backend_error(&format!("looking up topic '{topic}'"), e, true))?;
+        let info = stream
+            .consumer_info(stream_name(group))
+            .await
+            .map_err(|e| backend_error(&format!("looking up group '{group}'"), e, true))?;
+        Ok(info.num_pending.saturating_add(info.num_ack_pending as u64))
     }
 
     async fn close(&self) -> Result<()> {

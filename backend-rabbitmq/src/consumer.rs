@@ -320,6 +320,12 @@ impl Consumer for RabbitConsumer {
         self.declare_group_queues(topic, group).await.map(|_| ())
     }
 
+    /// Only the messages **ready** in the group's queue (a passive declare's
+    /// message count): AMQP does not show delivered-but-unacked ones.
+    async fn lag_unchecked(&self, topic: &str, group: &str) -> Result<u64> {
+        self.ready_messages(topic, group).await.map(u64::from)
+    }
+
     async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("consumer"));

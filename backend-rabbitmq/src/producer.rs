@@ -209,6 +209,10 @@ impl Producer for RabbitProducer {
         self.config.max_payload
     }
 
+    fn backend(&self) -> &'static str {
+        crate::BACKEND
+    }
+
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let _in_flight = self.gate.enter()?;
         let properties = Self::properties(&message);

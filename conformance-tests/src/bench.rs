@@ -86,7 +86,17 @@ pub async fn consume(
 }
 
 /// The multi-threaded runtime every backend bench runs in.
+///
+/// With `POLYBUS_BENCH_RECORDER=atomic` (and this crate's `metrics` feature)
+/// it first installs a `metrics` recorder that keeps every series in atomics,
+/// as an exporter does between scrapes, so the run includes the cost of
+/// recording polybus's metrics.
 pub fn runtime() -> tokio::runtime::Runtime {
+    #[cfg(feature = "metrics")]
+    if std::env::var("POLYBUS_BENCH_RECORDER").is_ok_and(|v| v == "atomic") {
+        recorder::install();
+        println!("(a metrics recorder is installed)");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -137,5 +147,40 @@ impl Rates {
             "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
             pb_con / raw_con
         );
+    }
+}
+
+/// A recorder keeping every series in atomics (metrics-util's registry, the
+/// storage exporters use).
+#[cfg(feature = "metrics")]
+mod recorder {
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+    use metrics_util::registry::{AtomicStorage, Registry};
+
+    struct Atomic(Registry<Key, AtomicStorage>);
+
+    impl Recorder for Atomic {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            self.0
+                .get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
+        }
+
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            self.0.get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
+        }
+
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            self.0
+                .get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
+        }
+    }
+
+    pub(super) fn install() {
+        let _ = metrics::set_global_recorder(Atomic(Registry::atomic()));
+        polybus_core::observe::describe_metrics();
     }
 }

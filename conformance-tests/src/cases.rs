@@ -15,6 +15,19 @@ use crate::{CaseResult, Ctx, Harness, Outcome, Recorder};
 
 pub use crate::fault_cases::*;
 pub use crate::foreign_cases::*;
+pub use crate::lag_cases::*;
+#[cfg(feature = "opentelemetry")]
+pub use crate::trace_cases::trace_crosses_the_broker;
+
+/// A message sent inside a span is handled inside a span of the same trace
+/// (needs this crate's `opentelemetry` feature; skipped loudly without it).
+#[cfg(not(feature = "opentelemetry"))]
+pub async fn trace_crosses_the_broker<H: Harness>(cx: Ctx<H>) -> CaseResult {
+    let _ = cx;
+    Ok(Outcome::Skipped(
+        "polybus-conformance was built without its `opentelemetry` feature".into(),
+    ))
+}
 
 pub(crate) fn numbered(prefix: &str, i: usize) -> Message {
     Message::new(format!("{prefix}-{i}"))

@@ -77,6 +77,10 @@ impl Producer for FaultyProducer {
         self.inner.max_payload()
     }
 
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let fault = lock(&self.plans).get_mut(topic).and_then(VecDeque::pop_front);
         match fault {

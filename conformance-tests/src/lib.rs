@@ -26,8 +26,11 @@ pub mod cases;
 mod fault_cases;
 pub mod faults;
 mod foreign_cases;
+mod lag_cases;
 pub mod secrets;
 mod support;
+#[cfg(feature = "opentelemetry")]
+mod trace_cases;
 
 pub use support::{Recorder, roundtrip_once};
 
@@ -406,6 +409,8 @@ macro_rules! conformance_suite {
             foreign_tombstone_is_not_an_empty_payload,
             foreign_undecodable_record_is_dead_lettered,
             foreign_payload_over_the_send_limit_does_not_stop_the_group,
+            trace_crosses_the_broker,
+            lag_counts_the_backlog,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {

@@ -154,6 +154,12 @@ pub trait Producer: Send + Sync + 'static {
     /// The largest payload this producer accepts, in bytes.
     fn max_payload(&self) -> usize;
 
+    /// The backend's name, as in its consumer's [`Capabilities::backend`]
+    /// (the `messaging.system` of its metrics). The default is `"unknown"`.
+    fn backend(&self) -> &'static str {
+        "unknown"
+    }
+
     /// Backend hook: sends an already validated message. Resolves once the broker
     /// has taken responsibility for it. Applications call [`send`](Producer::send).
     async fn publish(&self, topic: &str, message: Message) -> Result<()>;
@@ -171,7 +177,7 @@ pub trait Producer: Send + Sync + 'static {
     /// [`max_payload`](Producer::max_payload).
     async fn send(&self, topic: &str, message: Message) -> Result<()> {
         message.validate(topic, self.max_payload())?;
-        self.publish(topic, message).await
+        crate::observe::send(self.backend(), topic, message, |m| self.publish(topic, m)).await
     }
 
     /// Sends many messages, pipelined; resolves when the broker has taken all of
@@ -181,7 +187,9 @@ pub trait Producer: Send + Sync + 'static {
         for message in &messages {
             message.validate(topic, max)?;
         }
-        let sends = messages.into_iter().map(|m| self.publish(topic, m));
+        let sends = messages
+            .into_iter()
+            .map(|m| crate::observe::send(self.backend(), topic, m, |m| self.publish(topic, m)));
         futures::future::try_join_all(sends).await.map(|_| ())
     }
 }
@@ -228,6 +236,27 @@ pub trait Consumer: Send + Sync + 'static {
 
     /// Closes the consumer's connections. Open subscriptions end.
     async fn close(&self) -> Result<()>;
+
+    /// Backend hook for [`lag`](Consumer::lag). The default says the backend
+    /// cannot tell ([`Error::Unsupported`](crate::Error::Unsupported)).
+    async fn lag_unchecked(&self, topic: &str, group: &str) -> Result<u64> {
+        let _ = (topic, group);
+        Err(crate::Error::Unsupported(format!(
+            "{} cannot report consumer lag",
+            self.capabilities().backend
+        )))
+    }
+
+    /// The backlog of `group` on `topic`: messages the group has not acknowledged
+    /// yet, as far as the broker shows them (memory: exact; see the README's
+    /// "Observability" section for what each broker can see). Lag is a property of
+    /// the group, not of one instance: every instance reports the same number, so
+    /// aggregate it across instances with `max`, never `sum`.
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        names::validate_declared_topic(topic)?;
+        names::validate_group(group)?;
+        self.lag_unchecked(topic, group).await
+    }
 
     /// Creates `topic` (and its dead-letter topic) if missing.
     async fn declare_topic(&self, topic: &str) -> Result<()> {

@@ -20,6 +20,11 @@ pub enum FailureKind {
     Retryable,
     /// Never try again: dead-letter the message at once.
     Permanent,
+    /// Not a failure of the message: the handler (or a middleware in front of it,
+    /// such as tower's `load_shed`) is overloaded. The runner gives the message
+    /// back to the broker for redelivery: no attempt is counted in process and it
+    /// is never dead-lettered for this.
+    Overloaded,
 }
 
 /// A handler's failure: a cause and whether retrying can help.
@@ -51,7 +56,21 @@ impl HandlerError {
         }
     }
 
-    /// Retryable or permanent.
+    /// The handler cannot take the message now; the runner releases it to the
+    /// broker (see [`FailureKind::Overloaded`]).
+    pub fn overloaded(cause: impl Into<BoxError>) -> Self {
+        HandlerError {
+            kind: FailureKind::Overloaded,
+            source: cause.into(),
+        }
+    }
+
+    /// Whether the handler reported it is overloaded (the message is released).
+    pub fn is_overloaded(&self) -> bool {
+        self.kind == FailureKind::Overloaded
+    }
+
+    /// Retryable, permanent or overloaded.
     pub fn kind(&self) -> FailureKind {
         self.kind
     }

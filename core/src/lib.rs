@@ -21,8 +21,12 @@ mod headers;
 mod message;
 pub mod middleware;
 pub mod names;
+pub mod observe;
 mod runner;
 pub mod time;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
 pub mod wire;
 
 pub use async_trait::async_trait;

@@ -64,6 +64,24 @@ impl Next {
     }
 }
 
+impl Next {
+    /// Which pipeline and position this is (the same for every delivery through
+    /// one layer of one pipeline).
+    #[cfg(feature = "tower")]
+    pub(crate) fn identity(&self) -> (usize, usize) {
+        (Arc::as_ptr(&self.pipeline) as *const () as usize, self.index)
+    }
+
+    /// Another handle to the same rest of the chain.
+    #[cfg(feature = "tower")]
+    pub(crate) fn fork(&self) -> Next {
+        Next {
+            pipeline: Arc::clone(&self.pipeline),
+            index: self.index,
+        }
+    }
+}
+
 struct PipelineInner {
     layers: Vec<Arc<dyn Middleware>>,
     handler: Arc<dyn Handler>,

@@ -184,6 +184,10 @@ impl Consumer for MockTopics {
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
+
+    async fn lag_unchecked(&self, topic: &str, group: &str) -> Result<u64> {
+        self.inner.lag_unchecked(topic, group).await
+    }
 }
 
 #[async_trait]

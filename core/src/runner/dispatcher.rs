@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::message::Delivery;
 use crate::middleware::Pipeline;
 use crate::names;
+use crate::observe::Outcome;
 use crate::time::later;
 
 pub(super) struct Limits {
@@ -162,6 +163,9 @@ impl Dispatcher {
             if !stop.is_cancelled() && self.take_ready(&mut subscription_open, &mut pull_paused_until) {
                 self.start_ready();
             }
+            self.settings
+                .observe
+                .load(self.held, self.running.len(), || self.parked());
             if self.fatal.is_some() {
                 break;
             }
@@ -208,6 +212,7 @@ impl Dispatcher {
             }
         }
         self.shared.draining();
+        let stopping = Instant::now();
         let shutdown = stop.is_cancelled() && self.fatal.is_none();
         let deadline = match self.shared.deadline() {
             Some(deadline) if shutdown => deadline,
@@ -216,6 +221,8 @@ impl Dispatcher {
             _ => Instant::now() + Duration::from_secs(30),
         };
         self.finish(deadline, keep_alive).await;
+        self.settings.observe.load(self.held, self.running.len(), || 0);
+        self.settings.observe.shutdown(stopping.elapsed());
         let ended = match (&self.fatal, shutdown) {
             (Some(error), _) => Ended::Failed(Arc::clone(error)),
             (None, true) => Ended::Shutdown,
@@ -266,10 +273,14 @@ impl Dispatcher {
     }
 
     fn enqueue(&mut self, delivery: Delivery, acker: Acker) {
+        self.settings.observe.received(&delivery);
         if !self.checked_topics.contains(delivery.topic()) {
             // Failures of this topic must be able to reach `<topic>.dlq`.
             if let Err(e) = names::validate_declared_topic(delivery.topic()) {
                 Counters::bump(&self.counters.released, 1);
+                self.settings
+                    .observe
+                    .outcome(delivery.topic(), Outcome::Released, 1);
                 self.release_all(vec![acker]);
                 self.set_fatal(e);
                 return;
@@ -359,6 +370,11 @@ impl Dispatcher {
         let Some(lane) = self.lanes.get_mut(&key) else {
             return;
         };
+        let observe = &self.settings.observe;
+        if let Some(head) = lane.items.front() {
+            let retry = !stopping && !revoked && self.fatal.is_none();
+            observe_done(observe, &head.delivery, &done, retry);
+        }
         match done {
             Done::Retry(delay) if !stopping && !revoked && self.fatal.is_none() => {
                 Counters::bump(&self.counters.retried, 1);
@@ -370,7 +386,7 @@ impl Dispatcher {
                 self.parked_lanes.insert(key);
                 return;
             }
-            Done::Retry(_) | Done::Cancelled => {
+            Done::Retry(_) | Done::Cancelled | Done::Release => {
                 // Not handled: give it back with everything behind it in its lane, so
                 // the key's order survives redelivery (and positional acks never
                 // commit past it).
@@ -443,7 +459,12 @@ impl Dispatcher {
             let found = lane.items.iter().skip(first).position(&pred);
             if let Some(pos) = found {
                 let pos = pos + first;
-                released.extend(lane.items.drain_from(pos).into_iter().map(|h| h.acker));
+                for h in lane.items.drain_from(pos) {
+                    self.settings
+                        .observe
+                        .outcome(h.delivery.topic(), Outcome::Released, 1);
+                    released.push(h.acker);
+                }
                 if pos == 0 {
                     if let Some(k) = lane.backoff_key.take() {
                         self.backoff.remove(&k);
@@ -477,6 +498,11 @@ impl Dispatcher {
         self.held -= n;
         let uncounted = if head_counted { n.saturating_sub(1) } else { n };
         Counters::bump(&self.counters.released, uncounted as u64);
+        for h in lane.items.iter().skip(n - uncounted) {
+            self.settings
+                .observe
+                .outcome(h.delivery.topic(), Outcome::Released, 1);
+        }
         self.release_all(lane.items.into_iter().map(|h| h.acker).collect());
     }
 
@@ -639,6 +665,13 @@ impl Dispatcher {
             }
             let cancelled = self.running.drain();
             Counters::bump(&self.counters.abandoned, cancelled.len() as u64);
+            for key in &cancelled {
+                if let Some(head) = self.lanes.get(key).and_then(|lane| lane.items.front()) {
+                    self.settings
+                        .observe
+                        .outcome(head.delivery.topic(), Outcome::Cancelled, 1);
+                }
+            }
             for key in cancelled {
                 self.release_lane(key, true);
             }
@@ -694,6 +727,22 @@ impl Subscription for Closed {
 
     async fn close(self: Box<Self>) -> Result<()> {
         Ok(())
+    }
+}
+
+/// Reports how an attempt ended (`retry`: a retry it asks for is allowed).
+fn observe_done(observe: &crate::observe::Observer, delivery: &Delivery, done: &Done, retry: bool) {
+    match done {
+        Done::Retry(_) if retry => observe.outcome(delivery.topic(), Outcome::Retried, 1),
+        Done::Retry(_) | Done::Fatal(_) | Done::Release => {
+            observe.outcome(delivery.topic(), Outcome::Released, 1)
+        }
+        Done::Cancelled => observe.outcome(delivery.topic(), Outcome::Cancelled, 1),
+        Done::Acked => observe.settled(delivery, Outcome::Ok),
+        Done::AckFailed | Done::DeadLettered { ack_failed: true } => {
+            observe.outcome(delivery.topic(), Outcome::SettleFailed, 1)
+        }
+        Done::DeadLettered { ack_failed: false } => observe.settled(delivery, Outcome::DeadLettered),
     }
 }
 

@@ -52,6 +52,7 @@ use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::middleware::{Middleware, Pipeline};
 use crate::names;
+use crate::observe::Observer;
 
 mod dispatcher;
 mod handle;
@@ -189,6 +190,7 @@ pub struct Runner {
     keep_alive: Option<Duration>,
     settle_timeout: Duration,
     backoff_capacity: Option<usize>,
+    lag_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -221,6 +223,7 @@ impl Runner {
             keep_alive: None,
             settle_timeout: Duration::from_secs(30),
             backoff_capacity: None,
+            lag_interval: Some(Duration::from_secs(15)),
         }
     }
 
@@ -302,6 +305,14 @@ impl Runner {
         self
     }
 
+    /// How often the `polybus.consumer.lag` gauge asks the broker for the
+    /// group's backlog (default 15 s; `None` never asks). Only with the `metrics`
+    /// feature and a group; a backend that cannot report lag is asked once.
+    pub fn lag_interval(mut self, every: Option<Duration>) -> Self {
+        self.lag_interval = every.map(|d| d.max(Duration::from_millis(10)));
+        self
+    }
+
     fn limits(&self) -> Result<Limits> {
         if self.concurrency == 0 {
             return Err(Error::InvalidConfig("concurrency must be at least 1".into()));
@@ -371,14 +382,33 @@ impl Runner {
             .or_else(|| caps.ack_deadline.map(|d| d / 3))
             .map(|d| d.max(Duration::from_millis(10)));
         let counters = Arc::new(Counters::default());
+        let (tx, rx) = watch::channel(None);
+        let observe = Observer::new(caps.backend, self.group.as_deref());
+        #[cfg(feature = "metrics")]
+        let lag = match (&self.group, self.lag_interval) {
+            (Some(group), Some(every)) => Some(crate::observe::lag::refresh(
+                Arc::clone(&self.consumer),
+                self.topics.clone(),
+                group.clone(),
+                every,
+                observe.clone(),
+                {
+                    let mut report = rx.clone();
+                    async move {
+                        let _ = report.wait_for(Option::is_some).await;
+                    }
+                },
+            )),
+            _ => None,
+        };
         let settings = Arc::new(Settings {
             retry: self.retry,
             group: self.group,
             producer: self.producer,
             settle_timeout: self.settle_timeout,
             counters: Arc::clone(&counters),
+            observe,
         });
-        let (tx, rx) = watch::channel(None);
         let shared = Arc::new(Shared::new(rx, Arc::clone(&counters)));
         let dispatcher = Dispatcher::new(
             subscription,
@@ -419,6 +449,10 @@ impl Runner {
             }
         });
         *shared.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        #[cfg(feature = "metrics")]
+        if let Some(lag) = lag {
+            tokio::spawn(lag);
+        }
         Ok(RunHandle { shared })
     }
 }

@@ -33,6 +33,7 @@ use crate::handler::HandlerError;
 use crate::message::{Delivery, Message, dlq_headers};
 use crate::middleware::Pipeline;
 use crate::names;
+use crate::observe::{Observer, Timer};
 
 /// What the runner needs to settle and dead-letter, shared by every worker.
 pub(super) struct Settings {
@@ -41,6 +42,7 @@ pub(super) struct Settings {
     pub(super) producer: Arc<dyn Producer>,
     pub(super) settle_timeout: Duration,
     pub(super) counters: Arc<Counters>,
+    pub(super) observe: Observer,
 }
 
 /// How one attempt ended.
@@ -61,6 +63,8 @@ pub(super) enum Done {
     Fatal(Error),
     /// Cancelled at the shutdown deadline.
     Cancelled,
+    /// The handler is overloaded: give the message back to the broker.
+    Release,
 }
 
 // Where an attempt is, so a panic can be mapped to what already happened.
@@ -160,8 +164,13 @@ async fn run(
         };
         return after_failure(settings, delivery, acker, failure, stage).await;
     }
+    let timer = Timer::start();
     let call = AssertUnwindSafe(async { pipeline.call(delivery.clone()).await });
-    let failure = match call.catch_unwind().await {
+    let result = settings.observe.process(delivery, call.catch_unwind()).await;
+    settings
+        .observe
+        .processed(delivery, timer, crate::observe::handler_error_type(&result));
+    let failure = match result {
         Ok(Ok(())) => {
             stage.store(ACKING_HANDLED, Ordering::Release);
             return match settle(settings, "ack", acker.ack()).await {
@@ -172,6 +181,7 @@ async fn run(
                 }
             };
         }
+        Ok(Err(error)) if error.is_overloaded() => return Done::Release,
         Ok(Err(error)) => describe(&error),
         Err(panic) => Failure {
             permanent: false,
@@ -237,10 +247,13 @@ pub(super) async fn settle(
     operation: &'static str,
     call: impl Future<Output = Result<()>>,
 ) -> Result<()> {
-    match tokio::time::timeout(settings.settle_timeout, call).await {
+    let timer = Timer::start();
+    let result = match tokio::time::timeout(settings.settle_timeout, call).await {
         Ok(result) => result,
         Err(_) => Err(Error::timeout(operation, settings.settle_timeout)),
-    }
+    };
+    settings.observe.settle_call(operation, timer, &result);
+    result
 }
 
 /// Whether a dead-letter publish failed because of the message itself (so a
@@ -285,6 +298,7 @@ async fn dead_letter_from(
             Err(e) => e,
         };
         Counters::bump(&settings.counters.dead_letter_failures, 1);
+        settings.observe.dead_letter_failed(delivery.topic(), &error);
         if error.is_retryable() && failures + 1 >= DEAD_LETTER_ATTEMPTS {
             // A broker that refuses dead letters this long is an outage the
             // application must see: release the message and end the runner.
@@ -325,12 +339,12 @@ async fn dead_letter_from(
 async fn publish_dead_letter(settings: &Settings, delivery: &Delivery, message: Message) -> Result<()> {
     let topic = names::dead_letter_topic(delivery.topic());
     names::validate_topic(&topic)?;
-    settle(
+    let publish = settle(
         settings,
         "dead-letter publish",
         settings.producer.publish(&topic, message),
-    )
-    .await
+    );
+    settings.observe.dead_letter(&topic, delivery, publish).await
 }
 
 /// Text made safe for a header value: no CR/LF, at most 1024 bytes. Used for

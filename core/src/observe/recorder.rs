@@ -1,0 +1,250 @@
+//! The `metrics` side of the hooks: handles registered once per runner and per
+//! topic, so the per-message cost is a few atomic operations (or nothing but a
+//! branch when no recorder is installed).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Label, Unit};
+
+use super::{
+    ATTEMPTS, BACKOFF, CONSUMED_MESSAGES, DEAD_LETTER_FAILURES, DESTINATION, ERROR_TYPE, GROUP, HELD, LAG,
+    METRICS, MetricKind, OPERATION, OPERATION_DURATION, OPERATION_TYPE, OUTCOME, OUTCOMES, Outcome,
+    PROCESS_DURATION, RUNNING, SENT_MESSAGES, SHUTDOWN_DURATION, SYSTEM, error_type,
+};
+use crate::error::Error;
+use crate::message::Delivery;
+
+pub(super) fn describe_all() {
+    for m in METRICS {
+        let unit = if m.unit == "s" { Unit::Seconds } else { Unit::Count };
+        match m.kind {
+            MetricKind::Counter => metrics::describe_counter!(m.name, unit, m.description),
+            MetricKind::Gauge => metrics::describe_gauge!(m.name, unit, m.description),
+            MetricKind::Histogram => metrics::describe_histogram!(m.name, unit, m.description),
+        }
+    }
+}
+
+/// The handles of successful sends to one topic.
+struct SendHandles {
+    sent: Counter,
+    duration: Histogram,
+}
+
+/// Send handles per backend, then per topic.
+type SendCache = HashMap<&'static str, HashMap<String, SendHandles>>;
+
+thread_local! {
+    /// Send handles, registered on a thread's first send to a topic (so, like
+    /// a runner's, they belong to the recorder installed then). Per thread: a
+    /// hit costs a hash lookup and no shared atomics.
+    static SEND_HANDLES: RefCell<SendCache> = RefCell::new(HashMap::new());
+}
+
+fn with_send_handles(system: &'static str, topic: &str, f: impl FnOnce(&SendHandles)) {
+    SEND_HANDLES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let topics = cache.entry(system).or_default();
+        if let Some(found) = topics.get(topic) {
+            return f(found);
+        }
+        let labels = send_labels(system, topic, None);
+        let mut with_type = labels.clone();
+        with_type.push(Label::from_static_parts(OPERATION_TYPE, "send"));
+        let made = SendHandles {
+            sent: metrics::counter!(SENT_MESSAGES, labels),
+            duration: metrics::histogram!(OPERATION_DURATION, with_type),
+        };
+        f(topics.entry(topic.to_owned()).or_insert(made));
+    });
+}
+
+fn send_labels(system: &'static str, topic: &str, error: Option<&'static str>) -> Vec<Label> {
+    let mut labels = vec![
+        Label::from_static_parts(SYSTEM, system),
+        Label::new(DESTINATION, topic.to_owned()),
+        Label::from_static_parts(OPERATION, "send"),
+    ];
+    if let Some(error) = error {
+        labels.push(Label::from_static_parts(ERROR_TYPE, error));
+    }
+    labels
+}
+
+/// Records one `send` (or one message of `send_batch`): the sent-messages counter
+/// and the operation duration, with `error.type` when it failed.
+pub(super) fn send_metrics(system: &'static str, topic: &str, took: Duration, result: &Result<(), Error>) {
+    match result {
+        Ok(()) => with_send_handles(system, topic, |handles| {
+            handles.sent.increment(1);
+            handles.duration.record(took.as_secs_f64());
+        }),
+        Err(e) => {
+            let mut labels = send_labels(system, topic, Some(error_type(e)));
+            metrics::counter!(SENT_MESSAGES, labels.iter()).increment(1);
+            labels.push(Label::from_static_parts(OPERATION_TYPE, "send"));
+            metrics::histogram!(OPERATION_DURATION, labels).record(took.as_secs_f64());
+        }
+    }
+}
+
+/// One topic's handles in one runner.
+pub(super) struct TopicMetrics {
+    topic: String,
+    pub(super) consumed: Counter,
+    process_ok: Histogram,
+    pub(super) outcomes: [Counter; Outcome::ALL.len()],
+    attempts_ok: Histogram,
+    attempts_dead_lettered: Histogram,
+    pub(super) lag: Gauge,
+}
+
+/// One runner's handles.
+pub(super) struct RunnerMetrics {
+    system: &'static str,
+    group: Option<String>,
+    first: OnceLock<TopicMetrics>,
+    topics: RwLock<HashMap<String, TopicMetrics>>,
+    pub(super) held: Gauge,
+    pub(super) running: Gauge,
+    pub(super) backoff: Gauge,
+    pub(super) shutdown: Histogram,
+    /// Successful ack / release / keep-alive / dead-letter publish durations.
+    settle_ok: [Histogram; SETTLE_OPERATIONS.len()],
+}
+
+/// The runner's settlement calls: its name in polybus, then `messaging.operation.name`
+/// and `messaging.operation.type`.
+const SETTLE_OPERATIONS: [(&str, &str, &str); 4] = [
+    ("ack", "ack", "settle"),
+    ("release", "release", "settle"),
+    ("keep-alive", "keep_alive", "settle"),
+    ("dead-letter publish", "dead_letter", "send"),
+];
+
+impl RunnerMetrics {
+    pub(super) fn new(system: &'static str, group: Option<&str>) -> Self {
+        let group = group.map(str::to_owned);
+        let base = base_labels(system, group.as_deref(), None);
+        let settle_ok = SETTLE_OPERATIONS.map(|(_, name, kind)| {
+            let mut labels = base.clone();
+            labels.push(Label::from_static_parts(OPERATION, name));
+            labels.push(Label::from_static_parts(OPERATION_TYPE, kind));
+            metrics::histogram!(OPERATION_DURATION, labels)
+        });
+        RunnerMetrics {
+            system,
+            held: metrics::gauge!(HELD, base.iter()),
+            running: metrics::gauge!(RUNNING, base.iter()),
+            backoff: metrics::gauge!(BACKOFF, base.iter()),
+            shutdown: metrics::histogram!(SHUTDOWN_DURATION, base.iter()),
+            settle_ok,
+            group,
+            first: OnceLock::new(),
+            topics: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Calls `f` with the handles of `topic` (registered the first time it is
+    /// seen). The runner's first topic is kept inline: no lock, no reference
+    /// count on the per-message path.
+    pub(super) fn with_topic<R>(&self, topic: &str, f: impl FnOnce(&TopicMetrics) -> R) -> R {
+        let first = match self.first.get() {
+            Some(first) => first,
+            None => self.first.get_or_init(|| self.register(topic)),
+        };
+        if first.topic == topic {
+            return f(first);
+        }
+        if let Some(found) = self.topics.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
+            return f(found);
+        }
+        let made = self.register(topic);
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        f(topics.entry(topic.to_owned()).or_insert(made))
+    }
+
+    fn register(&self, topic: &str) -> TopicMetrics {
+        let base = base_labels(self.system, self.group.as_deref(), Some(topic));
+        let with = |key: &'static str, value: &'static str| {
+            let mut labels = base.clone();
+            labels.push(Label::from_static_parts(key, value));
+            labels
+        };
+        TopicMetrics {
+            topic: topic.to_owned(),
+            consumed: metrics::counter!(CONSUMED_MESSAGES, with(OPERATION, "receive")),
+            process_ok: metrics::histogram!(PROCESS_DURATION, with(OPERATION, "process")),
+            outcomes: Outcome::ALL.map(|o| metrics::counter!(OUTCOMES, with(OUTCOME, o.as_str()))),
+            attempts_ok: metrics::histogram!(ATTEMPTS, with(OUTCOME, Outcome::Ok.as_str())),
+            attempts_dead_lettered: metrics::histogram!(
+                ATTEMPTS,
+                with(OUTCOME, Outcome::DeadLettered.as_str())
+            ),
+            lag: metrics::gauge!(LAG, base.iter()),
+        }
+    }
+
+    pub(super) fn processed(&self, delivery: &Delivery, took: Duration, error: Option<&'static str>) {
+        let secs = took.as_secs_f64();
+        match error {
+            None => self.with_topic(delivery.topic(), |t| t.process_ok.record(secs)),
+            Some(kind) => {
+                let mut labels = base_labels(self.system, self.group.as_deref(), Some(delivery.topic()));
+                labels.push(Label::from_static_parts(OPERATION, "process"));
+                labels.push(Label::from_static_parts(ERROR_TYPE, kind));
+                metrics::histogram!(PROCESS_DURATION, labels).record(secs);
+            }
+        }
+    }
+
+    pub(super) fn settled(&self, delivery: &Delivery, outcome: Outcome) {
+        self.with_topic(delivery.topic(), |topic| {
+            topic.outcomes[outcome as usize].increment(1);
+            let attempts = match outcome {
+                Outcome::Ok => &topic.attempts_ok,
+                Outcome::DeadLettered => &topic.attempts_dead_lettered,
+                _ => return,
+            };
+            attempts.record(f64::from(delivery.attempt()));
+        });
+    }
+
+    pub(super) fn settle_call(&self, operation: &'static str, took: Duration, result: &Result<(), Error>) {
+        let Some(index) = SETTLE_OPERATIONS.iter().position(|(op, _, _)| *op == operation) else {
+            return;
+        };
+        let secs = took.as_secs_f64();
+        match result {
+            Ok(()) => self.settle_ok[index].record(secs),
+            Err(e) => {
+                let (_, name, kind) = SETTLE_OPERATIONS[index];
+                let mut labels = base_labels(self.system, self.group.as_deref(), None);
+                labels.push(Label::from_static_parts(OPERATION, name));
+                labels.push(Label::from_static_parts(OPERATION_TYPE, kind));
+                labels.push(Label::from_static_parts(ERROR_TYPE, error_type(e)));
+                metrics::histogram!(OPERATION_DURATION, labels).record(secs);
+            }
+        }
+    }
+
+    pub(super) fn dead_letter_failed(&self, topic: &str, error: &Error) {
+        let mut labels = base_labels(self.system, self.group.as_deref(), Some(topic));
+        labels.push(Label::from_static_parts(ERROR_TYPE, error_type(error)));
+        metrics::counter!(DEAD_LETTER_FAILURES, labels).increment(1);
+    }
+}
+
+fn base_labels(system: &'static str, group: Option<&str>, topic: Option<&str>) -> Vec<Label> {
+    let mut labels = vec![Label::from_static_parts(SYSTEM, system)];
+    if let Some(topic) = topic {
+        labels.push(Label::new(DESTINATION, topic.to_owned()));
+    }
+    if let Some(group) = group {
+        labels.push(Label::new(GROUP, group.to_owned()));
+    }
+    labels
+}

@@ -1,0 +1,243 @@
+//! Trace context across the broker (feature `opentelemetry`).
+//!
+//! * `send` starts a `send <topic>` PRODUCER span — only when the caller is
+//!   inside a trace (the current OpenTelemetry context has a valid span):
+//!   polybus does not start traces by itself — and writes its context into the
+//!   message as plain W3C Trace Context headers, `traceparent` and `tracestate`
+//!   (portable header names every broker carries).
+//! * The runner extracts that context from each delivery and runs every handler
+//!   attempt inside a `process <topic>` CONSUMER span whose **parent** is the
+//!   producer's span. The messaging conventions allow the creation context as
+//!   the parent when a span processes one message and has no ambient context,
+//!   which is the runner's case (one span per delivery, started by the runner):
+//!   so the handler's spans are in the producer's trace. Retries are new
+//!   `process` spans under the same parent.
+//! * A dead letter is a byte-exact copy, so it keeps the original `traceparent`;
+//!   its publish is a `send <topic>.dlq` PRODUCER span that **links** to the
+//!   original context (it is not injected into the copy).
+//!
+//! Spans are made with the global tracer provider (`opentelemetry::global`),
+//! instrumentation scope `polybus`.
+
+use std::future::Future;
+use std::str::FromStr;
+
+use opentelemetry::context::FutureExt;
+use opentelemetry::trace::{
+    Link, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
+};
+use opentelemetry::{Context, KeyValue, global};
+
+use super::{DESTINATION, ERROR_TYPE, GROUP, OPERATION, OPERATION_TYPE, SYSTEM, error_type};
+use crate::error::{Error, Result};
+use crate::headers::Headers;
+use crate::message::{Delivery, Message};
+
+/// The W3C Trace Context header with the trace id, parent span id and flags.
+pub const TRACEPARENT: &str = "traceparent";
+/// The W3C Trace Context header with vendor-specific trace state.
+pub const TRACESTATE: &str = "tracestate";
+
+const SCOPE: &str = "polybus";
+
+/// `traceparent` for a span context (version 00).
+fn traceparent(cx: &SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        cx.trace_id(),
+        cx.span_id(),
+        cx.trace_flags().to_u8()
+    )
+}
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The remote span context in `traceparent` (and `tracestate`), if valid.
+pub(crate) fn extract(headers: &Headers) -> Option<SpanContext> {
+    let parent = headers.get(TRACEPARENT)?.trim();
+    let mut parts = parent.split('-');
+    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    // Version 00 has exactly four fields; later versions may append more.
+    if !is_lower_hex(version, 2) || version == "ff" || (version == "00" && parts.next().is_some()) {
+        return None;
+    }
+    if !is_lower_hex(trace, 32) || !is_lower_hex(span, 16) || !is_lower_hex(flags, 2) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok()?;
+    let span_id = SpanId::from_hex(span).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let state = headers
+        .get(TRACESTATE)
+        .and_then(|s| TraceState::from_str(s).ok())
+        .unwrap_or_default();
+    let cx = SpanContext::new(trace_id, span_id, TraceFlags::new(flags & 1), true, state);
+    cx.is_valid().then_some(cx)
+}
+
+fn base(system: &'static str, topic: &str, operation: &'static str) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new(SYSTEM, system),
+        KeyValue::new(DESTINATION, topic.to_owned()),
+        KeyValue::new(OPERATION, operation),
+        KeyValue::new(OPERATION_TYPE, operation),
+    ]
+}
+
+fn end(cx: &Context, error: Option<&'static str>) {
+    let span = cx.span();
+    if let Some(kind) = error {
+        span.set_attribute(KeyValue::new(ERROR_TYPE, kind));
+        span.set_status(Status::error(kind));
+    }
+    span.end();
+}
+
+/// Sends `message` through `publish` inside a `send <topic>` PRODUCER span,
+/// with the span's context written into the message's headers. Outside a
+/// trace, sends it unchanged.
+pub(crate) async fn send<F, Fut>(
+    system: &'static str,
+    topic: &str,
+    mut message: Message,
+    publish: F,
+) -> Result<()>
+where
+    F: FnOnce(Message) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let current = Context::current();
+    if !current.span().span_context().is_valid() {
+        return publish(message).await;
+    }
+    let mut attributes = base(system, topic, "send");
+    attributes.push(KeyValue::new("messaging.message.id", message.id.clone()));
+    let tracer = global::tracer(SCOPE);
+    let span = tracer
+        .span_builder(format!("send {topic}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, &current);
+    let cx = current.with_span(span);
+    let span_context = cx.span().span_context().clone();
+    if span_context.is_valid() {
+        message.headers.insert(TRACEPARENT, traceparent(&span_context));
+        let state = span_context.trace_state().header();
+        if state.is_empty() {
+            message.headers.remove(TRACESTATE);
+        } else {
+            message.headers.insert(TRACESTATE, state);
+        }
+    }
+    let result = publish(message).with_context(cx.clone()).await;
+    end(&cx, result.as_ref().err().map(error_type));
+    result
+}
+
+/// Runs one handler attempt inside a `process <topic>` CONSUMER span, child of
+/// the producer's context carried by the delivery (a new trace without one).
+pub(crate) async fn process<T>(
+    system: &'static str,
+    group: Option<&str>,
+    delivery: &Delivery,
+    attempt: impl Future<Output = T>,
+    error: impl FnOnce(&T) -> Option<&'static str>,
+) -> T {
+    let parent = match extract(&delivery.message().headers) {
+        Some(remote) => Context::new().with_remote_span_context(remote),
+        None => Context::new(),
+    };
+    let mut attributes = base(system, delivery.topic(), "process");
+    if let Some(group) = group {
+        attributes.push(KeyValue::new(GROUP, group.to_owned()));
+    }
+    attributes.push(KeyValue::new("messaging.message.id", delivery.id().to_owned()));
+    attributes.push(KeyValue::new(
+        "messaging.message.delivery_attempt",
+        i64::from(delivery.attempt()),
+    ));
+    let tracer = global::tracer(SCOPE);
+    let span = tracer
+        .span_builder(format!("process {}", delivery.topic()))
+        .with_kind(SpanKind::Consumer)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, &parent);
+    let cx = parent.with_span(span);
+    let result = attempt.with_context(cx.clone()).await;
+    end(&cx, error(&result));
+    result
+}
+
+/// Publishes a dead letter inside a `send <dead-letter topic>` PRODUCER span
+/// linked to the original's context (the copy keeps the original headers).
+pub(crate) async fn dead_letter(
+    system: &'static str,
+    dead_letter_topic: &str,
+    delivery: &Delivery,
+    publish: impl Future<Output = Result<()>>,
+) -> Result<()> {
+    let mut builder = global::tracer(SCOPE)
+        .span_builder(format!("send {dead_letter_topic}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes(base(system, dead_letter_topic, "send"));
+    if let Some(original) = extract(&delivery.message().headers) {
+        builder = builder.with_links(vec![Link::with_context(original)]);
+    }
+    let tracer = global::tracer(SCOPE);
+    let span = builder.start_with_context(&tracer, &Context::new());
+    let cx = Context::new().with_span(span);
+    let result = publish.with_context(cx.clone()).await;
+    end(&cx, result.as_ref().err().map(|e: &Error| error_type(e)));
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(parent: &str, state: Option<&str>) -> Headers {
+        let mut h = Headers::new();
+        h.insert(TRACEPARENT, parent);
+        if let Some(state) = state {
+            h.insert(TRACESTATE, state);
+        }
+        h
+    }
+
+    #[test]
+    fn traceparent_round_trips() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cx = extract(&headers(parent, Some("congo=t61rcWkgMzE"))).unwrap();
+        assert!(cx.is_sampled() && cx.is_remote());
+        assert_eq!(traceparent(&cx), parent);
+        assert_eq!(cx.trace_state().header(), "congo=t61rcWkgMzE");
+    }
+
+    #[test]
+    fn bad_traceparents_are_ignored() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(extract(&headers(bad, None)).is_none(), "{bad:?}");
+        }
+        // A later version may carry more fields.
+        assert!(
+            extract(&headers(
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                None
+            ))
+            .is_some()
+        );
+    }
+}
