@@ -125,11 +125,16 @@ _polybus_free_port() {
 }
 
 # A test certificate authority, a server certificate for localhost/127.0.0.1, a
-# client certificate (mTLS) and a second, untrusted CA, made with openssl once
-# and again when they expire within a day. Exports POLYBUS_TEST_TLS_DIR.
+# client certificate (mTLS), a second, untrusted CA, and server certificates
+# that must be refused (expired, not yet valid, another name), made with
+# openssl once and again when they expire within a day. Exports
+# POLYBUS_TEST_TLS_DIR.
 ensure_test_certs() {
   local dir="$POLYBUS_SECURE_DIR/certs"
   export POLYBUS_TEST_TLS_DIR="$dir"
+  # socat: the TLS endpoints the tests start to present refused certificates,
+  # and the TLS terminator in front of the secured Kafka broker.
+  command -v socat >/dev/null 2>&1 || _polybus_apt_install socat || return 1
   if [ -f "$dir/client-key.pem" ] && openssl x509 -checkend 86400 -noout -in "$dir/server.pem" >/dev/null 2>&1; then
     return 0
   fi
@@ -159,6 +164,44 @@ ensure_test_certs() {
       -extfile client.ext -out rogue-client.pem 2>/dev/null
     chmod 600 ./*-key.pem
   ) || { echo "polybus: openssl failed" >&2; return 1; }
+  _polybus_bad_certs "$dir"
+}
+
+# Server certificates that must be refused, signed by the test CA (made once
+# per CA): expired (valid in 2020 only), not yet valid (from 2099), and one for
+# another name (`wrong.polybus.test`, not localhost). `openssl ca` sets the
+# dates: OpenSSL 3.0's `x509 -req` cannot.
+_polybus_bad_certs() {
+  local dir=$1
+  [ -f "$dir/server-future.pem" ] && [ "$dir/server-future.pem" -nt "$dir/ca.pem" ] && return 0
+  (
+    set -e
+    cd "$dir"
+    rm -rf ca-db && mkdir -p ca-db/new && : >ca-db/index.txt && echo 1000 >ca-db/serial
+    cat >ca-db/ca.cnf <<CNF
+[ ca ]
+default_ca = test_ca
+[ test_ca ]
+database = ca-db/index.txt
+new_certs_dir = ca-db/new
+serial = ca-db/serial
+default_md = sha256
+policy = any
+unique_subject = no
+[ any ]
+commonName = supplied
+[ localhost ]
+subjectAltName = DNS:localhost,IP:127.0.0.1
+extendedKeyUsage = serverAuth
+[ wrong ]
+subjectAltName = DNS:wrong.polybus.test
+extendedKeyUsage = serverAuth
+CNF
+    local sign=(openssl ca -batch -notext -config ca-db/ca.cnf -cert ca.pem -keyfile ca-key.pem -in server.csr)
+    "${sign[@]}" -extensions localhost -startdate 20200101000000Z -enddate 20200102000000Z -out server-expired.pem 2>/dev/null
+    "${sign[@]}" -extensions localhost -startdate 20990101000000Z -enddate 20990102000000Z -out server-future.pem 2>/dev/null
+    "${sign[@]}" -extensions wrong -days 30 -out server-wrong-name.pem 2>/dev/null
+  ) || { echo "polybus: openssl could not make the refused server certificates" >&2; return 1; }
 }
 
 # Two private nats-server processes with JetStream:

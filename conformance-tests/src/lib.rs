@@ -25,6 +25,7 @@ pub mod bench;
 pub mod cases;
 mod fault_cases;
 pub mod faults;
+pub mod processes;
 mod foreign_cases;
 pub mod secrets;
 mod support;
