@@ -271,12 +271,13 @@ CONF
 # A private RabbitMQ node (own node name, ports, data, logs and Erlang cookie
 # under $POLYBUS_SECURE_DIR/rabbitmq) with only a TLS listener, peer
 # verification (`verify_peer`, `fail_if_no_peer_cert`), no plugins, and the
-# user `polybus` in the vhost `polybus-secure`. Exports
+# user `polybus` in the vhost `polybus-secure`. The node name can be changed
+# with POLYBUS_SECURE_RABBITMQ_NODE (two on one machine need two). Exports
 # POLYBUS_TEST_AMQP_SECURE_URL (amqps, with the CA and client certificate).
 ensure_secure_rabbitmq() {
   ensure_test_certs || return 1
   local dir="$POLYBUS_SECURE_DIR/rabbitmq" certs="$POLYBUS_SECURE_DIR/certs"
-  local node="polybus_secure@localhost" bin=/usr/lib/rabbitmq/bin
+  local node="${POLYBUS_SECURE_RABBITMQ_NODE:-polybus_secure@localhost}" bin=/usr/lib/rabbitmq/bin
   mkdir -p "$dir/mnesia" "$dir/log"
   [ -f "$dir/password" ] || { openssl rand -hex 12 >"$dir/password"; chmod 600 "$dir/password"; }
   local pass started=$SECONDS port dist
