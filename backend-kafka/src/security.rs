@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use polybus_core::{Error, Result};
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -246,6 +247,10 @@ pub(crate) struct ProbeContext {
 }
 
 impl ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.log_line(level, facility, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::debug!(target: "polybus_kafka", code = ?error.rdkafka_error_code(), "librdkafka reported an error while connecting");
         if let Some(code) = error.rdkafka_error_code() {
@@ -253,6 +258,21 @@ impl ClientContext for ProbeContext {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push((code, reason.to_owned()));
+        }
+    }
+}
+
+impl ProbeContext {
+    /// librdkafka reports a connection closed or stuck in the TLS handshake
+    /// only in its log, at INFO or WARNING (no error event): keep it as the
+    /// error it is.
+    fn log_line(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(target: "librdkafka", ?level, facility, message, "while connecting");
+        if message.contains("in state SSL_HANDSHAKE") && !message.contains("SSL handshake failed") {
+            self.errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((RDKafkaErrorCode::BrokerTransportFailure, message.to_owned()));
         }
     }
 }
@@ -276,6 +296,25 @@ pub(crate) fn classify(config: &KafkaConfig, code: RDKafkaErrorCode, reason: &st
             message,
             source: None,
         }),
+        // The broker (or its TLS terminator) sent a TLS alert after the
+        // client's side of the handshake: with TLS 1.3 that is how a missing
+        // or untrusted client certificate is refused (`alert certificate
+        // required`, `alert unknown ca`).
+        RDKafkaErrorCode::BrokerTransportFailure if reason.contains("SSL alert") => Some(Error::Tls {
+            backend: BACKEND,
+            message: format!("the broker refused the TLS connection (the client certificate?): {message}"),
+            source: None,
+        }),
+        // TCP connected but the TLS handshake never finished: a listener that
+        // does not speak TLS closes the connection or waits for a frame that
+        // never comes.
+        RDKafkaErrorCode::BrokerTransportFailure if reason.contains("in state SSL_HANDSHAKE") => {
+            Some(Error::Tls {
+                backend: BACKEND,
+                message: format!("the TLS handshake did not complete (is this a TLS listener?): {message}"),
+                source: None,
+            })
+        }
         _ => None,
     }
 }
@@ -284,21 +323,30 @@ pub(crate) fn classify(config: &KafkaConfig, code: RDKafkaErrorCode, reason: &st
 /// a client with `config`'s security settings. A SASL or TLS refusal ends it
 /// at once; anything else is retried by librdkafka until the timeout. Blocking.
 pub(crate) fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
+    // librdkafka gives up a connection attempt stuck in the TLS handshake
+    // after this, and says so: half the timeout leaves time to report it.
+    let setup = timeout / 2;
     let client: BaseConsumer<ProbeContext> = config
         .client_config()
         .set("enable.auto.commit", "false")
+        .set("socket.connection.setup.timeout.ms", crate::millis(setup.max(Duration::from_millis(1000))))
+        // Down to INFO: a handshake cut short is logged there (see
+        // `ProbeContext::log_line`); nothing is logged above ERROR by polybus.
+        .set("log_level", "6")
         .create_with_context(ProbeContext::default())
         .map_err(|e| crate::map_error("creating the Kafka connect probe", e))?;
     let deadline = Instant::now() + timeout;
     let brokers = config.brokers.join(",");
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let result = client.fetch_metadata(None, left.min(Duration::from_millis(250)));
-        // Serve the main queue: this is where the error callback runs.
-        while client.poll(Duration::ZERO).is_some() {}
+        let result = client.fetch_metadata(None, left.min(Duration::from_millis(200)));
         if result.is_ok() {
             return Ok(());
         }
+        // Serve the main queue, where librdkafka's broker threads leave their
+        // errors and log lines (a zero timeout would serve one event only).
+        let left = deadline.saturating_duration_since(Instant::now());
+        client.poll(left.min(Duration::from_millis(50)));
         let errors = std::mem::take(&mut *client.context().errors.lock().unwrap_or_else(|p| p.into_inner()));
         if let Some(refusal) = errors.iter().find_map(|(code, reason)| classify(config, *code, reason)) {
             return Err(refusal);
@@ -309,9 +357,16 @@ pub(crate) fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
                 (None, Err(e)) => e.to_string(),
                 (None, Ok(_)) => String::new(),
             };
+            // A TLS client at a plain listener usually ends here: the broker
+            // waits for a frame and librdkafka's handshake never finishes.
+            let hint = if config.tls_enabled() {
+                " (TLS is on: a listener that does not speak TLS never completes the handshake)"
+            } else {
+                ""
+            };
             return Err(Error::Connection {
                 backend: BACKEND,
-                message: format!("no Kafka broker of {brokers} answered within {timeout:?}: {last}"),
+                message: format!("no Kafka broker of {brokers} answered within {timeout:?}{hint}: {last}"),
                 source: None,
             });
         }
@@ -446,6 +501,12 @@ mod tests {
         let e = classify(&c, RDKafkaErrorCode::SSL, "certificate verify failed").unwrap();
         assert!(matches!(e, Error::Tls { .. }) && e.to_string().contains("verify failed"), "{e}");
         assert!(classify(&c, RDKafkaErrorCode::BrokerTransportFailure, "down").is_none());
+        let alert = "Receive failed: error:0A00045C:SSL routines::tlsv13 alert certificate required: SSL alert number 116";
+        assert!(matches!(classify(&c, RDKafkaErrorCode::BrokerTransportFailure, alert), Some(Error::Tls { .. })));
+        let stuck = "Connection setup timed out in state SSL_HANDSHAKE (after 1500ms in state SSL_HANDSHAKE)";
+        assert!(matches!(classify(&c, RDKafkaErrorCode::BrokerTransportFailure, stuck), Some(Error::Tls { .. })));
+        let stuck = "localhost:1/bootstrap: Disconnected (after 3ms in state SSL_HANDSHAKE)";
+        assert!(matches!(classify(&c, RDKafkaErrorCode::BrokerTransportFailure, stuck), Some(Error::Tls { .. })));
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter22") && shown.contains("Plain"), "{shown}");
     }
