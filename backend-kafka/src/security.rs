@@ -146,8 +146,16 @@ impl KafkaConfig {
         }
         let typed = [
             ("ssl.ca.location", self.tls_ca_file.is_some(), "tls_ca_file"),
-            ("ssl.certificate.location", self.tls_client_cert.is_some(), "tls_client_cert"),
-            ("ssl.key.location", self.tls_client_key.is_some(), "tls_client_key"),
+            (
+                "ssl.certificate.location",
+                self.tls_client_cert.is_some(),
+                "tls_client_cert",
+            ),
+            (
+                "ssl.key.location",
+                self.tls_client_key.is_some(),
+                "tls_client_key",
+            ),
             ("sasl.mechanisms", self.sasl_mechanism.is_some(), "sasl_mechanism"),
             ("sasl.mechanism", self.sasl_mechanism.is_some(), "sasl_mechanism"),
             ("sasl.username", self.sasl_username.is_some(), "the user name"),
@@ -172,11 +180,14 @@ impl KafkaConfig {
             ));
         }
         if self.tls_enabled() && !protocol.ends_with("SSL") {
-            return invalid(format!("TLS settings with security.protocol {protocol} would be unused"));
+            return invalid(format!(
+                "TLS settings with security.protocol {protocol} would be unused"
+            ));
         }
         // Raw SASL credentials without a SASL protocol are never sent either.
         if !protocol.starts_with("SASL_")
-            && (self.properties.contains_key("sasl.username") || self.properties.contains_key("sasl.password"))
+            && (self.properties.contains_key("sasl.username")
+                || self.properties.contains_key("sasl.password"))
         {
             return invalid(format!(
                 "sasl.username/sasl.password are set but security.protocol is {protocol}: \
@@ -329,7 +340,10 @@ pub(crate) fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
     let client: BaseConsumer<ProbeContext> = config
         .client_config()
         .set("enable.auto.commit", "false")
-        .set("socket.connection.setup.timeout.ms", crate::millis(setup.max(Duration::from_millis(1000))))
+        .set(
+            "socket.connection.setup.timeout.ms",
+            crate::millis(setup.max(Duration::from_millis(1000))),
+        )
         // Down to INFO: a handshake cut short is logged there (see
         // `ProbeContext::log_line`); nothing is logged above ERROR by polybus.
         .set("log_level", "6")
@@ -348,7 +362,10 @@ pub(crate) fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         client.poll(left.min(Duration::from_millis(50)));
         let errors = std::mem::take(&mut *client.context().errors.lock().unwrap_or_else(|p| p.into_inner()));
-        if let Some(refusal) = errors.iter().find_map(|(code, reason)| classify(config, *code, reason)) {
+        if let Some(refusal) = errors
+            .iter()
+            .find_map(|(code, reason)| classify(config, *code, reason))
+        {
             return Err(refusal);
         }
         if Instant::now() >= deadline {
@@ -445,7 +462,10 @@ mod tests {
             "kafka://a:1?sasl_mechanism=GSSAPI",
             "kafka://a:1?tls_server_name=b",
         ] {
-            assert!(matches!(KafkaConfig::from_url(bad), Err(Error::InvalidConfig(_))), "{bad}");
+            assert!(
+                matches!(KafkaConfig::from_url(bad), Err(Error::InvalidConfig(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -458,12 +478,26 @@ mod tests {
         no_password.sasl_mechanism = Some(SaslMechanism::Plain);
         no_password.sasl_username = Some("u".into());
         for (what, c) in [
-            ("credentials without a mechanism were silently unsent", KafkaConfig::from_url("kafka://u:secret-pw@a:1").unwrap()),
-            ("raw credentials without a SASL protocol", base().set("sasl.username", "u").set("sasl.password", "secret-pw")),
+            (
+                "credentials without a mechanism were silently unsent",
+                KafkaConfig::from_url("kafka://u:secret-pw@a:1").unwrap(),
+            ),
+            (
+                "raw credentials without a SASL protocol",
+                base().set("sasl.username", "u").set("sasl.password", "secret-pw"),
+            ),
             ("cert without key", no_key),
             ("user without password", no_password),
-            ("set twice", base().tls_ca_file(file()).set("ssl.ca.location", "/x")),
-            ("TLS on a plain protocol", base().tls_ca_file(file()).set("security.protocol", "SASL_PLAINTEXT")),
+            (
+                "set twice",
+                base().tls_ca_file(file()).set("ssl.ca.location", "/x"),
+            ),
+            (
+                "TLS on a plain protocol",
+                base()
+                    .tls_ca_file(file())
+                    .set("security.protocol", "SASL_PLAINTEXT"),
+            ),
             ("unreadable file", base().tls_ca_file("/no/such/ca.pem")),
         ] {
             match c.validate() {
@@ -499,14 +533,26 @@ mod tests {
         assert!(matches!(e, Error::Unauthenticated { .. }), "{e}");
         assert!(!e.to_string().contains("hunter22"), "{e}");
         let e = classify(&c, RDKafkaErrorCode::SSL, "certificate verify failed").unwrap();
-        assert!(matches!(e, Error::Tls { .. }) && e.to_string().contains("verify failed"), "{e}");
+        assert!(
+            matches!(e, Error::Tls { .. }) && e.to_string().contains("verify failed"),
+            "{e}"
+        );
         assert!(classify(&c, RDKafkaErrorCode::BrokerTransportFailure, "down").is_none());
         let alert = "Receive failed: error:0A00045C:SSL routines::tlsv13 alert certificate required: SSL alert number 116";
-        assert!(matches!(classify(&c, RDKafkaErrorCode::BrokerTransportFailure, alert), Some(Error::Tls { .. })));
+        assert!(matches!(
+            classify(&c, RDKafkaErrorCode::BrokerTransportFailure, alert),
+            Some(Error::Tls { .. })
+        ));
         let stuck = "Connection setup timed out in state SSL_HANDSHAKE (after 1500ms in state SSL_HANDSHAKE)";
-        assert!(matches!(classify(&c, RDKafkaErrorCode::BrokerTransportFailure, stuck), Some(Error::Tls { .. })));
+        assert!(matches!(
+            classify(&c, RDKafkaErrorCode::BrokerTransportFailure, stuck),
+            Some(Error::Tls { .. })
+        ));
         let stuck = "localhost:1/bootstrap: Disconnected (after 3ms in state SSL_HANDSHAKE)";
-        assert!(matches!(classify(&c, RDKafkaErrorCode::BrokerTransportFailure, stuck), Some(Error::Tls { .. })));
+        assert!(matches!(
+            classify(&c, RDKafkaErrorCode::BrokerTransportFailure, stuck),
+            Some(Error::Tls { .. })
+        ));
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter22") && shown.contains("Plain"), "{shown}");
     }

@@ -15,8 +15,12 @@ const TEST: &str = "expired_future_and_misnamed_server_certificates_are_refused"
 
 #[test]
 fn expired_future_and_misnamed_server_certificates_are_refused() {
-    let Some(ca) = tls_file("ca.pem", TEST) else { return };
-    let Some(key) = tls_file("server-key.pem", TEST) else { return };
+    let Some(ca) = tls_file("ca.pem", TEST) else {
+        return;
+    };
+    let Some(key) = tls_file("server-key.pem", TEST) else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("polybus-nats-certs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let timeout = Duration::from_secs_f64(3.0 * timeout_multiplier());
@@ -41,7 +45,10 @@ fn expired_future_and_misnamed_server_certificates_are_refused() {
         let Some(_server) = spawn("nats-server", &["-c", conf.to_str().unwrap()], TEST) else {
             return;
         };
-        assert!(wait_for_port(port, Duration::from_secs(5)), "nats-server on {port}");
+        assert!(
+            wait_for_port(port, Duration::from_secs(5)),
+            "nats-server on {port}"
+        );
         let url = format!("tls://localhost:{port}?mode=core&tls_ca={}", ca.display());
         let config = NatsConfig::from_url(&url).unwrap().connect_timeout(timeout);
         let started = Instant::now();
@@ -49,7 +56,10 @@ fn expired_future_and_misnamed_server_certificates_are_refused() {
         let took = started.elapsed();
         match result {
             Err(e @ Error::Tls { .. }) => {
-                assert!(e.to_string().contains(cause), "{cert:?}: the error must say '{cause}': {e}");
+                assert!(
+                    e.to_string().contains(cause),
+                    "{cert:?}: the error must say '{cause}': {e}"
+                );
                 assert!(!e.is_retryable());
                 assert!(took < timeout + Duration::from_secs(1), "{cert:?} took {took:?}");
             }

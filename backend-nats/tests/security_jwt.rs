@@ -102,22 +102,36 @@ fn operator_mode_credentials_files() {
     let Some(_server) = spawn("nats-server", &["-c", conf.to_str().unwrap()], TEST) else {
         return;
     };
-    assert!(wait_for_port(port, Duration::from_secs(5)), "nats-server in operator mode");
+    assert!(
+        wait_for_port(port, Duration::from_secs(5)),
+        "nats-server in operator mode"
+    );
 
     let good = dir.join("good.creds");
     write_creds(&good, &user_jwt(&account, &user), &user.seed().unwrap());
     // The JWT of one user with the seed of another: the nonce signature fails.
     let mismatched = dir.join("mismatched.creds");
-    write_creds(&mismatched, &user_jwt(&account, &user), &other_user.seed().unwrap());
+    write_creds(
+        &mismatched,
+        &user_jwt(&account, &user),
+        &other_user.seed().unwrap(),
+    );
     // A user of an account the server has never heard of.
     let stranger = dir.join("stranger.creds");
-    write_creds(&stranger, &user_jwt(&stranger_account, &other_user), &other_user.seed().unwrap());
+    write_creds(
+        &stranger,
+        &user_jwt(&stranger_account, &other_user),
+        &other_user.seed().unwrap(),
+    );
 
     let timeout = Duration::from_secs_f64(3.0 * timeout_multiplier());
     let config = |creds: &Path| {
-        NatsConfig::from_url(&format!("nats://127.0.0.1:{port}?mode=core&creds={}", creds.display()))
-            .unwrap()
-            .connect_timeout(timeout)
+        NatsConfig::from_url(&format!(
+            "nats://127.0.0.1:{port}?mode=core&creds={}",
+            creds.display()
+        ))
+        .unwrap()
+        .connect_timeout(timeout)
     };
     let logs = capture_logs();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -127,11 +141,25 @@ fn operator_mode_credentials_files() {
         .unwrap();
     let mut texts = String::new();
     rt.block_on(async {
-        let conn = polybus_nats::connect_with(config(&good)).await.expect("the credentials file connects");
+        let conn = polybus_nats::connect_with(config(&good))
+            .await
+            .expect("the credentials file connects");
         let recorder = Recorder::new();
-        let handle = conn.runner().topic("jwt.topic").group("g").run(recorder.handler()).await.unwrap();
-        conn.producer.send("jwt.topic", Message::new("signed")).await.unwrap();
-        recorder.wait_for(1, timeout * 3).await.expect("the message arrives");
+        let handle = conn
+            .runner()
+            .topic("jwt.topic")
+            .group("g")
+            .run(recorder.handler())
+            .await
+            .unwrap();
+        conn.producer
+            .send("jwt.topic", Message::new("signed"))
+            .await
+            .unwrap();
+        recorder
+            .wait_for(1, timeout * 3)
+            .await
+            .expect("the message arrives");
         handle.shutdown(timeout).await;
         conn.close().await.unwrap();
 
@@ -151,9 +179,6 @@ fn operator_mode_credentials_files() {
         }
     });
     texts.push_str(&logs.text());
-    assert_no_leak(
-        &texts,
-        &[&user.seed().unwrap(), &other_user.seed().unwrap()],
-    );
+    assert_no_leak(&texts, &[&user.seed().unwrap(), &other_user.seed().unwrap()]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,7 +24,11 @@ fn ctl(args: &[&str]) {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn config(url: &str, credentials: &str) -> RabbitConfig {
@@ -46,7 +50,9 @@ fn secured(url: &str, credentials: &str) -> RabbitConfig {
 
 #[test]
 fn permissions_cleared_mid_run_end_the_runner() {
-    let Some(url) = broker_url("POLYBUS_TEST_AMQP_SECURE_URL", TEST) else { return };
+    let Some(url) = broker_url("POLYBUS_TEST_AMQP_SECURE_URL", TEST) else {
+        return;
+    };
     if broker_url("POLYBUS_TEST_AMQP_SECURE_CTL", TEST).is_none() {
         return;
     }
@@ -63,18 +69,36 @@ fn permissions_cleared_mid_run_end_the_runner() {
         .enable_all()
         .build()
         .unwrap();
-    let admin_credentials = url.split_once("://").unwrap().1.rsplit_once('@').unwrap().0.to_owned();
+    let admin_credentials = url
+        .split_once("://")
+        .unwrap()
+        .1
+        .rsplit_once('@')
+        .unwrap()
+        .0
+        .to_owned();
     let result = rt.block_on(async {
         let admin = polybus_rabbitmq::connect_with(config(&url, &admin_credentials)).await?;
         let topic = format!("revoked-{nanos}");
         admin.consumer.declare_topic(&topic).await?;
-        admin.consumer.declare_group(&topic, "g", StartFrom::Latest).await?;
+        admin
+            .consumer
+            .declare_group(&topic, "g", StartFrom::Latest)
+            .await?;
 
         let conn = polybus_rabbitmq::connect_with(config(&url, &format!("{user}:{pass}"))).await?;
         let recorder = Recorder::new();
-        let handle = conn.runner().topic(&topic).group("g").run(recorder.handler()).await?;
+        let handle = conn
+            .runner()
+            .topic(&topic)
+            .group("g")
+            .run(recorder.handler())
+            .await?;
         admin.producer.send(&topic, Message::new("before")).await?;
-        recorder.wait_for(1, Duration::from_secs(10)).await.expect("received before the revocation");
+        recorder
+            .wait_for(1, Duration::from_secs(10))
+            .await
+            .expect("received before the revocation");
 
         // RabbitMQ checks permissions when an operation starts (declare,
         // publish, consume): clearing them leaves the running consumer alone.
@@ -95,8 +119,16 @@ fn permissions_cleared_mid_run_end_the_runner() {
         }
         let state = handle.state();
         let error = handle.error();
-        eprintln!("after {:?}: state {state:?}, error {error:?}, handled {}", revoked.elapsed(), recorder.len());
-        assert_eq!(state, RunState::Failed, "the runner must end, not reconnect forever: {error:?}");
+        eprintln!(
+            "after {:?}: state {state:?}, error {error:?}, handled {}",
+            revoked.elapsed(),
+            recorder.len()
+        );
+        assert_eq!(
+            state,
+            RunState::Failed,
+            "the runner must end, not reconnect forever: {error:?}"
+        );
         let error = error.expect("the runner reports why it ended");
         assert!(matches!(&*error, Error::PermissionDenied { .. }), "{error:?}");
         assert!(!error.is_retryable());

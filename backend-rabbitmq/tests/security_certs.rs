@@ -16,7 +16,9 @@ const TEST: &str = "expired_future_and_misnamed_server_certificates_are_refused"
 
 #[test]
 fn expired_future_and_misnamed_server_certificates_are_refused() {
-    let Some(ca) = tls_file("ca.pem", TEST) else { return };
+    let Some(ca) = tls_file("ca.pem", TEST) else {
+        return;
+    };
     let timeout = Duration::from_secs_f64(3.0 * timeout_multiplier());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -24,7 +26,9 @@ fn expired_future_and_misnamed_server_certificates_are_refused() {
         .build()
         .unwrap();
     for (cert, cause) in REFUSED_SERVER_CERTS {
-        let Some((_endpoint, port)) = refused_tls_endpoint(cert, TEST) else { return };
+        let Some((_endpoint, port)) = refused_tls_endpoint(cert, TEST) else {
+            return;
+        };
         let config = RabbitConfig::new(&format!("amqps://u:p@localhost:{port}/%2f"))
             .unwrap()
             .tls_ca_file(&ca)
@@ -34,7 +38,10 @@ fn expired_future_and_misnamed_server_certificates_are_refused() {
         let took = started.elapsed();
         match result {
             Err(e @ Error::Tls { .. }) => {
-                assert!(e.to_string().contains(cause), "{cert}: the error must say '{cause}': {e}");
+                assert!(
+                    e.to_string().contains(cause),
+                    "{cert}: the error must say '{cause}': {e}"
+                );
                 assert!(!e.is_retryable());
                 assert!(took < timeout + Duration::from_secs(1), "{cert} took {took:?}");
             }

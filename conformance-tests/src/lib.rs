@@ -25,8 +25,8 @@ pub mod bench;
 pub mod cases;
 mod fault_cases;
 pub mod faults;
-pub mod processes;
 mod foreign_cases;
+pub mod processes;
 pub mod secrets;
 mod support;
 

@@ -87,6 +87,9 @@ pub fn refused_tls_endpoint(cert: &str, test: &str) -> Option<(Process, u16)> {
         key.display()
     );
     let process = spawn("socat", &[&listen, "SYSTEM:cat >/dev/null"], test)?;
-    assert!(wait_for_port(port, Duration::from_secs(5)), "socat did not listen on {port}");
+    assert!(
+        wait_for_port(port, Duration::from_secs(5)),
+        "socat did not listen on {port}"
+    );
     Some((process, port))
 }
