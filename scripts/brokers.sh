@@ -340,8 +340,10 @@ _polybus_tansu_sasl() {
       { echo "polybus: tansu user create $1 failed (see $dir/setup.log)" >&2; kill "$pid"; return 1; }
     shift 3
   done
-  kill "$pid" && wait "$pid" 2>/dev/null
-  while _polybus_port_open 127.0.0.1 "$port"; do sleep 0.1; done
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  local tries=0
+  while _polybus_port_open 127.0.0.1 "$port" && [ "$tries" -lt 100 ]; do sleep 0.1; tries=$((tries + 1)); done
   (cd "$dir" && exec "$tansu" "${args[@]}" --authentication) >"$dir/tansu.log" 2>&1 &
   POLYBUS_STARTED_PIDS+=($!)
   _polybus_wait_port 127.0.0.1 "$port" "tansu (SASL)"
