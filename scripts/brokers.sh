@@ -125,11 +125,16 @@ _polybus_free_port() {
 }
 
 # A test certificate authority, a server certificate for localhost/127.0.0.1, a
-# client certificate (mTLS) and a second, untrusted CA, made with openssl once
-# and again when they expire within a day. Exports POLYBUS_TEST_TLS_DIR.
+# client certificate (mTLS), a second, untrusted CA, and server certificates
+# that must be refused (expired, not yet valid, another name), made with
+# openssl once and again when they expire within a day. Exports
+# POLYBUS_TEST_TLS_DIR.
 ensure_test_certs() {
   local dir="$POLYBUS_SECURE_DIR/certs"
   export POLYBUS_TEST_TLS_DIR="$dir"
+  # socat: the TLS endpoints the tests start to present refused certificates,
+  # and the TLS terminator in front of the secured Kafka broker.
+  command -v socat >/dev/null 2>&1 || _polybus_apt_install socat || return 1
   if [ -f "$dir/client-key.pem" ] && openssl x509 -checkend 86400 -noout -in "$dir/server.pem" >/dev/null 2>&1; then
     return 0
   fi
@@ -159,6 +164,44 @@ ensure_test_certs() {
       -extfile client.ext -out rogue-client.pem 2>/dev/null
     chmod 600 ./*-key.pem
   ) || { echo "polybus: openssl failed" >&2; return 1; }
+  _polybus_bad_certs "$dir"
+}
+
+# Server certificates that must be refused, signed by the test CA (made once
+# per CA): expired (valid in 2020 only), not yet valid (from 2099), and one for
+# another name (`wrong.polybus.test`, not localhost). `openssl ca` sets the
+# dates: OpenSSL 3.0's `x509 -req` cannot.
+_polybus_bad_certs() {
+  local dir=$1
+  [ -f "$dir/server-future.pem" ] && [ "$dir/server-future.pem" -nt "$dir/ca.pem" ] && return 0
+  (
+    set -e
+    cd "$dir"
+    rm -rf ca-db && mkdir -p ca-db/new && : >ca-db/index.txt && echo 1000 >ca-db/serial
+    cat >ca-db/ca.cnf <<CNF
+[ ca ]
+default_ca = test_ca
+[ test_ca ]
+database = ca-db/index.txt
+new_certs_dir = ca-db/new
+serial = ca-db/serial
+default_md = sha256
+policy = any
+unique_subject = no
+[ any ]
+commonName = supplied
+[ localhost ]
+subjectAltName = DNS:localhost,IP:127.0.0.1
+extendedKeyUsage = serverAuth
+[ wrong ]
+subjectAltName = DNS:wrong.polybus.test
+extendedKeyUsage = serverAuth
+CNF
+    local sign=(openssl ca -batch -notext -config ca-db/ca.cnf -cert ca.pem -keyfile ca-key.pem -in server.csr)
+    "${sign[@]}" -extensions localhost -startdate 20200101000000Z -enddate 20200102000000Z -out server-expired.pem 2>/dev/null
+    "${sign[@]}" -extensions localhost -startdate 20990101000000Z -enddate 20990102000000Z -out server-future.pem 2>/dev/null
+    "${sign[@]}" -extensions wrong -days 30 -out server-wrong-name.pem 2>/dev/null
+  ) || { echo "polybus: openssl could not make the refused server certificates" >&2; return 1; }
 }
 
 # Two private nats-server processes with JetStream:
@@ -228,12 +271,13 @@ CONF
 # A private RabbitMQ node (own node name, ports, data, logs and Erlang cookie
 # under $POLYBUS_SECURE_DIR/rabbitmq) with only a TLS listener, peer
 # verification (`verify_peer`, `fail_if_no_peer_cert`), no plugins, and the
-# user `polybus` in the vhost `polybus-secure`. Exports
+# user `polybus` in the vhost `polybus-secure`. The node name can be changed
+# with POLYBUS_SECURE_RABBITMQ_NODE (two on one machine need two). Exports
 # POLYBUS_TEST_AMQP_SECURE_URL (amqps, with the CA and client certificate).
 ensure_secure_rabbitmq() {
   ensure_test_certs || return 1
   local dir="$POLYBUS_SECURE_DIR/rabbitmq" certs="$POLYBUS_SECURE_DIR/certs"
-  local node="polybus_secure@localhost" bin=/usr/lib/rabbitmq/bin
+  local node="${POLYBUS_SECURE_RABBITMQ_NODE:-polybus_secure@localhost}" bin=/usr/lib/rabbitmq/bin
   mkdir -p "$dir/mnesia" "$dir/log"
   [ -f "$dir/password" ] || { openssl rand -hex 12 >"$dir/password"; chmod 600 "$dir/password"; }
   local pass started=$SECONDS port dist
@@ -271,3 +315,78 @@ CONF
   export POLYBUS_TEST_AMQP_SECURE_CTL="env HOME=$dir $bin/rabbitmqctl -n $node"
   echo "polybus: secured RabbitMQ node $node on 127.0.0.1:$port in $((SECONDS - started)) s" >&2
 }
+
+# A private tansu (Kafka protocol) that requires SASL. tansu 0.6.0 checks
+# SCRAM-SHA-256/512 against credentials it stores (SQLite storage here: its
+# memory storage keeps none), and accepts PLAIN with any password. Its TLS
+# cannot be used: `--cert` and `--key` are mutually exclusive in its command
+# line, and its listener never wraps connections in TLS. So TLS is a socat
+# terminator in front of a second tansu, requiring a client certificate.
+# The SCRAM users are stored by `tansu user create` on a first start without
+# authentication, then the broker restarts with `--authentication`.
+#   $1 directory, $2 port to listen on, $3 port to advertise, then user
+#   mechanism password triples.
+_polybus_tansu_sasl() {
+  local dir=$1 port=$2 advertised=$3 tansu=$POLYBUS_TANSU pid
+  shift 3
+  mkdir -p "$dir" && rm -f "$dir"/tansu.db*
+  local args=(broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://localhost:$advertised"
+    --storage-engine sqlite://tansu.db)
+  (cd "$dir" && exec "$tansu" "${args[@]}") >"$dir/setup.log" 2>&1 &
+  pid=$!
+  _polybus_wait_port 127.0.0.1 "$port" "tansu (storing SCRAM users)" || { kill "$pid"; return 1; }
+  while [ $# -ge 3 ]; do
+    "$tansu" user create --broker "tcp://127.0.0.1:$port" "$1" "$3" --mechanism "$2" >>"$dir/setup.log" 2>&1 ||
+      { echo "polybus: tansu user create $1 failed (see $dir/setup.log)" >&2; kill "$pid"; return 1; }
+    shift 3
+  done
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  local tries=0
+  while _polybus_port_open 127.0.0.1 "$port" && [ "$tries" -lt 100 ]; do sleep 0.1; tries=$((tries + 1)); done
+  (cd "$dir" && exec "$tansu" "${args[@]}" --authentication) >"$dir/tansu.log" 2>&1 &
+  POLYBUS_STARTED_PIDS+=($!)
+  _polybus_wait_port 127.0.0.1 "$port" "tansu (SASL)"
+}
+
+# Two private tansu brokers requiring SASL, beside the shared one:
+#  * SASL_PLAINTEXT, users `polybus` (SCRAM-SHA-512) and `polybus256`
+#    (SCRAM-SHA-256);
+#  * SASL_SSL through socat (TLS 1.2+, client certificate required: mTLS),
+#    user `polybus` (SCRAM-SHA-512).
+# Exports POLYBUS_TEST_KAFKA_SASL_URL, POLYBUS_TEST_KAFKA_SASL256_URL,
+# POLYBUS_TEST_KAFKA_SECURE_URL (SASL_SSL + mTLS) and POLYBUS_TEST_TLS_DIR.
+ensure_secure_kafka() {
+  ensure_test_certs || return 1
+  local tools="${POLYBUS_TOOLS:-${HOME:-/tmp}/.cache/polybus-tools}"
+  POLYBUS_TANSU="$tools/bin/tansu"
+  [ -x "$POLYBUS_TANSU" ] || ensure_kafka || return 1
+  if [ -n "${POLYBUS_TEST_KAFKA_SASL_URL:-}" ] && [ -n "${POLYBUS_TEST_KAFKA_SECURE_URL:-}" ]; then
+    echo "polybus: secured Kafka already configured" >&2
+    return 0
+  fi
+  local dir="$POLYBUS_SECURE_DIR/kafka" certs="$POLYBUS_SECURE_DIR/certs"
+  mkdir -p "$dir"
+  local pw_file="$dir/passwords"
+  if [ ! -f "$pw_file" ]; then
+    printf '%s %s\n' "$(openssl rand -hex 12)" "$(openssl rand -hex 12)" >"$pw_file"
+    chmod 600 "$pw_file"
+  fi
+  local pass pass256 started=$SECONDS sasl_port tls_inner tls_port
+  read -r pass pass256 <"$pw_file"
+  sasl_port=$(_polybus_free_port 19092)
+  _polybus_tansu_sasl "$dir/sasl" "$sasl_port" "$sasl_port" polybus scram512 "$pass" polybus256 scram256 "$pass256" ||
+    return 1
+  tls_inner=$(_polybus_free_port $((sasl_port + 1)))
+  tls_port=$(_polybus_free_port $((tls_inner + 1)))
+  _polybus_tansu_sasl "$dir/tls" "$tls_inner" "$tls_port" polybus scram512 "$pass" || return 1
+  socat "OPENSSL-LISTEN:$tls_port,bind=127.0.0.1,reuseaddr,fork,cert=$certs/server.pem,key=$certs/server-key.pem,cafile=$certs/ca.pem,verify=1" \
+    "TCP:127.0.0.1:$tls_inner" 2>"$dir/socat.log" &
+  POLYBUS_STARTED_PIDS+=($!)
+  _polybus_wait_port 127.0.0.1 "$tls_port" "socat (TLS in front of tansu)" || return 1
+  export POLYBUS_TEST_KAFKA_SASL_URL="kafka://polybus:$pass@localhost:$sasl_port?sasl_mechanism=SCRAM-SHA-512"
+  export POLYBUS_TEST_KAFKA_SASL256_URL="kafka://polybus256:$pass256@localhost:$sasl_port?sasl_mechanism=SCRAM-SHA-256"
+  export POLYBUS_TEST_KAFKA_SECURE_URL="kafka://polybus:$pass@localhost:$tls_port?sasl_mechanism=SCRAM-SHA-512&tls_ca=$certs/ca.pem&tls_cert=$certs/client.pem&tls_key=$certs/client-key.pem"
+  echo "polybus: secured tansu on 127.0.0.1:$sasl_port (SASL) and :$tls_port (SASL + mTLS via socat) in $((SECONDS - started)) s" >&2
+}
+

@@ -36,7 +36,7 @@ pub mod prelude {
 /// | scheme | backend | feature |
 /// |---|---|---|
 /// | `memory://` or `memory://<name>` | in-process broker (same name, same broker) | `memory` (default) |
-/// | `kafka://[user:pass@]host:port,host:port[?option=value]` | Kafka | `kafka` |
+/// | `kafka://[user:pass@]host:port,host:port[?option=value]` (`sasl_mechanism`, `tls`, `tls_ca`, …) | Kafka | `kafka` |
 /// | `amqp://user:pass@host:port/vhost`, `amqps://…` | RabbitMQ | `rabbitmq` |
 /// | `nats://host:port[,host:port][?mode=core]`, `tls://…`, `nats+tls://…` | NATS JetStream (core NATS with `mode=core`) | `nats` |
 ///
@@ -160,8 +160,14 @@ mod tests {
         // Nothing listens on port 1: a retryable connection error within the
         // connect timeout, without the password.
         let started = std::time::Instant::now();
-        let err = connect("kafka://user:secret@127.0.0.1:1").await.unwrap_err();
+        let err = connect("kafka://user:secret@127.0.0.1:1?sasl_mechanism=SCRAM-SHA-512")
+            .await
+            .unwrap_err();
         assert!(err.is_retryable(), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+        // Credentials without a mechanism would never be sent: refused.
+        let err = connect("kafka://user:secret@127.0.0.1:1").await.unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
         assert!(!err.to_string().contains("secret"), "{err}");
         assert!(
             started.elapsed() < std::time::Duration::from_secs(30),

@@ -89,21 +89,13 @@ impl KafkaConsumer {
             .create()
             .map_err(|e| map_error("creating the Kafka metadata client", e))?;
         probe_brokers(&config.brokers, config.connect_timeout).await?;
-        let meta = Arc::new(meta);
-        let probe = Arc::clone(&meta);
+        // A client of its own whose error callback is watched, so a refused
+        // login or TLS handshake ends the connect at once (librdkafka would
+        // otherwise reconnect until the timeout).
+        let probe = config.clone();
         let timeout = config.connect_timeout;
-        let brokers = config.brokers.join(",");
-        blocking(move || {
-            probe
-                .fetch_metadata(None, timeout)
-                .map(|_| ())
-                .map_err(|e| Error::Connection {
-                    backend: BACKEND,
-                    message: format!("no Kafka broker of {brokers} answered within {timeout:?}: {e}"),
-                    source: Some(Box::new(e)),
-                })
-        })
-        .await?;
+        blocking(move || crate::security::probe(&probe, timeout)).await?;
+        let meta = Arc::new(meta);
         Ok(KafkaConsumer {
             config: Arc::new(config),
             admin,

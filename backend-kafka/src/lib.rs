@@ -25,14 +25,18 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Security settings (TLS, SASL) are librdkafka properties, passed through
-//! [`KafkaConfig::set`] or the URL's query; their values never appear in `Debug`
-//! output, errors or logs.
+//! Security: TLS (CA file, mutual TLS) and SASL (PLAIN, SCRAM-SHA-256/512)
+//! are typed [`KafkaConfig`] fields and URL options, mapped to librdkafka's
+//! properties; other librdkafka properties pass through [`KafkaConfig::set`]
+//! or the URL's query. A refused login or TLS handshake fails `connect` at
+//! once with [`Error::Unauthenticated`] or [`Error::Tls`]. Secrets never
+//! appear in `Debug` output, errors or logs.
 
 #![deny(unsafe_code)] // allowed in `raw_headers` alone (audited, see there)
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use polybus_core::{Connection, Error, Result};
@@ -45,10 +49,12 @@ mod poll;
 mod producer;
 mod raw_headers;
 mod rebalance;
+mod security;
 mod subscription;
 
 pub use consumer::KafkaConsumer;
 pub use producer::KafkaProducer;
+pub use security::SaslMechanism;
 
 const BACKEND: &str = "kafka";
 
@@ -109,6 +115,27 @@ pub struct KafkaConfig {
     /// client's partitioner (also kafka-python's and franz-go's), so polybus and
     /// those clients put the same key on the same partition.
     pub partitioner: Partitioner,
+    /// Connect over TLS (`security.protocol` `SSL`, or `SASL_SSL` with SASL),
+    /// verifying the broker's certificate and host name against the system's
+    /// roots or [`tls_ca_file`](Self::tls_ca_file). URL `tls=true`; any
+    /// `tls_*` option or TLS file turns it on too.
+    pub tls: bool,
+    /// Trust the CAs in this PEM file instead of the system's (URL `tls_ca`;
+    /// librdkafka's `ssl.ca.location`).
+    pub tls_ca_file: Option<PathBuf>,
+    /// The client certificate (PEM) for mutual TLS, with
+    /// [`tls_client_key`](Self::tls_client_key) (URL `tls_cert`).
+    pub tls_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, unencrypted; URL `tls_key`).
+    pub tls_client_key: Option<PathBuf>,
+    /// The SASL mechanism (URL `sasl_mechanism`). Credentials without one are
+    /// refused: librdkafka would never send them.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// The SASL user name (URL `user@`).
+    pub sasl_username: Option<String>,
+    /// The SASL password (URL `:password@`), set with [`sasl`](Self::sasl);
+    /// never shown.
+    sasl_password: Option<String>,
     /// Extra librdkafka properties (TLS, SASL, tuning), for producer and
     /// consumers alike.
     properties: BTreeMap<String, String>,
@@ -161,6 +188,13 @@ impl fmt::Debug for KafkaConfig {
             .field("buffer", &self.buffer)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("partitioner", &self.partitioner)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert", &self.tls_client_cert)
+            .field("tls_client_key", &self.tls_client_key)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &self.sasl_password.as_ref().map(|_| "***"))
             .field("properties", &properties)
             .finish()
     }
@@ -213,6 +247,13 @@ impl KafkaConfig {
             buffer: 1000,
             max_message_bytes: 1_000_000,
             partitioner: Partitioner::default(),
+            tls: false,
+            tls_ca_file: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
             properties: BTreeMap::new(),
         }
     }
@@ -221,10 +262,11 @@ impl KafkaConfig {
     ///
     /// A broker list is not a URL authority, so it is parsed here: every entry
     /// needs a host and a port (IPv6 hosts in brackets). Options: `partitions`,
-    /// `replication`, and any librdkafka property (a name with a dot, such as
-    /// `security.protocol=SASL_SSL` or `sasl.mechanism=SCRAM-SHA-512`). A user
-    /// and password become `sasl.username` and `sasl.password` (percent-encoded
-    /// characters are decoded).
+    /// `replication`, `tls=true`, `tls_ca=<path>`, `tls_cert=<path>`,
+    /// `tls_key=<path>`, `sasl_mechanism=SCRAM-SHA-512|SCRAM-SHA-256|PLAIN`,
+    /// and any librdkafka property (a name with a dot, such as
+    /// `ssl.key.password`). A user and password are the SASL credentials
+    /// (percent-encoded characters are decoded) and need `sasl_mechanism`.
     pub fn from_url(url: &str) -> Result<Self> {
         // Errors show no query (its values may be secrets), and no part of the
         // URL at all when it has credentials.
@@ -268,9 +310,8 @@ impl KafkaConfig {
             let (user, password) = credentials
                 .split_once(':')
                 .ok_or_else(|| invalid("credentials must be user:password".into()))?;
-            config = config
-                .set("sasl.username", percent_decode(user).map_err(invalid)?)
-                .set("sasl.password", percent_decode(password).map_err(invalid)?);
+            config.sasl_username = Some(percent_decode(user).map_err(invalid)?);
+            config.sasl_password = Some(percent_decode(password).map_err(invalid)?);
         }
         for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair
@@ -287,6 +328,30 @@ impl KafkaConfig {
                     config.replication = value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
                         invalid(format!("replication must be a positive number, not '{value}'"))
                     })?;
+                }
+                "tls" => {
+                    config.tls = match value.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(invalid(format!("tls must be true or false, not '{value}'"))),
+                    };
+                }
+                "tls_ca" => config.tls_ca_file = Some(PathBuf::from(value)),
+                "tls_cert" => config.tls_client_cert = Some(PathBuf::from(value)),
+                "tls_key" => config.tls_client_key = Some(PathBuf::from(value)),
+                "tls_server_name" => {
+                    return Err(invalid(
+                        "librdkafka has no server name override: the broker's advertised host \
+                         name is verified"
+                            .into(),
+                    ));
+                }
+                "sasl_mechanism" => {
+                    config.sasl_mechanism = Some(SaslMechanism::parse(&value).ok_or_else(|| {
+                        invalid(format!(
+                            "sasl_mechanism must be SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN, not '{value}'"
+                        ))
+                    })?);
                 }
                 key if key.contains('.') => {
                     if OWN_PROPERTIES.contains(&key) {
@@ -344,6 +409,7 @@ impl KafkaConfig {
             .set("socket.connection.setup.timeout.ms", millis(self.connect_timeout))
             .set("message.max.bytes", self.max_message_bytes.to_string())
             .set("log_level", "3");
+        security::apply(self, &mut config);
         config
     }
 
@@ -403,7 +469,7 @@ impl KafkaConfig {
                 "'{key}' is set by polybus and cannot be changed"
             )));
         }
-        Ok(())
+        self.validate_security()
     }
 }
 
@@ -530,13 +596,29 @@ pub(crate) fn map_error(what: &str, e: KafkaError) -> Error {
             message: format!("{what} timed out: {e}"),
             source: Some(Box::new(e)),
         },
+        Some(C::Authentication | C::SaslAuthenticationFailed) => Error::Unauthenticated {
+            backend: BACKEND,
+            message: format!("{what}: {e}"),
+            source: Some(Box::new(e)),
+        },
+        Some(C::SSL) => Error::Tls {
+            backend: BACKEND,
+            message: format!("{what}: {e}"),
+            source: Some(Box::new(e)),
+        },
         Some(
             C::TopicAuthorizationFailed
             | C::GroupAuthorizationFailed
             | C::ClusterAuthorizationFailed
-            | C::Authentication
-            | C::SaslAuthenticationFailed
-            | C::InvalidConfig
+            | C::TransactionalIdAuthorizationFailed
+            | C::DelegationTokenAuthorizationFailed,
+        ) => Error::PermissionDenied {
+            backend: BACKEND,
+            message: format!("{what}: {e}"),
+            source: Some(Box::new(e)),
+        },
+        Some(
+            C::InvalidConfig
             | C::InvalidArgument
             | C::InvalidTopic
             | C::Fatal
@@ -655,7 +737,7 @@ mod tests {
     #[test]
     fn secrets_stay_out_of_debug_and_errors() {
         let c = KafkaConfig::from_url("kafka://alice:s3cr%40t@a:9092?security.protocol=SASL_SSL").unwrap();
-        assert_eq!(c.properties["sasl.password"], "s3cr@t");
+        assert_eq!(c.sasl_password.as_deref(), Some("s3cr@t"));
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cr"), "{shown}");
         assert!(shown.contains("alice"), "the user is not a secret: {shown}");
@@ -670,10 +752,10 @@ mod tests {
             assert!(!err.to_string().contains("s3c"), "{leaky}: {err}");
         }
         let c = KafkaConfig::from_url("kafka://alice:s3c%3Fret@a:1").unwrap();
-        assert_eq!(c.properties["sasl.password"], "s3c?ret");
+        assert_eq!(c.sasl_password.as_deref(), Some("s3c?ret"));
         // An unencoded `?` in the password still ends up in the password.
         let c = KafkaConfig::from_url("kafka://alice:s3c?ret@a:1?partitions=2").unwrap();
-        assert_eq!(c.properties["sasl.password"], "s3c?ret");
+        assert_eq!(c.sasl_password.as_deref(), Some("s3c?ret"));
         assert_eq!((c.brokers.as_slice(), c.partitions), (&["a:1".to_owned()][..], 2));
         let c = KafkaConfig::new(vec!["a:1".into()])
             .set("sasl.oauthbearer.assertion.private.key.passphrase", "pw2");

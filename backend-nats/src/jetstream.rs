@@ -423,6 +423,7 @@ impl Consumer for JetStreamConsumer {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("consumer"));
         }
+        let violations = (self.streams.violations.watch(), options.topics.clone());
         // Create every consumer and inbox first, so a failure leaves nothing running.
         let mut parts = Vec::new();
         let mut ephemeral = Vec::new();
@@ -522,6 +523,7 @@ impl Consumer for JetStreamConsumer {
             consumer_closed: Arc::clone(&self.closed),
             request_timeout: config.request_timeout,
             stopped: false,
+            violations,
         }))
     }
 

@@ -113,6 +113,12 @@ impl Violations {
         }
     }
 
+    /// A receiver of the violations reported from now on (a subscription
+    /// keeps one for its whole life, so none is missed between two `next`s).
+    pub(crate) fn watch(&self) -> broadcast::Receiver<Arc<Violation>> {
+        self.tx.subscribe()
+    }
+
     /// Runs `operation`, failing it with [`Error::PermissionDenied`] as soon as
     /// the connection reports a violation that `concerns` it.
     pub(crate) async fn guard<T>(

@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 use futures::StreamExt;
 use polybus_core::{AckHandle, Acker, Bytes, Delivery, Error, Event, Origin, Result, Subscription};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -769,6 +769,10 @@ pub(crate) struct JetStreamSubscription {
     pub(crate) consumer_closed: Arc<AtomicBool>,
     pub(crate) request_timeout: Duration,
     pub(crate) stopped: bool,
+    /// The connection's permission violations and the topics they may
+    /// concern: a pull request refused mid-run (permissions revoked) ends the
+    /// subscription with [`Error::PermissionDenied`] instead of timing out.
+    pub(crate) violations: (broadcast::Receiver<Arc<crate::security::Violation>>, Vec<String>),
 }
 
 impl Drop for JetStreamSubscription {
@@ -884,7 +888,21 @@ impl Subscription for JetStreamSubscription {
             if self.consumer_closed.load(Ordering::Acquire) {
                 return None;
             }
-            arrived.await;
+            let (violations, topics) = &mut self.violations;
+            tokio::select! {
+                () = &mut arrived => {}
+                seen = violations.recv() => match seen {
+                    // JetStream API and acks only: a refused `send` to the
+                    // topic fails that call, not this subscription.
+                    Ok(v) if v.subject.starts_with("$JS.") && topics.iter().any(|t| v.concerns(t)) => {
+                        tracing::warn!(target: "polybus_nats", subject = v.subject, "permission refused mid-run; ending the subscription");
+                        return Some(Err(v.error()));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    // The connection is gone; the pumps report that.
+                    Err(broadcast::error::RecvError::Closed) => arrived.await,
+                },
+            }
         }
     }
 

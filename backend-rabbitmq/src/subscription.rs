@@ -240,7 +240,8 @@ async fn open_sources(config: &RabbitConfig, mut sources: Vec<Source>, prefetch:
 }
 
 /// Closes `old` (bounded), then connects again with backoff until it works or
-/// the request timeout has passed.
+/// the request timeout has passed. A refusal (non-retryable: the user's
+/// permissions or credentials were revoked, a TLS failure) ends it at once.
 async fn reopen(
     config: RabbitConfig,
     sources: Vec<Source>,
@@ -255,6 +256,12 @@ async fn reopen(
     loop {
         match open_sources(&config, sources.clone(), prefetch).await {
             Ok(opened) => return Ok(opened),
+            // Refused (credentials, permissions, TLS, configuration): trying
+            // again cannot help, so the runner ends with it instead of looping.
+            Err(e) if !e.is_retryable() => {
+                tracing::warn!(target: "polybus_rabbitmq", error = %e, "subscription reconnect refused");
+                return Err(e);
+            }
             Err(e) if tokio::time::Instant::now() + backoff >= deadline => {
                 return Err(Error::Connection {
                     backend: BACKEND,

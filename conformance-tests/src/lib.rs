@@ -27,6 +27,7 @@ mod fault_cases;
 pub mod faults;
 mod foreign_cases;
 mod lag_cases;
+pub mod processes;
 pub mod secrets;
 mod support;
 #[cfg(feature = "opentelemetry")]

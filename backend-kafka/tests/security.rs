@@ -1,0 +1,352 @@
+//! TLS and SASL against Kafka-protocol brokers that require them (issue 16).
+//! `scripts/brokers.sh` `ensure_secure_kafka` starts two private tansu 0.6.0
+//! brokers with `--authentication`: `POLYBUS_TEST_KAFKA_SASL_URL` (SCRAM-SHA-512
+//! user; `POLYBUS_TEST_KAFKA_SASL256_URL` a SCRAM-SHA-256 one) on a plain
+//! listener, and `POLYBUS_TEST_KAFKA_SECURE_URL` (SCRAM-SHA-512 over TLS with a
+//! client certificate) behind a socat TLS terminator, because tansu 0.6.0
+//! cannot serve TLS itself (see the README, Security (Kafka)). The refused
+//! certificates are presented by socat endpoints started here
+//! (`POLYBUS_TEST_TLS_DIR`). Every test skips loudly without its variables.
+
+mod support;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use polybus_conformance::processes::{REFUSED_SERVER_CERTS, refused_tls_endpoint, tls_file};
+use polybus_conformance::secrets::{assert_no_leak, capture_logs, error_text, percent_encode};
+use polybus_conformance::{Harness, Setup, broker_url, timeout_multiplier};
+use polybus_core::{Capabilities, Connection, Error, Result, async_trait};
+use polybus_kafka::{KafkaConfig, KafkaConsumer, SaslMechanism};
+
+const SASL_ENV: &str = "POLYBUS_TEST_KAFKA_SASL_URL";
+const SASL256_ENV: &str = "POLYBUS_TEST_KAFKA_SASL256_URL";
+const SECURE_ENV: &str = "POLYBUS_TEST_KAFKA_SECURE_URL";
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s * timeout_multiplier())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn run<T>(f: impl Future<Output = T>) -> T {
+    runtime().block_on(f)
+}
+
+/// The URL's settings plus the test settings of the other Kafka suites (one
+/// record per batch for tansu, short timeouts).
+fn config(url: &str) -> KafkaConfig {
+    let base = support::test_config("x:1");
+    let mut c = KafkaConfig::from_url(url).unwrap();
+    c.partitions = base.partitions;
+    c.session_timeout = base.session_timeout;
+    c.max_poll_interval = base.max_poll_interval;
+    c.revoke_timeout = base.revoke_timeout;
+    c.commit_interval = base.commit_interval;
+    c.connect_timeout(secs(5.0)).set("batch.num.messages", "1")
+}
+
+/// The password of a `kafka://user:password@…` URL.
+fn password_of(url: &str) -> String {
+    let info = url.split_once("://").unwrap().1.split_once('@').unwrap().0;
+    info.split_once(':').unwrap().1.to_owned()
+}
+
+/// The URL with other credentials.
+fn with_credentials(url: &str, credentials: &str) -> String {
+    let rest = url.split_once("://").unwrap().1.split_once('@').unwrap().1;
+    format!("kafka://{credentials}@{rest}")
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{nanos}")
+}
+
+/// Connects, asserting the failure is `expected`, final, and within the
+/// connect timeout (not a reconnect loop).
+async fn refused(config: KafkaConfig, expected: fn(&Error) -> bool) -> Error {
+    let limit = config.connect_timeout + secs(1.0);
+    let started = Instant::now();
+    let Err(err) = polybus_kafka::connect_with(config).await else {
+        panic!("the connection must be refused");
+    };
+    let took = started.elapsed();
+    assert!(expected(&err), "unexpected error: {err:?}");
+    assert!(!err.is_retryable(), "{err} must not be retryable");
+    assert!(took < limit, "took {took:?}: {err}");
+    err
+}
+
+/// The error of a connect that must fail.
+async fn connect_error(config: KafkaConfig) -> Error {
+    match polybus_kafka::connect_with(config).await {
+        Err(e) => e,
+        Ok(_) => panic!("the connection must be refused"),
+    }
+}
+
+fn unauthenticated(e: &Error) -> bool {
+    matches!(e, Error::Unauthenticated { .. })
+}
+
+fn tls(e: &Error) -> bool {
+    matches!(e, Error::Tls { .. })
+}
+
+async fn roundtrip(config: KafkaConfig) -> Result<()> {
+    let conn = polybus_kafka::connect_with(config).await?;
+    polybus_conformance::roundtrip_once(&conn, &unique("secured"), secs(20.0)).await?;
+    conn.close().await
+}
+
+#[test]
+fn scram_sha_512_and_256_roundtrip() {
+    let Some(url) = broker_url(SASL_ENV, "scram_sha_512_and_256_roundtrip") else {
+        return;
+    };
+    let Some(url256) = broker_url(SASL256_ENV, "scram_sha_512_and_256_roundtrip") else {
+        return;
+    };
+    run(async {
+        roundtrip(config(&url)).await.unwrap();
+        roundtrip(config(&url256)).await.unwrap();
+        // The typed fields work as the URL does.
+        let from_url = config(&url);
+        let typed =
+            config(&with_credentials(&url, "x:y").replace("sasl_mechanism=SCRAM-SHA-512", "partitions=4"));
+        let mut typed = typed.sasl(SaslMechanism::ScramSha512, "polybus", password_of(&url));
+        typed.brokers = from_url.brokers.clone();
+        roundtrip(typed).await.unwrap();
+    });
+}
+
+#[test]
+fn wrong_password_unknown_user_and_wrong_mechanism_are_refused_fast() {
+    let test = "wrong_password_unknown_user_and_wrong_mechanism_are_refused_fast";
+    let Some(url) = broker_url(SASL_ENV, test) else {
+        return;
+    };
+    run(async {
+        let wrong = config(&with_credentials(&url, "polybus:not-the-password"));
+        let err = refused(wrong, unauthenticated).await;
+        assert!(err.to_string().contains("SCRAM"), "{err}");
+        let unknown = config(&with_credentials(&url, &format!("nobody:{}", password_of(&url))));
+        refused(unknown, unauthenticated).await;
+        // The SCRAM-SHA-512 user has no SCRAM-SHA-256 credentials.
+        let other = config(&url.replace("SCRAM-SHA-512", "SCRAM-SHA-256"));
+        refused(other, unauthenticated).await;
+        // No credentials at all: the broker answers nothing but the SASL
+        // handshake, so this is the connect timeout, as a retryable error.
+        let anonymous = KafkaConfig::from_url(&format!(
+            "kafka://{}",
+            url.split_once('@').unwrap().1.split_once('?').unwrap().0
+        ))
+        .unwrap()
+        .connect_timeout(secs(2.0));
+        let started = Instant::now();
+        let err = connect_error(anonymous).await;
+        assert!(started.elapsed() < secs(3.0), "{:?}", started.elapsed());
+        assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    });
+}
+
+#[test]
+fn sasl_ssl_with_mutual_tls_roundtrips() {
+    let Some(url) = broker_url(SECURE_ENV, "sasl_ssl_with_mutual_tls_roundtrips") else {
+        return;
+    };
+    run(async { roundtrip(config(&url)).await.unwrap() });
+}
+
+#[test]
+fn untrusted_misnamed_and_missing_certificates_are_refused_fast() {
+    let test = "untrusted_misnamed_and_missing_certificates_are_refused_fast";
+    let Some(url) = broker_url(SECURE_ENV, test) else {
+        return;
+    };
+    let Some(rogue) = tls_file("rogue-ca.pem", test) else {
+        return;
+    };
+    run(async {
+        let mut untrusted = config(&url);
+        untrusted.tls_ca_file = Some(rogue.clone());
+        let err = refused(untrusted, tls).await;
+        assert!(err.to_string().contains("certificate verify failed"), "{err}");
+
+        // `vm` resolves to 127.0.0.1 here but is not in the certificate.
+        let mut misnamed = config(&url);
+        misnamed.brokers = vec![misnamed.brokers[0].replacen("localhost", "vm", 1)];
+        if std::net::ToSocketAddrs::to_socket_addrs(&(misnamed.brokers[0].as_str())).is_ok() {
+            let err = refused(misnamed, tls).await;
+            assert!(err.to_string().contains("sasl_ssl://vm:"), "{err}");
+        }
+
+        let mut no_client_cert = config(&url);
+        no_client_cert.tls_client_cert = None;
+        no_client_cert.tls_client_key = None;
+        let err = refused(no_client_cert, tls).await;
+        assert!(err.to_string().contains("alert certificate required"), "{err}");
+
+        let mut rogue_client = config(&url);
+        rogue_client.tls_client_cert = tls_file("rogue-client.pem", test);
+        rogue_client.tls_client_key = tls_file("rogue-client-key.pem", test);
+        let err = refused(rogue_client, tls).await;
+        assert!(err.to_string().contains("alert unknown ca"), "{err}");
+    });
+}
+
+#[test]
+fn expired_future_and_misnamed_server_certificates_are_refused() {
+    let test = "kafka_expired_future_and_misnamed_server_certificates_are_refused";
+    let Some(ca) = tls_file("ca.pem", test) else {
+        return;
+    };
+    run(async {
+        for (cert, _) in REFUSED_SERVER_CERTS {
+            let Some((_endpoint, port)) = refused_tls_endpoint(cert, test) else {
+                return;
+            };
+            let c = KafkaConfig::from_url(&format!("kafka://localhost:{port}"))
+                .unwrap()
+                .tls_ca_file(&ca)
+                .connect_timeout(secs(3.0));
+            let err = refused(c, tls).await;
+            // librdkafka reports OpenSSL's "certificate verify failed" for all
+            // three, without the X.509 reason (expired, not yet valid, name).
+            assert!(
+                err.to_string().contains("certificate verify failed"),
+                "{cert}: {err}"
+            );
+        }
+    });
+}
+
+#[test]
+fn tls_or_sasl_against_a_listener_without_them_fails_within_the_timeout() {
+    let test = "tls_or_sasl_against_a_listener_without_them_fails_within_the_timeout";
+    let Some(sasl_url) = broker_url(SASL_ENV, test) else {
+        return;
+    };
+    let Some(ca) = tls_file("ca.pem", test) else {
+        return;
+    };
+    run(async {
+        // TLS to tansu's plain listener: tansu waits for a frame, the
+        // handshake never completes, and librdkafka reports nothing but a
+        // broker down: a bounded, retryable connection error at the connect
+        // timeout that says TLS may be the cause (a listener that closes the
+        // connection instead is reported as `Error::Tls`).
+        let c = config(&sasl_url).tls_ca_file(&ca).connect_timeout(secs(3.0));
+        let started = Instant::now();
+        let err = connect_error(c).await;
+        assert!(started.elapsed() < secs(4.0), "{:?}", started.elapsed());
+        match &err {
+            Error::Tls { .. } => {}
+            Error::Connection { message, .. } => assert!(message.contains("TLS is on"), "{err}"),
+            other => panic!("{other:?}"),
+        }
+        // SASL to a broker that does not authenticate (the shared tansu).
+        if let Ok(brokers) = std::env::var(support::BROKERS_ENV)
+            && std::net::TcpStream::connect(brokers.split(',').next().unwrap_or_default()).is_ok()
+        {
+            let c = KafkaConfig::from_url(&format!(
+                "kafka://u:some-password@{brokers}?sasl_mechanism=SCRAM-SHA-512"
+            ))
+            .unwrap()
+            .connect_timeout(secs(3.0));
+            // tansu without `--authentication` still answers the SASL
+            // handshake, offering only SCRAM-SHA-512 and then refusing it.
+            let err = refused(c, unauthenticated).await;
+            assert!(err.to_string().contains("SASL"), "{err}");
+        }
+    });
+}
+
+#[test]
+fn no_secret_leaks_from_failed_and_successful_connections() {
+    let test = "kafka_no_secret_leaks_from_failed_and_successful_connections";
+    let Some(url) = broker_url(SECURE_ENV, test) else {
+        return;
+    };
+    let logs = capture_logs();
+    let password = password_of(&url);
+    let wrong = "Wr0ng/pass+word=?&";
+    let mut texts = String::new();
+    run(async {
+        let good = config(&url);
+        texts.push_str(&format!("{good:?}\n"));
+        roundtrip(good).await.unwrap();
+        let failed = config(&with_credentials(
+            &url,
+            &format!("polybus:{}", percent_encode(wrong)),
+        ));
+        texts.push_str(&format!("{failed:?}\n"));
+        let err = refused(failed, unauthenticated).await;
+        texts.push_str(&error_text(&err));
+        let bad_url = format!("{url}&partitions=zero");
+        texts.push_str(&error_text(&KafkaConfig::from_url(&bad_url).unwrap_err()));
+    });
+    texts.push_str(&logs.text());
+    assert!(
+        logs.text().contains("librdkafka") || logs.text().contains("polybus_kafka"),
+        "logs are captured"
+    );
+    assert_no_leak(&texts, &[&password, wrong]);
+}
+
+/// The conformance suite's harness over SASL_SSL with mutual TLS.
+struct SecureHarness {
+    config: KafkaConfig,
+    admin: KafkaConsumer,
+}
+
+#[async_trait]
+impl Harness for SecureHarness {
+    async fn setup() -> Setup<Self> {
+        let Ok(url) = std::env::var(SECURE_ENV) else {
+            return Setup::MissingBroker(format!(
+                "set {SECURE_ENV} (scripts/brokers.sh: ensure_secure_kafka)"
+            ));
+        };
+        let config = config(&url);
+        let admin = KafkaConsumer::connect(config.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{SECURE_ENV} is set but the secured Kafka refuses: {e}"));
+        Setup::Ready(SecureHarness { config, admin })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        polybus_core::Consumer::capabilities(&self.admin)
+    }
+
+    async fn connect(&self) -> Result<Connection> {
+        polybus_kafka::connect_with(self.config.clone()).await
+    }
+
+    async fn drained(&self, topic: &str, group: &str) -> Result<bool> {
+        Ok(self.admin.lag(topic, group).await? == 0)
+    }
+}
+
+/// The conformance suite's roundtrip, ack, dead-letter and shutdown cases
+/// through SASL (SCRAM-SHA-512) over mutual TLS.
+mod secured_smoke {
+    polybus_conformance::conformance_suite!(@cases super::SecureHarness;
+        roundtrip,
+        ack_is_final,
+        permanent_error_dead_letters,
+        graceful_drain,
+        shutdown_is_idempotent,
+        producer_close_flushes,
+    );
+}
