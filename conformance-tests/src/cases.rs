@@ -15,6 +15,7 @@ use crate::{CaseResult, Ctx, Harness, Outcome, Recorder};
 
 pub use crate::fault_cases::*;
 pub use crate::foreign_cases::*;
+pub use crate::typed_cases::*;
 
 pub(crate) fn numbered(prefix: &str, i: usize) -> Message {
     Message::new(format!("{prefix}-{i}"))

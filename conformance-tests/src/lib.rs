@@ -28,6 +28,7 @@ pub mod faults;
 mod foreign_cases;
 pub mod secrets;
 mod support;
+mod typed_cases;
 
 pub use support::{Recorder, roundtrip_once};
 
@@ -405,6 +406,10 @@ macro_rules! conformance_suite {
             foreign_headers_keep_their_bytes,
             foreign_tombstone_is_not_an_empty_payload,
             foreign_undecodable_record_is_dead_lettered,
+            typed_decode_failure_dead_letters,
+            router_keeps_key_order_across_types,
+            router_unknown_type_policy,
+            cloudevents_from_other_producers,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {

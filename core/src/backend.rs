@@ -43,6 +43,10 @@ pub struct Capabilities {
     pub delayed_release: bool,
     /// The backend talks to a broker over the network (so "unreachable" means something).
     pub networked: bool,
+    /// The CloudEvents protocol binding the backend's headers follow: which
+    /// names typed events are sent and read under (see [`crate::cloudevents`]).
+    /// [`Binding::Http`](crate::cloudevents::Binding::Http) (`ce-` headers) unless the backend says otherwise.
+    pub binding: crate::cloudevents::Binding,
 }
 
 impl Capabilities {
@@ -60,6 +64,7 @@ impl Capabilities {
             key_order_across_instances: false,
             delayed_release: true,
             networked: true,
+            binding: crate::cloudevents::Binding::Http,
         }
     }
 }
