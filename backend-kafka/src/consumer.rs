@@ -411,6 +411,7 @@ impl Consumer for KafkaConsumer {
         // Kafka's only deadline: a member that stops polling is removed from its
         // group. The poll thread keeps polling while handlers run.
         caps.ack_deadline = Some(self.config.max_poll_interval);
+        caps.binding = polybus_core::cloudevents::Binding::Kafka;
         caps
     }
 

@@ -20,6 +20,7 @@ fn capabilities(server_max: usize) -> Capabilities {
     caps.replay = false;
     caps.retains_without_group = false;
     caps.delayed_release = false;
+    caps.binding = polybus_core::cloudevents::Binding::Nats;
     caps
 }
 

@@ -396,6 +396,7 @@ impl Consumer for JetStreamConsumer {
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::new(BACKEND, self.server_max.saturating_sub(HEADER_ROOM));
         caps.ack_deadline = Some(self.streams.config.ack_wait);
+        caps.binding = polybus_core::cloudevents::Binding::Nats;
         caps
     }
 

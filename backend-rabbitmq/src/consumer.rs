@@ -291,6 +291,7 @@ impl Consumer for RabbitConsumer {
         caps.retains_without_group = false;
         caps.delayed_release = false;
         caps.key_order_across_instances = self.config.single_active_consumer;
+        caps.binding = polybus_core::cloudevents::Binding::Amqp;
         caps
     }
 
