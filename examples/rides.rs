@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use polybus::prelude::*;
 use polybus::middleware;
+use polybus::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -81,7 +81,10 @@ struct Fleet {
 async fn match_chauffeur(ride: RideCreated, State(fleet): State<Fleet>, out: Publisher) -> HandlerResult {
     let pick = usize::from(ride.ride_id.bytes().last().unwrap_or(0)) % fleet.chauffeurs.len();
     let chauffeur = fleet.chauffeurs[pick].clone();
-    println!("[ride-matcher]  {}: found {chauffeur} near {}", ride.ride_id, ride.pickup);
+    println!(
+        "[ride-matcher]  {}: found {chauffeur} near {}",
+        ride.ride_id, ride.pickup
+    );
     let found = ChauffeurFound {
         ride_id: ride.ride_id,
         chauffeur,
@@ -92,7 +95,10 @@ async fn match_chauffeur(ride: RideCreated, State(fleet): State<Fleet>, out: Pub
 
 // The rides service: ChauffeurFound -> RideAccepted.
 async fn accept_ride(found: ChauffeurFound, out: Publisher) -> HandlerResult {
-    println!("[rides-service] {}: accepted by {}", found.ride_id, found.chauffeur);
+    println!(
+        "[rides-service] {}: accepted by {}",
+        found.ride_id, found.chauffeur
+    );
     let accepted = RideAccepted {
         ride_id: found.ride_id,
         chauffeur: found.chauffeur,
@@ -102,7 +108,11 @@ async fn accept_ride(found: ChauffeurFound, out: Publisher) -> HandlerResult {
 }
 
 // A new consumer group, added without touching the rides service.
-async fn email_rider(accepted: RideAccepted, meta: Meta, State(emailed): State<mpsc::UnboundedSender<String>>) -> HandlerResult {
+async fn email_rider(
+    accepted: RideAccepted,
+    meta: Meta,
+    State(emailed): State<mpsc::UnboundedSender<String>>,
+) -> HandlerResult {
     println!(
         "[ride-emails]   {}: emailing the rider that {} is on the way (CloudEvent {} from {})",
         accepted.ride_id,
@@ -171,7 +181,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Each service gets its typed side: its state and its CloudEvents source.
     let fleet = Fleet {
-        chauffeurs: Arc::new(vec!["chauffeur-1".into(), "chauffeur-2".into(), "chauffeur-3".into()]),
+        chauffeurs: Arc::new(vec![
+            "chauffeur-1".into(),
+            "chauffeur-2".into(),
+            "chauffeur-3".into(),
+        ]),
     };
     let matcher_events = Events::new(&bus, fleet).with_source("/ride-matcher");
     // `rides` carries RideCreated and RideAccepted: the router takes the first

@@ -516,7 +516,9 @@ impl RabbitSubscription {
         // The AMQP `content_type` property is the `content-type` header (the
         // CloudEvents AMQP binding's `datacontenttype`), unless one is in the table.
         if let Some(ct) = delivery.properties.content_type()
-            && !headers.iter().any(|(k, _)| k == polybus_core::cloudevents::CONTENT_TYPE)
+            && !headers
+                .iter()
+                .any(|(k, _)| k == polybus_core::cloudevents::CONTENT_TYPE)
         {
             headers.push((
                 polybus_core::cloudevents::CONTENT_TYPE.to_owned(),

@@ -53,7 +53,8 @@ pub async fn typed_decode_failure_dead_letters<H: Harness>(cx: Ctx<H>) -> CaseRe
     let (dead, dlq_handle) = dead_letter_listener(&cx, &conn, &topic).await?;
     let events = Events::new(&conn, ());
     let handled = Recorder::new();
-    let seen: Arc<Mutex<Vec<(AccountOpened, Option<String>)>>> = Arc::default();
+    type Seen = Vec<(AccountOpened, Option<String>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let handler = {
         let (handled, seen) = (handled.clone(), Arc::clone(&seen));
         events.handler(move |event: AccountOpened, meta: Meta| {
@@ -140,7 +141,7 @@ pub async fn router_keeps_key_order_across_types<H: Harness>(cx: Ctx<H>) -> Case
     let on_deposited = move |e: MoneyDeposited, meta: Meta| {
         let record = record.clone();
         async move {
-            if e.seq % 4 == 0 && meta.attempt() == 1 {
+            if e.seq.is_multiple_of(4) && meta.attempt() == 1 {
                 return Err(HandlerError::retryable("try again"));
             }
             tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
@@ -176,7 +177,11 @@ pub async fn router_keeps_key_order_across_types<H: Harness>(cx: Ctx<H>) -> Case
     let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for a in 0..accounts {
         let account = format!("acct-{a}");
-        let order: Vec<u32> = log.iter().filter(|(k, _)| *k == account).map(|(_, s)| *s).collect();
+        let order: Vec<u32> = log
+            .iter()
+            .filter(|(k, _)| *k == account)
+            .map(|(_, s)| *s)
+            .collect();
         assert_eq!(order, (0..per_account).collect::<Vec<_>>(), "{account}");
     }
     assert_eq!(stats.unknown(), 0);
@@ -230,8 +235,16 @@ pub async fn router_unknown_type_policy<H: Harness>(cx: Ctx<H>) -> CaseResult {
                         .map(|i| i.reason)
                         .unwrap_or_default()
                 };
-                assert!(reason(&unknown.id).contains(AccountClosed::TYPE), "{:?}", reason(&unknown.id));
-                assert!(reason(&untyped.id).contains("no event type"), "{:?}", reason(&untyped.id));
+                assert!(
+                    reason(&unknown.id).contains(AccountClosed::TYPE),
+                    "{:?}",
+                    reason(&unknown.id)
+                );
+                assert!(
+                    reason(&untyped.id).contains("no event type"),
+                    "{:?}",
+                    reason(&untyped.id)
+                );
             }
             _ => assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?),
         }
@@ -292,11 +305,10 @@ pub async fn cloudevents_from_other_producers<H: Harness>(cx: Ctx<H>) -> CaseRes
     let structured = format!(
         r#"{{"specversion":"1.0","type":"conformance.money-deposited","source":"/other-producer","id":"foreign-{n}","subject":"f","time":"2018-04-05T03:56:24Z","traceparent":"00-trace","datacontenttype":"application/json","data":{{"account":"f","seq":{n},"amount":5}}}}"#
     );
-    records.push(
-        ForeignRecord::new(structured)
-            .key("f")
-            .header("content-type", Some(b"application/cloudevents+json; charset=UTF-8")),
-    );
+    records.push(ForeignRecord::new(structured).key("f").header(
+        "content-type",
+        Some(b"application/cloudevents+json; charset=UTF-8"),
+    ));
     for record in &records {
         if let Foreign::Inexpressible(why) = cx.harness().publish_foreign(&topic, record).await? {
             handle.shutdown(cx.secs(10.0)).await;
@@ -310,7 +322,11 @@ pub async fn cloudevents_from_other_producers<H: Harness>(cx: Ctx<H>) -> CaseRes
     assert_eq!(seen.len(), records.len());
     for (i, (event, meta)) in seen.iter().enumerate() {
         assert_eq!(event.seq, i as u32);
-        assert_eq!(meta.event_type(), Some("conformance.money-deposited"), "{binding:?} #{i}");
+        assert_eq!(
+            meta.event_type(),
+            Some("conformance.money-deposited"),
+            "{binding:?} #{i}"
+        );
         assert_eq!(meta.source(), Some("/other-producer"));
         assert_eq!(meta.event_id(), Some(format!("foreign-{i}").as_str()));
         assert_eq!(meta.subject(), Some("f"));

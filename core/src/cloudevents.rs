@@ -98,7 +98,7 @@ impl Binding {
     }
 
     /// The attribute name a header carries under this binding, if it is one.
-    fn attribute<'a>(self, header: &'a str) -> Option<&'a str> {
+    fn attribute(self, header: &str) -> Option<&str> {
         self.read_prefixes().iter().find_map(|prefix| {
             let head = header.get(..prefix.len())?;
             let matches = if self.case_insensitive() {
@@ -247,7 +247,11 @@ impl CloudEvent {
             .message()
             .headers
             .iter()
-            .find(|(k, _)| binding.attribute(k).is_some_and(|a| a.eq_ignore_ascii_case("type")))
+            .find(|(k, _)| {
+                binding
+                    .attribute(k)
+                    .is_some_and(|a| a.eq_ignore_ascii_case("type"))
+            })
             .and_then(|(_, v)| v.as_str())
     }
 
@@ -279,7 +283,9 @@ impl CloudEvent {
         }
         let mut attributes: BTreeMap<String, String> = BTreeMap::new();
         for (key, value) in &delivery.message().headers {
-            let Some(name) = binding.attribute(key) else { continue };
+            let Some(name) = binding.attribute(key) else {
+                continue;
+            };
             let name = name.to_ascii_lowercase();
             let text = value
                 .as_str()
@@ -314,7 +320,9 @@ fn from_attributes(mut attrs: BTreeMap<String, String>, binding: Binding) -> Res
     let ty = required("type")?;
     let time = match attrs.remove("time") {
         None => None,
-        Some(text) => Some(parse_time(&text, binding).ok_or_else(|| invalid(format!("time {text:?} is not RFC 3339")))?),
+        Some(text) => Some(
+            parse_time(&text, binding).ok_or_else(|| invalid(format!("time {text:?} is not RFC 3339")))?,
+        ),
     };
     Ok(CloudEvent {
         id,
@@ -336,7 +344,10 @@ fn parse_time(text: &str, binding: Binding) -> Option<SystemTime> {
     }
     // An AMQP 0-9-1 timestamp arrives as its number of seconds.
     if binding == Binding::Amqp {
-        return text.parse::<u64>().ok().map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        return text
+            .parse::<u64>()
+            .ok()
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s));
     }
     None
 }
@@ -369,7 +380,10 @@ fn read_structured(payload: &[u8]) -> Result<Incoming> {
         (None, Some(_)) => return Err(invalid("data_base64 is not a string")),
         (None, None) | (Some(serde_json::Value::Null), None) => Vec::new(),
         (Some(value), None) => {
-            let json = attributes.datacontenttype.as_deref().is_none_or(is_json_media_type);
+            let json = attributes
+                .datacontenttype
+                .as_deref()
+                .is_none_or(is_json_media_type);
             match value {
                 // Text data of a non-JSON media type is the text itself.
                 serde_json::Value::String(text) if !json => text.into_bytes(),
@@ -386,7 +400,12 @@ fn read_structured(payload: &[u8]) -> Result<Incoming> {
 /// Whether a media type is JSON (`application/json`, `text/json`, `…+json`,
 /// parameters ignored).
 pub fn is_json_media_type(media_type: &str) -> bool {
-    let essence = media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = media_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
@@ -410,7 +429,9 @@ mod tests {
             event.time = Some(UNIX_EPOCH + Duration::from_millis(1_522_900_584_123));
             let mut message = Message::new(r#"{"a":1}"#);
             event.write_binary(&mut message, binding);
-            message.validate("t", 1 << 20).expect("sendable under the portable grammar");
+            message
+                .validate("t", 1 << 20)
+                .expect("sendable under the portable grammar");
             let d = delivery(message);
             assert_eq!(CloudEvent::type_of(&d, binding), Some("rides.ride-created"));
             let back = CloudEvent::read(&d, binding).unwrap().unwrap();
@@ -432,7 +453,11 @@ mod tests {
         let e = CloudEvent::read(&d, Binding::Amqp).unwrap().unwrap().attributes;
         assert_eq!(e.ty, "t");
         assert_eq!(e.time, Some(UNIX_EPOCH + Duration::from_secs(1_522_900_584)));
-        assert_eq!(CloudEvent::read(&d, Binding::Kafka).unwrap(), None, "ce_ only on Kafka");
+        assert_eq!(
+            CloudEvent::read(&d, Binding::Kafka).unwrap(),
+            None,
+            "ce_ only on Kafka"
+        );
     }
 
     #[test]
@@ -446,7 +471,10 @@ mod tests {
                 .with_header("Content-Type", "text/plain"),
         );
         let e = CloudEvent::read(&d, Binding::Nats).unwrap().unwrap().attributes;
-        assert_eq!((e.id.as_str(), e.datacontenttype.as_deref()), ("1", Some("text/plain")));
+        assert_eq!(
+            (e.id.as_str(), e.datacontenttype.as_deref()),
+            ("1", Some("text/plain"))
+        );
         assert_eq!(CloudEvent::type_of(&d, Binding::Nats), Some("t"));
     }
 
@@ -454,19 +482,30 @@ mod tests {
     fn structured_mode_is_read_on_any_binding() {
         let body = r#"{"specversion":"1.0","id":"9","source":"/py","type":"t","time":"2018-04-05T03:56:24Z",
             "comexampleextension1":"value","num":5,"data":{"ride_id":"r"}}"#;
-        let d = delivery(Message::new(body).with_header("content-type", "application/cloudevents+json; charset=UTF-8"));
+        let d = delivery(
+            Message::new(body).with_header("content-type", "application/cloudevents+json; charset=UTF-8"),
+        );
         let got = CloudEvent::read(&d, Binding::Kafka).unwrap().unwrap();
         assert_eq!(got.attributes.mode, Mode::Structured);
-        assert_eq!(got.attributes.extensions.get("num").map(String::as_str), Some("5"));
+        assert_eq!(
+            got.attributes.extensions.get("num").map(String::as_str),
+            Some("5")
+        );
         assert_eq!(&got.data[..], br#"{"ride_id":"r"}"#);
         let b64 = r#"{"specversion":"1.0","id":"9","source":"/py","type":"t","datacontenttype":"application/octet-stream","data_base64":"AAEC"}"#;
         let d = delivery(Message::new(b64).with_header("content-type", STRUCTURED_JSON));
-        assert_eq!(&CloudEvent::read(&d, Binding::Nats).unwrap().unwrap().data[..], &[0, 1, 2]);
+        assert_eq!(
+            &CloudEvent::read(&d, Binding::Nats).unwrap().unwrap().data[..],
+            &[0, 1, 2]
+        );
     }
 
     #[test]
     fn invalid_events_are_codec_errors_and_plain_messages_are_none() {
-        assert_eq!(CloudEvent::read(&delivery(Message::new("x")), Binding::Kafka).unwrap(), None);
+        assert_eq!(
+            CloudEvent::read(&delivery(Message::new("x")), Binding::Kafka).unwrap(),
+            None
+        );
         let missing_id = delivery(
             Message::new("x")
                 .with_header("ce_specversion", "1.0")
@@ -477,7 +516,11 @@ mod tests {
         assert!(!err.is_retryable() && err.to_string().contains("\"id\""), "{err}");
         let avro = delivery(Message::new("x").with_header("content-type", "application/cloudevents+avro"));
         assert!(CloudEvent::read(&avro, Binding::Kafka).is_err());
-        assert!(CloudEvent::new("t", "/s").with_extension("Bad-Name", "v").is_err());
+        assert!(
+            CloudEvent::new("t", "/s")
+                .with_extension("Bad-Name", "v")
+                .is_err()
+        );
         assert!(CloudEvent::new("t", "/s").with_extension("id", "v").is_err());
     }
 }

@@ -99,7 +99,15 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let mp = (5 * doy + 2) / 153;
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 #[cfg(test)]
@@ -124,8 +132,20 @@ mod tests {
             parse_rfc3339("2024-02-29t00:00:00.000000001z"),
             Some(UNIX_EPOCH + Duration::from_secs(1_709_164_800) + Duration::from_nanos(1))
         );
-        assert_eq!(to_rfc3339(UNIX_EPOCH + Duration::from_secs(1_709_164_800)), "2024-02-29T00:00:00.000Z");
-        for bad in ["", "2018-04-05", "2018-04-05T03:56:24", "2018-13-05T03:56:24Z", "2018-04-05T03:56:24.Z", "yesterday", "2018-04-05T03:56:24+0200", "1969-12-31T23:59:59Z"] {
+        assert_eq!(
+            to_rfc3339(UNIX_EPOCH + Duration::from_secs(1_709_164_800)),
+            "2024-02-29T00:00:00.000Z"
+        );
+        for bad in [
+            "",
+            "2018-04-05",
+            "2018-04-05T03:56:24",
+            "2018-13-05T03:56:24Z",
+            "2018-04-05T03:56:24.Z",
+            "yesterday",
+            "2018-04-05T03:56:24+0200",
+            "1969-12-31T23:59:59Z",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }

@@ -60,7 +60,12 @@ impl Codec {
         if crate::cloudevents::is_json_media_type(media_type) {
             return Some(Codec::Json);
         }
-        let essence = media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = media_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         Codec::ALL.iter().copied().find(|codec| match codec {
             #[cfg(feature = "msgpack")]
             Codec::MessagePack => essence == "application/msgpack" || essence == "application/x-msgpack",
@@ -77,7 +82,9 @@ impl Codec {
             #[cfg(feature = "cbor")]
             Codec::Cbor => {
                 let mut out = Vec::new();
-                ciborium::into_writer(value, &mut out).map(|()| out).map_err(Into::into)
+                ciborium::into_writer(value, &mut out)
+                    .map(|()| out)
+                    .map_err(Into::into)
             }
         };
         encoded.map_err(|source| Error::Codec {
@@ -120,7 +127,10 @@ mod tests {
             assert_eq!(Codec::for_media_type(Some(codec.media_type())), Some(*codec));
         }
         assert_eq!(Codec::for_media_type(None), Some(Codec::Json));
-        assert_eq!(Codec::for_media_type(Some("Application/JSON; charset=utf-8")), Some(Codec::Json));
+        assert_eq!(
+            Codec::for_media_type(Some("Application/JSON; charset=utf-8")),
+            Some(Codec::Json)
+        );
         assert_eq!(Codec::for_media_type(Some("application/xml")), None);
     }
 }

@@ -77,7 +77,13 @@ pub(crate) fn decode<E: Event>(
             codec.media_type()
         ))
     })?;
-    Ok((event, Parts { delivery, cloud_event }))
+    Ok((
+        event,
+        Parts {
+            delivery,
+            cloud_event,
+        },
+    ))
 }
 
 /// A handler argument built from the delivery and the [`Events`] context.

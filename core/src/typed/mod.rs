@@ -306,7 +306,10 @@ impl<S: Clone + Send + Sync + 'static> Events<S> {
     /// Decodes `delivery` as `E` by its content type (JSON without one), with
     /// its CloudEvents attributes when it carries them; the error is permanent
     /// and names the type. For tests and hand-written handlers.
-    pub fn decode<E: Event>(&self, delivery: &Delivery) -> std::result::Result<(E, Parts), crate::HandlerError> {
+    pub fn decode<E: Event>(
+        &self,
+        delivery: &Delivery,
+    ) -> std::result::Result<(E, Parts), crate::HandlerError> {
         extract::decode::<E>(delivery.clone(), self.binding, true)
     }
 }

@@ -58,12 +58,12 @@ where
 {
     let handler = Arc::new(handler);
     let _args = PhantomData::<fn() -> Args>;
-    Arc::new(move |delivery: Delivery| {
-        match extract::decode::<E>(delivery, events.binding(), check_type) {
+    Arc::new(
+        move |delivery: Delivery| match extract::decode::<E>(delivery, events.binding(), check_type) {
             Ok((event, parts)) => handler.call(event, parts, &events),
             Err(error) => Box::pin(async move { Err(error) }),
-        }
-    })
+        },
+    )
 }
 
 /// One subscription, many event types: dispatches each delivery by its
@@ -182,7 +182,11 @@ impl<S: Clone + Send + Sync + 'static> Handler for Router<S> {
         };
         match self.unknown {
             UnknownType::Acknowledge => {
-                tracing::debug!(id = delivery.id(), topic = delivery.topic(), "{what}: acknowledged");
+                tracing::debug!(
+                    id = delivery.id(),
+                    topic = delivery.topic(),
+                    "{what}: acknowledged"
+                );
                 Box::pin(async { Ok(()) })
             }
             UnknownType::DeadLetter => Box::pin(async move { Err(HandlerError::permanent(what)) }),
