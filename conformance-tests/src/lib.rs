@@ -26,6 +26,7 @@ pub mod cases;
 mod fault_cases;
 pub mod faults;
 mod foreign_cases;
+pub mod python;
 pub mod secrets;
 mod support;
 mod typed_cases;

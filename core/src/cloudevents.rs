@@ -17,7 +17,8 @@
 //! sends `cloudEvents_<name>`, because `:` is outside polybus's portable header
 //! grammar; it reads both `cloudEvents_` and `cloudEvents:`. Every attribute is
 //! sent as a string (`time` as RFC 3339 text, not an AMQP timestamp); on read, a
-//! numeric `time` is taken as seconds since the epoch (a 0-9-1 timestamp).
+//! numeric `time` is a native timestamp: seconds (0-9-1), or milliseconds (AMQP
+//! 1.0) when it is 10^11 or more.
 //! `datacontenttype` travels as the `content_type` basic property (the RabbitMQ
 //! backend maps the `content-type` header onto it and back).
 //!
@@ -342,12 +343,16 @@ fn parse_time(text: &str, binding: Binding) -> Option<SystemTime> {
     if let Some(t) = crate::time::parse_rfc3339(text) {
         return Some(t);
     }
-    // An AMQP 0-9-1 timestamp arrives as its number of seconds.
+    // A native AMQP timestamp arrives as a number: seconds in 0-9-1,
+    // milliseconds in 1.0 (as the Python SDK's AMQP binding sends it). A number
+    // of 10^11 or more is taken as milliseconds (10^11 s is the year 5138).
     if binding == Binding::Amqp {
-        return text
-            .parse::<u64>()
-            .ok()
-            .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        let n = text.parse::<u64>().ok()?;
+        return Some(if n >= 100_000_000_000 {
+            UNIX_EPOCH + Duration::from_millis(n)
+        } else {
+            UNIX_EPOCH + Duration::from_secs(n)
+        });
     }
     None
 }
@@ -457,6 +462,20 @@ mod tests {
             CloudEvent::read(&d, Binding::Kafka).unwrap(),
             None,
             "ce_ only on Kafka"
+        );
+        let ms = delivery(
+            Message::new("x")
+                .with_header("cloudEvents_specversion", "1.0")
+                .with_header("cloudEvents_id", "1")
+                .with_header("cloudEvents_source", "/s")
+                .with_header("cloudEvents_type", "t")
+                .with_header("cloudEvents_time", "1522900584123"),
+        );
+        let e = CloudEvent::read(&ms, Binding::Amqp).unwrap().unwrap().attributes;
+        assert_eq!(
+            e.time,
+            Some(UNIX_EPOCH + Duration::from_millis(1_522_900_584_123)),
+            "AMQP 1.0 milliseconds"
         );
     }
 
