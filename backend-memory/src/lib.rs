@@ -431,6 +431,9 @@ impl Shared {
         log.groups.entry(group.to_owned()).or_insert_with(|| {
             let cursor = match start {
                 StartFrom::Earliest => 0,
+                // The first message stamped at or after the time (the log is in
+                // publish order; timestamps are the senders').
+                StartFrom::Timestamp(t) => log.messages.iter().position(|m| m.timestamp >= t).unwrap_or(len),
                 _ => len,
             };
             Group::new(cursor, anonymous)

@@ -283,6 +283,14 @@ impl JetStreamConsumer {
             durable_name: name,
             deliver_policy: match start {
                 StartFrom::Earliest => DeliverPolicy::All,
+                // The stream's store time, at or after `t`.
+                StartFrom::Timestamp(t) => t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .and_then(|d| async_nats::datetime::from_nanos(d.as_nanos() as i128).ok())
+                    .map_or(DeliverPolicy::All, |start_time| DeliverPolicy::ByStartTime {
+                        start_time,
+                    }),
                 _ => DeliverPolicy::New,
             },
             ack_policy: AckPolicy::Explicit,

@@ -938,6 +938,52 @@ pub async fn replay_from_earliest<H: Harness>(cx: Ctx<H>) -> CaseResult {
     Ok(Outcome::Passed)
 }
 
+/// A new group starting at a point in time gets exactly the messages appended
+/// at or after it. A backend that cannot seek by time refuses such a start
+/// with `Error::Unsupported` (checked, then the case is skipped).
+pub async fn replay_from_timestamp<H: Harness>(cx: Ctx<H>) -> CaseResult {
+    let conn = cx.connect().await?;
+    let topic = cx.topic(&conn, "replay-time").await?;
+    if !cx.caps().replay_from_time {
+        if !conn.consumer.capabilities().replay_from_time {
+            let group = cx.group_name("at");
+            let start = StartFrom::Timestamp(std::time::SystemTime::now());
+            let refused = conn.consumer.declare_group(&topic, &group, start).await;
+            assert!(matches!(refused, Err(Error::Unsupported(_))), "{refused:?}");
+        }
+        return Ok(Outcome::Skipped(format!(
+            "{} under test cannot start a group at a point in time (capabilities.replay_from_time = false); \
+             where the backend says so, declaring one is Error::Unsupported",
+            cx.caps().backend
+        )));
+    }
+    let old = publish(&conn, &topic, (0..10).map(|i| numbered("old", i)).collect()).await?;
+    // Millisecond timestamps: keep clear of the boundary on both sides.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let at = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let new = publish(&conn, &topic, (10..20).map(|i| numbered("new", i)).collect()).await?;
+    let group = cx.group_name("at");
+    conn.consumer
+        .declare_group(&topic, &group, StartFrom::Timestamp(at))
+        .await?;
+    let later = publish(&conn, &topic, (20..25).map(|i| numbered("later", i)).collect()).await?;
+    let recorder = Recorder::new();
+    let handle = cx.runner(&conn, &topic, &group).run(recorder.handler()).await?;
+    recorder.wait_for(15, cx.secs(30.0)).await?;
+    assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
+    handle.shutdown(cx.secs(10.0)).await;
+    let expected: HashSet<String> = new.iter().chain(&later).map(|m| m.id.clone()).collect();
+    let got = unique_ids(&recorder.all());
+    let early: Vec<&String> = old.iter().map(|m| &m.id).filter(|id| got.contains(*id)).collect();
+    assert!(
+        early.is_empty(),
+        "messages from before the time were replayed: {early:?}"
+    );
+    assert_eq!(got, expected, "exactly the messages at or after the time");
+    Ok(Outcome::Passed)
+}
+
 /// Handlers running longer than the broker's ack deadline, and messages waiting
 /// behind them in their lane, are kept alive: none is redelivered while held.
 pub async fn keep_alive_holds_slow_handlers<H: Harness>(cx: Ctx<H>) -> CaseResult {

@@ -383,6 +383,7 @@ macro_rules! conformance_suite {
             competing_consumers_share_work,
             independent_groups_each_get_everything,
             replay_from_earliest,
+            replay_from_timestamp,
             keep_alive_holds_slow_handlers,
             graceful_drain,
             no_handler_after_shutdown,

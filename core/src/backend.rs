@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -29,6 +29,9 @@ pub struct Capabilities {
     pub max_payload: usize,
     /// A new group can start from the earliest retained message.
     pub replay: bool,
+    /// A new group can start at a point in time ([`StartFrom::Timestamp`]): the
+    /// broker keeps an append time per message and can seek to it.
+    pub replay_from_time: bool,
     /// Messages published while no group is declared are kept (false on RabbitMQ).
     pub retains_without_group: bool,
     /// Acks are positions (Kafka offsets): on shutdown the runner drains what it
@@ -58,6 +61,7 @@ impl Capabilities {
             at_least_once: true,
             max_payload,
             replay: true,
+            replay_from_time: true,
             retains_without_group: true,
             positional_acks: false,
             ack_deadline: None,
@@ -78,6 +82,38 @@ pub enum StartFrom {
     Latest,
     /// Every message the broker still retains for the topic.
     Earliest,
+    /// Every retained message the broker appended at or after this time (Kafka:
+    /// the record timestamp, log-append or create time as the topic says;
+    /// JetStream: the stream's store time; memory: the message's timestamp).
+    /// Only where [`Capabilities::replay_from_time`] says so; elsewhere
+    /// declaring or subscribing with it is [`Error::Unsupported`](crate::Error::Unsupported).
+    Timestamp(SystemTime),
+}
+
+impl StartFrom {
+    /// The time in milliseconds since the Unix epoch, for [`StartFrom::Timestamp`]
+    /// (times before 1970 are 0).
+    pub fn timestamp_millis(self) -> Option<i64> {
+        match self {
+            StartFrom::Timestamp(t) => Some(
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                    .unwrap_or(0),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Refuses a start this backend cannot honour, the same way everywhere.
+fn check_start(caps: &Capabilities, start: StartFrom) -> Result<()> {
+    if matches!(start, StartFrom::Timestamp(_)) && !caps.replay_from_time {
+        return Err(crate::Error::Unsupported(format!(
+            "{} cannot start a group at a point in time (capabilities.replay_from_time = false)",
+            caps.backend
+        )));
+    }
+    Ok(())
 }
 
 /// What to subscribe to.
@@ -246,12 +282,14 @@ pub trait Consumer: Send + Sync + 'static {
     async fn declare_group(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
         names::validate_declared_topic(topic)?;
         names::validate_group(group)?;
+        check_start(&self.capabilities(), start)?;
         self.declare_group_unchecked(topic, group, start).await
     }
 
     /// Opens a subscription (declaring its group if needed); returns once ready.
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
         options.validate()?;
+        check_start(&self.capabilities(), options.start)?;
         self.subscribe_unchecked(options).await
     }
 }
