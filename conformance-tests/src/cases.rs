@@ -984,6 +984,70 @@ pub async fn replay_from_timestamp<H: Harness>(cx: Ctx<H>) -> CaseResult {
     Ok(Outcome::Passed)
 }
 
+/// Repositioning an existing group ("rebuild the projection"): refused while
+/// the group has a member; once stopped, moved to the earliest message it gets
+/// everything again, and moved to a time it gets what was appended from then.
+/// A backend without the capability refuses with `Error::Unsupported`.
+pub async fn reposition_group_replays<H: Harness>(cx: Ctx<H>) -> CaseResult {
+    let conn = cx.connect().await?;
+    let (topic, group) = cx.topic_and_group(&conn, "reposition").await?;
+    if !cx.caps().reposition {
+        let refused = conn
+            .consumer
+            .reposition_group(&topic, &group, StartFrom::Earliest)
+            .await;
+        assert!(matches!(refused, Err(Error::Unsupported(_))), "{refused:?}");
+        return Ok(Outcome::Skipped(format!(
+            "{} cannot reposition an existing group (capabilities.reposition = false); it says so with Error::Unsupported",
+            cx.caps().backend
+        )));
+    }
+    let first = publish(&conn, &topic, (0..5).map(|i| numbered("first", i)).collect()).await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let at = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = publish(&conn, &topic, (5..8).map(|i| numbered("second", i)).collect()).await?;
+    let ids = |ms: &[Message]| ms.iter().map(|m| m.id.clone()).collect::<HashSet<_>>();
+    let all: HashSet<String> = ids(&first).union(&ids(&second)).cloned().collect();
+    // Consume everything once.
+    let recorder = Recorder::new();
+    let handle = cx.runner(&conn, &topic, &group).run(recorder.handler()).await?;
+    recorder.wait_for(8, cx.secs(30.0)).await?;
+    assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
+    let refused = conn
+        .consumer
+        .reposition_group(&topic, &group, StartFrom::Earliest)
+        .await;
+    assert!(refused.is_err(), "repositioning a group with a member is refused");
+    handle.shutdown(cx.secs(10.0)).await;
+    assert!(matches!(
+        conn.consumer
+            .reposition_group(&topic, &cx.group_name("missing"), StartFrom::Earliest)
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+    for (start, expected) in [
+        (StartFrom::Earliest, all.clone()),
+        (StartFrom::Timestamp(at), ids(&second)),
+    ] {
+        if matches!(start, StartFrom::Timestamp(_)) && !cx.caps().replay_from_time {
+            continue;
+        }
+        conn.consumer.reposition_group(&topic, &group, start).await?;
+        let again = Recorder::new();
+        let handle = cx.runner(&conn, &topic, &group).run(again.handler()).await?;
+        again.wait_for(expected.len(), cx.secs(30.0)).await?;
+        assert!(cx.eventually_drained(&topic, &group, cx.secs(10.0)).await?);
+        handle.shutdown(cx.secs(10.0)).await;
+        assert_eq!(
+            unique_ids(&again.all()),
+            expected,
+            "after repositioning to {start:?}"
+        );
+    }
+    Ok(Outcome::Passed)
+}
+
 /// Handlers running longer than the broker's ack deadline, and messages waiting
 /// behind them in their lane, are kept alive: none is redelivered while held.
 pub async fn keep_alive_holds_slow_handlers<H: Harness>(cx: Ctx<H>) -> CaseResult {

@@ -384,6 +384,7 @@ macro_rules! conformance_suite {
             independent_groups_each_get_everything,
             replay_from_earliest,
             replay_from_timestamp,
+            reposition_group_replays,
             keep_alive_holds_slow_handlers,
             graceful_drain,
             no_handler_after_shutdown,

@@ -32,6 +32,9 @@ pub struct Capabilities {
     /// A new group can start at a point in time ([`StartFrom::Timestamp`]): the
     /// broker keeps an append time per message and can seek to it.
     pub replay_from_time: bool,
+    /// An existing group can be moved to another start with
+    /// [`Consumer::reposition_group`] (false unless the backend says so).
+    pub reposition: bool,
     /// Messages published while no group is declared are kept (false on RabbitMQ).
     pub retains_without_group: bool,
     /// Acks are positions (Kafka offsets): on shutdown the runner drains what it
@@ -62,6 +65,7 @@ impl Capabilities {
             max_payload,
             replay: true,
             replay_from_time: true,
+            reposition: false,
             retains_without_group: true,
             positional_acks: false,
             ack_deadline: None,
@@ -269,6 +273,30 @@ pub trait Consumer: Send + Sync + 'static {
 
     /// Closes the consumer's connections. Open subscriptions end.
     async fn close(&self) -> Result<()>;
+
+    /// Backend hook: moves an existing group to `start`. The default refuses
+    /// with [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn reposition_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        let _ = (topic, group, start);
+        Err(crate::Error::Unsupported(format!(
+            "{} cannot reposition an existing group (capabilities.reposition = false)",
+            self.capabilities().backend
+        )))
+    }
+
+    /// Moves an existing group on `topic` to `start` — the "rebuild the
+    /// projection" operation: from then on the group gets every retained message
+    /// from that point again ([`StartFrom::Earliest`]), from a time, or only new
+    /// ones. Refused while the group has active members (stop its runners
+    /// first) and for a group that does not exist ([`Error::NotFound`](crate::Error::NotFound)).
+    /// Only where [`Capabilities::reposition`] says so; elsewhere
+    /// [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn reposition_group(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        names::validate_topic(topic)?;
+        names::validate_group(group)?;
+        check_start(&self.capabilities(), start)?;
+        self.reposition_group_unchecked(topic, group, start).await
+    }
 
     /// Creates `topic` (and its dead-letter topic) if missing.
     async fn declare_topic(&self, topic: &str) -> Result<()> {
