@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use polybus::middleware;
 use polybus::prelude::*;
@@ -66,6 +66,19 @@ struct RideView {
     pickup: String,
     chauffeur: Option<String>,
     events: usize,
+    /// When each event happened (its CloudEvents `time`), to answer "what was
+    /// the ride's state at time T" from the same events.
+    created_at: Option<SystemTime>,
+    accepted_at: Option<SystemTime>,
+}
+
+impl RideView {
+    /// The chauffeur as of `t`: the events up to `t`, applied in order.
+    fn chauffeur_at(&self, t: SystemTime) -> Option<&str> {
+        self.accepted_at
+            .filter(|at| *at <= t)
+            .and(self.chauffeur.as_deref())
+    }
 }
 
 /// The projection's state, shared by its handlers.
@@ -125,19 +138,21 @@ async fn email_rider(
 }
 
 // The projection: each event type updates the ride's view.
-async fn project_created(ride: RideCreated, State(views): State<Views>) -> HandlerResult {
+async fn project_created(ride: RideCreated, meta: Meta, State(views): State<Views>) -> HandlerResult {
     let mut views = views.lock().expect("projection lock");
     let view = views.entry(ride.ride_id).or_default();
     view.rider = ride.rider;
     view.pickup = ride.pickup;
+    view.created_at = meta.time();
     view.events += 1;
     Ok(())
 }
 
-async fn project_accepted(accepted: RideAccepted, State(views): State<Views>) -> HandlerResult {
+async fn project_accepted(accepted: RideAccepted, meta: Meta, State(views): State<Views>) -> HandlerResult {
     let mut views = views.lock().expect("projection lock");
     let view = views.entry(accepted.ride_id).or_default();
     view.chauffeur = Some(accepted.chauffeur);
+    view.accepted_at = meta.time();
     view.events += 1;
     Ok(())
 }
@@ -296,6 +311,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 view.chauffeur.as_deref().unwrap_or("-")
             );
         }
+    }
+    // State at a point in time, from the same events: just before the first
+    // ride was accepted, it had no chauffeur yet.
+    if let Some(view) = views.lock().expect("projection lock").get(&ride_ids[0])
+        && let Some(accepted_at) = view.accepted_at
+        && let Some(before) = accepted_at.checked_sub(Duration::from_millis(1))
+    {
+        println!(
+            "[projection]    {} at {}: chauffeur {}; at {}: chauffeur {}",
+            ride_ids[0],
+            polybus::time::to_rfc3339(before),
+            view.chauffeur_at(before).unwrap_or("-"),
+            polybus::time::to_rfc3339(accepted_at),
+            view.chauffeur_at(accepted_at).unwrap_or("-"),
+        );
     }
 
     // Graceful shutdown: in-flight handlers finish and are acked first.
