@@ -27,6 +27,7 @@ mod fault_cases;
 pub mod faults;
 mod foreign_cases;
 pub mod python;
+mod replay_cases;
 pub mod secrets;
 mod support;
 mod typed_cases;
