@@ -202,7 +202,8 @@ mod tests {
             .declare_group("m", "g", StartFrom::Latest)
             .await
             .unwrap();
-        let seen: Arc<Mutex<Vec<(Measured, Option<String>)>>> = Arc::default();
+        type Seen = Vec<(Measured, Option<String>)>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
         let handler = {
             let seen = Arc::clone(&seen);
             Events::new(&bus, ()).handler(move |m: Measured, meta: Meta| {
