@@ -9,6 +9,12 @@
 //!   added without any change to the rides service;
 //! * a **projection** rebuilds each ride's state by replaying `rides` from the start.
 //!
+//! Events are typed (`RideCreated`, `ChauffeurFound`, `RideAccepted`, each with
+//! its CloudEvents type and its ride id as key), handlers take the event and
+//! extractors (`State`, `Publisher`, `Meta`) instead of raw deliveries, one
+//! router per service dispatches `rides` by event type, and everything goes on
+//! the wire as CloudEvents in the broker's binding.
+//!
 //! Runs on the in-memory broker by default; set `POLYBUS_URL` (e.g.
 //! `kafka://127.0.0.1:9092`) to run it on any broker compiled in.
 //!
@@ -18,45 +24,137 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use polybus::middleware;
 use polybus::prelude::*;
-use polybus::{Delivery, middleware};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 const RIDES: &str = "rides";
 const FULFILLMENT: &str = "rides-fulfillment";
 
-/// Events about a ride, on the `rides` topic.
+/// A rider asked for a ride (on `rides`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type")]
-enum RideEvent {
-    RideCreated {
-        ride_id: String,
-        rider: String,
-        pickup: String,
-    },
-    RideAccepted {
-        ride_id: String,
-        chauffeur: String,
-    },
+struct RideCreated {
+    ride_id: String,
+    rider: String,
+    pickup: String,
 }
+event!(RideCreated => "rides.ride-created", key = |e| &e.ride_id);
 
-/// Events of the matching process, on `rides-fulfillment`.
+/// The matcher found a chauffeur (on `rides-fulfillment`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type")]
-enum FulfillmentEvent {
-    ChauffeurFound { ride_id: String, chauffeur: String },
+struct ChauffeurFound {
+    ride_id: String,
+    chauffeur: String,
 }
+event!(ChauffeurFound => "rides.chauffeur-found", key = |e| &e.ride_id);
 
-/// A ride's state, as the projection rebuilds it.
+/// The rides service accepted the match (on `rides`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RideAccepted {
+    ride_id: String,
+    chauffeur: String,
+}
+event!(RideAccepted => "rides.ride-accepted", key = |e| &e.ride_id);
+
+/// A ride's state, as the projection rebuilds it from its events.
 #[derive(Debug, Clone, Default)]
 struct RideView {
     rider: String,
     pickup: String,
     chauffeur: Option<String>,
     events: usize,
+    /// When each event happened (its CloudEvents `time`), to answer "what was
+    /// the ride's state at time T" from the same events.
+    created_at: Option<SystemTime>,
+    accepted_at: Option<SystemTime>,
+}
+
+impl RideView {
+    /// The chauffeur as of `t`: the events up to `t`, applied in order.
+    fn chauffeur_at(&self, t: SystemTime) -> Option<&str> {
+        self.accepted_at
+            .filter(|at| *at <= t)
+            .and(self.chauffeur.as_deref())
+    }
+}
+
+/// The projection's state, shared by its handlers.
+type Views = Arc<Mutex<BTreeMap<String, RideView>>>;
+
+/// The matcher's state: the chauffeurs on duty.
+#[derive(Clone)]
+struct Fleet {
+    chauffeurs: Arc<Vec<String>>,
+}
+
+// The ride matcher: RideCreated -> ChauffeurFound.
+async fn match_chauffeur(ride: RideCreated, State(fleet): State<Fleet>, out: Publisher) -> HandlerResult {
+    let pick = usize::from(ride.ride_id.bytes().last().unwrap_or(0)) % fleet.chauffeurs.len();
+    let chauffeur = fleet.chauffeurs[pick].clone();
+    println!(
+        "[ride-matcher]  {}: found {chauffeur} near {}",
+        ride.ride_id, ride.pickup
+    );
+    let found = ChauffeurFound {
+        ride_id: ride.ride_id,
+        chauffeur,
+    };
+    out.publish(FULFILLMENT, &found).await?;
+    Ok(())
+}
+
+// The rides service: ChauffeurFound -> RideAccepted.
+async fn accept_ride(found: ChauffeurFound, out: Publisher) -> HandlerResult {
+    println!(
+        "[rides-service] {}: accepted by {}",
+        found.ride_id, found.chauffeur
+    );
+    let accepted = RideAccepted {
+        ride_id: found.ride_id,
+        chauffeur: found.chauffeur,
+    };
+    out.publish(RIDES, &accepted).await?;
+    Ok(())
+}
+
+// A new consumer group, added without touching the rides service.
+async fn email_rider(
+    accepted: RideAccepted,
+    meta: Meta,
+    State(emailed): State<mpsc::UnboundedSender<String>>,
+) -> HandlerResult {
+    println!(
+        "[ride-emails]   {}: emailing the rider that {} is on the way (CloudEvent {} from {})",
+        accepted.ride_id,
+        accepted.chauffeur,
+        meta.event_type().unwrap_or("-"),
+        meta.source().unwrap_or("-"),
+    );
+    let _ = emailed.send(accepted.ride_id);
+    Ok(())
+}
+
+// The projection: each event type updates the ride's view.
+async fn project_created(ride: RideCreated, meta: Meta, State(views): State<Views>) -> HandlerResult {
+    let mut views = views.lock().expect("projection lock");
+    let view = views.entry(ride.ride_id).or_default();
+    view.rider = ride.rider;
+    view.pickup = ride.pickup;
+    view.created_at = meta.time();
+    view.events += 1;
+    Ok(())
+}
+
+async fn project_accepted(accepted: RideAccepted, meta: Meta, State(views): State<Views>) -> HandlerResult {
+    let mut views = views.lock().expect("projection lock");
+    let view = views.entry(accepted.ride_id).or_default();
+    view.chauffeur = Some(accepted.chauffeur);
+    view.accepted_at = meta.time();
+    view.events += 1;
+    Ok(())
 }
 
 #[tokio::main]
@@ -68,10 +166,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let url = std::env::var("POLYBUS_URL").unwrap_or_else(|_| "memory://rides-example".into());
     let bus = polybus::connect(&url).await?;
+    let caps = bus.consumer.capabilities();
     println!(
-        "connected to {} ({} backend)",
+        "connected to {} ({} backend, CloudEvents {:?} binding)",
         polybus::redact_url(&url),
-        bus.consumer.capabilities().backend
+        caps.backend,
+        caps.binding
     );
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let timeout = Duration::from_secs(30);
@@ -94,68 +194,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .declare_group(RIDES, &projection_group, StartFrom::Earliest)
         .await?;
 
-    // The ride matcher: RideCreated -> ChauffeurFound.
-    let producer = Arc::clone(&bus.producer);
+    // Each service gets its typed side: its state and its CloudEvents source.
+    let fleet = Fleet {
+        chauffeurs: Arc::new(vec![
+            "chauffeur-1".into(),
+            "chauffeur-2".into(),
+            "chauffeur-3".into(),
+        ]),
+    };
+    let matcher_events = Events::new(&bus, fleet).with_source("/ride-matcher");
+    // `rides` carries RideCreated and RideAccepted: the router takes the first
+    // and acknowledges (and counts) the types it has no handler for.
     let matcher = bus
         .runner()
         .topic(RIDES)
         .group("ride-matcher")
         .layer(middleware::tracing())
-        .run(move |delivery: Delivery| {
-            let producer = Arc::clone(&producer);
-            async move {
-                if let RideEvent::RideCreated { ride_id, pickup, .. } = delivery.json()? {
-                    let chauffeur = format!("chauffeur-{}", ride_id.bytes().last().unwrap_or(0) % 3 + 1);
-                    println!("[ride-matcher]  {ride_id}: found {chauffeur} near {pickup}");
-                    let found = FulfillmentEvent::ChauffeurFound {
-                        ride_id: ride_id.clone(),
-                        chauffeur,
-                    };
-                    producer.send_json_keyed(FULFILLMENT, &ride_id, &found).await?;
-                }
-                Ok(())
-            }
-        })
+        .run(matcher_events.router().on(match_chauffeur))
         .await?;
 
-    // The rides service: ChauffeurFound -> RideAccepted.
-    let producer = Arc::clone(&bus.producer);
+    let rides_events = Events::new(&bus, ()).with_source("/rides-service");
     let rides_service = bus
         .runner()
         .topic(FULFILLMENT)
         .group("rides-service")
         .layer(middleware::tracing())
-        .run(move |delivery: Delivery| {
-            let producer = Arc::clone(&producer);
-            async move {
-                let FulfillmentEvent::ChauffeurFound { ride_id, chauffeur } = delivery.json()?;
-                println!("[rides-service] {ride_id}: accepted by {chauffeur}");
-                let accepted = RideEvent::RideAccepted {
-                    ride_id: ride_id.clone(),
-                    chauffeur,
-                };
-                producer.send_json_keyed(RIDES, &ride_id, &accepted).await?;
-                Ok(())
-            }
-        })
+        .run(rides_events.handler(accept_ride))
         .await?;
 
-    // A new consumer group, added without touching the rides service.
     let (emailed_tx, mut emailed) = mpsc::unbounded_channel();
     let emails = bus
         .runner()
         .topic(RIDES)
         .group("ride-emails")
-        .run(move |delivery: Delivery| {
-            let emailed = emailed_tx.clone();
-            async move {
-                if let RideEvent::RideAccepted { ride_id, chauffeur } = delivery.json()? {
-                    println!("[ride-emails]   {ride_id}: emailing the rider that {chauffeur} is on the way");
-                    let _ = emailed.send(ride_id);
-                }
-                Ok(())
-            }
-        })
+        .run(Events::new(&bus, emailed_tx).router().on(email_rider))
         .await?;
 
     // The rides service publishes three rides.
@@ -165,12 +237,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("grace", "Harbour 7"),
         ("alan", "Station Sq"),
     ]) {
-        let created = RideEvent::RideCreated {
+        let created = RideCreated {
             ride_id: ride_id.clone(),
             rider: rider.into(),
             pickup: pickup.into(),
         };
-        bus.producer.send_json_keyed(RIDES, ride_id, &created).await?;
+        // Sent as a CloudEvent: type `rides.ride-created`, key and subject the ride id.
+        rides_events.publisher().publish(RIDES, &created).await?;
         println!("[rides-service] {ride_id}: created for {rider}");
     }
 
@@ -183,44 +256,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pending.retain(|id| **id != ride_id);
     }
 
-    // The projection replays `rides` from the start and rebuilds each ride.
-    let views: Arc<Mutex<BTreeMap<String, RideView>>> = Arc::default();
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    // The projection replays `rides` from the start and rebuilds each ride
+    // from its events, in order per ride (ordering by key).
+    let views: Views = Arc::default();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<()>();
+    let notify = polybus::from_fn(move |delivery: polybus::Delivery, next: polybus::Next| {
+        let seen = seen_tx.clone();
+        async move {
+            let result = next.run(delivery).await;
+            let _ = seen.send(());
+            result
+        }
+    });
     let projection = bus
         .runner()
         .topic(RIDES)
         .group(projection_group.as_str())
         .start(StartFrom::Earliest)
         .order(Order::ByKey)
-        .run({
-            let views = Arc::clone(&views);
-            move |delivery: Delivery| {
-                let (views, seen) = (Arc::clone(&views), seen_tx.clone());
-                async move {
-                    let event: RideEvent = delivery.json()?;
-                    let mut views = views.lock().expect("projection lock");
-                    match event {
-                        RideEvent::RideCreated {
-                            ride_id,
-                            rider,
-                            pickup,
-                        } => {
-                            let view = views.entry(ride_id).or_default();
-                            view.rider = rider;
-                            view.pickup = pickup;
-                            view.events += 1;
-                        }
-                        RideEvent::RideAccepted { ride_id, chauffeur } => {
-                            let view = views.entry(ride_id).or_default();
-                            view.chauffeur = Some(chauffeur);
-                            view.events += 1;
-                        }
-                    }
-                    let _ = seen.send(());
-                    Ok(())
-                }
-            }
-        })
+        .layer(notify)
+        .run(
+            Events::new(&bus, Arc::clone(&views))
+                .router()
+                .on(project_created)
+                .on(project_accepted),
+        )
         .await?;
     let replayed = async {
         loop {
@@ -251,6 +311,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 view.chauffeur.as_deref().unwrap_or("-")
             );
         }
+    }
+    // State at a point in time, from the same events: just before the first
+    // ride was accepted, it had no chauffeur yet.
+    if let Some(view) = views.lock().expect("projection lock").get(&ride_ids[0])
+        && let Some(accepted_at) = view.accepted_at
+        && let Some(before) = accepted_at.checked_sub(Duration::from_millis(1))
+    {
+        println!(
+            "[projection]    {} at {}: chauffeur {}; at {}: chauffeur {}",
+            ride_ids[0],
+            polybus::time::to_rfc3339(before),
+            view.chauffeur_at(before).unwrap_or("-"),
+            polybus::time::to_rfc3339(accepted_at),
+            view.chauffeur_at(accepted_at).unwrap_or("-"),
+        );
     }
 
     // Graceful shutdown: in-flight handlers finish and are acked first.

@@ -84,14 +84,17 @@ ensure_kafka() {
   _polybus_wait_port 127.0.0.1 9092 tansu
 }
 
-# Python clients for interop tests (kafka-python's partitioner), in a venv
-# outside the clone, made once per machine; exports POLYBUS_TEST_PYTHON.
+# Python clients for interop tests (kafka-python's partitioner; the official
+# CloudEvents SDK with kafka-python, pika and nats-py for the CloudEvents
+# interop tests), in a venv outside the clone, made once per machine (and
+# completed when a client is missing); exports POLYBUS_TEST_PYTHON.
 ensure_python_clients() {
   local venv="${POLYBUS_VENV:-${HOME:-/tmp}/.cache/polybus-venv}"
-  if ! "$venv/bin/python" -c "import kafka" >/dev/null 2>&1; then
+  if ! "$venv/bin/python" -c "import kafka, cloudevents.core.bindings.amqp, pika, nats" >/dev/null 2>&1; then
     echo "polybus: installing Python clients into $venv" >&2
-    python3 -m venv "$venv" >&2 || return 1
-    "$venv/bin/pip" install -q "kafka-python==3.0.12" >&2 || return 1
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" >&2 || return 1
+    "$venv/bin/pip" install -q "kafka-python==3.0.12" "cloudevents==2.2.0" "pika==1.4.4" \
+      "nats-py==2.16.0" >&2 || return 1
   fi
   export POLYBUS_TEST_PYTHON="$venv/bin/python"
 }

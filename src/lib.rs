@@ -25,9 +25,10 @@ pub use polybus_nats as nats;
 
 /// Everything most applications need, for `use polybus::prelude::*`.
 pub mod prelude {
+    pub use polybus_core::typed::{Event, Events, Meta, Publisher, State, UnknownType};
     pub use polybus_core::{
         Connection, Consumer, Delivery, HandlerError, HandlerResult, Message, Order, Producer, ProducerExt,
-        RetryPolicy, RunHandle, RunState, StartFrom,
+        RetryPolicy, RunHandle, RunState, StartFrom, event,
     };
 }
 
@@ -185,6 +186,67 @@ mod tests {
         let err = connect("nats://user:secret@127.0.0.1:1").await.unwrap_err();
         assert!(err.is_retryable(), "{err}");
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    /// Every codec compiled in carries a typed event end to end: the publisher
+    /// writes its media type, the runner decodes by it.
+    #[cfg(all(feature = "memory", feature = "msgpack", feature = "cbor"))]
+    #[tokio::test]
+    async fn every_codec_carries_typed_events_end_to_end() {
+        use std::sync::{Arc, Mutex};
+        use typed::{Codec, Events, Meta};
+
+        #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct Measured {
+            sensor: String,
+            value: f64,
+        }
+        event!(Measured => "tests.measured", key = |e| &e.sensor);
+
+        let bus = connect("memory://codecs-end-to-end").await.unwrap();
+        bus.consumer
+            .declare_group("m", "g", StartFrom::Latest)
+            .await
+            .unwrap();
+        type Seen = Vec<(Measured, Option<String>)>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let handler = {
+            let seen = Arc::clone(&seen);
+            Events::new(&bus, ()).handler(move |m: Measured, meta: Meta| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let content_type = meta.header("content-type").map(str::to_owned);
+                    seen.lock().unwrap().push((m, content_type));
+                    HandlerResult::Ok(())
+                }
+            })
+        };
+        let handle = bus.runner().topic("m").group("g").run(handler).await.unwrap();
+        for (i, codec) in Codec::ALL.iter().enumerate() {
+            let publisher = Events::new(&bus, ()).with_codec(*codec).publisher();
+            let event = Measured {
+                sensor: format!("s-{i}"),
+                value: i as f64 + 0.5,
+            };
+            publisher.publish("m", &event).await.unwrap();
+        }
+        for _ in 0..200 {
+            if seen.lock().unwrap().len() == Codec::ALL.len() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let report = handle.shutdown(std::time::Duration::from_secs(5)).await;
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort_by(|a, b| a.0.sensor.cmp(&b.0.sensor));
+        let media: Vec<Option<String>> = seen.iter().map(|(_, ct)| ct.clone()).collect();
+        let expected: Vec<Option<String>> = Codec::ALL
+            .iter()
+            .map(|c| Some(c.media_type().to_owned()))
+            .collect();
+        assert_eq!(media, expected);
+        assert_eq!(seen[1].0.value, 1.5);
+        assert_eq!(report.dead_lettered, 0);
     }
 
     #[cfg(feature = "memory")]

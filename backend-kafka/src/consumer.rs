@@ -347,6 +347,34 @@ fn committed(client: &BaseConsumer, topic: &str, count: i32, timeout: Duration) 
     Ok(offsets)
 }
 
+/// Where `start` puts a partition: its low or high watermark, or for a time
+/// the first offset whose record timestamp is at or after it (`offsets_for_times`;
+/// the high watermark when there is none).
+fn start_offset(
+    meta: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    start: StartFrom,
+    timeout: Duration,
+) -> Result<i64> {
+    let (low, high) = meta
+        .fetch_watermarks(topic, partition, timeout)
+        .map_err(|e| map_error("reading watermarks", e))?;
+    let Some(millis) = start.timestamp_millis() else {
+        return Ok(if start == StartFrom::Earliest { low } else { high });
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(millis))
+        .map_err(|e| map_error("building offsets", e))?;
+    let found = meta
+        .offsets_for_times(tpl, timeout)
+        .map_err(|e| map_error("looking up offsets for a time", e))?;
+    Ok(match found.find_partition(topic, partition).map(|p| p.offset()) {
+        Some(Offset::Offset(offset)) => offset.clamp(low, high),
+        _ => high,
+    })
+}
+
 /// Fixes the start of a group that has never committed on `topic`: every
 /// partition gets the start offset (low or high watermark) committed. A group
 /// with a commit on any partition is left alone: its start was fixed when it
@@ -370,13 +398,7 @@ fn fix_group_start(
 ) -> Result<()> {
     let mut starts = Vec::with_capacity(count as usize);
     for partition in 0..count {
-        let (low, high) = meta
-            .fetch_watermarks(topic, partition, timeout)
-            .map_err(|e| map_error("reading watermarks", e))?;
-        starts.push(match start {
-            StartFrom::Earliest => low,
-            _ => high,
-        });
+        starts.push(start_offset(meta, topic, partition, start, timeout)?);
     }
     if committed(group, topic, count, timeout)?
         .iter()
@@ -403,6 +425,7 @@ impl Consumer for KafkaConsumer {
         // Kafka's only deadline: a member that stops polling is removed from its
         // group. The poll thread keeps polling while handlers run.
         caps.ack_deadline = Some(self.config.max_poll_interval);
+        caps.binding = polybus_core::cloudevents::Binding::Kafka;
         caps
     }
 
@@ -450,10 +473,7 @@ impl Consumer for KafkaConsumer {
                     let mut offsets = Vec::new();
                     for (topic, count) in partitions {
                         for partition in 0..count {
-                            let (low, high) = meta
-                                .fetch_watermarks(&topic, partition, timeout)
-                                .map_err(|e| map_error("reading watermarks", e))?;
-                            let offset = if from == StartFrom::Earliest { low } else { high };
+                            let offset = start_offset(&meta, &topic, partition, from, timeout)?;
                             offsets.push((topic.clone(), partition, offset));
                         }
                     }

@@ -495,6 +495,7 @@ fn capabilities(config: &MemoryConfig) -> Capabilities {
     let mut caps = Capabilities::new("memory", config.max_payload);
     caps.ack_deadline = Some(config.ack_deadline);
     caps.networked = false;
+    caps.reposition = true;
     caps
 }
 
@@ -541,14 +542,46 @@ impl Shared {
 
     fn declare_group(state: &mut State, topic: &str, group: &str, start: StartFrom, anonymous: bool) {
         let log = state.topics.entry(topic.to_owned()).or_default();
+        let cursor = Self::start_position(log, start);
+        log.groups
+            .entry(group.to_owned())
+            .or_insert_with(|| Group::new(cursor, anonymous));
+    }
+
+    /// Where `start` puts a cursor in `log`.
+    fn start_position(log: &TopicLog, start: StartFrom) -> usize {
         let len = log.messages.len();
-        log.groups.entry(group.to_owned()).or_insert_with(|| {
-            let cursor = match start {
-                StartFrom::Earliest => 0,
-                _ => len,
-            };
-            Group::new(cursor, anonymous)
-        });
+        match start {
+            StartFrom::Earliest => 0,
+            // The first message stamped at or after the time (the log is in
+            // publish order; timestamps are the senders').
+            StartFrom::Timestamp(t) => log.messages.iter().position(|m| m.timestamp >= t).unwrap_or(len),
+            _ => len,
+        }
+    }
+
+    /// Moves an existing group with no members to `start`.
+    fn reposition(state: &mut State, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        let members = state
+            .subs
+            .values()
+            .filter(|s| *s.group == *group && s.topics.iter().any(|t| **t == *topic))
+            .count();
+        if members > 0 {
+            return Err(Error::InvalidConfig(format!(
+                "group {group:?} on {topic:?} has {members} active member(s): stop them before repositioning it"
+            )));
+        }
+        let log = state.topics.get_mut(topic).ok_or_else(|| Error::NotFound {
+            what: format!("topic {topic:?}"),
+        })?;
+        let cursor = Self::start_position(log, start);
+        let entry = log.groups.get_mut(group).ok_or_else(|| Error::NotFound {
+            what: format!("group {group:?} on topic {topic:?}"),
+        })?;
+        let anonymous = entry.anonymous;
+        *entry = Group::new(cursor, anonymous);
+        Ok(())
     }
 
     /// Finds a lease by token and applies `f` to the group and lease.
@@ -762,6 +795,16 @@ impl Consumer for MemoryConsumer {
                 what: format!("group {group:?} on topic {topic:?}"),
             }),
         }
+    }
+
+    async fn reposition_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        self.check_open()?;
+        Shared::reposition(&mut self.shared.lock(), topic, group, start)?;
+        let state = self.shared.lock();
+        state.wake_readers(topic, Some(group));
+        drop(state);
+        self.shared.changed.notify_waiters();
+        Ok(())
     }
 }
 

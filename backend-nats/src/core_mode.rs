@@ -18,8 +18,10 @@ fn capabilities(server_max: usize) -> Capabilities {
     let mut caps = Capabilities::new("nats-core", server_max.saturating_sub(crate::HEADER_ROOM));
     caps.at_least_once = false;
     caps.replay = false;
+    caps.replay_from_time = false;
     caps.retains_without_group = false;
     caps.delayed_release = false;
+    caps.binding = polybus_core::cloudevents::Binding::Nats;
     caps
 }
 

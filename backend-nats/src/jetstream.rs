@@ -285,10 +285,7 @@ impl JetStreamConsumer {
         let c = &self.streams.config;
         pull::Config {
             durable_name: name,
-            deliver_policy: match start {
-                StartFrom::Earliest => DeliverPolicy::All,
-                _ => DeliverPolicy::New,
-            },
+            deliver_policy: deliver_policy(start),
             ack_policy: AckPolicy::Explicit,
             ack_wait: c.ack_wait,
             max_deliver: c.max_deliver.map_or(-1, i64::from),
@@ -395,12 +392,86 @@ impl JetStreamConsumer {
     }
 }
 
+/// The JetStream deliver policy for a start.
+fn deliver_policy(start: StartFrom) -> DeliverPolicy {
+    match start {
+        StartFrom::Earliest => DeliverPolicy::All,
+        // The stream's store time, at or after `t`.
+        StartFrom::Timestamp(t) => t
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| async_nats::datetime::from_nanos(d.as_nanos() as i128).ok())
+            .map_or(DeliverPolicy::All, |start_time| DeliverPolicy::ByStartTime {
+                start_time,
+            }),
+        _ => DeliverPolicy::New,
+    }
+}
+
+impl JetStreamConsumer {
+    /// Moves the group's durable consumer to `start`: its configuration is kept,
+    /// only its deliver policy changes, so the consumer is deleted and created
+    /// again (JetStream cannot change a deliver policy in place). Refused while
+    /// the consumer has waiting pull requests (an active member), after a grace
+    /// of 2 s for the requests of members that just stopped.
+    async fn reposition(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        let what = format!("group '{group}' on '{topic}'");
+        let stream = self
+            .streams
+            .js
+            .get_stream(stream_name(topic))
+            .await
+            .map_err(|_| Error::NotFound {
+                what: format!("topic '{topic}'"),
+            })?;
+        let name = stream_name(group);
+        let mut waited = 0;
+        let info = loop {
+            let info = match stream.consumer_info(&name).await {
+                Ok(info) => info,
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                    return Err(Error::NotFound { what });
+                }
+                Err(e) => return Err(backend_error(&format!("looking up {what}"), e, true)),
+            };
+            if info.num_waiting == 0 && !info.push_bound {
+                break info;
+            }
+            if waited >= 20 {
+                return Err(Error::InvalidConfig(format!(
+                    "{what} has active members ({} waiting pull requests): stop them before repositioning it",
+                    info.num_waiting
+                )));
+            }
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut config = info.config.clone();
+        config.deliver_policy = deliver_policy(start);
+        stream
+            .delete_consumer(&name)
+            .await
+            .map_err(|e| backend_error(&format!("deleting {what} to reposition it"), e, true))?;
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| backend_error(&format!("creating {what} again at its new start"), e, true))?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Consumer for JetStreamConsumer {
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::new(BACKEND, self.server_max.saturating_sub(HEADER_ROOM));
         caps.ack_deadline = Some(self.streams.config.ack_wait);
+        caps.binding = polybus_core::cloudevents::Binding::Nats;
+        caps.reposition = true;
         caps
+    }
+
+    async fn reposition_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        self.reposition(topic, group, start).await
     }
 
     async fn declare_topic_unchecked(&self, topic: &str) -> Result<()> {

@@ -288,9 +288,11 @@ impl Consumer for RabbitConsumer {
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::new(BACKEND, self.config.max_payload);
         caps.replay = false;
+        caps.replay_from_time = false;
         caps.retains_without_group = false;
         caps.delayed_release = false;
         caps.key_order_across_instances = self.config.single_active_consumer;
+        caps.binding = polybus_core::cloudevents::Binding::Amqp;
         caps
     }
 

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
+use polybus_core::cloudevents::CONTENT_TYPE;
 use polybus_core::{Error, Message, Producer, Result, SendGate, wire};
 
 use crate::BACKEND;
@@ -175,9 +176,18 @@ impl RabbitProducer {
             .get(crate::TYPES)
             .map(crate::parse_types_label)
             .unwrap_or_default();
+        // A `content-type` header is the AMQP `content_type` property (the
+        // CloudEvents AMQP binding's `datacontenttype`), when it fits one.
+        let content_type = message
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|ct| ShortString::try_new(ct).ok());
         let mut headers = FieldTable::default();
         for (key, value) in wire::encode(message) {
-            if (key == wire::ID && id_property.is_some()) || key == crate::TYPES {
+            if (key == wire::ID && id_property.is_some())
+                || key == crate::TYPES
+                || (key == CONTENT_TYPE && content_type.is_some())
+            {
                 continue;
             }
             let typed = types
@@ -192,10 +202,13 @@ impl RabbitProducer {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_timestamp(timestamp)
             .with_headers(headers);
+        if let Some(content_type) = content_type {
+            properties = properties.with_content_type(content_type);
+        }
         match id_property {
             Some(id) => properties.with_message_id(id),
             None => properties,

@@ -520,6 +520,18 @@ impl RabbitSubscription {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), header_value(v)))
             .collect();
+        // The AMQP `content_type` property is the `content-type` header (the
+        // CloudEvents AMQP binding's `datacontenttype`), unless one is in the table.
+        if let Some(ct) = delivery.properties.content_type()
+            && !headers
+                .iter()
+                .any(|(k, _)| k == polybus_core::cloudevents::CONTENT_TYPE)
+        {
+            headers.push((
+                polybus_core::cloudevents::CONTENT_TYPE.to_owned(),
+                HeaderValue::from(ct.as_str()),
+            ));
+        }
         let types = types_label(fields.iter().copied());
         let attempt = match delivery_count {
             Some(count) => count.saturating_add(1),

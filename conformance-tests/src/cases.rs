@@ -28,6 +28,8 @@ pub async fn trace_crosses_the_broker<H: Harness>(cx: Ctx<H>) -> CaseResult {
         "polybus-conformance was built without its `opentelemetry` feature".into(),
     ))
 }
+pub use crate::replay_cases::*;
+pub use crate::typed_cases::*;
 
 pub(crate) fn numbered(prefix: &str, i: usize) -> Message {
     Message::new(format!("{prefix}-{i}"))
@@ -71,7 +73,7 @@ fn backlog_first<H: Harness>(cx: &Ctx<H>) -> bool {
     cx.caps().at_least_once
 }
 
-fn unique_ids(deliveries: &[Delivery]) -> HashSet<String> {
+pub(crate) fn unique_ids(deliveries: &[Delivery]) -> HashSet<String> {
     deliveries.iter().map(|d| d.id().to_owned()).collect()
 }
 

@@ -28,10 +28,13 @@ pub mod faults;
 mod foreign_cases;
 mod lag_cases;
 pub mod processes;
+pub mod python;
+mod replay_cases;
 pub mod secrets;
 mod support;
 #[cfg(feature = "opentelemetry")]
 mod trace_cases;
+mod typed_cases;
 
 pub use support::{Recorder, roundtrip_once};
 
@@ -385,6 +388,8 @@ macro_rules! conformance_suite {
             competing_consumers_share_work,
             independent_groups_each_get_everything,
             replay_from_earliest,
+            replay_from_timestamp,
+            reposition_group_replays,
             keep_alive_holds_slow_handlers,
             graceful_drain,
             no_handler_after_shutdown,
@@ -412,6 +417,10 @@ macro_rules! conformance_suite {
             foreign_payload_over_the_send_limit_does_not_stop_the_group,
             trace_crosses_the_broker,
             lag_counts_the_backlog,
+            typed_decode_failure_dead_letters,
+            router_keeps_key_order_across_types,
+            router_unknown_type_policy,
+            cloudevents_from_other_producers,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {

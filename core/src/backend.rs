@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -29,6 +29,12 @@ pub struct Capabilities {
     pub max_payload: usize,
     /// A new group can start from the earliest retained message.
     pub replay: bool,
+    /// A new group can start at a point in time ([`StartFrom::Timestamp`]): the
+    /// broker keeps an append time per message and can seek to it.
+    pub replay_from_time: bool,
+    /// An existing group can be moved to another start with
+    /// [`Consumer::reposition_group`] (false unless the backend says so).
+    pub reposition: bool,
     /// Messages published while no group is declared are kept (false on RabbitMQ).
     pub retains_without_group: bool,
     /// Acks are positions (Kafka offsets): on shutdown the runner drains what it
@@ -43,6 +49,10 @@ pub struct Capabilities {
     pub delayed_release: bool,
     /// The backend talks to a broker over the network (so "unreachable" means something).
     pub networked: bool,
+    /// The CloudEvents protocol binding the backend's headers follow: which
+    /// names typed events are sent and read under (see [`crate::cloudevents`]).
+    /// [`Binding::Http`](crate::cloudevents::Binding::Http) (`ce-` headers) unless the backend says otherwise.
+    pub binding: crate::cloudevents::Binding,
 }
 
 impl Capabilities {
@@ -54,12 +64,15 @@ impl Capabilities {
             at_least_once: true,
             max_payload,
             replay: true,
+            replay_from_time: true,
+            reposition: false,
             retains_without_group: true,
             positional_acks: false,
             ack_deadline: None,
             key_order_across_instances: false,
             delayed_release: true,
             networked: true,
+            binding: crate::cloudevents::Binding::Http,
         }
     }
 }
@@ -73,6 +86,38 @@ pub enum StartFrom {
     Latest,
     /// Every message the broker still retains for the topic.
     Earliest,
+    /// Every retained message the broker appended at or after this time (Kafka:
+    /// the record timestamp, log-append or create time as the topic says;
+    /// JetStream: the stream's store time; memory: the message's timestamp).
+    /// Only where [`Capabilities::replay_from_time`] says so; elsewhere
+    /// declaring or subscribing with it is [`Error::Unsupported`](crate::Error::Unsupported).
+    Timestamp(SystemTime),
+}
+
+impl StartFrom {
+    /// The time in milliseconds since the Unix epoch, for [`StartFrom::Timestamp`]
+    /// (times before 1970 are 0).
+    pub fn timestamp_millis(self) -> Option<i64> {
+        match self {
+            StartFrom::Timestamp(t) => Some(
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                    .unwrap_or(0),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Refuses a start this backend cannot honour, the same way everywhere.
+fn check_start(caps: &Capabilities, start: StartFrom) -> Result<()> {
+    if matches!(start, StartFrom::Timestamp(_)) && !caps.replay_from_time {
+        return Err(crate::Error::Unsupported(format!(
+            "{} cannot start a group at a point in time (capabilities.replay_from_time = false)",
+            caps.backend
+        )));
+    }
+    Ok(())
 }
 
 /// What to subscribe to.
@@ -247,6 +292,16 @@ pub trait Consumer: Send + Sync + 'static {
         )))
     }
 
+    /// Backend hook: moves an existing group to `start`. The default refuses
+    /// with [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn reposition_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        let _ = (topic, group, start);
+        Err(crate::Error::Unsupported(format!(
+            "{} cannot reposition an existing group (capabilities.reposition = false)",
+            self.capabilities().backend
+        )))
+    }
+
     /// The backlog of `group` on `topic`: messages the group has not acknowledged
     /// yet, as far as the broker shows them (memory: exact; see the README's
     /// "Observability" section for what each broker can see). Lag is a property of
@@ -256,6 +311,20 @@ pub trait Consumer: Send + Sync + 'static {
         names::validate_declared_topic(topic)?;
         names::validate_group(group)?;
         self.lag_unchecked(topic, group).await
+    }
+
+    /// Moves an existing group on `topic` to `start` — the "rebuild the
+    /// projection" operation: from then on the group gets every retained message
+    /// from that point again ([`StartFrom::Earliest`]), from a time, or only new
+    /// ones. Refused while the group has active members (stop its runners
+    /// first) and for a group that does not exist ([`Error::NotFound`](crate::Error::NotFound)).
+    /// Only where [`Capabilities::reposition`] says so; elsewhere
+    /// [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn reposition_group(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        names::validate_topic(topic)?;
+        names::validate_group(group)?;
+        check_start(&self.capabilities(), start)?;
+        self.reposition_group_unchecked(topic, group, start).await
     }
 
     /// Creates `topic` (and its dead-letter topic) if missing.
@@ -270,12 +339,14 @@ pub trait Consumer: Send + Sync + 'static {
     async fn declare_group(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
         names::validate_declared_topic(topic)?;
         names::validate_group(group)?;
+        check_start(&self.capabilities(), start)?;
         self.declare_group_unchecked(topic, group, start).await
     }
 
     /// Opens a subscription (declaring its group if needed); returns once ready.
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
         options.validate()?;
+        check_start(&self.capabilities(), options.start)?;
         self.subscribe_unchecked(options).await
     }
 }

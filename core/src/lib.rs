@@ -10,10 +10,13 @@
 //!   (`middleware::from_fn`) are what applications write.
 //! * The [`Runner`] joins them and owns concurrency, ordering lanes, retries, dead
 //!   letters, backpressure, keep-alives and shutdown.
+//! * [`typed`] adds typed handlers with extractors, a router by event type and
+//!   codecs; [`cloudevents`] maps CloudEvents onto each broker's headers.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
+pub mod cloudevents;
 mod error;
 mod gate;
 mod handler;
@@ -27,6 +30,7 @@ pub mod time;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
+pub mod typed;
 pub mod wire;
 
 pub use async_trait::async_trait;
