@@ -210,3 +210,49 @@ async fn a_tower_timeout_is_a_retryable_failure() {
     let report = settle_all(&handle, 1).await;
     assert_eq!((report.handled, report.retried, report.dead_lettered), (1, 1, 0));
 }
+
+/// An overloaded service's message comes back after the retry policy's first
+/// backoff, not at once: released with no delay, a lasting overload was a
+/// redelivery loop as fast as the broker could hand the message out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_message_comes_back_after_a_backoff() {
+    let conn = setup("overload", 1).await;
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let handler = {
+        let calls = Arc::clone(&calls);
+        move |_d: Delivery| {
+            let calls = Arc::clone(&calls);
+            async move {
+                let n = {
+                    let mut calls = calls.lock().unwrap();
+                    calls.push(Instant::now());
+                    calls.len()
+                };
+                if n < 3 {
+                    return Err(polybus::HandlerError::overloaded("busy"));
+                }
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let backoff = Duration::from_millis(200);
+    let handle = conn
+        .runner()
+        .topic("overload")
+        .group("g")
+        .retry(RetryPolicy::attempts(10).backoff(backoff, backoff))
+        .run(handler)
+        .await
+        .unwrap();
+    let report = settle_all(&handle, 1).await;
+    assert_eq!((report.handled, report.dead_lettered), (1, 0), "{report:?}");
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+    for pair in calls.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= backoff - Duration::from_millis(20),
+            "redelivered {gap:?} after an overload (backoff {backoff:?})"
+        );
+    }
+}

@@ -389,13 +389,20 @@ impl Dispatcher {
             Done::Retry(_) | Done::Cancelled | Done::Release => {
                 // Not handled: give it back with everything behind it in its lane, so
                 // the key's order survives redelivery (and positional acks never
-                // commit past it).
+                // commit past it). An overloaded handler's message comes back after
+                // the retry policy's first backoff, not at once, so an overload
+                // that lasts does not turn into a redelivery loop.
+                let delay = if matches!(done, Done::Release) && !stopping {
+                    Some(self.settings.retry.initial_backoff)
+                } else {
+                    None
+                };
                 if matches!(done, Done::Cancelled) {
                     Counters::bump(&self.counters.abandoned, 1);
                 } else {
                     Counters::bump(&self.counters.released, 1);
                 }
-                self.release_lane(key, true);
+                self.release_lane_after(key, true, delay);
                 return;
             }
             Done::Fatal(error) => {
@@ -487,6 +494,12 @@ impl Dispatcher {
 
     /// Releases a whole lane; `head_counted`: its head was already counted.
     fn release_lane(&mut self, key: LaneId, head_counted: bool) {
+        self.release_lane_after(key, head_counted, None);
+    }
+
+    /// [`release_lane`](Self::release_lane), asking the broker to redeliver
+    /// after `delay`.
+    fn release_lane_after(&mut self, key: LaneId, head_counted: bool, delay: Option<Duration>) {
         let Some(lane) = self.remove_lane(key) else {
             return;
         };
@@ -503,10 +516,14 @@ impl Dispatcher {
                 .observe
                 .outcome(h.delivery.topic(), Outcome::Released, 1);
         }
-        self.release_all(lane.items.into_iter().map(|h| h.acker).collect());
+        self.release_all_after(lane.items.into_iter().map(|h| h.acker).collect(), delay);
     }
 
     fn release_all(&mut self, ackers: Vec<Acker>) {
+        self.release_all_after(ackers, None);
+    }
+
+    fn release_all_after(&mut self, ackers: Vec<Acker>, delay: Option<Duration>) {
         if ackers.is_empty() {
             return;
         }
@@ -522,7 +539,7 @@ impl Dispatcher {
             let releases = ackers.iter().map(|a| {
                 let (settings, unsettled) = (&settings, &unsettled);
                 async move {
-                    let result = worker::settle(settings, "release", a.release(None)).await;
+                    let result = worker::settle(settings, "release", a.release(delay)).await;
                     if let Err(e) = result {
                         tracing::warn!(error = %e, "release did not take effect; the broker will redeliver");
                         Counters::bump(&settings.counters.settle_failures, 1);
