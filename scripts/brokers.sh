@@ -138,7 +138,13 @@ ensure_test_certs() {
   # socat: the TLS endpoints the tests start to present refused certificates,
   # and the TLS terminator in front of the secured Kafka broker.
   command -v socat >/dev/null 2>&1 || _polybus_apt_install socat || return 1
-  if [ -f "$dir/client-key.pem" ] && openssl x509 -checkend 86400 -noout -in "$dir/server.pem" >/dev/null 2>&1; then
+  # Made again when one is missing (an older script made fewer) or the server
+  # certificate expires within a day.
+  local have=1 f
+  for f in client-key.pem rogue-client.pem server-expired.pem server-future.pem server-wrong-name.pem; do
+    [ -f "$dir/$f" ] || have=0
+  done
+  if [ "$have" = 1 ] && openssl x509 -checkend 86400 -noout -in "$dir/server.pem" >/dev/null 2>&1; then
     return 0
   fi
   echo "polybus: generating test certificates in $dir" >&2
