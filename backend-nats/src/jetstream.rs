@@ -366,17 +366,7 @@ impl JetStreamConsumer {
 
     /// Whether `group` on `topic` has nothing pending and nothing unacknowledged.
     pub async fn is_drained(&self, topic: &str, group: &str) -> Result<bool> {
-        let stream = self
-            .streams
-            .js
-            .get_stream(stream_name(topic))
-            .await
-            .map_err(|e| backend_error(&format!("looking up topic '{topic}'"), e, true))?;
-        let info = stream
-            .consumer_info(stream_name(group))
-            .await
-            .map_err(|e| backend_error(&format!("looking up group '{group}'"), e, true))?;
-        Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+        Ok(Consumer::lag_unchecked(self, topic, group).await? == 0)
     }
 
     /// Deletes the streams of `topic` and its dead-letter topic (for tests and tools).
