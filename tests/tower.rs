@@ -199,7 +199,8 @@ async fn a_tower_timeout_is_a_retryable_failure() {
                 let calls = Arc::clone(&calls);
                 async move {
                     if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        // Never finishes: only the timeout layer ends it.
+                        std::future::pending::<()>().await;
                     }
                     Ok(())
                 }

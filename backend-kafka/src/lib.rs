@@ -310,14 +310,14 @@ impl KafkaConfig {
             let (user, password) = credentials
                 .split_once(':')
                 .ok_or_else(|| invalid("credentials must be user:password".into()))?;
-            config.sasl_username = Some(percent_decode(user).map_err(invalid)?);
-            config.sasl_password = Some(percent_decode(password).map_err(invalid)?);
+            config.sasl_username = Some(polybus_core::percent_decode(user));
+            config.sasl_password = Some(polybus_core::percent_decode(password));
         }
         for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| invalid(format!("option '{pair}' has no value")))?;
-            let value = percent_decode(value).map_err(invalid)?;
+            let value = polybus_core::percent_decode(value);
             match key {
                 "partitions" => {
                     config.partitions = value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
@@ -500,26 +500,6 @@ fn parse_broker(entry: &str) -> std::result::Result<String, String> {
         Ok(p) if p > 0 => Ok(entry.to_owned()),
         _ => Err(format!("bad port '{port}' in broker '{entry}'")),
     }
-}
-
-fn percent_decode(s: &str) -> std::result::Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| "bad percent-encoding".to_string())?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "percent-encoding is not UTF-8".to_string())
 }
 
 fn millis(d: Duration) -> String {

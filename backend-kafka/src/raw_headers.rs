@@ -226,12 +226,14 @@ pub(crate) fn read(message: &BorrowedMessage<'_>) -> Result<Vec<RawHeader>, Read
                 // The header's own length, checked against what the public
                 // API shows of the same header.
                 let (name_size, value_size, value_field) = private_fields(name);
+                // Pointer and size comparisons first; the terminating NUL is
+                // read last, only once everything else agrees (short-circuit).
                 let consistent = name_size >= c_len
                     && value_field == value
-                    && *name.cast::<u8>().add(name_size) == 0
                     && (value.is_null()
                         || (value_size == size
-                            && value == name.cast::<u8>().add(name_size + 1).cast::<c_void>()));
+                            && value == name.cast::<u8>().wrapping_add(name_size + 1).cast::<c_void>()))
+                    && *name.cast::<u8>().add(name_size) == 0;
                 if !consistent {
                     return Err(ReadError::NameNotReadable);
                 }

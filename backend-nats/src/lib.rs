@@ -247,7 +247,7 @@ impl NatsConfig {
                 if value.is_empty() {
                     Err(invalid(format!("option '{key}' needs a file")))
                 } else {
-                    Ok(PathBuf::from(security::percent_decode(value)))
+                    Ok(PathBuf::from(polybus_core::percent_decode(value)))
                 }
             };
             match (key, value) {
@@ -255,7 +255,7 @@ impl NatsConfig {
                 ("tls_cert" | "tls_client_cert", _) => config.tls_client_cert = Some(path()?),
                 ("tls_key" | "tls_client_key", _) => config.tls_client_key = Some(path()?),
                 ("tls_server_name", name) if !name.is_empty() => {
-                    config.tls_server_name = Some(security::percent_decode(name))
+                    config.tls_server_name = Some(polybus_core::percent_decode(name))
                 }
                 ("creds" | "credentials_file", _) => config.credentials_file = Some(path()?),
                 ("nkey_file", _) => {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use async_nats::ConnectOptions;
 use async_nats::rustls;
-use polybus_core::{Error, Result};
+use polybus_core::{Error, Result, percent_decode};
 use tokio::sync::broadcast;
 
 use crate::{BACKEND, NatsConfig};
@@ -158,28 +158,6 @@ pub(crate) fn split_userinfo(server: &str) -> (String, Option<(String, Option<St
             (format!("{scheme}://{host}"), Some((user, pass)))
         }
     }
-}
-
-/// Decodes `%XX` escapes (invalid ones are kept as they are).
-pub(crate) fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn file_error(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
@@ -443,6 +421,5 @@ mod tests {
         let (addr, info) = split_userinfo("nats://tok@h:1");
         assert_eq!((addr.as_str(), info), ("nats://h:1", Some(("tok".into(), None))));
         assert_eq!(split_userinfo("nats://h:1"), ("nats://h:1".into(), None));
-        assert_eq!(percent_decode("a%zzb%41"), "a%zzbA");
     }
 }

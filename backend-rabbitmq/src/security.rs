@@ -43,7 +43,7 @@ impl TlsParams {
         };
         for pair in query.split('&') {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value);
+            let value = polybus_core::percent_decode(value);
             match key {
                 "tls_ca" => params.ca_file = Some(value.into()),
                 "tls_cert" => params.client_cert = Some(value.into()),
@@ -61,28 +61,6 @@ impl TlsParams {
             || self.client_key.is_some()
             || self.server_name.is_some()
     }
-}
-
-/// Decodes `%XX` escapes (invalid ones are kept as they are).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn file_error(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {

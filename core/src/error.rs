@@ -227,6 +227,31 @@ impl Error {
     }
 }
 
+/// Decodes the `%XX` escapes of a URL part (user, password, query value);
+/// an invalid escape is kept as it is, and bytes that are not UTF-8 become
+/// U+FFFD. Every backend's URL parser uses it, so one URL decodes the same way
+/// on each.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Removes the password (and user) of a URL so it can appear in errors and logs.
 ///
 /// `amqp://guest:secret@host:5672/%2f` becomes `amqp://***@host:5672/%2f`.
@@ -241,6 +266,13 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn percent_decoding_keeps_invalid_escapes() {
+        assert_eq!(super::percent_decode("a%zzb%41"), "a%zzbA");
+        assert_eq!(super::percent_decode("u%40x%3Ap%"), "u@x:p%");
+    }
+
     use super::*;
 
     #[test]

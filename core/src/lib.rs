@@ -39,7 +39,7 @@ pub use backend::{
     SubscribeOptions, Subscription,
 };
 pub use bytes::Bytes;
-pub use error::{BoxError, Error, NameKind, Result, redact_url};
+pub use error::{BoxError, Error, NameKind, Result, percent_decode, redact_url};
 pub use gate::{SendGate, SendGuard};
 pub use handler::{FailureKind, Handler, HandlerError, HandlerResult};
 pub use message::{DeadLetter, Delivery, HeaderValue, Headers, Message, Origin, dlq_headers};
