@@ -302,6 +302,10 @@ impl Subscription for CoreSubscription {
     async fn stop(&mut self) -> Result<()> {
         if !self.stopped {
             self.stopped = true;
+            // First a round trip: the PONG comes after every message the server
+            // routed to us before it, so those are in the subscribers' buffers
+            // (a message still on the wire when the drain started was lost).
+            crate::round_trip(&self.client, self.timeout).await?;
             // Unsubscribe, but let through what the server sent before it saw
             // that: `next` yields it, then ends.
             for subscriber in self.messages.iter_mut() {
