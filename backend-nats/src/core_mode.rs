@@ -12,6 +12,7 @@ use polybus_core::{
     SendGate, StartFrom, SubscribeOptions, Subscription,
 };
 
+use crate::security::{Denied, Violation, Violations};
 use crate::{NatsConfig, backend_error, headers};
 
 fn capabilities(server_max: usize) -> Capabilities {
@@ -26,9 +27,16 @@ fn capabilities(server_max: usize) -> Capabilities {
 }
 
 /// Publishes on core NATS; `send` resolves once the server has read the message
-/// (a round trip), with no persistence behind it.
+/// (a round trip), with no persistence behind it. A send the user's permissions
+/// refuse fails with [`Error::PermissionDenied`] (the server's `-ERR` comes
+/// before the round trip's answer).
 pub struct CoreProducer {
     client: Client,
+    violations: Violations,
+    /// The marker subject (see `security::Markers`) and its subscription,
+    /// whose one-message buffer stays full (never read).
+    marker: String,
+    _markers: async_nats::Subscriber,
     timeout: Duration,
     server_max: usize,
     gate: SendGate,
@@ -45,10 +53,53 @@ impl std::fmt::Debug for CoreProducer {
 impl CoreProducer {
     /// Opens a NATS connection for publishing.
     pub async fn connect(config: &NatsConfig) -> Result<Self> {
-        let client = config.client("polybus-core-producer").await?;
+        let violations = Violations::with_markers();
+        // A buffer of one message: the producer's only subscription is its
+        // markers' (request answers do not use it).
+        let mut own = config.clone();
+        own.subscription_capacity = 1;
+        let client = own
+            .client_watched("polybus-core-producer", None, &violations)
+            .await?;
         let server_max = client.server_info().max_payload;
+        let marker = crate::probe_subject(&client);
+        let mut seen = violations.watch();
+        let markers = client
+            .subscribe(marker.clone())
+            .await
+            .map_err(|e| backend_error("subscribing to the producer's marker subject", e, true))?;
+        client
+            .publish(marker.clone(), polybus_core::Bytes::new())
+            .await
+            .map_err(|e| backend_error("publishing the producer's first marker", e, true))?;
+        // After the answer the first marker is in the buffer: the next ones
+        // are reported as slow-consumer events. A user who may not use the
+        // marker subject is told so here.
+        Violations::default()
+            .round_trip(&client, config.request_timeout, &mut seen, |v| {
+                v.subject == marker
+            })
+            .await
+            .map_err(|e| match e {
+                Error::PermissionDenied {
+                    backend,
+                    message,
+                    source,
+                } => Error::PermissionDenied {
+                    backend,
+                    message: format!(
+                        "{message} (a core NATS producer confirms each send with a marker message \
+                         on `_POLYBUS.PING.>`: allow the user to publish and subscribe there)"
+                    ),
+                    source,
+                },
+                other => other,
+            })?;
         Ok(CoreProducer {
             client,
+            violations,
+            marker,
+            _markers: markers,
             timeout: config.request_timeout,
             server_max,
             gate: SendGate::new("producer"),
@@ -76,15 +127,25 @@ impl Producer for CoreProducer {
                 max: self.server_max,
             });
         }
+        // Violations reported from before the publish on: its -ERR, if any,
+        // comes before the round trip's answer.
+        let mut seen = self.violations.watch();
         self.client
             .publish_with_headers(topic.to_owned(), headers, message.payload)
             .await
             .map_err(|e| backend_error(&format!("publishing to '{topic}'"), e, true))?;
-        self.flush().await
+        self.violations
+            .confirm(&self.client, &self.marker, self.timeout, &mut seen, |v| {
+                v.denied == Denied::Publish && v.subject == topic
+            })
+            .await
     }
 
     async fn flush(&self) -> Result<()> {
-        crate::round_trip(&self.client, self.timeout).await
+        let mut seen = self.violations.watch();
+        self.violations
+            .confirm(&self.client, &self.marker, self.timeout, &mut seen, |_| false)
+            .await
     }
 
     async fn close(&self) -> Result<()> {
@@ -171,6 +232,7 @@ impl DropCounter {
 /// declaring is a no-op and messages sent while nobody listens are gone.
 pub struct CoreConsumer {
     client: Client,
+    violations: Violations,
     timeout: Duration,
     server_max: usize,
     closed: Arc<AtomicBool>,
@@ -187,12 +249,14 @@ impl CoreConsumer {
     /// Opens a NATS connection for subscribing.
     pub async fn connect(config: &NatsConfig) -> Result<Self> {
         let drops = DropCounter::default();
+        let violations = Violations::default();
         let client = config
-            .client_counting("polybus-core-consumer", Some(drops.clone()))
+            .client_watched("polybus-core-consumer", Some(drops.clone()), &violations)
             .await?;
         let server_max = client.server_info().max_payload;
         Ok(CoreConsumer {
             client,
+            violations,
             timeout: config.request_timeout,
             server_max,
             closed: Arc::new(AtomicBool::new(false)),
@@ -237,6 +301,9 @@ impl Consumer for CoreConsumer {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("consumer"));
         }
+        // Kept by the subscription for its whole life: a subscription the
+        // server refuses now or later (permissions reloaded) ends it.
+        let mut seen = self.violations.watch();
         let mut subscribers = Vec::new();
         for topic in &options.topics {
             let subscriber = match &options.group {
@@ -247,9 +314,14 @@ impl Consumer for CoreConsumer {
             subscribers.push(subscriber);
         }
         // Once the server has the subscription, messages published after this
-        // point reach it.
-        crate::round_trip(&self.client, self.timeout).await?;
+        // point reach it; a refused one was answered with an -ERR before.
+        let topics = options.topics.clone();
+        self.violations
+            .round_trip(&self.client, self.timeout, &mut seen, |v| refuses(v, &topics))
+            .await?;
         Ok(Box::new(CoreSubscription {
+            violations: seen,
+            topics,
             messages: futures::stream::select_all(subscribers),
             group: options.group,
             consumer_closed: Arc::clone(&self.closed),
@@ -268,7 +340,17 @@ impl Consumer for CoreConsumer {
     }
 }
 
+/// Whether `v` refuses a subscription to one of `topics`.
+fn refuses(v: &Violation, topics: &[String]) -> bool {
+    v.denied == Denied::Subscribe && topics.contains(&v.subject)
+}
+
 struct CoreSubscription {
+    /// The connection's permission violations: the server refuses a
+    /// subscription when the user's permissions are reloaded without it (and
+    /// stops sending to it), so one about these topics ends the subscription.
+    violations: tokio::sync::broadcast::Receiver<Arc<Violation>>,
+    topics: Vec<String>,
     messages: futures::stream::SelectAll<async_nats::Subscriber>,
     group: Option<String>,
     consumer_closed: Arc<AtomicBool>,
@@ -283,7 +365,23 @@ impl Subscription for CoreSubscription {
         if self.consumer_closed.load(Ordering::Acquire) {
             return None;
         }
-        let msg = self.messages.next().await?;
+        let msg = loop {
+            tokio::select! {
+                biased;
+                msg = self.messages.next() => break msg?,
+                seen = self.violations.recv() => match seen {
+                    Ok(v) if refuses(&v, &self.topics) => {
+                        tracing::warn!(target: "polybus_nats", subject = v.subject, "subscription refused mid-run; ending it");
+                        return Some(Err(v.error()));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    // The connection is gone: its subscribers end too.
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        break self.messages.next().await?;
+                    }
+                },
+            }
+        };
         let message = headers::decode(msg.payload, msg.headers.as_ref(), || {
             polybus_core::Message::new(polybus_core::Bytes::new()).id
         });

@@ -29,7 +29,6 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::ConnectOptions;
 use polybus_core::{Bytes, Connection, Error, Result, redact_url};
 
 mod consumer_config;
@@ -370,24 +369,10 @@ impl NatsConfig {
         Ok(())
     }
 
-    /// Opens one NATS connection with these settings.
-    pub(crate) async fn client(&self, name: &str) -> Result<async_nats::Client> {
-        self.client_counting(name, None).await
-    }
-
-    /// Opens one NATS connection; messages the client drops because a
-    /// subscription's buffer is full are counted in `drops` (and logged).
-    pub(crate) async fn client_counting(
-        &self,
-        name: &str,
-        drops: Option<DropCounter>,
-    ) -> Result<async_nats::Client> {
-        self.client_watched(name, drops, &security::Violations::default())
-            .await
-    }
-
     /// Opens one NATS connection whose permission violations are reported to
-    /// `violations` (see [`security::Violations::guard`]).
+    /// `violations` (see [`security::Violations::guard`]); messages the client
+    /// drops because a subscription's buffer is full are counted in `drops`
+    /// (and logged).
     pub(crate) async fn client_watched(
         &self,
         name: &str,
@@ -407,7 +392,7 @@ impl NatsConfig {
             })?);
         }
         let violations = violations.clone();
-        let options = ConnectOptions::new()
+        let options = security::options(self, userinfo)?
             .name(name)
             .connection_timeout(self.connect_timeout)
             .request_timeout(Some(self.request_timeout))
@@ -423,6 +408,11 @@ impl NatsConfig {
                         tracing::debug!(target: "polybus_nats", %event, "NATS permission violation");
                         return;
                     }
+                    match &event {
+                        async_nats::Event::SlowConsumer(_) if violations.marker_handled() => return,
+                        async_nats::Event::Disconnected => violations.reconnected(),
+                        _ => {}
+                    }
                     match (&event, &drops) {
                         (async_nats::Event::SlowConsumer(_), Some(drops)) => drops.record(),
                         (async_nats::Event::Disconnected, Some(drops)) => drops.record_loss(),
@@ -433,7 +423,6 @@ impl NatsConfig {
                     }
                 }
             });
-        let options = security::apply(self, userinfo, options).await?;
         let connecting = options.connect(addrs);
         // The connection timeout applies to each attempt; bound the whole connect too.
         match tokio::time::timeout(self.connect_timeout + Duration::from_millis(500), connecting).await {
@@ -466,7 +455,20 @@ pub(crate) fn backend_error(
 /// the server has read every earlier command on the connection. (async-nats's
 /// `flush` only empties the client's write buffer.)
 pub(crate) async fn round_trip(client: &async_nats::Client, timeout: Duration) -> Result<()> {
-    let probe = format!("_POLYBUS.PING.{}", client.new_inbox().replace('.', "_"));
+    round_trip_to(client, timeout, probe_subject(client)).await
+}
+
+/// A subject nobody serves, for [`round_trip`].
+pub(crate) fn probe_subject(client: &async_nats::Client) -> String {
+    format!("_POLYBUS.PING.{}", client.new_inbox().replace('.', "_"))
+}
+
+/// [`round_trip`] with a request to `probe`.
+pub(crate) async fn round_trip_to(
+    client: &async_nats::Client,
+    timeout: Duration,
+    probe: String,
+) -> Result<()> {
     match tokio::time::timeout(timeout, client.request(probe, Bytes::new())).await {
         Err(_) => Err(Error::timeout("a round trip to the NATS server", timeout)),
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),

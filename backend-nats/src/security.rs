@@ -87,21 +87,181 @@ impl Violation {
     }
 }
 
+/// How often [`Violations::round_trip`] lets the event task run after the
+/// server's answer before it concludes nothing was refused.
+const SETTLE_YIELDS: usize = 3;
+
 /// The permission violations one NATS connection reported.
 #[derive(Clone)]
 pub(crate) struct Violations {
     tx: broadcast::Sender<Arc<Violation>>,
+    /// The core producer's markers (see [`Markers`]), if this connection has them.
+    markers: Option<Arc<Markers>>,
 }
 
 impl Default for Violations {
     fn default() -> Self {
         Violations {
-            tx: broadcast::channel(64).0,
+            tx: broadcast::channel(1024).0,
+            markers: None,
         }
     }
 }
 
+/// Proof that the client's event task has handled every server error read
+/// before a point, for the core producer (whose `send` must fail when the
+/// server refused its publish).
+///
+/// async-nats hands a `-ERR` to the event callback through a queue served by a
+/// task of its own, so a `-ERR` read before a round trip's answer may reach
+/// polybus after the caller has seen the answer (measured: a yield or three
+/// is not enough on a loaded machine). A marker goes through that same queue,
+/// behind the `-ERR`: the producer's connection has a subscription buffer of
+/// one message and a subscription of its own to a marker subject, filled once
+/// at connect and never read; every later marker message published by a send
+/// after its data finds the buffer full, and async-nats reports it as a
+/// slow-consumer event, in order with the server's errors. When the marker
+/// event of a send has been handled, every `-ERR` the server sent before it
+/// (so every refusal of that send's publish) has been recorded. The marker is
+/// also the send's round trip: it costs what the request did before, one
+/// message each way.
+pub(crate) struct Markers {
+    state: std::sync::Mutex<MarkerState>,
+    handled: tokio::sync::Notify,
+    /// Serializes publishing a marker with counting it.
+    order: tokio::sync::Mutex<()>,
+    /// Bounds the markers in flight, so they never fill async-nats's event
+    /// queue (128; an event that does not fit is dropped).
+    in_flight: tokio::sync::Semaphore,
+}
+
+#[derive(Default)]
+struct MarkerState {
+    published: u64,
+    handled: u64,
+    /// Bumped at each reconnect: markers in flight then may be lost.
+    generation: u64,
+}
+
+impl Default for Markers {
+    fn default() -> Self {
+        Markers {
+            state: std::sync::Mutex::new(MarkerState::default()),
+            handled: tokio::sync::Notify::new(),
+            order: tokio::sync::Mutex::new(()),
+            in_flight: tokio::sync::Semaphore::new(32),
+        }
+    }
+}
+
+impl Markers {
+    fn state(&self) -> std::sync::MutexGuard<'_, MarkerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl Violations {
+    /// Violations of a connection that uses markers (the core producer's).
+    pub(crate) fn with_markers() -> Self {
+        Violations {
+            markers: Some(Arc::new(Markers::default())),
+            ..Violations::default()
+        }
+    }
+
+    /// Handles a slow-consumer event; returns whether it was a marker.
+    pub(crate) fn marker_handled(&self) -> bool {
+        let Some(markers) = &self.markers else {
+            return false;
+        };
+        markers.state().handled += 1;
+        markers.handled.notify_waiters();
+        true
+    }
+
+    /// The connection is back after a loss: markers in flight may be lost.
+    pub(crate) fn reconnected(&self) {
+        if let Some(markers) = &self.markers {
+            let mut state = markers.state();
+            state.generation += 1;
+            state.published = 0;
+            state.handled = 0;
+            drop(state);
+            markers.handled.notify_waiters();
+        }
+    }
+
+    /// Publishes a marker to `subject` after what this task published on
+    /// `client`, and waits until its event is handled (so every `-ERR` before
+    /// it is recorded), failing as soon as a violation that `concerns` the
+    /// caller is seen in `seen` (made before the caller's publish).
+    pub(crate) async fn confirm(
+        &self,
+        client: &async_nats::Client,
+        subject: &str,
+        timeout: std::time::Duration,
+        seen: &mut broadcast::Receiver<Arc<Violation>>,
+        concerns: impl Fn(&Violation) -> bool,
+    ) -> Result<()> {
+        let Some(markers) = &self.markers else {
+            return self.round_trip(client, timeout, seen, concerns).await;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let expired = || Error::timeout("confirming a send with the NATS server", timeout);
+        let _permit = tokio::time::timeout_at(deadline, markers.in_flight.acquire())
+            .await
+            .map_err(|_| expired())?
+            .map_err(|_| Error::Closed("producer"))?;
+        let (target, generation) = {
+            let _order = markers.order.lock().await;
+            client
+                .publish(subject.to_owned(), bytes::Bytes::new())
+                .await
+                .map_err(|e| crate::backend_error("publishing a NATS marker", e, true))?;
+            let mut state = markers.state();
+            state.published += 1;
+            (state.published, state.generation)
+        };
+        loop {
+            let handled = markers.handled.notified();
+            tokio::pin!(handled);
+            handled.as_mut().enable();
+            {
+                let state = markers.state();
+                if state.generation != generation {
+                    return Err(Error::Connection {
+                        backend: BACKEND,
+                        message: "the NATS connection was lost before the server confirmed the send \
+                                  (core NATS: the message may or may not have been delivered)"
+                            .into(),
+                        source: None,
+                    });
+                }
+                if state.handled >= target {
+                    break;
+                }
+            }
+            tokio::select! {
+                biased;
+                got = seen.recv() => match got {
+                    Ok(v) if concerns(&v) => return Err(v.error()),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed("producer")),
+                },
+                () = &mut handled => {}
+                () = tokio::time::sleep_until(deadline) => return Err(expired()),
+            }
+        }
+        // Everything the event task was given before the marker is recorded.
+        loop {
+            match seen.try_recv() {
+                Ok(v) if concerns(&v) => return Err(v.error()),
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
     /// Records a server error; returns whether it was a permission violation.
     pub(crate) fn record(&self, text: &str) -> bool {
         match Violation::parse(text) {
@@ -117,6 +277,88 @@ impl Violations {
     /// keeps one for its whole life, so none is missed between two `next`s).
     pub(crate) fn watch(&self) -> broadcast::Receiver<Arc<Violation>> {
         self.tx.subscribe()
+    }
+
+    /// Makes a round trip to the server (see [`crate::round_trip`]) after
+    /// commands sent on this connection since `seen` was made, and fails with
+    /// [`Error::PermissionDenied`] if the server refused one that `concerns`
+    /// the caller, or refused the round trip itself (a user who may not publish
+    /// to `_POLYBUS.PING.>` or subscribe to `_INBOX.>`).
+    ///
+    /// The server handles a connection's commands in order, so its `-ERR` for
+    /// an earlier command is read before the round trip's answer; async-nats
+    /// hands the `-ERR` to the event callback through a queue served by
+    /// another task, which may run a moment after this one is woken. So after
+    /// the answer this yields a few times, letting that task record what it has
+    /// already been given: no extra round trip, a few microseconds on the
+    /// happy path.
+    pub(crate) async fn round_trip(
+        &self,
+        client: &async_nats::Client,
+        timeout: std::time::Duration,
+        seen: &mut broadcast::Receiver<Arc<Violation>>,
+        concerns: impl Fn(&Violation) -> bool,
+    ) -> Result<()> {
+        let probe = crate::probe_subject(client);
+        let inbox = client.new_inbox();
+        let inbox_prefix = inbox.rsplit_once('.').map_or(inbox.as_str(), |(p, _)| p);
+        let refused = |v: &Violation| {
+            let about_probe = (v.denied == Denied::Publish && v.subject == probe)
+                || (v.denied == Denied::Subscribe && v.subject.starts_with(inbox_prefix));
+            if about_probe {
+                Some(Error::PermissionDenied {
+                    backend: BACKEND,
+                    message: format!(
+                        "{} (polybus confirms core NATS sends and subscriptions with a request to \
+                         `_POLYBUS.PING.>` answered on `_INBOX.>`: allow the user to publish to the \
+                         first and subscribe to the second)",
+                        v.error()
+                    ),
+                    source: None,
+                })
+            } else if concerns(v) {
+                Some(v.error())
+            } else {
+                None
+            }
+        };
+        let answered = crate::round_trip_to(client, timeout, probe.clone());
+        tokio::pin!(answered);
+        loop {
+            tokio::select! {
+                biased;
+                got = seen.recv() => match got {
+                    Ok(v) => {
+                        if let Some(e) = refused(&v) {
+                            return Err(e);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return answered.as_mut().await,
+                },
+                done = &mut answered => {
+                    done?;
+                    break;
+                }
+            }
+        }
+        let mut drain = || loop {
+            match seen.try_recv() {
+                Ok(v) => {
+                    if let Some(e) = refused(&v) {
+                        return Err(e);
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => return Ok(()),
+            }
+        };
+        drain()?;
+        for _ in 0..SETTLE_YIELDS {
+            tokio::task::yield_now().await;
+            drain()?;
+        }
+        Ok(())
     }
 
     /// Runs `operation`, failing it with [`Error::PermissionDenied`] as soon as
@@ -277,30 +519,97 @@ pub(crate) fn ensure_crypto_provider() {
     }
 }
 
-/// Adds the configured credentials and TLS settings to `options`; the URL's
-/// credentials (`userinfo`) come first, then the config's fields.
-pub(crate) async fn apply(
+/// The user JWT and NKey seed of a `.creds` file (the first and second
+/// decorated blocks, as `nsc` writes them).
+fn parse_credentials(text: &str) -> std::result::Result<(String, String), &'static str> {
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        if line.starts_with("---") && line.contains("BEGIN") {
+            match lines.find(|l| !l.is_empty()) {
+                Some(body) if !body.starts_with("---") => blocks.push(body.to_owned()),
+                _ => return Err("not a valid credentials file"),
+            }
+        }
+    }
+    match <[String; 2]>::try_from(blocks) {
+        Ok([jwt, seed]) if seed.starts_with('S') => Ok((jwt, seed)),
+        _ => Err("not a valid credentials file"),
+    }
+}
+
+/// Reads and parses a credentials file; the error names the reason, never
+/// what was read.
+/// (A small local file, read at connects only: blocking is fine.)
+fn read_credentials(path: &Path) -> std::result::Result<(String, nkeys::KeyPair), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_reason(&e))?;
+    let (jwt, seed) = parse_credentials(&text).map_err(str::to_owned)?;
+    let key = nkeys::KeyPair::from_seed(&seed).map_err(|_| "the NKey seed in it is not valid".to_owned())?;
+    Ok((jwt, key))
+}
+
+/// Connect options with the configured credentials and TLS settings; the
+/// URL's credentials (`userinfo`) come first, then the config's fields.
+///
+/// A credentials file is read now (an unreadable or malformed one is
+/// `InvalidConfig` naming it) and again at every connect and reconnect,
+/// through async-nats's auth callback (its own `credentials_file` reads the
+/// file once): replacing the file rotates the credentials of live
+/// connections at their next reconnect (an expired user JWT makes the server
+/// close the connection, so a renewed file keeps it going).
+pub(crate) fn options(
     config: &NatsConfig,
     userinfo: Option<(String, Option<String>)>,
-    mut options: ConnectOptions,
 ) -> Result<ConnectOptions> {
     ensure_crypto_provider();
-    match (userinfo, &config.user, &config.password, &config.token) {
-        (Some((user, Some(pass))), ..) => options = options.user_and_password(user, pass),
-        (Some((token, None)), ..) => options = options.token(token),
-        (None, Some(user), Some(pass), _) => options = options.user_and_password(user.clone(), pass.clone()),
-        (None, _, _, Some(token)) => options = options.token(token.clone()),
-        _ => {}
-    }
-    if let Some(seed) = &config.nkey_seed {
-        options = options.nkey(seed.trim().to_owned());
-    }
-    if let Some(path) = &config.credentials_file {
-        options = options
-            .credentials_file(path)
-            .await
-            .map_err(|e| file_error("credentials file", path, io_reason(&e)))?;
-    }
+    let (user, token) = match (userinfo, &config.user, &config.password, &config.token) {
+        (Some((user, Some(pass))), ..) => (Some((user, pass)), None),
+        (Some((token, None)), ..) => (None, Some(token)),
+        (None, Some(user), Some(pass), _) => (Some((user.clone(), pass.clone())), None),
+        (None, _, _, Some(token)) => (None, Some(token.clone())),
+        _ => (None, None),
+    };
+    let mut options = match &config.credentials_file {
+        Some(path) => {
+            read_credentials(path).map_err(|why| file_error("credentials file", path, why))?;
+            let path = path.clone();
+            // The callback replaces every other credential: it sends them too.
+            ConnectOptions::with_auth_callback(move |nonce| {
+                let (path, user, token) = (path.clone(), user.clone(), token.clone());
+                async move {
+                    let (jwt, key) = read_credentials(&path).map_err(|why| {
+                        tracing::warn!(target: "polybus_nats", file = %path.display(), %why, "NATS credentials file unusable at reconnect");
+                        async_nats::AuthError::new(format!("credentials file '{}': {why}", path.display()))
+                    })?;
+                    let signature = key
+                        .sign(&nonce)
+                        .map_err(|_| async_nats::AuthError::new("cannot sign the server's nonce"))?;
+                    let mut auth = async_nats::Auth::new();
+                    auth.jwt = Some(jwt);
+                    auth.signature = Some(signature);
+                    if let Some((user, pass)) = user {
+                        auth.username = Some(user);
+                        auth.password = Some(pass);
+                    }
+                    auth.token = token;
+                    Ok(auth)
+                }
+            })
+        }
+        None => {
+            let mut options = ConnectOptions::new();
+            if let Some((user, pass)) = user {
+                options = options.user_and_password(user, pass);
+            }
+            if let Some(token) = token {
+                options = options.token(token);
+            }
+            if let Some(seed) = &config.nkey_seed {
+                options = options.nkey(seed.trim().to_owned());
+            }
+            options
+        }
+    };
     if config.tls_required || config.tls_ca_file.is_some() || config.tls_client_cert.is_some() {
         options = options.require_tls(true);
     }
@@ -411,6 +720,16 @@ mod tests {
         assert!(v.concerns("secret"));
         assert!(!v.concerns("other"));
         assert!(!v.error().is_retryable());
+    }
+
+    #[test]
+    fn credentials_files_are_parsed() {
+        let text = "-----BEGIN NATS USER JWT-----\neyJ.a.b\n------END NATS USER JWT------\n\n\
+                    ****** IMPORTANT ******\nNKEY Seed printed below.\n\n\
+                    -----BEGIN USER NKEY SEED-----\nSUAB\n------END USER NKEY SEED------\n";
+        assert_eq!(parse_credentials(text), Ok(("eyJ.a.b".into(), "SUAB".into())));
+        assert!(parse_credentials("eyJ.a.b\nSUAB").is_err());
+        assert!(parse_credentials("-----BEGIN NATS USER JWT-----\neyJ.a.b\n------END------\n").is_err());
     }
 
     #[test]

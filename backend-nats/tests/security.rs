@@ -307,6 +307,109 @@ fn permission_denied_at_send_declare_and_subscribe_is_fast_and_final() {
     });
 }
 
+/// Core NATS: the server refuses a publish or subscription with an
+/// asynchronous `-ERR`; `send` and `subscribe` must fail with it (not look
+/// successful), at once, and the same connection stays usable.
+#[test]
+fn core_permission_denied_at_send_and_subscribe_is_fast_and_final() {
+    let Some(url) = broker_url(
+        "POLYBUS_TEST_NATS_LIMITED_URL",
+        "core_permission_denied_at_send_and_subscribe_is_fast_and_final",
+    ) else {
+        return;
+    };
+    runtime().block_on(async {
+        let conn = polybus_nats::connect_with(config(&url).mode(polybus_nats::Mode::Core))
+            .await
+            .unwrap();
+        let denied = |e: &Error, subject: &str| {
+            assert!(matches!(e, Error::PermissionDenied { .. }), "{e:?}");
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains(&format!("'{subject}'")), "{e}");
+        };
+        // Many times, interleaved with allowed sends on the same connection:
+        // each denied send fails, each allowed one succeeds.
+        let allowed = format!("allowed-{}", uuid_like());
+        for i in 0..200 {
+            let started = Instant::now();
+            let err = conn
+                .producer
+                .send("secret.orders", Message::new("x"))
+                .await
+                .expect_err(&format!("denied send {i} must fail"));
+            denied(&err, "secret.orders");
+            assert!(started.elapsed() < secs(3.0), "{:?}", started.elapsed());
+            conn.producer
+                .send(&allowed, Message::new("fine"))
+                .await
+                .unwrap_or_else(|e| panic!("allowed send {i}: {e:?}"));
+        }
+        // Concurrent sends: only the denied ones fail.
+        let sends = (0..50).map(|i| {
+            let producer = conn.producer.clone();
+            let allowed = allowed.clone();
+            async move {
+                let topic = if i % 2 == 0 { "secret".to_owned() } else { allowed };
+                (i, producer.send(&topic, Message::new("x")).await)
+            }
+        });
+        for (i, result) in futures::future::join_all(sends).await {
+            match (i % 2 == 0, result) {
+                (true, Err(e)) => denied(&e, "secret"),
+                (false, Ok(())) => {}
+                (denied_topic, other) => panic!("send {i} (denied: {denied_topic}): {other:?}"),
+            }
+        }
+
+        // A subscription is refused with an -ERR too. `subscribe` checks after
+        // a round trip (and a few yields for async-nats's event task), and the
+        // subscription keeps watching: either the call fails or the
+        // subscription's first event is the refusal, within moments.
+        let started = Instant::now();
+        let err = match conn
+            .consumer
+            .subscribe(polybus_core::SubscribeOptions::new("secret.orders").group("g"))
+            .await
+        {
+            Err(e) => e,
+            Ok(mut sub) => match tokio::time::timeout(secs(3.0), sub.next()).await {
+                Ok(Some(Err(e))) => e,
+                other => panic!("subscribing to a denied subject must fail: {other:?}"),
+            },
+        };
+        denied(&err, "secret.orders");
+        assert!(started.elapsed() < secs(3.0), "{:?}", started.elapsed());
+        // Through a runner: `run` fails, or the runner ends with the refusal.
+        match conn.runner().topic("secret").run(Recorder::new().handler()).await {
+            Err(e) => denied(&e, "secret"),
+            Ok(handle) => {
+                let limit = Instant::now() + secs(3.0);
+                while !handle.is_finished() && Instant::now() < limit {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                assert_eq!(handle.state(), polybus_core::RunState::Failed);
+                denied(&handle.error().expect("the runner says why"), "secret");
+            }
+        }
+
+        // The same connections still work for what is allowed.
+        roundtrip_on(&conn, &allowed).await;
+        let _ = conn.close().await;
+    });
+}
+
+/// One message through a runner on `topic`.
+async fn roundtrip_on(conn: &polybus_core::Connection, topic: &str) {
+    let recorder = Recorder::new();
+    let handle = conn.runner().topic(topic).run(recorder.handler()).await.unwrap();
+    conn.producer.send(topic, Message::new("fine")).await.unwrap();
+    recorder
+        .wait_for(1, secs(10.0))
+        .await
+        .expect("the message arrives");
+    handle.shutdown(secs(5.0)).await;
+}
+
 #[test]
 fn nkey_authentication() {
     // A server of its own, with a user NKey generated here.

@@ -21,13 +21,19 @@ const TEST: &str = "operator_mode_credentials_files";
 
 /// A JWT: `header.claims.signature`, signed by `issuer`.
 fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: &str) -> String {
+    jwt_expiring(issuer, subject, name, nats, None)
+}
+
+/// A JWT that expires at `exp` (seconds since the epoch), if given.
+fn jwt_expiring(issuer: &KeyPair, subject: &str, name: &str, nats: &str, exp: Option<u64>) -> String {
     let header = base64url(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
     let iat = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
+    let exp = exp.map(|e| format!(r#""exp":{e},"#)).unwrap_or_default();
     let claims = format!(
-        r#"{{"jti":"{subject}{iat}","iat":{iat},"iss":"{}","name":"{name}","sub":"{subject}","nats":{nats}}}"#,
+        r#"{{"jti":"{subject}{iat}","iat":{iat},{exp}"iss":"{}","name":"{name}","sub":"{subject}","nats":{nats}}}"#,
         issuer.public_key()
     );
     let signed = format!("{header}.{}", base64url(claims.as_bytes()));
@@ -45,11 +51,16 @@ fn account_jwt(operator: &KeyPair, account: &KeyPair) -> String {
 }
 
 fn user_jwt(account: &KeyPair, user: &KeyPair) -> String {
-    jwt(
+    user_jwt_expiring(account, user, None)
+}
+
+fn user_jwt_expiring(account: &KeyPair, user: &KeyPair, exp: Option<u64>) -> String {
+    jwt_expiring(
         account,
         &user.public_key(),
         "app",
         r#"{"pub":{},"sub":{},"subs":-1,"data":-1,"payload":-1,"type":"user","version":2}"#,
+        exp,
     )
 }
 
@@ -180,5 +191,130 @@ fn operator_mode_credentials_files() {
     });
     texts.push_str(&logs.text());
     assert_no_leak(&texts, &[&user.seed().unwrap(), &other_user.seed().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Credential rotation without a restart: a user JWT that expires makes the
+/// server close the connection ("User Authentication Expired"); the client
+/// reconnects, reading the credentials file again, so a file replaced before
+/// then (a renewed JWT, here even another user's key) keeps the producer and
+/// the runner going. With the file read once (async-nats's
+/// `credentials_file`), every reconnect sends the expired JWT and is refused.
+#[test]
+fn a_replaced_credentials_file_is_used_at_the_next_reconnect() {
+    const TEST: &str = "a_replaced_credentials_file_is_used_at_the_next_reconnect";
+    let operator = KeyPair::new_operator();
+    let account = KeyPair::new_account();
+    let (user, renewed_user) = (KeyPair::new_user(), KeyPair::new_user());
+    let dir = std::env::temp_dir().join(format!("polybus-jwt-rotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let operator_file = dir.join("operator.jwt");
+    std::fs::write(
+        &operator_file,
+        jwt(
+            &operator,
+            &operator.public_key(),
+            "polybus-test",
+            r#"{"type":"operator","version":2}"#,
+        ),
+    )
+    .unwrap();
+    let port = free_port().unwrap();
+    let conf = dir.join("operator.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\noperator: \"{}\"\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{}\"\n}}\n",
+            operator_file.display(),
+            account.public_key(),
+            account_jwt(&operator, &account)
+        ),
+    )
+    .unwrap();
+    let Some(_server) = spawn("nats-server", &["-c", conf.to_str().unwrap()], TEST) else {
+        return;
+    };
+    assert!(
+        wait_for_port(port, Duration::from_secs(5)),
+        "nats-server in operator mode"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let lifetime = 3;
+    let creds = dir.join("app.creds");
+    write_creds(
+        &creds,
+        &user_jwt_expiring(&account, &user, Some(now + lifetime)),
+        &user.seed().unwrap(),
+    );
+    let m = timeout_multiplier();
+    let config = NatsConfig::from_url(&format!(
+        "nats://127.0.0.1:{port}?mode=core&creds={}",
+        creds.display()
+    ))
+    .unwrap()
+    .connect_timeout(Duration::from_secs_f64(3.0 * m));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = polybus_nats::connect_with(config)
+            .await
+            .expect("the first credentials connect");
+        let recorder = Recorder::new();
+        let handle = conn
+            .runner()
+            .topic("rotated")
+            .group("g")
+            .run(recorder.handler())
+            .await
+            .unwrap();
+        conn.producer
+            .send("rotated", Message::new("before"))
+            .await
+            .unwrap();
+        recorder
+            .wait_for(1, Duration::from_secs_f64(5.0 * m))
+            .await
+            .expect("received with the first credentials");
+
+        // Renewed before the old JWT expires, as a credentials agent would.
+        write_creds(
+            &creds,
+            &user_jwt(&account, &renewed_user),
+            &renewed_user.seed().unwrap(),
+        );
+        tokio::time::sleep(Duration::from_secs(lifetime + 1)).await;
+
+        // Both connections were closed at the expiry and must be back, with the
+        // renewed credentials: a message sent now arrives (core NATS loses what
+        // is sent while the consumer is away, so send until one arrives).
+        let limit = Instant::now() + Duration::from_secs_f64(15.0 * m);
+        let mut sent = 1;
+        while recorder.len() < 2 {
+            assert!(
+                Instant::now() < limit,
+                "nothing arrives after the expiry: the reconnects were refused ({sent} sent)"
+            );
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                conn.producer.send("rotated", Message::new("after")),
+            )
+            .await;
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(handle.state(), polybus_core::RunState::Running);
+        conn.producer
+            .send("rotated", Message::new("settled"))
+            .await
+            .expect("sends work again");
+        handle.shutdown(Duration::from_secs(5)).await;
+        let _ = conn.close().await;
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }
