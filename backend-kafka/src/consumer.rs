@@ -20,7 +20,9 @@ use crate::{BACKEND, KafkaConfig, map_error, millis};
 /// Declares topics and groups and opens subscriptions. Built by
 /// [`connect`](crate::connect).
 pub struct KafkaConsumer {
-    config: Arc<KafkaConfig>,
+    /// The settings clients are made with (SASL credentials rotated by
+    /// [`rotate_credentials`](Self::rotate_credentials)).
+    config: std::sync::RwLock<Arc<KafkaConfig>>,
     admin: AdminClient<DefaultClientContext>,
     /// A client in no group, for metadata and watermarks.
     meta: Arc<BaseConsumer>,
@@ -32,7 +34,7 @@ pub struct KafkaConsumer {
 impl std::fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaConsumer")
-            .field("config", &self.config)
+            .field("config", &self.settings())
             .finish_non_exhaustive()
     }
 }
@@ -97,7 +99,7 @@ impl KafkaConsumer {
         blocking(move || crate::security::probe(&probe, timeout)).await?;
         let meta = Arc::new(meta);
         Ok(KafkaConsumer {
-            config: Arc::new(config),
+            config: std::sync::RwLock::new(Arc::new(config)),
             admin,
             meta,
             subscriptions: Mutex::new(Vec::new()),
@@ -105,16 +107,52 @@ impl KafkaConsumer {
         })
     }
 
-    /// The settings this consumer was built with.
-    pub fn config(&self) -> &KafkaConfig {
-        &self.config
+    /// The settings this consumer makes its clients with (its SASL
+    /// credentials are the rotated ones after
+    /// [`rotate_credentials`](Self::rotate_credentials)).
+    pub fn config(&self) -> Arc<KafkaConfig> {
+        self.settings()
+    }
+
+    fn settings(&self) -> Arc<KafkaConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the SASL user name and password (PLAIN or SCRAM) without a
+    /// restart: every client of this consumer (admin, metadata, the
+    /// subscriptions still open) uses them the next time it logs in to a
+    /// broker (a new or lost connection; connections already open stay as
+    /// they are), and brokers waiting to reconnect retry at once; clients made
+    /// later (new subscriptions) are made with them.
+    ///
+    /// `InvalidConfig` without a SASL mechanism (or with a NUL byte or an
+    /// empty value); `Unsupported` for another mechanism than PLAIN or SCRAM.
+    pub fn rotate_credentials(&self, username: &str, password: &str) -> Result<()> {
+        let (user, pass) = crate::credentials::check(username, password)?;
+        // A subscription being opened meanwhile with the old settings is
+        // given the new credentials by `subscribe` once it is in the list.
+        let mut config = self.config.write().unwrap_or_else(|p| p.into_inner());
+        let rotated = config.with_rotated_credentials(username, password)?;
+        crate::credentials::set(self.admin.inner(), &user, &pass)?;
+        crate::credentials::set(self.meta.client(), &user, &pass)?;
+        for subscription in self
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            subscription.rotate(&user, &pass)?;
+        }
+        *config = Arc::new(rotated);
+        tracing::info!(target: "polybus_kafka", user = username, "Kafka consumer SASL credentials rotated");
+        Ok(())
     }
 
     /// The number of partitions of `topic`, or `None` when it does not exist.
     pub async fn partitions(&self, topic: &str) -> Result<Option<i32>> {
         let meta = Arc::clone(&self.meta);
         let topic = topic.to_owned();
-        let timeout = self.config.request_timeout;
+        let timeout = self.settings().request_timeout;
         blocking(move || partition_count(&meta, &topic, timeout)).await
     }
 
@@ -127,7 +165,7 @@ impl KafkaConsumer {
         let meta = Arc::clone(&self.meta);
         let offsets = self.group_client(group)?;
         let topic = topic.to_owned();
-        let timeout = self.config.request_timeout;
+        let timeout = self.settings().request_timeout;
         blocking(move || {
             let Some(count) = partition_count(&meta, &topic, timeout)? else {
                 return Err(Error::NotFound {
@@ -160,14 +198,14 @@ impl KafkaConsumer {
         };
         let client = self.group_client(group)?;
         let topic = topic.to_owned();
-        let timeout = self.config.request_timeout;
+        let timeout = self.settings().request_timeout;
         blocking(move || committed(&client, &topic, count, timeout)).await
     }
 
     /// A client of `group` that never joins it, for reading and committing its
     /// offsets.
     fn group_client(&self, group: &str) -> Result<BaseConsumer> {
-        self.config
+        self.settings()
             .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
@@ -182,8 +220,8 @@ impl KafkaConsumer {
             .map(|t| {
                 NewTopic::new(
                     t,
-                    self.config.partitions,
-                    TopicReplication::Fixed(self.config.replication),
+                    self.settings().partitions,
+                    TopicReplication::Fixed(self.settings().replication),
                 )
             })
             .collect();
@@ -194,8 +232,8 @@ impl KafkaConsumer {
     /// metadata shows them.
     async fn create(&self, new: &[NewTopic<'_>]) -> Result<()> {
         let options = AdminOptions::new()
-            .operation_timeout(Some(self.config.request_timeout))
-            .request_timeout(Some(self.config.request_timeout));
+            .operation_timeout(Some(self.settings().request_timeout))
+            .request_timeout(Some(self.settings().request_timeout));
         let results = self
             .admin
             .create_topics(new, &options)
@@ -213,7 +251,7 @@ impl KafkaConsumer {
             }
         }
         // Creation is asynchronous on the broker: wait until the metadata shows it.
-        let until = tokio::time::Instant::now() + self.config.request_timeout;
+        let until = tokio::time::Instant::now() + self.settings().request_timeout;
         for topic in new.iter().map(|t| t.name) {
             loop {
                 if self.partitions(topic).await?.is_some() {
@@ -222,7 +260,7 @@ impl KafkaConsumer {
                 if tokio::time::Instant::now() >= until {
                     return Err(Error::timeout(
                         format!("waiting for topic {topic} to appear"),
-                        self.config.request_timeout,
+                        self.settings().request_timeout,
                     ));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -262,7 +300,7 @@ impl KafkaConsumer {
         let mut new = NewTopic::new(
             &dlq,
             partitions.max(1),
-            TopicReplication::Fixed(self.config.replication),
+            TopicReplication::Fixed(self.settings().replication),
         );
         if let Some(bytes) = &max_bytes {
             new = new.set("max.message.bytes", bytes);
@@ -279,7 +317,7 @@ impl KafkaConsumer {
 
     /// One configuration value of `topic`, if the broker answers DescribeConfigs.
     async fn topic_config(&self, topic: &str, key: &str) -> Option<String> {
-        let options = AdminOptions::new().request_timeout(Some(self.config.request_timeout));
+        let options = AdminOptions::new().request_timeout(Some(self.settings().request_timeout));
         let results = self
             .admin
             .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
@@ -419,12 +457,12 @@ fn fix_group_start(
 #[async_trait]
 impl Consumer for KafkaConsumer {
     fn capabilities(&self) -> Capabilities {
-        let mut caps = Capabilities::new(BACKEND, self.config.max_payload());
+        let mut caps = Capabilities::new(BACKEND, self.settings().max_payload());
         caps.positional_acks = true;
         caps.key_order_across_instances = true;
         // Kafka's only deadline: a member that stops polling is removed from its
         // group. The poll thread keeps polling while handlers run.
-        caps.ack_deadline = Some(self.config.max_poll_interval);
+        caps.ack_deadline = Some(self.settings().max_poll_interval);
         caps.binding = polybus_core::cloudevents::Binding::Kafka;
         caps
     }
@@ -447,7 +485,7 @@ impl Consumer for KafkaConsumer {
         let meta = Arc::clone(&self.meta);
         let client = self.group_client(group)?;
         let topic = topic.to_owned();
-        let timeout = self.config.request_timeout;
+        let timeout = self.settings().request_timeout;
         blocking(move || fix_group_start(&meta, &client, &topic, count, start, timeout)).await
     }
 
@@ -467,7 +505,7 @@ impl Consumer for KafkaConsumer {
                 // No group: read every partition from its current end (or start),
                 // fixed before `subscribe` returns so nothing sent after it is missed.
                 let meta = Arc::clone(&self.meta);
-                let timeout = self.config.request_timeout;
+                let timeout = self.settings().request_timeout;
                 let from = options.start;
                 let offsets = blocking(move || {
                     let mut offsets = Vec::new();
@@ -483,11 +521,20 @@ impl Consumer for KafkaConsumer {
                 Start::Assign(offsets)
             }
         };
-        let sub = subscription::open(Arc::clone(&self.config), options, start).await?;
+        let settings = self.settings();
+        let sub = subscription::open(Arc::clone(&settings), options, start).await?;
         {
             let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
             subscriptions.retain(Closer::is_open);
             subscriptions.push(sub.closer());
+        }
+        // Credentials rotated while it was being opened: give it the new ones.
+        let now = self.settings();
+        if !Arc::ptr_eq(&settings, &now)
+            && let Some((user, pass)) = now.sasl_credentials()
+        {
+            let (user, pass) = crate::credentials::check(&user, &pass)?;
+            sub.closer().rotate(&user, &pass)?;
         }
         if self.closed.load(Ordering::Acquire) {
             // `close` ran while this subscription was being opened.

@@ -44,6 +44,7 @@ use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 mod consumer;
+mod credentials;
 mod offsets;
 mod poll;
 mod producer;

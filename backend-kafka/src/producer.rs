@@ -47,7 +47,9 @@ pub struct KafkaProducer {
     /// The producer for records over `max_message_bytes` (dead-letter copies
     /// of foreign records), made on first need; see the module doc.
     oversize: std::sync::Mutex<Option<Arc<FutureProducer>>>,
-    config: KafkaConfig,
+    /// The settings clients are made with (SASL credentials rotated by
+    /// [`rotate_credentials`](Self::rotate_credentials)).
+    config: RwLock<KafkaConfig>,
     gate: SendGate,
     max_payload: usize,
     delivery_timeout: Duration,
@@ -93,11 +95,41 @@ impl KafkaProducer {
         Ok(KafkaProducer {
             inner: RwLock::new(Arc::new(create(config)?)),
             oversize: std::sync::Mutex::new(None),
-            config: config.clone(),
+            config: RwLock::new(config.clone()),
             gate: SendGate::new("producer"),
             max_payload: config.max_payload(),
             delivery_timeout: config.delivery_timeout,
         })
+    }
+
+    fn settings(&self) -> KafkaConfig {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the SASL user name and password (PLAIN or SCRAM) without a
+    /// restart: librdkafka uses them the next time it logs in to a broker
+    /// (a new or lost connection; connections already open stay as they are),
+    /// and brokers waiting to reconnect, after a refused login for example,
+    /// retry at once. Producers made later (after a fatal error, or for large
+    /// dead-letter copies) use them too.
+    ///
+    /// `InvalidConfig` without a SASL mechanism (or with a NUL byte or an empty
+    /// value); `Unsupported` for another mechanism than PLAIN or SCRAM.
+    pub fn rotate_credentials(&self, username: &str, password: &str) -> Result<()> {
+        let (user, pass) = crate::credentials::check(username, password)?;
+        // Lock order (as `failed` and `for_record`): producer, oversize slot,
+        // settings; holding all three, no producer is made with the old ones.
+        let current = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let oversize = self.oversize.lock().unwrap_or_else(|p| p.into_inner());
+        let mut config = self.config.write().unwrap_or_else(|p| p.into_inner());
+        let rotated = config.with_rotated_credentials(username, password)?;
+        crate::credentials::set(current.client(), &user, &pass)?;
+        if let Some(oversize) = &*oversize {
+            crate::credentials::set(oversize.client(), &user, &pass)?;
+        }
+        *config = rotated;
+        tracing::info!(target: "polybus_kafka", user = username, "Kafka producer SASL credentials rotated");
+        Ok(())
     }
 
     fn current(&self) -> Arc<FutureProducer> {
@@ -107,14 +139,14 @@ impl KafkaProducer {
     /// The producer for `message`: the oversize one when the record would be
     /// over `max_message_bytes` (only a `publish` of a copy can be).
     fn for_record(&self, message: &Message) -> Result<Arc<FutureProducer>> {
-        if record_size(message) <= self.config.max_message_bytes {
+        if record_size(message) <= self.settings().max_message_bytes {
             return Ok(self.current());
         }
         let mut slot = self.oversize.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(producer) = &*slot {
             return Ok(Arc::clone(producer));
         }
-        let producer = Arc::new(create_oversize(&self.config)?);
+        let producer = Arc::new(create_oversize(&self.settings())?);
         *slot = Some(Arc::clone(&producer));
         Ok(producer)
     }
@@ -134,7 +166,7 @@ impl KafkaProducer {
         }
         let mut current = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&current, producer) {
-            match create(&self.config) {
+            match create(&self.settings()) {
                 Ok(fresh) => {
                     tracing::error!(?code, %reason, "the Kafka producer hit a fatal error; replaced by a new one");
                     let old = std::mem::replace(&mut *current, Arc::new(fresh));

@@ -198,6 +198,63 @@ impl KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// The SASL user name and password clients are made with, if any.
+    pub(crate) fn sasl_credentials(&self) -> Option<(String, String)> {
+        let user = self
+            .sasl_username
+            .clone()
+            .or_else(|| self.properties.get("sasl.username").cloned())?;
+        let pass = self
+            .sasl_password
+            .clone()
+            .or_else(|| self.properties.get("sasl.password").cloned())?;
+        Some((user, pass))
+    }
+
+    /// The same settings with other SASL credentials, for clients made after
+    /// a rotation (`KafkaProducer::rotate_credentials`,
+    /// `KafkaConsumer::rotate_credentials`). Only PLAIN and SCRAM credentials
+    /// can be rotated (what `rd_kafka_sasl_set_credentials` applies to).
+    pub(crate) fn with_rotated_credentials(&self, username: &str, password: &str) -> Result<KafkaConfig> {
+        let mechanism = self.sasl_mechanism.map(|m| m.name().to_owned()).or_else(|| {
+            ["sasl.mechanisms", "sasl.mechanism"]
+                .iter()
+                .find_map(|k| self.properties.get(*k).cloned())
+        });
+        match mechanism {
+            None => {
+                return Err(Error::InvalidConfig(
+                    "Kafka: no SASL mechanism is configured, so there are no credentials to rotate".into(),
+                ));
+            }
+            Some(m) if SaslMechanism::parse(&m).is_none() => {
+                return Err(Error::Unsupported(format!(
+                    "Kafka: rotating credentials applies to PLAIN and SCRAM only, not {m}"
+                )));
+            }
+            Some(_) => {}
+        }
+        let mut config = self.clone();
+        if config.sasl_username.is_none()
+            && (config.properties.contains_key("sasl.username")
+                || config.properties.contains_key("sasl.password"))
+            || config.properties.contains_key("sasl.password")
+        {
+            config
+                .properties
+                .insert("sasl.username".into(), username.to_owned());
+            config
+                .properties
+                .insert("sasl.password".into(), password.to_owned());
+        } else {
+            config.sasl_username = Some(username.to_owned());
+            config.sasl_password = Some(password.to_owned());
+        }
+        Ok(config)
+    }
+}
+
 /// Checks that a TLS file can be read, naming it (never its content) if not.
 fn readable(path: &Path) -> Result<()> {
     std::fs::File::open(path).map(drop).map_err(|e| {

@@ -217,12 +217,22 @@ impl Shared {
 pub(crate) struct Closer {
     shared: Weak<Shared>,
     timeout: Duration,
+    /// The subscription's librdkafka consumer, while it lives.
+    client: Weak<BaseConsumer<Context>>,
 }
 
 impl Closer {
     /// Whether the subscription is still open (not dropped, poll thread running).
     pub(crate) fn is_open(&self) -> bool {
         self.shared.upgrade().is_some_and(|s| !s.lock().ended)
+    }
+
+    /// Sets the SASL credentials of the subscription's consumer, if it lives.
+    pub(crate) fn rotate(&self, user: &std::ffi::CStr, pass: &std::ffi::CStr) -> Result<()> {
+        match self.client.upgrade() {
+            Some(consumer) => crate::credentials::set(consumer.client(), user, pass),
+            None => Ok(()),
+        }
     }
 
     /// Closes the subscription if it is still open.
@@ -279,6 +289,7 @@ impl AckHandle for KafkaAck {
 /// An open Kafka subscription.
 pub(crate) struct KafkaSubscription {
     shared: Arc<Shared>,
+    client: Weak<BaseConsumer<Context>>,
     items: mpsc::UnboundedReceiver<Redelivery>,
     close_timeout: Duration,
     closed: bool,
@@ -347,6 +358,7 @@ pub(crate) async fn open(
         shared.queues().clear();
         return Err(e);
     }
+    let client = Arc::downgrade(&consumer);
     let poller = Poller {
         consumer,
         shared: Arc::clone(&shared),
@@ -367,6 +379,7 @@ pub(crate) async fn open(
         })?;
     let sub = KafkaSubscription {
         shared,
+        client,
         items,
         close_timeout: config.request_timeout + config.session_timeout,
         closed: false,
@@ -488,6 +501,7 @@ impl KafkaSubscription {
         Closer {
             shared: Arc::downgrade(&self.shared),
             timeout: self.close_timeout,
+            client: Weak::clone(&self.client),
         }
     }
 }
