@@ -38,7 +38,7 @@ impl std::fmt::Debug for KafkaConsumer {
 }
 
 /// Runs a blocking librdkafka call off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Backend {
         backend: BACKEND,
         message: format!("a blocking Kafka call failed: {e}"),
@@ -299,7 +299,7 @@ impl KafkaConsumer {
 }
 
 /// The partition count of `topic` from a metadata request, `None` if missing.
-fn partition_count(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Option<i32>> {
+pub(crate) fn partition_count(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Option<i32>> {
     let metadata = meta
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| map_error(&format!("reading metadata of {topic}"), e))?;
@@ -426,6 +426,7 @@ impl Consumer for KafkaConsumer {
         // group. The poll thread keeps polling while handlers run.
         caps.ack_deadline = Some(self.config.max_poll_interval);
         caps.binding = polybus_core::cloudevents::Binding::Kafka;
+        caps.catch_up = true;
         caps
     }
 
