@@ -10,18 +10,25 @@
 //! caught up when the position is at or past the end: every record before
 //! the end was settled (a commit never passes an unsettled record).
 //!
-//! **tansu**: its high watermark is the last record batch's base offset + 1,
-//! so with batches of several records the end read here is the start of the
-//! last batch and the probe may report before the rest of that batch is
-//! handled. With `batch.num.messages=1` (as the real-broker tests run it) it
-//! is exact; Apache Kafka's high watermark is exact.
+//! **tansu** reports the high watermark as the last record batch's base
+//! offset + 1, so with batches of several records it stops short of the last
+//! batch's other records. So the end is also checked against what can be
+//! fetched: the records from `high - 1` on, read once at the start (a fetch
+//! from a batch's base returns the whole batch); a record stamped at or
+//! before the moment the watermarks were read moves the end past it. On
+//! Kafka that read returns the record at `high - 1` (and perhaps records
+//! appended since, stamped later: not counted), so the end stays the high
+//! watermark. The stamp is the record's timestamp (the producer's clock for
+//! create time): a producer whose clock runs ahead can make a record of the
+//! last batch look later, and the report come before it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use polybus_core::{CatchUpProbe, Error, Result, async_trait};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Message as _, Timestamp};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::consumer::{blocking, partition_count};
@@ -36,6 +43,68 @@ struct End {
     end: i64,
     /// The low watermark then: a position below it counts as at it.
     low: i64,
+}
+
+/// The last offset of each partition that can be fetched from `high - 1`
+/// and was stamped at or before `read_at` (see the module docs), where it
+/// is past `high - 1`.
+fn fetchable_ends(
+    config: &rdkafka::ClientConfig,
+    ends: &[End],
+    read_at: SystemTime,
+    timeout: Duration,
+) -> Result<HashMap<(String, i32), i64>> {
+    let mut tpl = TopicPartitionList::new();
+    let mut waiting = 0usize;
+    for e in ends.iter().filter(|e| e.end > e.low) {
+        tpl.add_partition_offset(&e.topic, e.partition, Offset::Offset(e.end - 1))
+            .map_err(|err| map_error("building offsets", err))?;
+        waiting += 1;
+    }
+    let mut found = HashMap::new();
+    if waiting == 0 {
+        return Ok(found);
+    }
+    let reader: BaseConsumer = config
+        .clone()
+        // librdkafka wants a group id to assign; this reader never joins or commits.
+        .set(
+            "group.id",
+            format!("polybus-private-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(|e| map_error("creating a Kafka reader", e))?;
+    reader
+        .assign(&tpl)
+        .map_err(|e| map_error("assigning partitions to read their ends", e))?;
+    let read_at = read_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let until = Instant::now() + timeout;
+    // Each partition is read until its end of partition: what was there at
+    // the start, and what came since (not counted unless stamped before).
+    while waiting > 0 && Instant::now() < until {
+        match reader.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(record)) => {
+                let stamped = match record.timestamp() {
+                    Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => t,
+                    Timestamp::NotAvailable => i64::MAX,
+                };
+                if stamped <= read_at {
+                    let last = found
+                        .entry((record.topic().to_owned(), record.partition()))
+                        .or_insert(record.offset());
+                    *last = (*last).max(record.offset());
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => waiting -= 1,
+            Some(Err(e)) => return Err(map_error("reading where the partitions end", e)),
+        }
+    }
+    Ok(found)
 }
 
 /// Made by `KafkaSubscription::catch_up_probe`.
@@ -75,8 +144,9 @@ impl KafkaCatchUp {
         };
         let timeout = config.request_timeout;
         let topics = topics.to_vec();
+        let meta_config = config.client_config();
         let ends = blocking(move || {
-            let mut ends = Vec::new();
+            let mut ends: Vec<End> = Vec::new();
             for topic in topics {
                 let count = partition_count(&meta, &topic, timeout)?.ok_or_else(|| Error::NotFound {
                     what: format!("Kafka topic {topic}"),
@@ -91,6 +161,13 @@ impl KafkaCatchUp {
                         end,
                         low,
                     });
+                }
+            }
+            let read_at = SystemTime::now();
+            let fetchable = fetchable_ends(&meta_config, &ends, read_at, timeout)?;
+            for end in &mut ends {
+                if let Some(last) = fetchable.get(&(end.topic.clone(), end.partition)) {
+                    end.end = end.end.max(last + 1);
                 }
             }
             Ok(ends)
