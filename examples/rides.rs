@@ -7,7 +7,10 @@
 //!   `RideAccepted` on `rides`;
 //! * an **email sender** (group `ride-emails`) "emails" the rider on `RideAccepted`,
 //!   added without any change to the rides service;
-//! * a **projection** rebuilds each ride's state by replaying `rides` from the start.
+//! * a **projection** rebuilds each ride's state by replaying `rides` from the
+//!   start in catch-up mode, and serves once it has caught up; then it answers
+//!   "what was this ride's state at time T" by replaying the log from the
+//!   beginning up to T (on a broker that can replay its log).
 //!
 //! Events are typed (`RideCreated`, `ChauffeurFound`, `RideAccepted`, each with
 //! its CloudEvents type and its ride id as key), handlers take the event and
@@ -66,23 +69,39 @@ struct RideView {
     pickup: String,
     chauffeur: Option<String>,
     events: usize,
-    /// When each event happened (its CloudEvents `time`), to answer "what was
-    /// the ride's state at time T" from the same events.
-    created_at: Option<SystemTime>,
+    /// When the ride was accepted (its event's CloudEvents `time`).
     accepted_at: Option<SystemTime>,
 }
 
-impl RideView {
-    /// The chauffeur as of `t`: the events up to `t`, applied in order.
-    fn chauffeur_at(&self, t: SystemTime) -> Option<&str> {
-        self.accepted_at
-            .filter(|at| *at <= t)
-            .and(self.chauffeur.as_deref())
-    }
+/// The projection's state, shared by its handlers: the views, and the point
+/// in time it is rebuilt up to (`None`: everything).
+#[derive(Clone, Default)]
+struct Projection {
+    views: Arc<Mutex<BTreeMap<String, RideView>>>,
+    until: Option<SystemTime>,
 }
 
-/// The projection's state, shared by its handlers.
-type Views = Arc<Mutex<BTreeMap<String, RideView>>>;
+impl Projection {
+    /// A projection of the events that happened at or before `t`.
+    fn as_of(t: SystemTime) -> Self {
+        Projection {
+            until: Some(t),
+            ..Projection::default()
+        }
+    }
+
+    /// Whether an event (by its CloudEvents `time`) belongs in this projection.
+    fn applies(&self, meta: &Meta) -> bool {
+        match (self.until, meta.time()) {
+            (Some(until), Some(time)) => time <= until,
+            _ => true,
+        }
+    }
+
+    fn view(&self, ride_id: &str) -> Option<RideView> {
+        self.views.lock().expect("projection lock").get(ride_id).cloned()
+    }
+}
 
 /// The matcher's state: the chauffeurs on duty.
 #[derive(Clone)]
@@ -138,23 +157,70 @@ async fn email_rider(
 }
 
 // The projection: each event type updates the ride's view.
-async fn project_created(ride: RideCreated, meta: Meta, State(views): State<Views>) -> HandlerResult {
-    let mut views = views.lock().expect("projection lock");
+async fn project_created(
+    ride: RideCreated,
+    meta: Meta,
+    State(projection): State<Projection>,
+) -> HandlerResult {
+    if !projection.applies(&meta) {
+        return Ok(());
+    }
+    let mut views = projection.views.lock().expect("projection lock");
     let view = views.entry(ride.ride_id).or_default();
     view.rider = ride.rider;
     view.pickup = ride.pickup;
-    view.created_at = meta.time();
     view.events += 1;
     Ok(())
 }
 
-async fn project_accepted(accepted: RideAccepted, meta: Meta, State(views): State<Views>) -> HandlerResult {
-    let mut views = views.lock().expect("projection lock");
+async fn project_accepted(
+    accepted: RideAccepted,
+    meta: Meta,
+    State(projection): State<Projection>,
+) -> HandlerResult {
+    if !projection.applies(&meta) {
+        return Ok(());
+    }
+    let mut views = projection.views.lock().expect("projection lock");
     let view = views.entry(accepted.ride_id).or_default();
     view.chauffeur = Some(accepted.chauffeur);
     view.accepted_at = meta.time();
     view.events += 1;
     Ok(())
+}
+
+/// The projection's router: one handler per event type on `rides`.
+fn projection_router(bus: &Connection, projection: Projection) -> Router<Projection> {
+    Events::new(bus, projection)
+        .router()
+        .on(project_created)
+        .on(project_accepted)
+}
+
+/// The ride's state as of `t`: replays `rides` from the beginning in catch-up
+/// mode (no group: nothing is kept once it ends), applying only the events
+/// that happened at or before `t`, and stops at the end of the log as it was.
+async fn state_at(
+    bus: &Connection,
+    ride_id: &str,
+    t: SystemTime,
+) -> Result<Option<RideView>, Box<dyn std::error::Error>> {
+    let projection = Projection::as_of(t);
+    let replay = bus
+        .runner()
+        .topic(RIDES)
+        .start(StartFrom::Earliest)
+        .order(Order::ByKey)
+        .catch_up(CatchUp::Stop)
+        .run(projection_router(bus, projection.clone()))
+        .await?;
+    let report = tokio::time::timeout(Duration::from_secs(30), replay.wait())
+        .await
+        .map_err(|_| "timed out replaying to a point in time")?;
+    if report.ended != Some(Ended::CaughtUp) {
+        return Err(format!("the replay did not catch up: {report:?}").into());
+    }
+    Ok(projection.view(ride_id))
 }
 
 #[tokio::main]
@@ -256,85 +322,96 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pending.retain(|id| **id != ride_id);
     }
 
-    // The projection replays `rides` from the start and rebuilds each ride
-    // from its events, in order per ride (ordering by key).
-    let views: Views = Arc::default();
-    let (seen_tx, mut seen) = mpsc::unbounded_channel::<()>();
-    let notify = polybus::from_fn(move |delivery: polybus::Delivery, next: polybus::Next| {
-        let seen = seen_tx.clone();
-        async move {
-            let result = next.run(delivery).await;
-            let _ = seen.send(());
-            result
-        }
-    });
-    let projection = bus
-        .runner()
-        .topic(RIDES)
-        .group(projection_group.as_str())
-        .start(StartFrom::Earliest)
-        .order(Order::ByKey)
-        .layer(notify)
-        .run(
-            Events::new(&bus, Arc::clone(&views))
-                .router()
-                .on(project_created)
-                .on(project_accepted),
-        )
-        .await?;
-    let replayed = async {
-        loop {
-            let done = {
-                let views = views.lock().expect("projection lock");
-                ride_ids
-                    .iter()
-                    .all(|id| views.get(id).is_some_and(|v| v.events >= 2))
-            };
-            if done {
-                break;
-            }
-            if seen.recv().await.is_none() {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(timeout, replayed)
-        .await
-        .map_err(|_| "timed out waiting for the projection")?;
-    println!("[projection]    rebuilt from the start of `{RIDES}`:");
-    for (ride_id, view) in views.lock().expect("projection lock").iter() {
-        if ride_ids.contains(ride_id) {
-            println!(
-                "                {ride_id}: rider {}, pickup {}, chauffeur {}",
-                view.rider,
-                view.pickup,
-                view.chauffeur.as_deref().unwrap_or("-")
-            );
-        }
-    }
-    // State at a point in time, from the same events: just before the first
-    // ride was accepted, it had no chauffeur yet.
-    if let Some(view) = views.lock().expect("projection lock").get(&ride_ids[0])
-        && let Some(accepted_at) = view.accepted_at
-        && let Some(before) = accepted_at.checked_sub(Duration::from_millis(1))
-    {
-        println!(
-            "[projection]    {} at {}: chauffeur {}; at {}: chauffeur {}",
-            ride_ids[0],
-            polybus::time::to_rfc3339(before),
-            view.chauffeur_at(before).unwrap_or("-"),
-            polybus::time::to_rfc3339(accepted_at),
-            view.chauffeur_at(accepted_at).unwrap_or("-"),
-        );
-    }
-
-    // Graceful shutdown: in-flight handlers finish and are acked first.
-    for (name, handle) in [
+    // A broker that keeps nothing before a consumer starts (core NATS) has
+    // nothing to rebuild a projection from.
+    let mut runs = vec![
         ("ride-matcher", matcher),
         ("rides-service", rides_service),
         ("ride-emails", emails),
-        ("projection", projection),
-    ] {
+    ];
+    if !caps.at_least_once {
+        println!(
+            "[projection]    {} keeps no messages for a consumer that is not running; skipping the projection",
+            caps.backend
+        );
+    } else {
+        // The projection rebuilds every ride from the start of `rides` (in order
+        // per ride: ordering by key) in catch-up mode, and serves once it has
+        // applied every event that was in the log when it started; then it
+        // keeps following the log.
+        let projection = Projection::default();
+        let catch_up = caps.catch_up && caps.replay;
+        let mut runner = bus
+            .runner()
+            .topic(RIDES)
+            .group(projection_group.as_str())
+            .start(StartFrom::Earliest)
+            .order(Order::ByKey);
+        if catch_up {
+            runner = runner.catch_up(CatchUp::Follow);
+        }
+        let projection_run = runner.run(projection_router(&bus, projection.clone())).await?;
+        if catch_up {
+            tokio::time::timeout(timeout, projection_run.caught_up())
+                .await
+                .map_err(|_| "timed out rebuilding the projection")??;
+            println!("[projection]    caught up with `{RIDES}`; serving:");
+        } else {
+            // No catch-up here: wait for the events this example published.
+            println!(
+                "[projection]    {} cannot tell where its log ends (no catch-up mode); waiting for this run's events",
+                caps.backend
+            );
+            let complete = || {
+                ride_ids
+                    .iter()
+                    .all(|id| projection.view(id).is_some_and(|v| v.events >= 2))
+            };
+            tokio::time::timeout(timeout, async {
+                while !complete() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .map_err(|_| "timed out waiting for the projection")?;
+            println!("[projection]    rebuilt; serving:");
+        }
+        for ride_id in &ride_ids {
+            if let Some(view) = projection.view(ride_id) {
+                println!(
+                    "                {ride_id}: rider {}, pickup {}, chauffeur {}",
+                    view.rider,
+                    view.pickup,
+                    view.chauffeur.as_deref().unwrap_or("-")
+                );
+            }
+        }
+
+        // The first ride's state at a point in time, by replaying the log from
+        // the beginning up to that time: just before it was accepted it had no
+        // chauffeur yet.
+        if !catch_up {
+            println!(
+                "[projection]    {} cannot replay its log; skipping the state at a point in time",
+                caps.backend
+            );
+        } else if let Some(accepted_at) = projection.view(&ride_ids[0]).and_then(|v| v.accepted_at) {
+            let before = accepted_at.checked_sub(Duration::from_millis(1));
+            for t in before.into_iter().chain([accepted_at]) {
+                let view = state_at(&bus, &ride_ids[0], t).await?;
+                println!(
+                    "[projection]    {} as of {}: chauffeur {}",
+                    ride_ids[0],
+                    polybus::time::to_rfc3339(t),
+                    view.as_ref().and_then(|v| v.chauffeur.as_deref()).unwrap_or("-"),
+                );
+            }
+        }
+        runs.push(("projection", projection_run));
+    }
+
+    // Graceful shutdown: in-flight handlers finish and are acked first.
+    for (name, handle) in runs {
         // A health probe would read this while the service runs.
         let state = handle.state();
         let report = handle.shutdown(Duration::from_secs(10)).await;

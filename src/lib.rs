@@ -25,10 +25,10 @@ pub use polybus_nats as nats;
 
 /// Everything most applications need, for `use polybus::prelude::*`.
 pub mod prelude {
-    pub use polybus_core::typed::{Event, Events, Meta, Publisher, State, UnknownType};
+    pub use polybus_core::typed::{Event, Events, Meta, Publisher, Router, State, UnknownType};
     pub use polybus_core::{
-        Connection, Consumer, Delivery, HandlerError, HandlerResult, Message, Order, Producer, ProducerExt,
-        RetryPolicy, RunHandle, RunState, StartFrom, event,
+        CatchUp, Connection, Consumer, Delivery, Ended, HandlerError, HandlerResult, Message, Order,
+        Producer, ProducerExt, RetryPolicy, RunHandle, RunState, StartFrom, event,
     };
 }
 

@@ -40,7 +40,7 @@ impl std::fmt::Debug for KafkaConsumer {
 }
 
 /// Runs a blocking librdkafka call off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Backend {
         backend: BACKEND,
         message: format!("a blocking Kafka call failed: {e}"),
@@ -337,7 +337,7 @@ impl KafkaConsumer {
 }
 
 /// The partition count of `topic` from a metadata request, `None` if missing.
-fn partition_count(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Option<i32>> {
+pub(crate) fn partition_count(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Option<i32>> {
     let metadata = meta
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| map_error(&format!("reading metadata of {topic}"), e))?;
@@ -454,6 +454,136 @@ fn fix_group_start(
         .map_err(|e| map_error(&format!("fixing the start of a group on {topic}"), e))
 }
 
+/// Moves an existing group on `topic` to `start`: refused while the group has
+/// members ([`Error::InvalidConfig`] naming how many), [`Error::NotFound`] for
+/// a group that has never committed on the topic; otherwise every partition
+/// gets its start offset committed (low watermark for `Earliest`, high for
+/// `Latest`, `offsets_for_times` for a time).
+///
+/// The commit comes from a client outside the group, which Kafka accepts for a
+/// group with no members. A broker that refuses it (librdkafka's mock cluster
+/// refuses any commit from a non-member once the group has existed) gets it
+/// from a short-lived member instead ([`commit_as_member`]).
+fn reposition_group(
+    config: &KafkaConfig,
+    meta: &BaseConsumer,
+    group: &BaseConsumer,
+    name: &str,
+    topic: &str,
+    count: i32,
+    start: StartFrom,
+) -> Result<()> {
+    let timeout = config.request_timeout;
+    let described = active_members(meta, name, timeout)?;
+    if let Some(members) = described
+        && members > 0
+    {
+        return Err(Error::InvalidConfig(format!(
+            "group {name:?} on {topic:?} has {members} active member(s): stop them before repositioning it"
+        )));
+    }
+    if committed(group, topic, count, timeout)?
+        .iter()
+        .all(Option::is_none)
+    {
+        return Err(Error::NotFound {
+            what: format!("Kafka group {name:?} on topic {topic} (it has never committed there)"),
+        });
+    }
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..count {
+        let offset = start_offset(meta, topic, partition, start, timeout)?;
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(|e| map_error("building offsets", e))?;
+    }
+    match group.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => Ok(()),
+        Err(e) => match e.rdkafka_error_code() {
+            // Refused because the committer is no member: a member joined
+            // since the check, or the broker wants commits from members only.
+            Some(RDKafkaErrorCode::UnknownMemberId | RDKafkaErrorCode::IllegalGeneration) => {
+                commit_as_member(config, name, topic, count, &tpl)
+            }
+            Some(code @ RDKafkaErrorCode::RebalanceInProgress) => Err(Error::InvalidConfig(format!(
+                "group {name:?} on {topic:?} has active members (the broker refused the new offsets: {code:?}): \
+                 stop them before repositioning it"
+            ))),
+            _ => Err(map_error(&format!("repositioning group {name:?} on {topic}"), e)),
+        },
+    }
+}
+
+/// Commits `tpl` as a member of `name`: joins the group on `topic`, and
+/// commits only if it was assigned every partition (otherwise another member
+/// holds some: [`Error::InvalidConfig`]), then leaves. Joining makes live
+/// members rebalance, so this is the fallback where the broker cannot
+/// describe groups and refuses commits from outside.
+fn commit_as_member(
+    config: &KafkaConfig,
+    name: &str,
+    topic: &str,
+    count: i32,
+    tpl: &TopicPartitionList,
+) -> Result<()> {
+    let member: BaseConsumer = consumer_config(config, name)
+        .create()
+        .map_err(|e| map_error("creating a Kafka group member", e))?;
+    member
+        .subscribe(&[topic])
+        .map_err(|e| map_error("joining the group to reposition it", e))?;
+    let limit = config.session_timeout + config.request_timeout;
+    let until = std::time::Instant::now() + limit;
+    let assigned = loop {
+        // Fetched records are neither stored nor committed (auto commit and
+        // offset store are off).
+        let _ = member.poll(Duration::from_millis(100));
+        let assignment = member
+            .assignment()
+            .map_err(|e| map_error("reading the assignment", e))?;
+        if assignment.count() > 0 {
+            break assignment;
+        }
+        if std::time::Instant::now() >= until {
+            return Err(Error::timeout(
+                format!("joining group {name:?} on {topic} to reposition it"),
+                limit,
+            ));
+        }
+    };
+    let held = (0..count)
+        .filter(|p| assigned.find_partition(topic, *p).is_some())
+        .count();
+    if held < count as usize {
+        return Err(Error::InvalidConfig(format!(
+            "group {name:?} on {topic:?} has other active members (they hold {} of {count} partitions): \
+             stop them before repositioning it",
+            count as usize - held
+        )));
+    }
+    member
+        .commit(tpl, CommitMode::Sync)
+        .map_err(|e| map_error(&format!("repositioning group {name:?} on {topic}"), e))
+}
+
+/// How many members `group` has now (ListGroups + DescribeGroups; 0 for an
+/// unknown group), or `None` where the broker cannot describe groups
+/// (librdkafka's mock cluster): then the broker's refusal of a commit from
+/// outside a group with members is what refuses the reposition.
+fn active_members(meta: &BaseConsumer, group: &str, timeout: Duration) -> Result<Option<usize>> {
+    let list = match meta.fetch_group_list(Some(group), timeout) {
+        Ok(list) => list,
+        Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnsupportedFeature) => return Ok(None),
+        Err(e) => return Err(map_error(&format!("describing group {group:?}"), e)),
+    };
+    Ok(Some(
+        list.groups()
+            .iter()
+            .filter(|g| g.name() == group)
+            .map(|g| g.members().len())
+            .sum(),
+    ))
+}
+
 #[async_trait]
 impl Consumer for KafkaConsumer {
     fn capabilities(&self) -> Capabilities {
@@ -464,7 +594,23 @@ impl Consumer for KafkaConsumer {
         // group. The poll thread keeps polling while handlers run.
         caps.ack_deadline = Some(self.settings().max_poll_interval);
         caps.binding = polybus_core::cloudevents::Binding::Kafka;
+        caps.catch_up = true;
+        caps.reposition = true;
         caps
+    }
+
+    async fn reposition_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        self.check_open()?;
+        let Some(count) = self.partitions(topic).await? else {
+            return Err(Error::NotFound {
+                what: format!("Kafka topic {topic}"),
+            });
+        };
+        let meta = Arc::clone(&self.meta);
+        let client = self.group_client(group)?;
+        let config = Arc::clone(&self.config);
+        let (topic, group) = (topic.to_owned(), group.to_owned());
+        blocking(move || reposition_group(&config, &meta, &client, &group, &topic, count, start)).await
     }
 
     /// End offsets less the group's committed offsets, summed over partitions

@@ -43,6 +43,7 @@ use polybus_core::{Connection, Error, Result};
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
+mod catch_up;
 mod consumer;
 mod credentials;
 mod offsets;

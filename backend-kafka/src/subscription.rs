@@ -293,6 +293,11 @@ pub(crate) struct KafkaSubscription {
     items: mpsc::UnboundedReceiver<Redelivery>,
     close_timeout: Duration,
     closed: bool,
+    /// For catch-up probes: the settings, the topics, and (in no group) the
+    /// offset each partition was assigned at.
+    config: Arc<KafkaConfig>,
+    topics: Vec<String>,
+    assigned: HashMap<(String, i32), i64>,
 }
 
 /// Builds the consumer, starts its poll thread and waits for the first assignment.
@@ -377,12 +382,22 @@ pub(crate) async fn open(
             retryable: true,
             source: Some(Box::new(e)),
         })?;
+    let assigned = match &start {
+        Start::Group(_) => HashMap::new(),
+        Start::Assign(offsets) => offsets
+            .iter()
+            .map(|(topic, partition, offset)| ((topic.clone(), *partition), *offset))
+            .collect(),
+    };
     let sub = KafkaSubscription {
         shared,
         client,
         items,
         close_timeout: config.request_timeout + config.session_timeout,
         closed: false,
+        config: Arc::clone(&config),
+        topics: options.topics.clone(),
+        assigned,
     };
     let limit = config.session_timeout + config.request_timeout + config.revoke_timeout;
     match tokio::time::timeout(limit, first_rx).await {
@@ -492,6 +507,19 @@ impl Subscription for KafkaSubscription {
     async fn close(mut self: Box<Self>) -> Result<()> {
         self.closed = true;
         self.shared.close(self.close_timeout).await
+    }
+
+    /// The high watermark of every partition now, against this subscription's
+    /// positions and the group's commits (see the `catch_up` module).
+    async fn catch_up_probe(&mut self) -> Result<Box<dyn polybus_core::CatchUpProbe>> {
+        let probe = crate::catch_up::KafkaCatchUp::new(
+            &self.config,
+            Arc::clone(&self.shared),
+            &self.topics,
+            self.assigned.clone(),
+        )
+        .await?;
+        Ok(Box::new(probe))
     }
 }
 

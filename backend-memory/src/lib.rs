@@ -41,8 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use polybus_core::time::later;
 use polybus_core::{
-    AckHandle, Acker, Capabilities, Connection, Consumer, Delivery, Error, Event, Message, Origin, Producer,
-    Result, StartFrom, SubscribeOptions, Subscription, names,
+    AckHandle, Acker, Capabilities, CatchUpProbe, Connection, Consumer, Delivery, Error, Event, Message,
+    Origin, Producer, Result, StartFrom, SubscribeOptions, Subscription, names,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -496,6 +496,7 @@ fn capabilities(config: &MemoryConfig) -> Capabilities {
     caps.ack_deadline = Some(config.ack_deadline);
     caps.networked = false;
     caps.reposition = true;
+    caps.catch_up = true;
     caps
 }
 
@@ -1122,6 +1123,58 @@ impl Subscription for MemorySubscription {
     async fn close(mut self: Box<Self>) -> Result<()> {
         self.leave();
         Ok(())
+    }
+
+    /// Exact: the length of each topic's log now; caught up once the group's
+    /// cursor has passed it and nothing before it waits for redelivery or is
+    /// held unacknowledged.
+    async fn catch_up_probe(&mut self) -> Result<Box<dyn CatchUpProbe>> {
+        let state = self.shared.lock();
+        let ends = self
+            .topics
+            .iter()
+            .map(|t| {
+                (
+                    Arc::clone(t),
+                    state.topics.get(&**t).map_or(0, |log| log.messages.len()),
+                )
+            })
+            .collect();
+        Ok(Box::new(MemoryCatchUp {
+            shared: Arc::clone(&self.shared),
+            group: Arc::clone(&self.group),
+            ends,
+        }))
+    }
+}
+
+/// Where each topic's log ended when a catch-up run began.
+struct MemoryCatchUp {
+    shared: Arc<Shared>,
+    group: Arc<str>,
+    ends: Vec<(Arc<str>, usize)>,
+}
+
+#[async_trait]
+impl CatchUpProbe for MemoryCatchUp {
+    async fn caught_up(&self) -> Result<bool> {
+        let state = self.shared.lock();
+        for (topic, end) in &self.ends {
+            let Some(group) = state
+                .topics
+                .get(&**topic)
+                .and_then(|log| log.groups.get(&*self.group))
+            else {
+                return Err(Error::NotFound {
+                    what: format!("group {:?} on topic {topic:?}", self.group),
+                });
+            };
+            let before = |seq: &usize| *seq < *end;
+            if group.cursor < *end || group.redeliver.keys().any(before) || group.leases.keys().any(before) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -457,6 +457,7 @@ impl Consumer for JetStreamConsumer {
         caps.ack_deadline = Some(self.streams.config.ack_wait);
         caps.binding = polybus_core::cloudevents::Binding::Nats;
         caps.reposition = true;
+        caps.catch_up = true;
         caps
     }
 
@@ -542,8 +543,10 @@ impl Consumer for JetStreamConsumer {
         let mut pumps = Vec::new();
         let mut controls = Vec::new();
         let config = &self.streams.config;
+        let mut consumers = Vec::with_capacity(parts.len());
         for (index, (topic, stream, consumer, limits, inbox, replies)) in parts.into_iter().enumerate() {
             let info = consumer.cached_info().clone();
+            consumers.push((topic.clone(), stream.clone(), info.name.clone()));
             let ephemeral_config = if options.group.is_none() {
                 shared.add_ephemeral(index, stream.clone(), info.name.clone());
                 Some(self.consumer_config(None, options.start, options.prefetch))
@@ -585,6 +588,7 @@ impl Consumer for JetStreamConsumer {
             request_timeout: config.request_timeout,
             stopped: false,
             violations,
+            consumers,
         }))
     }
 

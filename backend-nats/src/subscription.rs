@@ -773,6 +773,8 @@ pub(crate) struct JetStreamSubscription {
     /// concern: a pull request refused mid-run (permissions revoked) ends the
     /// subscription with [`Error::PermissionDenied`] instead of timing out.
     pub(crate) violations: (broadcast::Receiver<Arc<crate::security::Violation>>, Vec<String>),
+    /// Each topic's stream and JetStream consumer (for catch-up probes).
+    pub(crate) consumers: Vec<(String, stream::Stream, String)>,
 }
 
 impl Drop for JetStreamSubscription {
@@ -906,6 +908,34 @@ impl Subscription for JetStreamSubscription {
         }
     }
 
+    /// Each stream's last sequence now; caught up once every consumer's ack
+    /// floor (the stream sequence up to which everything is acked) reaches it,
+    /// or it has nothing pending and nothing unacked.
+    async fn catch_up_probe(&mut self) -> Result<Box<dyn polybus_core::CatchUpProbe>> {
+        let mut ends = Vec::with_capacity(self.consumers.len());
+        for (topic, stream, consumer) in &self.consumers {
+            let info = tokio::time::timeout(self.request_timeout, stream.get_info())
+                .await
+                .map_err(|_| {
+                    Error::timeout(
+                        format!("reading where topic '{topic}' ends"),
+                        self.request_timeout,
+                    )
+                })?
+                .map_err(|e| crate::backend_error(&format!("reading where topic '{topic}' ends"), e, true))?;
+            ends.push((
+                topic.clone(),
+                stream.clone(),
+                consumer.clone(),
+                info.state.last_sequence,
+            ));
+        }
+        Ok(Box::new(JetStreamCatchUp {
+            ends,
+            timeout: self.request_timeout,
+        }))
+    }
+
     async fn stop(&mut self) -> Result<()> {
         if self.stopped {
             return Ok(());
@@ -972,6 +1002,49 @@ impl Subscription for JetStreamSubscription {
             let _ = stream.delete_consumer(&name).await;
         }
         crate::round_trip(&self.client, self.request_timeout).await
+    }
+}
+
+/// Where each stream ended when a catch-up run began (see
+/// [`JetStreamSubscription::catch_up_probe`]).
+struct JetStreamCatchUp {
+    /// Topic, stream, consumer name, last stream sequence at the start.
+    ends: Vec<(String, stream::Stream, String, u64)>,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl polybus_core::CatchUpProbe for JetStreamCatchUp {
+    async fn caught_up(&self) -> Result<bool> {
+        for (topic, stream, consumer, end) in &self.ends {
+            let info = tokio::time::timeout(self.timeout, stream.consumer_info(consumer))
+                .await
+                .map_err(|_| {
+                    Error::timeout(format!("reading the progress of topic '{topic}'"), self.timeout)
+                })?;
+            let info = match info {
+                Ok(info) => info,
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                    return Err(Error::NotFound {
+                        what: format!(
+                            "the JetStream consumer of topic '{topic}' (deleted or recreated during the run)"
+                        ),
+                    });
+                }
+                Err(e) => {
+                    return Err(crate::backend_error(
+                        &format!("reading the progress of topic '{topic}'"),
+                        e,
+                        true,
+                    ));
+                }
+            };
+            let settled_all = info.num_pending == 0 && info.num_ack_pending == 0;
+            if info.ack_floor.stream_sequence < *end && !settled_all {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -390,6 +390,7 @@ macro_rules! conformance_suite {
             replay_from_earliest,
             replay_from_timestamp,
             reposition_group_replays,
+            catch_up_reports_once_after_the_backlog,
             keep_alive_holds_slow_handlers,
             graceful_drain,
             no_handler_after_shutdown,

@@ -35,6 +35,12 @@ pub struct Capabilities {
     /// An existing group can be moved to another start with
     /// [`Consumer::reposition_group`] (false unless the backend says so).
     pub reposition: bool,
+    /// A subscription can tell where its log ends when a run begins and when
+    /// everything up to there has been settled
+    /// ([`Subscription::catch_up_probe`]), so a runner can run in catch-up mode
+    /// ([`Runner::catch_up`](crate::Runner::catch_up)). False unless the
+    /// backend says so (a queue is not a log: RabbitMQ, core NATS).
+    pub catch_up: bool,
     /// Messages published while no group is declared are kept (false on RabbitMQ).
     pub retains_without_group: bool,
     /// Acks are positions (Kafka offsets): on shutdown the runner drains what it
@@ -66,6 +72,7 @@ impl Capabilities {
             replay: true,
             replay_from_time: true,
             reposition: false,
+            catch_up: false,
             retains_without_group: true,
             positional_acks: false,
             ack_deadline: None,
@@ -418,6 +425,33 @@ pub trait Subscription: Send {
     /// Graceful close: gives back deliveries fetched but not yet yielded, commits
     /// what was acked, leaves the group and closes the connection.
     async fn close(self: Box<Self>) -> Result<()>;
+
+    /// Backend hook for catch-up runs: reads where the log of every topic (and
+    /// partition) this subscription consumes ends *now*, and returns a probe
+    /// that tells when every message that existed then has been settled (acked
+    /// or dead-lettered) by this subscription's group — whatever was published
+    /// after this call is not required. Called once, by
+    /// [`Runner::run`](crate::Runner::run) in catch-up mode, right after
+    /// subscribing. The default refuses with
+    /// [`Error::Unsupported`](crate::Error::Unsupported); a backend that
+    /// implements it sets [`Capabilities::catch_up`].
+    async fn catch_up_probe(&mut self) -> Result<Box<dyn CatchUpProbe>> {
+        Err(crate::Error::Unsupported(
+            "this backend cannot tell where its log ends (capabilities.catch_up = false)".into(),
+        ))
+    }
+}
+
+/// Made by [`Subscription::catch_up_probe`]: remembers where the log ended when
+/// it was made, and answers whether the group has settled everything up to
+/// there. Asked by the runner after settlements (and about once a second),
+/// never concurrently with itself, until it says yes.
+#[async_trait]
+pub trait CatchUpProbe: Send + Sync + 'static {
+    /// Whether every message that was in the log when the probe was made has
+    /// been settled by the group (a log that was empty then: at once). A
+    /// retryable error is asked again later; any other ends the wait with it.
+    async fn caught_up(&self) -> Result<bool>;
 }
 
 /// Backend hook behind an [`Acker`]: settles one delivery.

@@ -128,6 +128,14 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
 pub trait Handler: Send + Sync + 'static {
     /// Handles `delivery`.
     fn call(&self, delivery: Delivery) -> BoxFuture<'static, HandlerResult>;
+
+    /// Checks the handler's own configuration before the runner starts it: a
+    /// runner refuses to run a handler that returns an error here (for
+    /// example a [`Router`](crate::typed::Router) with two handlers for one
+    /// event type is [`Error::InvalidConfig`]). The default accepts.
+    fn validate(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 impl<F, Fut> Handler for F

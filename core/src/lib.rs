@@ -35,8 +35,8 @@ pub mod wire;
 
 pub use async_trait::async_trait;
 pub use backend::{
-    AckHandle, Acker, Capabilities, Connection, Consumer, Event, Partition, Producer, ProducerExt, StartFrom,
-    SubscribeOptions, Subscription,
+    AckHandle, Acker, Capabilities, CatchUpProbe, Connection, Consumer, Event, Partition, Producer,
+    ProducerExt, StartFrom, SubscribeOptions, Subscription,
 };
 pub use bytes::Bytes;
 pub use error::{BoxError, Error, NameKind, Result, percent_decode, redact_url};
@@ -44,4 +44,6 @@ pub use gate::{SendGate, SendGuard};
 pub use handler::{FailureKind, Handler, HandlerError, HandlerResult};
 pub use message::{DeadLetter, Delivery, HeaderValue, Headers, Message, Origin, dlq_headers};
 pub use middleware::{Middleware, Next, Pipeline, from_fn};
-pub use runner::{Ended, Order, RetryPolicy, RunHandle, RunState, Runner, ShutdownReport};
+pub use runner::{
+    CatchUp, Ended, NotCaughtUp, Order, RetryPolicy, RunHandle, RunState, Runner, ShutdownReport,
+};

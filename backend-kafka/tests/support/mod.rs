@@ -201,6 +201,10 @@ impl Consumer for MockTopics {
     async fn lag_unchecked(&self, topic: &str, group: &str) -> Result<u64> {
         self.inner.lag_unchecked(topic, group).await
     }
+
+    async fn reposition_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        self.inner.reposition_group_unchecked(topic, group, start).await
+    }
 }
 
 #[async_trait]

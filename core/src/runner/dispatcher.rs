@@ -225,6 +225,7 @@ impl Dispatcher {
         self.settings.observe.shutdown(stopping.elapsed());
         let ended = match (&self.fatal, shutdown) {
             (Some(error), _) => Ended::Failed(Arc::clone(error)),
+            (None, true) if self.shared.stopped_caught_up.load(Ordering::Acquire) => Ended::CaughtUp,
             (None, true) => Ended::Shutdown,
             (None, false) => Ended::SubscriptionEnded,
         };
@@ -411,12 +412,18 @@ impl Dispatcher {
                 self.set_fatal(error);
                 return;
             }
-            Done::Acked => Counters::bump(&self.counters.handled, 1),
+            Done::Acked => {
+                Counters::bump(&self.counters.handled, 1);
+                self.shared.settled.notify_one();
+            }
             Done::AckFailed => Counters::bump(&self.counters.settle_failures, 1),
             // Like a handled message whose ack failed: counted once, as a settle
             // failure (the broker delivers it again).
             Done::DeadLettered { ack_failed: true } => Counters::bump(&self.counters.settle_failures, 1),
-            Done::DeadLettered { ack_failed: false } => Counters::bump(&self.counters.dead_lettered, 1),
+            Done::DeadLettered { ack_failed: false } => {
+                Counters::bump(&self.counters.dead_lettered, 1);
+                self.shared.settled.notify_one();
+            }
         }
         lane.items.pop_front();
         self.held -= 1;

@@ -30,7 +30,60 @@ pub enum Ended {
     Failed(Arc<Error>),
     /// [`RunHandle::abort`] ended it without settling anything.
     Aborted,
+    /// A catch-up run in [`CatchUp::Stop`] mode handled and settled every
+    /// message that existed when it began, then shut down gracefully (as
+    /// `shutdown` does, with the settle timeout as its deadline).
+    CaughtUp,
 }
+
+/// What a catch-up run does once it has caught up ([`Runner::catch_up`](super::Runner::catch_up)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CatchUp {
+    /// Shut down gracefully once caught up: the run ends with [`Ended::CaughtUp`]
+    /// (a rebuild that stops before the service starts serving).
+    Stop,
+    /// Report it and keep following the log (a projection that goes on
+    /// applying new events after the rebuild).
+    Follow,
+}
+
+/// Why [`RunHandle::caught_up`] will never report "caught up".
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum NotCaughtUp {
+    /// The runner was not started in catch-up mode ([`Runner::catch_up`](super::Runner::catch_up)).
+    NotRequested,
+    /// The runner ended before it caught up; how it ended (see
+    /// [`ShutdownReport::ended`] and [`RunHandle::error`]).
+    Ended(Ended),
+    /// The backend could not tell whether the group caught up (a
+    /// non-retryable error of its [`CatchUpProbe`](crate::CatchUpProbe)). The runner goes on.
+    Probe(Arc<Error>),
+}
+
+impl std::fmt::Display for NotCaughtUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotCaughtUp::NotRequested => f.write_str("the runner was not started in catch-up mode"),
+            NotCaughtUp::Ended(Ended::Failed(e)) => write!(f, "the runner failed before it caught up: {e}"),
+            NotCaughtUp::Ended(ended) => write!(f, "the runner ended before it caught up ({ended:?})"),
+            NotCaughtUp::Probe(e) => write!(f, "cannot tell whether the runner caught up: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for NotCaughtUp {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NotCaughtUp::Ended(Ended::Failed(e)) | NotCaughtUp::Probe(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+/// Where a catch-up run is: waiting, caught up, or never going to be.
+pub(super) type CatchUpState = Option<std::result::Result<(), NotCaughtUp>>;
 
 /// Two `Failed` values are equal when they share the same error (every caller of
 /// one runner gets the same `Arc`).
@@ -103,9 +156,10 @@ impl ShutdownReport {
         }
     }
 
-    /// Whether the runner was shut down and every settlement took effect.
+    /// Whether the runner was shut down (by `shutdown`, or after catching up in
+    /// [`CatchUp::Stop`] mode) and every settlement took effect.
     pub fn is_clean(&self) -> bool {
-        matches!(self.ended, Some(Ended::Shutdown)) && self.settle_failures == 0
+        matches!(self.ended, Some(Ended::Shutdown | Ended::CaughtUp)) && self.settle_failures == 0
     }
 }
 
@@ -150,6 +204,13 @@ pub(super) struct Shared {
     pub(super) counters: Arc<Counters>,
     state: AtomicU8,
     error: OnceLock<Arc<Error>>,
+    /// `None` until a catch-up run caught up or cannot any more; `Some(Err(NotRequested))`
+    /// from the start for other runs.
+    pub(super) catch_up: watch::Sender<CatchUpState>,
+    /// Woken after each settlement, for the catch-up watcher.
+    pub(super) settled: tokio::sync::Notify,
+    /// The stop was asked by a catch-up run in [`CatchUp::Stop`] mode.
+    pub(super) stopped_caught_up: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -162,7 +223,22 @@ impl Shared {
             counters,
             state: AtomicU8::new(RUNNING),
             error: OnceLock::new(),
+            catch_up: watch::Sender::new(None),
+            settled: tokio::sync::Notify::new(),
+            stopped_caught_up: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Settles the catch-up state once; returns whether this call did.
+    pub(super) fn set_catch_up(&self, state: std::result::Result<(), NotCaughtUp>) -> bool {
+        self.catch_up.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(state);
+                true
+            } else {
+                false
+            }
+        })
     }
 
     /// The first fatal error (later ones are logged by the caller).
@@ -279,6 +355,7 @@ impl RunHandle {
         if self.shared.report.borrow().is_none() {
             self.shared.ended(&Ended::Aborted);
         }
+        self.shared.set_catch_up(Err(NotCaughtUp::Ended(Ended::Aborted)));
     }
 
     /// What the runner has done so far (`ended` is `None` while it runs).
@@ -303,6 +380,26 @@ impl RunHandle {
     /// The error that stopped (or is stopping) the runner, as soon as it is known.
     pub fn error(&self) -> Option<Arc<Error>> {
         self.shared.fatal()
+    }
+
+    /// Resolves once a catch-up run ([`Runner::catch_up`](super::Runner::catch_up))
+    /// has handled and settled every message that existed in its log when
+    /// [`Runner::run`](super::Runner::run) began; messages published after that
+    /// are not waited for. Reported exactly once per run: every call, before or
+    /// after, gets the same answer. Fails with [`NotCaughtUp`] when the runner
+    /// was not started in catch-up mode, ended before catching up, or the
+    /// backend could not tell.
+    pub async fn caught_up(&self) -> std::result::Result<(), NotCaughtUp> {
+        let mut rx = self.shared.catch_up.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(state) => state.clone().unwrap_or(Err(NotCaughtUp::NotRequested)),
+            Err(_) => Err(NotCaughtUp::Ended(Ended::Aborted)),
+        }
+    }
+
+    /// Whether a catch-up run has caught up (without waiting).
+    pub fn is_caught_up(&self) -> bool {
+        matches!(*self.shared.catch_up.borrow(), Some(Ok(())))
     }
 
     /// Whether the runner has ended.

@@ -47,20 +47,21 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::watch;
 
-use crate::backend::{Consumer, Producer, StartFrom, SubscribeOptions, Subscription};
+use crate::backend::{CatchUpProbe, Consumer, Producer, StartFrom, SubscribeOptions, Subscription};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::middleware::{Middleware, Pipeline};
 use crate::names;
 use crate::observe::Observer;
 
+mod catch_up;
 mod dispatcher;
 mod handle;
 mod lanes;
 mod pool;
 mod worker;
 
-pub use handle::{Ended, RunHandle, RunState, ShutdownReport};
+pub use handle::{CatchUp, Ended, NotCaughtUp, RunHandle, RunState, ShutdownReport};
 
 use dispatcher::{Dispatcher, Limits};
 use handle::{Counters, Shared};
@@ -191,6 +192,7 @@ pub struct Runner {
     settle_timeout: Duration,
     backoff_capacity: Option<usize>,
     lag_interval: Option<Duration>,
+    catch_up: Option<CatchUp>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -202,6 +204,7 @@ impl std::fmt::Debug for Runner {
             .field("order", &self.order)
             .field("retry", &self.retry)
             .field("layers", &self.layers.len())
+            .field("catch_up", &self.catch_up)
             .finish_non_exhaustive()
     }
 }
@@ -224,6 +227,7 @@ impl Runner {
             settle_timeout: Duration::from_secs(30),
             backoff_capacity: None,
             lag_interval: Some(Duration::from_secs(15)),
+            catch_up: None,
         }
     }
 
@@ -313,6 +317,23 @@ impl Runner {
         self
     }
 
+    /// Runs in catch-up mode (for rebuilding a projection before serving):
+    /// [`run`](Runner::run) reads where the log ends as it subscribes, and
+    /// [`RunHandle::caught_up`] resolves once every message that existed then
+    /// has been handled and settled (a log with nothing left for the group:
+    /// at once). Then the run stops gracefully ([`CatchUp::Stop`], ending with
+    /// [`Ended::CaughtUp`]) or goes on following the log ([`CatchUp::Follow`]).
+    /// Messages published after `run` began are never waited for.
+    ///
+    /// Start with [`start`](Runner::start) (`Earliest` for a new group, or no
+    /// group, to rebuild from the beginning). Only where
+    /// [`Capabilities::catch_up`](crate::Capabilities::catch_up) says so:
+    /// elsewhere `run` fails with [`Error::Unsupported`].
+    pub fn catch_up(mut self, mode: CatchUp) -> Self {
+        self.catch_up = Some(mode);
+        self
+    }
+
     fn limits(&self) -> Result<Limits> {
         if self.concurrency == 0 {
             return Err(Error::InvalidConfig("concurrency must be at least 1".into()));
@@ -349,6 +370,12 @@ impl Runner {
         }
         let limits = self.limits()?;
         self.checked_topics()?;
+        if self.catch_up.is_some() && !self.consumer.capabilities().catch_up {
+            return Err(Error::Unsupported(format!(
+                "{} cannot run in catch-up mode: it cannot tell where its log ends (capabilities.catch_up = false)",
+                self.consumer.capabilities().backend
+            )));
+        }
         let prefetch = limits.max_held.saturating_add(limits.backoff_capacity);
         let mut options = SubscribeOptions::new(self.topics[0].clone())
             .start(self.start)
@@ -359,8 +386,18 @@ impl Runner {
         if let Some(group) = &self.group {
             options = options.group(group.clone());
         }
-        let subscription = self.consumer.subscribe(options).await?;
-        self.run_subscription(subscription, handler)
+        let mut subscription = self.consumer.subscribe(options).await?;
+        let probe = match self.catch_up {
+            None => None,
+            Some(_) => match subscription.catch_up_probe().await {
+                Ok(probe) => Some(probe),
+                Err(e) => {
+                    let _ = subscription.close().await;
+                    return Err(e);
+                }
+            },
+        };
+        self.launch(subscription, handler, probe)
     }
 
     /// Starts handling deliveries from a subscription that is already open.
@@ -369,11 +406,29 @@ impl Runner {
     /// dead-letter topic names must be valid); a delivery from any other topic is
     /// checked when it first arrives, and an invalid one ends the runner with
     /// [`Error::InvalidName`] (the delivery is released).
+    ///
+    /// Catch-up mode needs [`run`](Runner::run) (the log's end is read as it
+    /// subscribes): with it, this is [`Error::InvalidConfig`].
     pub fn run_subscription(
         self,
         subscription: Box<dyn Subscription>,
         handler: impl Handler,
     ) -> Result<RunHandle> {
+        if self.catch_up.is_some() {
+            return Err(Error::InvalidConfig(
+                "catch-up mode reads where the log ends as it subscribes: use Runner::run".into(),
+            ));
+        }
+        self.launch(subscription, handler, None)
+    }
+
+    fn launch(
+        self,
+        subscription: Box<dyn Subscription>,
+        handler: impl Handler,
+        probe: Option<Box<dyn CatchUpProbe>>,
+    ) -> Result<RunHandle> {
+        handler.validate()?;
         let limits = self.limits()?;
         let checked_topics = self.checked_topics()?;
         let caps = self.consumer.capabilities();
@@ -410,6 +465,10 @@ impl Runner {
             observe,
         });
         let shared = Arc::new(Shared::new(rx, Arc::clone(&counters)));
+        let catch_up = self.catch_up;
+        if catch_up.is_none() {
+            shared.set_catch_up(Err(NotCaughtUp::NotRequested));
+        }
         let dispatcher = Dispatcher::new(
             subscription,
             Pipeline::from_parts(Arc::new(handler), self.layers),
@@ -444,11 +503,20 @@ impl Runner {
                 };
                 if let Some(ended) = &report.ended {
                     shared.ended(ended);
+                    shared.set_catch_up(Err(NotCaughtUp::Ended(ended.clone())));
                 }
                 let _ = tx.send(Some(report));
             }
         });
         *shared.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        if let (Some(mode), Some(probe)) = (catch_up, probe) {
+            tokio::spawn(catch_up::watch(
+                probe,
+                mode,
+                Arc::clone(&shared),
+                self.settle_timeout,
+            ));
+        }
         #[cfg(feature = "metrics")]
         if let Some(lag) = lag {
             tokio::spawn(lag);

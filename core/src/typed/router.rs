@@ -74,7 +74,9 @@ where
 /// whole, so with [`Order::ByKey`](crate::Order::ByKey) an aggregate's events
 /// stay in order whatever their types. Deliveries with a type nobody handles,
 /// or none, follow the [`UnknownType`] policy (acknowledged and counted by
-/// default). Registering a type again replaces its handler.
+/// default). Registering a second handler for a type is a mistake the router
+/// remembers: [`Router::validate`] reports it, and a runner refuses to run the
+/// router ([`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the type).
 ///
 /// ```
 /// # use polybus_core::{HandlerResult, event, typed::{Events, UnknownType}};
@@ -98,6 +100,8 @@ pub struct Router<S = ()> {
     routes: HashMap<&'static str, Route>,
     unknown: UnknownType,
     stats: Arc<RouterStats>,
+    /// Event types registered more than once (the first handler is kept).
+    duplicates: Vec<&'static str>,
 }
 
 impl<S> std::fmt::Debug for Router<S> {
@@ -118,19 +122,48 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             routes: HashMap::new(),
             unknown: UnknownType::default(),
             stats: Arc::default(),
+            duplicates: Vec::new(),
         }
     }
 
     /// Handles events of type `E::TYPE` with `handler` (its first argument's type).
+    ///
+    /// One handler per type: registering another one for a type that has one
+    /// keeps the first and makes the router invalid ([`Router::validate`]; a
+    /// runner refuses to run it), so a copy-pasted `.on(…)` is found before
+    /// any event is handled instead of silently replacing a handler.
     pub fn on<E, Args, H>(mut self, handler: H) -> Self
     where
         E: Event,
         H: EventHandler<E, Args, S>,
         Args: 'static,
     {
+        if self.routes.contains_key(E::TYPE) {
+            if !self.duplicates.contains(&E::TYPE) {
+                self.duplicates.push(E::TYPE);
+            }
+            return self;
+        }
         let route = route(Arc::clone(&self.events), handler, false);
         self.routes.insert(E::TYPE, route);
         self
+    }
+
+    /// Checks the registrations: [`Error::InvalidConfig`](crate::Error::InvalidConfig)
+    /// naming every event type that was given more than one handler. Runners
+    /// call it before they start (see [`Handler::validate`]).
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.duplicates.is_empty() {
+            return Ok(());
+        }
+        Err(crate::Error::InvalidConfig(format!(
+            "the router has more than one handler for event type(s) {}: register one handler per type",
+            self.duplicates
+                .iter()
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
     }
 
     /// Sets what happens to deliveries of types without a handler.
@@ -166,6 +199,10 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
 }
 
 impl<S: Clone + Send + Sync + 'static> Handler for Router<S> {
+    fn validate(&self) -> crate::Result<()> {
+        Router::validate(self)
+    }
+
     fn call(&self, delivery: Delivery) -> BoxFuture<'static, HandlerResult> {
         let ty = match self.event_type(&delivery) {
             Ok(ty) => ty,

@@ -1,0 +1,85 @@
+//! Catch-up mode against a broker that writes several records per batch:
+//! tansu reports the high watermark as the last batch's base offset + 1, so
+//! an end read from it stops short of the last batch's other records.
+//! Runs on the real broker of `POLYBUS_TEST_KAFKA_BROKERS` (skipped loudly
+//! without it) and on the mock cluster.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use polybus_conformance::{Harness, Recorder, timeout_multiplier};
+use polybus_core::{CatchUp, Delivery, HandlerResult, Message, Order, StartFrom};
+use support::harness;
+
+async fn catch_up_waits_for_the_whole_last_batch<const REAL: bool>() {
+    let test = "catch_up_waits_for_the_whole_last_batch";
+    let Some(h) = harness::<REAL>(test).await else {
+        return;
+    };
+    // The harness sends one record per batch (for tansu's sake); this test
+    // wants batches of many.
+    let config = h
+        .config
+        .clone()
+        .set("batch.num.messages", "10000")
+        .set("linger.ms", "100");
+    let conn = h.connect_with(config).await.expect("connect");
+    let topic = h.unique_name("catch-up-batch");
+    conn.consumer.declare_topic(&topic).await.expect("declare");
+    let messages: Vec<Message> = (0..40)
+        .map(|i| Message::new(format!("m-{i}")).with_key(format!("k{}", i % 2)))
+        .collect();
+    let ids: HashSet<String> = messages.iter().map(|m| m.id.clone()).collect();
+    conn.producer.send_batch(&topic, messages).await.expect("send");
+    // Slow, one at a time: a report that came early would find records of
+    // the last batch not handled yet.
+    let recorder = Recorder::new();
+    let handler = {
+        let recorder = recorder.clone();
+        move |delivery: Delivery| {
+            let recorder = recorder.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                recorder.record(&delivery);
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .start(StartFrom::Earliest)
+        .order(Order::Sequential)
+        .catch_up(CatchUp::Follow)
+        .run(handler)
+        .await
+        .expect("run");
+    tokio::time::timeout(
+        Duration::from_secs_f64(40.0 * timeout_multiplier()),
+        handle.caught_up(),
+    )
+    .await
+    .expect("a catch-up report")
+    .expect("caught up");
+    let got: HashSet<String> = recorder.ids().into_iter().collect();
+    let missing = ids.difference(&got).count();
+    assert_eq!(missing, 0, "caught up with {missing} of 40 records not handled");
+    handle.shutdown(Duration::from_secs(10)).await;
+    h.cleanup(&[topic]).await;
+}
+
+#[test]
+fn catch_up_waits_for_the_whole_last_batch_on_mock() {
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(catch_up_waits_for_the_whole_last_batch::<false>());
+}
+
+#[test]
+fn catch_up_waits_for_the_whole_last_batch_on_broker() {
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(catch_up_waits_for_the_whole_last_batch::<true>());
+}
