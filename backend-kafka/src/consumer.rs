@@ -608,7 +608,7 @@ impl Consumer for KafkaConsumer {
         };
         let meta = Arc::clone(&self.meta);
         let client = self.group_client(group)?;
-        let config = Arc::clone(&self.config);
+        let config = self.settings();
         let (topic, group) = (topic.to_owned(), group.to_owned());
         blocking(move || reposition_group(&config, &meta, &client, &group, &topic, count, start)).await
     }
