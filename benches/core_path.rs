@@ -14,6 +14,15 @@
 //!
 //! `POLYBUS_BENCH_ONLY=raw|polybus0|polybus4` runs one pipeline only (what
 //! `scripts/callgrind-core-path.sh` uses to count instructions per message).
+//! With the features `metrics` and `opentelemetry` there are two more,
+//! `observed0` and `observed4`: the same runners with a Prometheus recorder
+//! and an OpenTelemetry SDK tracer (every span sampled, batch exporter)
+//! installed, every send made inside a trace:
+//!
+//! ```text
+//! cargo bench --bench core_path --features metrics,opentelemetry
+//! FEATURES=metrics,opentelemetry scripts/callgrind-core-path.sh polybus4 observed4
+//! ```
 //! `POLYBUS_BENCH_HELD=N` instead makes a runner hold N deliveries in backoff
 //! and stop there (what `scripts/held-memory.sh` measures the heap of);
 //! `POLYBUS_BENCH_HELD_MODE=published` only publishes the N messages (the
@@ -38,18 +47,22 @@ async fn noop(_delivery: Delivery) -> HandlerResult {
     Ok(())
 }
 
-async fn polybus_once(n: usize, layers: usize, payload: &[u8]) -> Duration {
+/// `observed`: on its own topic (send handles are registered per topic and
+/// thread), every send made inside a span of one trace, as a traced service
+/// sends (the observed pipelines run with a recorder and a tracer installed).
+async fn polybus_once(n: usize, layers: usize, payload: &[u8], observed: bool) -> Duration {
+    let topic = if observed { "observed" } else { "bench" };
     let broker = MemoryBroker::new();
     let conn = broker.connection();
     conn.consumer
-        .declare_group("bench", "bench", StartFrom::Latest)
+        .declare_group(topic, "bench", StartFrom::Latest)
         .await
         .expect("declare");
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
     let mut runner = conn
         .runner()
-        .topic("bench")
+        .topic(topic)
         .group("bench")
         .order(Order::Unordered)
         .concurrency(16);
@@ -72,12 +85,18 @@ async fn polybus_once(n: usize, layers: usize, payload: &[u8]) -> Duration {
         })
         .await
         .expect("run");
+    #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
+    let caller = if observed {
+        observed::caller_context()
+    } else {
+        opentelemetry::Context::new()
+    };
     let started = Instant::now();
     for _ in 0..n {
-        conn.producer
-            .send("bench", Message::new(payload.to_vec()))
-            .await
-            .expect("send");
+        let send = conn.producer.send(topic, Message::new(payload.to_vec()));
+        #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
+        let send = opentelemetry::context::FutureExt::with_context(send, caller.clone());
+        send.await.expect("send");
     }
     done.notified().await;
     broker
@@ -173,6 +192,18 @@ fn main() {
         return;
     }
     let only = std::env::var("POLYBUS_BENCH_ONLY").ok();
+    // The observed pipelines (features `metrics` and `opentelemetry`) run last:
+    // the recorder and the tracer stay installed once they are.
+    let mut pipelines: Vec<(&str, &str, Option<usize>, bool)> = vec![
+        ("raw", "raw tokio mpsc", None, false),
+        ("polybus0", "polybus, no middleware", Some(0), false),
+        ("polybus4", "polybus, 4 middleware", Some(4), false),
+    ];
+    #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
+    pipelines.extend([
+        ("observed0", "observed, no middleware", Some(0), true),
+        ("observed4", "observed, 4 middleware", Some(4), true),
+    ]);
     #[cfg(feature = "metrics")]
     let recorder = if std::env::var("POLYBUS_BENCH_RECORDER").is_ok_and(|v| v == "prometheus") {
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -193,20 +224,22 @@ fn main() {
     let observed = "metrics feature off";
     println!("core path: {n} messages of 100 bytes, median of {runs} runs, in-memory backend ({observed})");
     let mut results = Vec::new();
-    for (tag, name, layers) in [
-        ("raw", "raw tokio mpsc", None),
-        ("polybus0", "polybus, no middleware", Some(0)),
-        ("polybus4", "polybus, 4 middleware", Some(4)),
-    ] {
+    for (tag, name, layers, observed) in pipelines {
         if only.as_deref().is_some_and(|only| only != tag) {
             continue;
         }
+        #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
+        if observed {
+            observed::install();
+        }
+        #[cfg(not(all(feature = "metrics", feature = "opentelemetry")))]
+        let _ = observed;
         let rates: Vec<f64> = (0..runs)
             .map(|_| {
                 let took = runtime.block_on(async {
                     match layers {
                         None => raw_once(n, &payload).await,
-                        Some(layers) => polybus_once(n, layers, &payload).await,
+                        Some(layers) => polybus_once(n, layers, &payload, observed).await,
                     }
                 });
                 n as f64 / took.as_secs_f64()
@@ -223,6 +256,16 @@ fn main() {
     for (name, rate) in &results[1..] {
         println!("ratio {name} / raw: {:.3}", rate / raw);
     }
+    if results.len() == 5 {
+        for (plain, observed) in [(1, 3), (2, 4)] {
+            println!(
+                "ratio {} / {}: {:.3}",
+                results[observed].0,
+                results[plain].0,
+                results[observed].1 / results[plain].1
+            );
+        }
+    }
     #[cfg(feature = "metrics")]
     if let Some(handle) = recorder {
         // Proof that the recorder saw the runs: the rendered text has the series.
@@ -231,5 +274,52 @@ fn main() {
             text.contains("polybus_handler_outcomes"),
             "the recorder saw nothing"
         );
+    }
+}
+
+/// The recorder and tracer of the observed pipelines.
+#[cfg(all(feature = "metrics", feature = "opentelemetry"))]
+mod observed {
+    use std::sync::OnceLock;
+
+    use opentelemetry::trace::{TraceContextExt, Tracer, TracerProvider as _};
+    use opentelemetry::{Context, global};
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+
+    /// Drops every span: the cost measured is polybus's and the SDK's (span
+    /// creation, sampling, the batch processor's queue), not a network's.
+    #[derive(Debug)]
+    struct Discard;
+
+    impl SpanExporter for Discard {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            drop(batch);
+            Ok(())
+        }
+    }
+
+    /// Installs (once) a Prometheus recorder (unless one is installed) and an
+    /// OpenTelemetry SDK tracer provider that samples every span into a batch
+    /// exporter.
+    pub(super) fn install() {
+        static DONE: OnceLock<()> = OnceLock::new();
+        DONE.get_or_init(|| {
+            if metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .is_ok()
+            {
+                polybus::observe::describe_metrics();
+            }
+            let provider = SdkTracerProvider::builder().with_batch_exporter(Discard).build();
+            global::set_tracer_provider(provider);
+        });
+    }
+
+    /// A context with a sampled span: sends made in it start `send` spans and
+    /// carry `traceparent`.
+    pub(super) fn caller_context() -> Context {
+        let tracer = global::tracer_provider().tracer("core-path-bench");
+        Context::new().with_span(tracer.start("bench publish"))
     }
 }

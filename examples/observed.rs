@@ -31,13 +31,32 @@ pub const TOPIC: &str = "orders";
 /// The example's consumer group.
 pub const GROUP: &str = "billing";
 
+/// The listening address in `METRICS_ADDR` (`value`), or the default
+/// `127.0.0.1:9464`, with a message that names the variable when it is not one.
+pub fn metrics_addr(value: Option<&str>) -> Result<SocketAddr, String> {
+    let value = value.unwrap_or("127.0.0.1:9464");
+    value
+        .parse()
+        .map_err(|e| format!("METRICS_ADDR={value:?} is not an address like 127.0.0.1:9464: {e}"))
+}
+
 /// Installs the Prometheus exporter (an HTTP listener on `addr`) as the global
-/// `metrics` recorder. Call once, before starting runners.
+/// `metrics` recorder. Call once, before starting runners. Refuses port 0
+/// (the exporter binds the port itself and cannot say which one the system
+/// picked, so nobody could scrape it) and says which address when it cannot
+/// listen there (e.g. the port is taken).
 pub fn install_exporter(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    if addr.port() == 0 {
+        return Err(format!(
+            "METRICS_ADDR {addr} has port 0: choose a fixed port (the exporter cannot report the one the system would pick)"
+        )
+        .into());
+    }
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("duration".into()), &SECONDS)?
-        .install()?;
+        .install()
+        .map_err(|e| format!("cannot serve /metrics on {addr}: {e}"))?;
     polybus::observe::describe_metrics();
     Ok(())
 }
@@ -86,9 +105,7 @@ pub async fn publish_orders(conn: &Connection, n: usize) -> polybus::Result<()> 
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr: SocketAddr = std::env::var("METRICS_ADDR")
-        .unwrap_or_else(|_| "127.0.0.1:9464".into())
-        .parse()?;
+    let addr = metrics_addr(std::env::var("METRICS_ADDR").ok().as_deref())?;
     install_exporter(addr)?;
     let url = std::env::var("POLYBUS_URL").unwrap_or_else(|_| "memory://observed-example".into());
     let conn = polybus::connect(&url).await?;

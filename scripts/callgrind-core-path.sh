@@ -9,6 +9,10 @@
 #   N1=5000 N2=15000 scripts/callgrind-core-path.sh polybus4
 #   KEEP=1 scripts/callgrind-core-path.sh polybus4 # keep the callgrind.out files
 #                                                  # (then: callgrind_annotate <file>)
+#   FEATURES=metrics,opentelemetry scripts/callgrind-core-path.sh polybus4 observed4
+#       # a build with the observability features: polybusN with the hooks
+#       # compiled in and nothing installed, observedN with a Prometheus
+#       # recorder and an OpenTelemetry SDK tracer installed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/tmp}/.cache/polybus-ci-target}"
@@ -18,7 +22,9 @@ pipelines=("$@")
 [ ${#pipelines[@]} -gt 0 ] || pipelines=(raw polybus0 polybus4)
 
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
-bin=$(cargo bench --bench core_path --no-run --message-format=json 2>/dev/null |
+features=()
+[ -z "${FEATURES:-}" ] || features=(--features "$FEATURES")
+bin=$(cargo bench --bench core_path "${features[@]}" --no-run --message-format=json 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*core_path[^"]*\)".*/\1/p' | tail -n 1)
 [ -x "$bin" ] || { echo "could not build benches/core_path.rs" >&2; exit 1; }
 out="${OUT_DIR:-$(mktemp -d)}"

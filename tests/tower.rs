@@ -257,3 +257,128 @@ async fn an_overloaded_message_comes_back_after_a_backoff() {
         );
     }
 }
+
+/// A handler that is overloaded on its first `overloaded` calls and then
+/// succeeds, remembering when it was called.
+fn overloaded_then_ok(
+    overloaded: usize,
+    calls: &Arc<Mutex<Vec<Instant>>>,
+) -> impl Fn(Delivery) -> futures::future::BoxFuture<'static, HandlerResult> + Send + Sync + 'static {
+    let calls = Arc::clone(calls);
+    move |_d: Delivery| {
+        let calls = Arc::clone(&calls);
+        Box::pin(async move {
+            let n = {
+                let mut calls = calls.lock().unwrap();
+                calls.push(Instant::now());
+                calls.len()
+            };
+            if n <= overloaded {
+                return Err(polybus::HandlerError::overloaded("busy"));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A memory broker without delayed redelivery (like RabbitMQ and core NATS:
+/// a release makes the message deliverable at once).
+async fn setup_without_broker_delays(topic: &str, messages: usize) -> MemoryBroker {
+    let broker = MemoryBroker::with_config(polybus::memory::MemoryConfig::default().delayed_release(false));
+    let conn = broker.connection();
+    conn.consumer.declare_topic(topic).await.unwrap();
+    conn.consumer
+        .declare_group(topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    for i in 0..messages {
+        conn.producer
+            .send(topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    broker
+}
+
+/// Where the broker cannot delay a redelivery (RabbitMQ, core NATS; Kafka
+/// only by sleeping in the release), the runner waits out the backoff itself
+/// before it gives an overloaded message back: released at once, a lasting
+/// overload was a redelivery loop as fast as the broker could hand it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_message_comes_back_after_a_backoff_without_broker_delays() {
+    let broker = setup_without_broker_delays("overload-nodelay", 1).await;
+    let conn = broker.connection();
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let backoff = Duration::from_millis(200);
+    let handle = conn
+        .runner()
+        .topic("overload-nodelay")
+        .group("g")
+        .retry(RetryPolicy::attempts(10).backoff(backoff, backoff))
+        .run(overloaded_then_ok(2, &calls))
+        .await
+        .unwrap();
+    let report = settle_all(&handle, 1).await;
+    assert_eq!(
+        (report.handled, report.dead_lettered, report.released),
+        (1, 0, 2),
+        "{report:?}"
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+    for pair in calls.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= backoff - Duration::from_millis(20),
+            "redelivered {gap:?} after an overload (backoff {backoff:?})"
+        );
+    }
+}
+
+/// A shutdown while an overloaded message waits out its backoff in the runner
+/// gives it back at once (counted once as released): shutdown neither waits
+/// for the backoff nor loses the message, and the next runner of the group
+/// gets it without the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_back_an_overloaded_message_at_once() {
+    let broker = setup_without_broker_delays("overload-stop", 1).await;
+    let conn = broker.connection();
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let backoff = Duration::from_secs(10);
+    let handle = conn
+        .runner()
+        .topic("overload-stop")
+        .group("g")
+        .retry(RetryPolicy::attempts(10).backoff(backoff, backoff))
+        .run(overloaded_then_ok(1, &calls))
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while calls.lock().unwrap().is_empty() {
+        assert!(Instant::now() < until, "the handler was never called");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stopping = Instant::now();
+    let report = handle.shutdown(Duration::from_secs(5)).await;
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    assert_eq!(
+        (report.handled, report.released, report.settle_failures),
+        (0, 1, 0),
+        "one overload, given back once at shutdown: {report:?}"
+    );
+    assert_eq!(calls.lock().unwrap().len(), 1, "handled again before the backoff");
+    let next = conn
+        .runner()
+        .topic("overload-stop")
+        .group("g")
+        .run(overloaded_then_ok(0, &calls))
+        .await
+        .unwrap();
+    let report = settle_all(&next, 1).await;
+    assert_eq!(report.handled, 1, "{report:?}");
+    let calls = calls.lock().unwrap().clone();
+    let gap = calls[1] - calls[0];
+    assert!(gap < backoff, "the next runner waited {gap:?} for it");
+}

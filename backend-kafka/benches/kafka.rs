@@ -14,6 +14,11 @@
 //! Topics have 4 partitions and are new for every measurement. Raw and polybus
 //! alternate which goes first.
 //!
+//! Every run also measures polybus with its metrics and tracing on (a metrics
+//! recorder and an OpenTelemetry SDK tracer installed, `bench::observe`):
+//! publishing inside a trace, then draining that topic; the report gives the
+//! ratio to plain polybus (observed first in odd runs, last in even ones).
+//!
 //! ```text
 //! POLYBUS_BENCH_KAFKA_BROKERS=127.0.0.1:9092 cargo bench -p polybus-kafka --bench kafka
 //! POLYBUS_BENCH_MESSAGES=1000000 POLYBUS_BENCH_RUNS=5 cargo bench -p polybus-kafka --bench kafka
@@ -89,6 +94,17 @@ async fn polybus_consume(conn: &Connection, topic: &str, group: &str, n: usize) 
     bench::consume(conn, topic, group, n, CONCURRENCY, BOUND).await
 }
 
+/// Publishes `n` records to a new topic and drains it with a new group, both
+/// with polybus's metrics and tracing on (`bench::observe`).
+async fn observed(conn: &Connection, topic: &str, group: &str, n: usize, payload: &Bytes) -> [Duration; 2] {
+    conn.consumer.declare_topic(topic).await.expect("topic");
+    bench::observe(true);
+    let sent = bench::publish(conn, topic, n, payload, IN_FLIGHT).await;
+    let consumed = polybus_consume(conn, topic, group, n).await;
+    bench::observe(false);
+    [sent, consumed]
+}
+
 fn main() {
     let brokers = std::env::var("POLYBUS_BENCH_KAFKA_BROKERS")
         .or_else(|_| std::env::var("POLYBUS_TEST_KAFKA_BROKERS"))
@@ -114,6 +130,13 @@ fn main() {
         for run in 0..runs {
             let raw_topic = format!("bench-raw-{id}-{run}");
             let pb_topic = format!("bench-pb-{id}-{run}");
+            let (obs_topic, obs_group) = (format!("bench-obs-{id}-{run}"), format!("obs-{id}-{run}"));
+            // Observed first in odd runs, last in even ones.
+            let early = if run % 2 == 1 && bench::observation_available() {
+                Some(observed(&conn, &obs_topic, &obs_group, n, &payload).await)
+            } else {
+                None
+            };
             for t in [&raw_topic, &pb_topic] {
                 conn.consumer.declare_topic(t).await.expect("topic");
             }
@@ -135,6 +158,12 @@ fn main() {
                 (raw_consume(&brokers, &pb_topic, &raw_group, n).await, p)
             };
             rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
+            if let Some(observed) = early {
+                rates.record_observed(run, observed);
+            } else if bench::observation_available() {
+                let observed = observed(&conn, &obs_topic, &obs_group, n, &payload).await;
+                rates.record_observed(run, observed);
+            }
         }
         rates.report();
     });

@@ -590,6 +590,12 @@ impl Consumer for KafkaConsumer {
         let mut caps = Capabilities::new(BACKEND, self.settings().max_payload());
         caps.positional_acks = true;
         caps.key_order_across_instances = true;
+        // Kafka has no delayed redelivery: a release with a delay only sleeps
+        // client-side before handing the message out again. Said so, the runner
+        // waits out an overloaded message's backoff itself, where it counts
+        // towards what the runner holds and a shutdown gives it back at once
+        // (a sleeping release was outside both).
+        caps.delayed_release = false;
         // Kafka's only deadline: a member that stops polling is removed from its
         // group. The poll thread keeps polling while handlers run.
         caps.ack_deadline = Some(self.settings().max_poll_interval);

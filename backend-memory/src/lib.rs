@@ -58,6 +58,10 @@ pub struct MemoryConfig {
     pub ack_deadline: Duration,
     /// The largest payload accepted, in bytes (default 1 MiB).
     pub max_payload: usize,
+    /// Whether `release` honours its delay (default `true`). `false` models a
+    /// broker without delayed redelivery (RabbitMQ, core NATS): a release
+    /// makes the message deliverable at once, whatever delay was asked for.
+    pub delayed_release: bool,
 }
 
 impl Default for MemoryConfig {
@@ -65,6 +69,7 @@ impl Default for MemoryConfig {
         MemoryConfig {
             ack_deadline: Duration::from_secs(30),
             max_payload: 1024 * 1024,
+            delayed_release: true,
         }
     }
 }
@@ -79,6 +84,12 @@ impl MemoryConfig {
     /// Sets the maximum payload.
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.max_payload = bytes;
+        self
+    }
+
+    /// Sets whether `release` honours its delay (see [`MemoryConfig::delayed_release`]).
+    pub fn delayed_release(mut self, honoured: bool) -> Self {
+        self.delayed_release = honoured;
         self
     }
 }
@@ -497,6 +508,7 @@ fn capabilities(config: &MemoryConfig) -> Capabilities {
     caps.networked = false;
     caps.reposition = true;
     caps.catch_up = true;
+    caps.delayed_release = config.delayed_release;
     caps
 }
 
@@ -884,6 +896,7 @@ impl AckHandle for MemoryAck {
 
     async fn release(&self, delay: Option<Duration>) -> Result<()> {
         let seq = self.lease.seq;
+        let delay = delay.filter(|_| self.shared.config.delayed_release);
         let owned = self.shared.with_lease(&self.lease, |group, subs, now| {
             let at = later(now, delay.unwrap_or_default());
             end_lease(group, subs, seq);

@@ -9,6 +9,11 @@
 //! Streams are in memory (the same for both), created fresh for every run and
 //! deleted afterwards. Raw and polybus alternate within each run.
 //!
+//! Every run also measures polybus with its metrics and tracing on (a metrics
+//! recorder and an OpenTelemetry SDK tracer installed, `bench::observe`):
+//! publishing inside a trace, then draining that stream; the report gives the
+//! ratio to plain polybus (observed first in odd runs, last in even ones).
+//!
 //! ```text
 //! POLYBUS_BENCH_NATS_URL=nats://127.0.0.1:4222 cargo bench -p polybus-nats --bench jetstream
 //! POLYBUS_BENCH_MESSAGES=200000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-nats --bench jetstream
@@ -100,6 +105,24 @@ async fn polybus_consume(conn: &polybus_core::Connection, topic: &str, n: usize)
     bench::consume(conn, topic, "polybus", n, 64, PREFETCH).await
 }
 
+/// Publishes `n` messages to a new stream and drains it with a runner, both
+/// with polybus's metrics and tracing on (`bench::observe`).
+async fn observed(
+    js: &jetstream::Context,
+    conn: &polybus_core::Connection,
+    topic: &str,
+    n: usize,
+    payload: &Bytes,
+) -> [Duration; 2] {
+    js.create_stream(stream_config(topic)).await.expect("stream");
+    bench::observe(true);
+    let sent = bench::publish(conn, topic, n, payload, IN_FLIGHT).await;
+    let consumed = polybus_consume(conn, topic, n).await;
+    bench::observe(false);
+    let _ = js.delete_stream(stream_name(topic)).await;
+    [sent, consumed]
+}
+
 fn main() {
     let url = std::env::var("POLYBUS_BENCH_NATS_URL")
         .or_else(|_| std::env::var("POLYBUS_TEST_NATS_URL"))
@@ -120,6 +143,13 @@ fn main() {
         for run in 0..runs {
             let raw_topic = format!("bench.raw{run}.{}", std::process::id());
             let pb_topic = format!("bench.pb{run}.{}", std::process::id());
+            let obs_topic = format!("bench.obs{run}.{}", std::process::id());
+            // Observed first in odd runs, last in even ones.
+            let early = if run % 2 == 1 && bench::observation_available() {
+                Some(observed(&js, &conn, &obs_topic, n, &payload).await)
+            } else {
+                None
+            };
             for t in [&raw_topic, &pb_topic] {
                 js.create_stream(stream_config(t)).await.expect("stream");
             }
@@ -143,6 +173,12 @@ fn main() {
             rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
             for t in [&raw_topic, &pb_topic] {
                 let _ = js.delete_stream(stream_name(t)).await;
+            }
+            if let Some(observed) = early {
+                rates.record_observed(run, observed);
+            } else if bench::observation_available() {
+                let observed = observed(&js, &conn, &obs_topic, n, &payload).await;
+                rates.record_observed(run, observed);
             }
         }
         rates.report();

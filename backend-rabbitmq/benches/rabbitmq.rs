@@ -11,6 +11,11 @@
 //! The topology is the same for both (declared by polybus) and deleted after
 //! each run; raw and polybus alternate which goes first.
 //!
+//! Every run also measures polybus with its metrics and tracing on (a metrics
+//! recorder and an OpenTelemetry SDK tracer installed, `bench::observe`):
+//! publishing inside a trace, then draining that topic; the report gives the
+//! ratio to plain polybus (observed first in odd runs, last in even ones).
+//!
 //! ```text
 //! POLYBUS_BENCH_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo bench -p polybus-rabbitmq --bench rabbitmq
 //! POLYBUS_BENCH_MESSAGES=100000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-rabbitmq --bench rabbitmq
@@ -93,6 +98,28 @@ async fn raw_consume(connection: &lapin::Connection, queue: &str, n: usize) -> D
     took
 }
 
+/// Publishes `n` messages to a new topic and drains its group with a runner,
+/// both with polybus's metrics and tracing on (`bench::observe`).
+async fn observed(
+    conn: &polybus_core::Connection,
+    admin: &RabbitConsumer,
+    topic: &str,
+    n: usize,
+    payload: &Bytes,
+) -> [Duration; 2] {
+    conn.consumer.declare_topic(topic).await.expect("topic");
+    conn.consumer
+        .declare_group(topic, "g", StartFrom::Latest)
+        .await
+        .expect("group");
+    bench::observe(true);
+    let sent = bench::publish(conn, topic, n, payload, IN_FLIGHT).await;
+    let consumed = bench::consume(conn, topic, "g", n, 64, usize::from(PREFETCH)).await;
+    bench::observe(false);
+    let _ = admin.delete_topic(topic, &[group_queue(topic, "g")]).await;
+    [sent, consumed]
+}
+
 fn main() {
     let url = std::env::var("POLYBUS_BENCH_AMQP_URL")
         .or_else(|_| std::env::var("POLYBUS_TEST_AMQP_URL"))
@@ -120,6 +147,13 @@ fn main() {
         for run in 0..runs {
             let raw_topic = format!("bench-raw{run}-{}", std::process::id());
             let pb_topic = format!("bench-pb{run}-{}", std::process::id());
+            let obs_topic = format!("bench-obs{run}-{}", std::process::id());
+            // Observed first in odd runs, last in even ones.
+            let early = if run % 2 == 1 && bench::observation_available() {
+                Some(observed(&conn, &admin, &obs_topic, n, &payload).await)
+            } else {
+                None
+            };
             for t in [&raw_topic, &pb_topic] {
                 conn.consumer.declare_topic(t).await.expect("topic");
                 conn.consumer
@@ -148,6 +182,12 @@ fn main() {
             rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
             for t in [&raw_topic, &pb_topic] {
                 let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
+            }
+            if let Some(observed) = early {
+                rates.record_observed(run, observed);
+            } else if bench::observation_available() {
+                let observed = observed(&conn, &admin, &obs_topic, n, &payload).await;
+                rates.record_observed(run, observed);
             }
         }
         rates.report();

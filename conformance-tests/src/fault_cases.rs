@@ -574,3 +574,127 @@ pub async fn dead_letter_is_timestamped_now<H: Harness>(cx: Ctx<H>) -> CaseResul
     );
     Ok(Outcome::Passed)
 }
+
+/// An overloaded handler (`HandlerError::overloaded`, tower's `load_shed`)
+/// gives its message back to come again after the retry policy's initial
+/// backoff: where the broker delays redelivery (memory, JetStream) the broker
+/// waits, elsewhere the runner holds the message for the backoff. A shutdown
+/// during that backoff neither waits for it nor loses the message: it returns
+/// at once, counts one release and no settle failure, and (where the runner
+/// held it) the next runner of the group gets the message without the backoff.
+pub async fn overloaded_message_comes_back_after_a_backoff<H: Harness>(cx: Ctx<H>) -> CaseResult {
+    if let Some(skip) = needs_at_least_once(&cx) {
+        return Ok(skip);
+    }
+    let conn = cx.connect().await?;
+    let (topic, group) = cx.topic_and_group(&conn, "shed").await?;
+    let calls: Arc<std::sync::Mutex<Vec<(usize, tokio::time::Instant)>>> = Arc::default();
+    let handler = {
+        let calls = Arc::clone(&calls);
+        move |d: Delivery| {
+            let calls = Arc::clone(&calls);
+            async move {
+                let index = index_of(&d);
+                let first = {
+                    let mut calls = calls.lock().unwrap_or_else(|p| p.into_inner());
+                    let first = !calls.iter().any(|(i, _)| *i == index);
+                    calls.push((index, tokio::time::Instant::now()));
+                    first
+                };
+                if first {
+                    return Err(HandlerError::overloaded("busy"));
+                }
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let calls_of = |index: usize| -> Vec<tokio::time::Instant> {
+        let calls = calls.lock().unwrap_or_else(|p| p.into_inner());
+        calls
+            .iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, at)| *at)
+            .collect()
+    };
+    // 1. Overloaded once, back after the backoff, then handled.
+    let backoff = Duration::from_millis(400);
+    let handle = cx
+        .runner(&conn, &topic, &group)
+        .retry(RetryPolicy::attempts(10).backoff(backoff, backoff))
+        .run(handler.clone())
+        .await?;
+    publish(&conn, &topic, vec![numbered("shed", 0)]).await?;
+    let until = tokio::time::Instant::now() + cx.secs(20.0);
+    while handle.stats().handled < 1 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "not handled: {:?}",
+            handle.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = handle.shutdown(cx.secs(10.0)).await;
+    let seen = calls_of(0);
+    assert_eq!(seen.len(), 2, "one overload, then handled");
+    let gap = seen[1] - seen[0];
+    assert!(
+        gap >= backoff - Duration::from_millis(20),
+        "came back {gap:?} after an overload (backoff {backoff:?})"
+    );
+    assert_eq!(
+        (report.handled, report.dead_lettered, report.settle_failures),
+        (1, 0, 0),
+        "{report:?}"
+    );
+
+    // 2. A shutdown while an overloaded message waits out a long backoff.
+    let backoff = Duration::from_secs(30);
+    let handle = cx
+        .runner(&conn, &topic, &group)
+        .retry(RetryPolicy::attempts(10).backoff(backoff, backoff))
+        .run(handler.clone())
+        .await?;
+    publish(&conn, &topic, vec![numbered("shed", 1)]).await?;
+    let until = tokio::time::Instant::now() + cx.secs(20.0);
+    while calls_of(1).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "message 1 never reached the handler"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::time::Instant::now();
+    let report = handle.shutdown(cx.secs(5.0)).await;
+    let took = stopping.elapsed();
+    assert!(
+        took < cx.secs(3.0),
+        "shutdown took {took:?} with an overloaded message in its backoff"
+    );
+    assert_eq!(calls_of(1).len(), 1, "handled again before its backoff");
+    assert_eq!(
+        (report.handled, report.released, report.settle_failures),
+        (0, 1, 0),
+        "{report:?}"
+    );
+    if !cx.caps().delayed_release {
+        // The runner held it: given back at shutdown, the next runner has it now.
+        let handle = cx.runner(&conn, &topic, &group).run(handler).await?;
+        let until = tokio::time::Instant::now() + cx.secs(20.0);
+        while handle.stats().handled < 1 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the message given back at shutdown did not come back: {:?}",
+                handle.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        handle.shutdown(cx.secs(10.0)).await;
+        let seen = calls_of(1);
+        assert!(
+            seen[1] - seen[0] < backoff,
+            "the next runner waited out the backoff"
+        );
+    }
+    Ok(Outcome::Passed)
+}

@@ -411,6 +411,7 @@ macro_rules! conformance_suite {
             fatal_subscription_error_is_reported,
             hung_ack_is_bounded,
             shutdown_release_costs_one_attempt,
+            overloaded_message_comes_back_after_a_backoff,
             foreign_binary_keys_keep_their_lanes,
             foreign_headers_keep_their_bytes,
             foreign_tombstone_is_not_an_empty_payload,

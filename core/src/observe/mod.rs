@@ -138,6 +138,8 @@ pub const DEAD_LETTER_FAILURES: &str = "polybus.dead_letter.failures";
 pub const SHUTDOWN_DURATION: &str = "polybus.runner.shutdown.duration";
 /// A group's backlog (gauge).
 pub const LAG: &str = "polybus.consumer.lag";
+/// Lag refreshes that failed (counter).
+pub const LAG_FAILURES: &str = "polybus.consumer.lag.failures";
 
 /// Every metric polybus emits. The README's "Observability" table lists the
 /// same rows (a test compares them).
@@ -225,6 +227,13 @@ pub const METRICS: &[MetricDescriptor] = &[
         unit: "{message}",
         attributes: &[SYSTEM, DESTINATION, GROUP],
         description: "The group's backlog as the broker reports it (see `Consumer::lag`); a property of the group: aggregate across instances with max, not sum",
+    },
+    MetricDescriptor {
+        name: LAG_FAILURES,
+        kind: MetricKind::Counter,
+        unit: "{failure}",
+        attributes: &[SYSTEM, DESTINATION, GROUP, ERROR_TYPE],
+        description: "Lag refreshes that failed (the gauge keeps its last value); `error.type` is the error's kind, `timeout` when the broker did not answer within the interval, `panic` when the backend panicked",
     },
 ];
 
@@ -509,7 +518,15 @@ impl Observer {
     #[cfg(feature = "metrics")]
     pub(crate) fn lag(&self, topic: &str, lag: u64) {
         if let Some(m) = &self.metrics {
-            m.with_topic(topic, |t| t.lag.set(lag as f64));
+            m.with_topic(topic, |t| t.set_lag(lag));
+        }
+    }
+
+    /// Asking for the backlog on `topic` failed (`error`: its `error.type`).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn lag_failed(&self, topic: &str, error: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.lag_failed(topic, error);
         }
     }
 }

@@ -11,8 +11,8 @@ use metrics::{Counter, Gauge, Histogram, Label, Unit};
 
 use super::{
     ATTEMPTS, BACKOFF, CONSUMED_MESSAGES, DEAD_LETTER_FAILURES, DESTINATION, ERROR_TYPE, GROUP, HELD, LAG,
-    METRICS, MetricKind, OPERATION, OPERATION_DURATION, OPERATION_TYPE, OUTCOME, OUTCOMES, Outcome,
-    PROCESS_DURATION, RUNNING, SENT_MESSAGES, SHUTDOWN_DURATION, SYSTEM, error_type,
+    LAG_FAILURES, METRICS, MetricKind, OPERATION, OPERATION_DURATION, OPERATION_TYPE, OUTCOME, OUTCOMES,
+    Outcome, PROCESS_DURATION, RUNNING, SENT_MESSAGES, SHUTDOWN_DURATION, SYSTEM, error_type,
 };
 use crate::error::Error;
 use crate::message::Delivery;
@@ -99,7 +99,19 @@ pub(super) struct TopicMetrics {
     pub(super) outcomes: [Counter; Outcome::ALL.len()],
     attempts_ok: Histogram,
     attempts_dead_lettered: Histogram,
-    pub(super) lag: Gauge,
+    /// Registered on the first lag read: a gauge registered at once would
+    /// show a backlog of 0 for a group whose lag was never read (a backend
+    /// that cannot tell, a broker that keeps failing).
+    lag: OnceLock<Gauge>,
+    lag_labels: Vec<Label>,
+}
+
+impl TopicMetrics {
+    pub(super) fn set_lag(&self, lag: u64) {
+        self.lag
+            .get_or_init(|| metrics::gauge!(LAG, self.lag_labels.iter()))
+            .set(lag as f64);
+    }
 }
 
 /// One runner's handles.
@@ -184,7 +196,8 @@ impl RunnerMetrics {
                 ATTEMPTS,
                 with(OUTCOME, Outcome::DeadLettered.as_str())
             ),
-            lag: metrics::gauge!(LAG, base.iter()),
+            lag: OnceLock::new(),
+            lag_labels: base,
         }
     }
 
@@ -229,6 +242,12 @@ impl RunnerMetrics {
                 metrics::histogram!(OPERATION_DURATION, labels).record(secs);
             }
         }
+    }
+
+    pub(super) fn lag_failed(&self, topic: &str, error: &'static str) {
+        let mut labels = base_labels(self.system, self.group.as_deref(), Some(topic));
+        labels.push(Label::from_static_parts(ERROR_TYPE, error));
+        metrics::counter!(LAG_FAILURES, labels).increment(1);
     }
 
     pub(super) fn dead_letter_failed(&self, topic: &str, error: &Error) {

@@ -40,14 +40,26 @@ pub const TRACESTATE: &str = "tracestate";
 
 const SCOPE: &str = "polybus";
 
-/// `traceparent` for a span context (version 00).
+/// `traceparent` for a span context (version 00), hex-encoded by hand (what
+/// `format!` with the ids' `Display` cost was about a tenth of the traced
+/// core path, see BENCHMARKS.md).
 fn traceparent(cx: &SpanContext) -> String {
-    format!(
-        "00-{}-{}-{:02x}",
-        cx.trace_id(),
-        cx.span_id(),
-        cx.trace_flags().to_u8()
-    )
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    push_hex(&mut out, &cx.trace_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &cx.span_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &[cx.trace_flags().to_u8()]);
+    out
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
 }
 
 fn is_lower_hex(s: &str, len: usize) -> bool {
@@ -56,9 +68,29 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The longest `tracestate` kept (W3C Trace Context: vendors propagate at
+/// least 512 characters; a longer one is dropped, not truncated).
+pub const MAX_TRACESTATE: usize = 512;
+/// The most `tracestate` list members kept (W3C Trace Context: 32).
+const MAX_TRACESTATE_MEMBERS: usize = 32;
+
 /// The remote span context in `traceparent` (and `tracestate`), if valid.
+///
+/// What any producer may have written is handled as W3C Trace Context says:
+/// no `traceparent`, one that is not a single valid value (malformed, not
+/// UTF-8, version `ff`, an all-zero trace or span id, or several
+/// `traceparent` headers) → no parent (`None`: the handler's span starts a new
+/// trace). A `tracestate` that is not valid or is over 512 characters or 32
+/// members is dropped (the parent is kept): the context is injected into every
+/// message the handler sends, so it must stay within the header grammar (no
+/// CR/LF or other control characters) and small.
 pub(crate) fn extract(headers: &Headers) -> Option<SpanContext> {
-    let parent = headers.get(TRACEPARENT)?.trim();
+    let mut parents = headers.get_all(TRACEPARENT);
+    let parent = parents.next()?.as_str()?.trim_matches([' ', '\t']);
+    if parents.next().is_some() {
+        // Several parents: none of them is the parent.
+        return None;
+    }
     let mut parts = parent.split('-');
     let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     // Version 00 has exactly four fields; later versions may append more.
@@ -71,12 +103,38 @@ pub(crate) fn extract(headers: &Headers) -> Option<SpanContext> {
     let trace_id = TraceId::from_hex(trace).ok()?;
     let span_id = SpanId::from_hex(span).ok()?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    let state = headers
-        .get(TRACESTATE)
-        .and_then(|s| TraceState::from_str(s).ok())
-        .unwrap_or_default();
+    let state = trace_state(headers).unwrap_or_default();
     let cx = SpanContext::new(trace_id, span_id, TraceFlags::new(flags & 1), true, state);
     cx.is_valid().then_some(cx)
+}
+
+/// Every `tracestate` header joined (W3C: several headers are one list), if
+/// the whole list is valid and within the limits.
+fn trace_state(headers: &Headers) -> Option<TraceState> {
+    if !headers.contains_key(TRACESTATE) {
+        return None;
+    }
+    let mut joined = String::new();
+    for value in headers.get_all(TRACESTATE) {
+        let value = value.as_str()?;
+        if !joined.is_empty() {
+            joined.push(',');
+        }
+        joined.push_str(value);
+        if joined.len() > MAX_TRACESTATE {
+            return None;
+        }
+    }
+    // Printable ASCII only (the W3C grammar; opentelemetry's parser lets
+    // control characters through in values).
+    if !joined.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+        return None;
+    }
+    let members = joined.split(',').filter(|m| !m.trim().is_empty()).count();
+    if members > MAX_TRACESTATE_MEMBERS {
+        return None;
+    }
+    TraceState::from_str(&joined).ok()
 }
 
 fn base(system: &'static str, topic: &str, operation: &'static str) -> Vec<KeyValue> {
@@ -215,6 +273,153 @@ mod tests {
         assert!(cx.is_sampled() && cx.is_remote());
         assert_eq!(traceparent(&cx), parent);
         assert_eq!(cx.trace_state().header(), "congo=t61rcWkgMzE");
+    }
+
+    /// Headers as a foreign producer may write them: raw values, repeated keys.
+    fn raw(entries: &[(&str, &[u8])]) -> Headers {
+        let mut h = Headers::new();
+        for (k, v) in entries {
+            h.append(
+                *k,
+                crate::headers::HeaderValue::Bytes(bytes::Bytes::copy_from_slice(v)),
+            );
+        }
+        h
+    }
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn foreign_traceparents_that_are_not_one_valid_value_are_no_parent() {
+        let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        for (what, headers) in [
+            (
+                "not UTF-8",
+                raw(&[(
+                    TRACEPARENT,
+                    b"00-4bf92f3577b34da6a3ce929d0e0e47\xff6-00f067aa0ba902b7-01",
+                )]),
+            ),
+            ("null", {
+                let mut h = Headers::new();
+                h.append(TRACEPARENT, crate::headers::HeaderValue::Null);
+                h
+            }),
+            (
+                "two different",
+                raw(&[(TRACEPARENT, PARENT.as_bytes()), (TRACEPARENT, other.as_bytes())]),
+            ),
+            (
+                "two equal",
+                raw(&[(TRACEPARENT, PARENT.as_bytes()), (TRACEPARENT, PARENT.as_bytes())]),
+            ),
+            (
+                "a valid one after a bad one",
+                raw(&[(TRACEPARENT, b"garbage"), (TRACEPARENT, PARENT.as_bytes())]),
+            ),
+            ("huge", raw(&[(TRACEPARENT, "0".repeat(1 << 20).as_bytes())])),
+            (
+                "all-zero trace id",
+                raw(&[(
+                    TRACEPARENT,
+                    b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                )]),
+            ),
+            (
+                "version ff",
+                raw(&[(
+                    TRACEPARENT,
+                    b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )]),
+            ),
+        ] {
+            assert!(extract(&headers).is_none(), "{what}");
+        }
+    }
+
+    fn state_of(entries: &[(&str, &[u8])]) -> String {
+        let mut all = vec![(TRACEPARENT, PARENT.as_bytes())];
+        all.extend_from_slice(entries);
+        let cx = extract(&raw(&all)).expect("the parent is valid");
+        cx.trace_state().header()
+    }
+
+    #[test]
+    fn a_tracestate_outside_the_grammar_or_the_limits_is_dropped_and_the_parent_kept() {
+        // CR/LF would be copied into the headers of every message the handler sends.
+        assert_eq!(state_of(&[(TRACESTATE, b"congo=t61r\r\nx-injected: 1")]), "");
+        assert_eq!(state_of(&[(TRACESTATE, b"congo=t\x01")]), "");
+        assert_eq!(state_of(&[(TRACESTATE, b"congo=\xff")]), "");
+        // Over 512 characters, and over 32 members.
+        let long = format!("congo={}", "a".repeat(250)) + &format!(",rojo={}", "b".repeat(250)) + ",x=y";
+        assert!(long.len() > MAX_TRACESTATE);
+        assert_eq!(state_of(&[(TRACESTATE, long.as_bytes())]), "");
+        let many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(state_of(&[(TRACESTATE, many.join(",").as_bytes())]), "");
+        let huge = "k=v,".repeat(1 << 18);
+        assert_eq!(state_of(&[(TRACESTATE, huge.as_bytes())]), "");
+        // Within the limits it is kept; several headers are one list.
+        assert_eq!(
+            state_of(&[(TRACESTATE, b"congo=t61rcWkgMzE")]),
+            "congo=t61rcWkgMzE"
+        );
+        assert_eq!(
+            state_of(&[
+                (TRACESTATE, b"congo=t61rcWkgMzE"),
+                (TRACESTATE, b"rojo=00f067aa0ba902b7")
+            ]),
+            "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+        );
+    }
+
+    /// What a handler sends inside the context of a foreign record carries only
+    /// valid header values: its `tracestate` came from the record.
+    #[test]
+    fn a_foreign_tracestate_does_not_reach_the_handlers_sends() {
+        let foreign = raw(&[
+            (TRACEPARENT, PARENT.as_bytes()),
+            (TRACESTATE, b"congo=t61r\r\nx-injected: 1"),
+        ]);
+        let remote = extract(&foreign).expect("the parent is valid");
+        let cx = Context::new().with_remote_span_context(remote);
+        let sent = std::sync::Mutex::new(None);
+        let publish = |m: Message| {
+            *sent.lock().unwrap() = Some(m);
+            async { Ok(()) }
+        };
+        futures::executor::block_on(send("memory", "out", Message::new("reply"), publish).with_context(cx))
+            .unwrap();
+        let sent = sent.lock().unwrap().take().expect("published");
+        let parent = sent.headers.get(TRACEPARENT).expect("in the caller's trace");
+        assert!(
+            parent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{parent}"
+        );
+        for (key, value) in sent.headers.iter() {
+            let value = value.as_str().expect("text");
+            assert!(
+                crate::names::validate_header_value(key, value).is_ok(),
+                "{key}: {value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn traceparent_is_lower_hex_of_the_ids() {
+        for _ in 0..200 {
+            let (trace, span, flags) = (fastrand::u128(1..), fastrand::u64(1..), fastrand::u8(..) & 1);
+            let cx = SpanContext::new(
+                TraceId::from(trace),
+                SpanId::from(span),
+                TraceFlags::new(flags),
+                false,
+                TraceState::default(),
+            );
+            assert_eq!(
+                traceparent(&cx),
+                format!("00-{trace:032x}-{span:016x}-{flags:02x}")
+            );
+        }
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub(super) struct Dispatcher {
     order: Order,
     limits: Limits,
     positional: bool,
+    /// The broker honours a release's delay (`Capabilities::delayed_release`);
+    /// without it the runner waits out an overloaded message's backoff itself.
+    broker_delays: bool,
     keep_alive: Option<Duration>,
     lanes: IdMap<Lane>,
     /// The lane of each message key that has one ([`Order::ByKey`]).
@@ -84,6 +87,7 @@ impl Dispatcher {
         order: Order,
         limits: Limits,
         positional: bool,
+        broker_delays: bool,
         keep_alive: Option<Duration>,
         checked_topics: HashSet<String>,
         shared: Arc<Shared>,
@@ -96,6 +100,7 @@ impl Dispatcher {
             order,
             limits,
             positional,
+            broker_delays,
             keep_alive,
             lanes: IdMap::default(),
             keyed: HashMap::new(),
@@ -188,9 +193,15 @@ impl Dispatcher {
                     let key = expired.into_inner();
                     self.parked_lanes.remove(&key);
                     if let Some(lane) = self.lanes.get_mut(&key) {
-                        lane.head = Head::Waiting;
                         lane.backoff_key = None;
-                        self.ready.push_back(key);
+                        if lane.head == Head::Shed {
+                            // An overloaded message's backoff is over: give it
+                            // back now, with its lane.
+                            self.release_lane(key, false);
+                        } else {
+                            lane.head = Head::Waiting;
+                            self.ready.push_back(key);
+                        }
                     }
                 }
                 _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
@@ -372,11 +383,20 @@ impl Dispatcher {
             return;
         };
         let observe = &self.settings.observe;
-        if let Some(head) = lane.items.front() {
-            let retry = !stopping && !revoked && self.fatal.is_none();
+        let retry = !stopping && !revoked && self.fatal.is_none();
+        // An overloaded message on a broker that cannot delay its redelivery
+        // waits out the backoff here (counted when it is released).
+        let shed = retry && !self.broker_delays && matches!(done, Done::Release);
+        if let Some(head) = lane.items.front().filter(|_| !shed) {
             observe_done(observe, &head.delivery, &done, retry);
         }
         match done {
+            Done::Release if shed => {
+                lane.head = Head::Shed;
+                lane.backoff_key = Some(self.backoff.insert(key, self.settings.retry.initial_backoff));
+                self.parked_lanes.insert(key);
+                return;
+            }
             Done::Retry(delay) if !stopping && !revoked && self.fatal.is_none() => {
                 Counters::bump(&self.counters.retried, 1);
                 if let Some(head) = lane.items.front_mut() {

@@ -128,8 +128,10 @@ pub struct ShutdownReport {
     pub dead_lettered: u64,
     /// Attempts that failed and were retried in process.
     pub retried: u64,
-    /// Deliveries given back to the broker unhandled (on shutdown, revocation, or
-    /// a dead letter the environment refused).
+    /// Deliveries given back to the broker unhandled (on shutdown, revocation,
+    /// an overloaded handler, or a dead letter the environment refused). An
+    /// overloaded message the runner holds for its backoff (a broker without
+    /// delayed redelivery) counts when it is given back.
     pub released: u64,
     /// Handlers cancelled at the shutdown deadline (their messages were released).
     pub abandoned: u64,

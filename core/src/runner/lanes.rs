@@ -51,6 +51,9 @@ pub(super) enum Head {
     Waiting,
     Running,
     Backoff,
+    /// Overloaded: waits out a backoff in the runner, then goes back to the
+    /// broker with its lane (backends without delayed redelivery).
+    Shed,
 }
 
 pub(super) struct Held {

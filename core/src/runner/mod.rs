@@ -476,6 +476,7 @@ impl Runner {
             self.order,
             limits,
             caps.positional_acks,
+            caps.delayed_release,
             keep_alive,
             checked_topics,
             Arc::clone(&shared),
