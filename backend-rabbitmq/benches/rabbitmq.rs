@@ -1,50 +1,93 @@
-//! RabbitMQ throughput of polybus against raw lapin, same broker, same run.
+//! RabbitMQ throughput of polybus against raw lapin, same broker, same process,
+//! at each pipelining depth (`POLYBUS_BENCH_DEPTH`, default 256 and 1,000: sends
+//! in flight and prefetch). Three variants alternate which goes first:
 //!
-//! * **publish**: `N` persistent messages of 100 bytes to a topic exchange with
-//!   one quorum queue bound, 256 publishes in flight, each resolving on its
-//!   publisher confirm.
-//! * **consume + ack**: the quorum queue holding `N` messages is drained with
-//!   prefetch 256; raw lapin acks each delivery from its consumer stream with
-//!   up to 256 acks in flight, polybus runs a no-op handler in the runner (concurrency 64, bound 256),
-//!   which acks.
+//! * **raw**: the best-practice lapin loop. Publish: persistent messages to a
+//!   durable queue through the default exchange, `depth` publisher confirms
+//!   pipelined on one confirm channel, no properties beyond persistence.
+//!   Consume: `basic_qos(depth)`, one `basic.ack` per delivery, up to `depth`
+//!   acks in flight.
+//! * **same-wire raw**: the same loops sending exactly what polybus sends,
+//!   on polybus's topology: the topic's exchange (declared by polybus) with
+//!   the group's queue bound, a `message_id` in polybus's id format, the
+//!   timestamp property and the `polybus-ts` header; the consumer reads the id
+//!   and the timestamp header back.
+//! * **polybus**: `producer.send` with `depth` in flight; the runner
+//!   (unordered, concurrency 64, bound `depth`) with a handler that only marks
+//!   what it saw.
 //!
-//! The topology is the same for both (declared by polybus) and deleted after
-//! each run; raw and polybus alternate which goes first.
+//! Every consumer drains what its own variant published and counts lost and
+//! duplicated messages by a sequence number in the payload. Queues are classic
+//! durable by default (`POLYBUS_BENCH_QUEUE=quorum` for quorum queues), new for
+//! every run and deleted afterwards. Prints one table per depth.
 //!
 //! ```text
 //! POLYBUS_BENCH_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo bench -p polybus-rabbitmq --bench rabbitmq
-//! POLYBUS_BENCH_MESSAGES=100000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-rabbitmq --bench rabbitmq
+//! POLYBUS_BENCH_MESSAGES=100000 POLYBUS_BENCH_RUNS=5 POLYBUS_BENCH_DEPTH=1000 cargo bench -p polybus-rabbitmq --bench rabbitmq
 //! ```
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, ConnectionProperties};
-use polybus_conformance::bench;
-use polybus_core::{Bytes, StartFrom};
-use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
+use polybus_conformance::bench::{self, Check, Seen};
+use polybus_core::{Connection, StartFrom};
+use polybus_rabbitmq::{QueueType, RabbitConfig, RabbitConsumer, group_queue};
 
-const IN_FLIGHT: usize = 256;
-const PREFETCH: u16 = 256;
+const CONCURRENCY: usize = 64;
 
-async fn raw_publish(channel: &lapin::Channel, exchange: &str, n: usize, payload: &Bytes) -> Duration {
+/// What a raw publish sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// Persistence only.
+    Bare,
+    /// polybus's properties and header.
+    Polybus,
+}
+
+fn properties(wire: Wire) -> BasicProperties {
+    let properties = BasicProperties::default().with_delivery_mode(2);
+    if wire == Wire::Bare {
+        return properties;
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(polybus_core::wire::TIMESTAMP),
+        AMQPValue::LongString(LongString::from(now.as_millis().to_string())),
+    );
+    properties
+        .with_timestamp(now.as_secs())
+        .with_headers(headers)
+        .with_message_id(bench::wire_id().into())
+}
+
+async fn raw_publish(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    n: usize,
+    depth: usize,
+    wire: Wire,
+) -> Duration {
     let began = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(format!("raw-{i}").into());
+            let payload = bench::payload(i);
+            let properties = properties(wire);
             async move {
                 channel
                     .basic_publish(
                         exchange.into(),
-                        "".into(),
+                        routing_key.into(),
                         BasicPublishOptions::default(),
-                        payload,
+                        &payload,
                         properties,
                     )
                     .await
@@ -53,18 +96,28 @@ async fn raw_publish(channel: &lapin::Channel, exchange: &str, n: usize, payload
                     .expect("confirm")
             }
         })
-        .buffer_unordered(IN_FLIGHT)
+        .buffer_unordered(depth)
         .for_each(|_| async {})
         .await;
     began.elapsed()
 }
 
-async fn raw_consume(connection: &lapin::Connection, queue: &str, n: usize) -> Duration {
+async fn raw_consume(
+    connection: &lapin::Connection,
+    queue: &str,
+    n: usize,
+    depth: usize,
+    wire: Wire,
+) -> (Duration, Check) {
     let channel = connection.create_channel().await.expect("channel");
     channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .basic_qos(
+            depth.min(usize::from(u16::MAX)) as u16,
+            BasicQosOptions::default(),
+        )
         .await
         .expect("qos");
+    let seen = Seen::new(n);
     let began = Instant::now();
     let mut consumer = channel
         .basic_consume(
@@ -75,81 +128,137 @@ async fn raw_consume(connection: &lapin::Connection, queue: &str, n: usize) -> D
         )
         .await
         .expect("consume");
-    // Acks pipeline (up to the prefetch in flight), as the runner's do.
+    // Acks pipeline, up to the prefetch in flight.
     let mut acks = futures::stream::FuturesUnordered::new();
-    let (mut received, mut acked) = (0, 0);
-    while acked < n {
+    let mut id_bytes = 0usize;
+    let idle = tokio::time::sleep(bench::IDLE);
+    tokio::pin!(idle);
+    while !(seen.complete() && acks.is_empty()) {
         tokio::select! {
-            delivery = consumer.next(), if received < n && acks.len() < usize::from(PREFETCH) => {
+            delivery = consumer.next(), if acks.len() < depth => {
                 let delivery = delivery.expect("open").expect("delivery");
-                received += 1;
+                if wire == Wire::Polybus {
+                    // What polybus reads back: the id and the creation time.
+                    let props = &delivery.properties;
+                    id_bytes += props.message_id().as_ref().map_or(0, |id| id.as_str().len());
+                    let ts = props
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get(polybus_core::wire::TIMESTAMP))
+                        .and_then(|v| v.as_long_string())
+                        .and_then(|s| std::str::from_utf8(s.as_bytes()).ok()?.parse::<u64>().ok());
+                    id_bytes += ts.map_or(0, |_| 1);
+                }
+                seen.mark(&delivery.data);
+                idle.as_mut().reset(tokio::time::Instant::now() + bench::IDLE);
                 acks.push(async move { delivery.ack(BasicAckOptions::default()).await.expect("ack") });
             }
-            Some(_) = acks.next(), if !acks.is_empty() => acked += 1,
+            Some(_) = acks.next(), if !acks.is_empty() => {}
+            () = &mut idle => break,
         }
     }
     let took = began.elapsed();
+    std::hint::black_box(id_bytes);
     let _ = channel.close(200, "bye".into()).await;
-    took
+    (took, seen.check())
 }
 
 fn main() {
     let url = std::env::var("POLYBUS_BENCH_AMQP_URL")
         .or_else(|_| std::env::var("POLYBUS_TEST_AMQP_URL"))
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 50_000);
+    let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 100_000);
     let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
+    let quorum = std::env::var("POLYBUS_BENCH_QUEUE").is_ok_and(|q| q == "quorum");
+    let (queue_type, queue_name) = if quorum {
+        (QueueType::Quorum, "quorum")
+    } else {
+        (QueueType::Classic, "classic")
+    };
     let runtime = bench::runtime();
     runtime.block_on(async move {
-        let raw_conn = lapin::Connection::connect(&url, ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ is reachable");
+        let raw_conn = Arc::new(
+            lapin::Connection::connect(&url, ConnectionProperties::default())
+                .await
+                .expect("RabbitMQ is reachable"),
+        );
         let raw_channel = raw_conn.create_channel().await.expect("channel");
         raw_channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirms");
-        let config = RabbitConfig::new(&url).expect("url");
-        let conn = polybus_rabbitmq::connect_with(config.clone())
+        let config = RabbitConfig::new(&url).expect("url").queue_type(queue_type);
+        let conn: Connection = polybus_rabbitmq::connect_with(config.clone())
             .await
             .expect("connect");
         let admin = RabbitConsumer::connect(&config).await.expect("admin");
-        let payload = Bytes::from(vec![b'x'; 100]);
-        let mut rates = bench::Rates::new(n);
-        println!("RabbitMQ, {n} messages of 100 bytes per measurement, {runs} runs, quorum queues");
-        for run in 0..runs {
-            let raw_topic = format!("bench-raw{run}-{}", std::process::id());
-            let pb_topic = format!("bench-pb{run}-{}", std::process::id());
-            for t in [&raw_topic, &pb_topic] {
-                conn.consumer.declare_topic(t).await.expect("topic");
-                conn.consumer
-                    .declare_group(t, "g", StartFrom::Latest)
+        let pid = std::process::id();
+        for depth in bench::depths() {
+            let mut table = bench::Table::new(
+                format!("RabbitMQ, {queue_name} durable queues, depth {depth} (in flight / prefetch)"),
+                n,
+            );
+            for run in 0..runs {
+                let names = [0, 1, 2].map(|v| format!("bench-{pid}-d{depth}-r{run}-v{v}"));
+                // raw: a durable queue of that name on the default exchange.
+                let mut args = FieldTable::default();
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString(LongString::from(queue_name)),
+                );
+                raw_channel
+                    .queue_declare(
+                        names[0].as_str().into(),
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        args,
+                    )
                     .await
-                    .expect("group");
+                    .expect("raw queue");
+                // same-wire raw and polybus: polybus's topology.
+                for t in &names[1..] {
+                    conn.consumer.declare_topic(t).await.expect("topic");
+                    conn.consumer
+                        .declare_group(t, "g", StartFrom::Latest)
+                        .await
+                        .expect("group");
+                }
+                let (mut publish, mut publish_cpu) = ([Duration::ZERO; 3], [Duration::ZERO; 3]);
+                for v in bench::order(run) {
+                    let cpu = bench::cpu_time();
+                    publish[v] = match v {
+                        0 => raw_publish(&raw_channel, "", &names[0], n, depth, Wire::Bare).await,
+                        1 => raw_publish(&raw_channel, &names[1], "", n, depth, Wire::Polybus).await,
+                        _ => bench::publish_seq(&conn, &names[2], n, depth).await,
+                    };
+                    publish_cpu[v] = bench::cpu_time() - cpu;
+                }
+                let (mut consume, mut consume_cpu) =
+                    ([(Duration::ZERO, Check::default()); 3], [Duration::ZERO; 3]);
+                for v in bench::order(run) {
+                    let cpu = bench::cpu_time();
+                    consume[v] = match v {
+                        0 => raw_consume(&raw_conn, &names[0], n, depth, Wire::Bare).await,
+                        1 => {
+                            raw_consume(&raw_conn, &group_queue(&names[1], "g"), n, depth, Wire::Polybus)
+                                .await
+                        }
+                        _ => bench::consume_seq(&conn, &names[2], "g", n, CONCURRENCY, depth).await,
+                    };
+                    consume_cpu[v] = bench::cpu_time() - cpu;
+                }
+                table.record(run, publish, consume);
+                table.record_cpu(publish_cpu, consume_cpu);
+                let _ = raw_channel
+                    .queue_delete(names[0].as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                for t in &names[1..] {
+                    let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
+                }
             }
-            let (raw_pub, pb_pub) = if run % 2 == 0 {
-                let r = raw_publish(&raw_channel, &raw_topic, n, &payload).await;
-                (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
-            } else {
-                let p = bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await;
-                (raw_publish(&raw_channel, &raw_topic, n, &payload).await, p)
-            };
-            // Each side drains the other's queue, so both get the same data.
-            let (raw_con, pb_con) = if run % 2 == 0 {
-                let r = raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await;
-                (
-                    r,
-                    bench::consume(&conn, &raw_topic, "g", n, 64, usize::from(PREFETCH)).await,
-                )
-            } else {
-                let p = bench::consume(&conn, &raw_topic, "g", n, 64, usize::from(PREFETCH)).await;
-                (raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await, p)
-            };
-            rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
-            for t in [&raw_topic, &pb_topic] {
-                let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
-            }
+            table.report();
         }
-        rates.report();
     });
 }
