@@ -5,10 +5,11 @@
 //!
 //! * **raw**: the best-practice rdkafka loop. Produce: a `BaseProducer`
 //!   (`acks=all`, idempotence) that enqueues without awaiting each delivery,
-//!   serving delivery reports with `poll(0)` and waiting only on `QueueFull`;
-//!   its queue (`queue.buffering.max.messages`) is the depth, so at most
-//!   `depth` records are unconfirmed, as with polybus's `depth` sends in
-//!   flight; every delivery report is counted. Consume: a `BaseConsumer`
+//!   serving delivery reports with `poll(0)` and waiting only on `QueueFull`:
+//!   librdkafka's queue is its window (`queue.buffering.max.messages`, default
+//!   100,000; `POLYBUS_BENCH_KAFKA_RAW_QUEUE=depth` makes it the depth, which
+//!   with 1 ms waits on a full queue is slower than polybus at the same
+//!   depth); every delivery report is counted. Consume: a `BaseConsumer`
 //!   (librdkafka's fetch defaults) that stores the highest offset per partition
 //!   once per chunk of `depth` records, auto-committing the stored offsets,
 //!   and commits them at the end.
@@ -19,7 +20,8 @@
 //!   (unordered, concurrency 64, bound `depth`) with a handler that only marks
 //!   what it saw, committing the settled offsets itself. polybus's consumer
 //!   configuration is its default (`POLYBUS_BENCH_KAFKA_BUFFER` sets
-//!   `KafkaConfig::buffer`).
+//!   `KafkaConfig::buffer`, `POLYBUS_BENCH_KAFKA_KBYTES` librdkafka's
+//!   `queued.max.messages.kbytes`).
 //!
 //! Every consumer drains what its own variant produced (timed from creating
 //! the consumer, so each includes the group join) and counts lost and
@@ -93,11 +95,15 @@ fn now_millis() -> i64 {
 }
 
 fn raw_produce(brokers: &str, topic: &str, n: usize, depth: usize, wire: Wire) -> Duration {
-    let producer: BaseProducer<Reports> = raw_config(brokers)
+    let mut config = raw_config(brokers);
+    config
         .set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "60000")
-        .set("queue.buffering.max.messages", depth.to_string())
+        .set("message.timeout.ms", "60000");
+    if std::env::var("POLYBUS_BENCH_KAFKA_RAW_QUEUE").is_ok_and(|q| q == "depth") {
+        config.set("queue.buffering.max.messages", depth.to_string());
+    }
+    let producer: BaseProducer<Reports> = config
         .create_with_context(Reports::default())
         .expect("raw producer");
     let began = Instant::now();
@@ -212,6 +218,20 @@ async fn polybus_consume(
     bench::consume_seq(conn, topic, group, n, CONCURRENCY, depth).await
 }
 
+/// `config` with the librdkafka settings of `POLYBUS_BENCH_KAFKA_SET`
+/// (`key=value,key=value`).
+fn extra_settings(mut config: KafkaConfig) -> KafkaConfig {
+    for pair in std::env::var("POLYBUS_BENCH_KAFKA_SET")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if let Some((key, value)) = pair.split_once('=') {
+            config = config.set(key.trim(), value.trim());
+        }
+    }
+    config
+}
+
 fn main() {
     let brokers = std::env::var("POLYBUS_BENCH_KAFKA_BROKERS")
         .or_else(|_| std::env::var("POLYBUS_TEST_KAFKA_BROKERS"))
@@ -233,6 +253,10 @@ fn main() {
             if let Some(buffer) = buffer {
                 config.buffer = buffer;
             }
+            if let Ok(kbytes) = std::env::var("POLYBUS_BENCH_KAFKA_KBYTES") {
+                config = config.set("queued.max.messages.kbytes", kbytes);
+            }
+            config = extra_settings(config);
             let buffer = config.buffer;
             let conn = polybus_kafka::connect_with(config).await.expect("connect");
             for depth in bench::depths() {

@@ -34,6 +34,20 @@ fn rss_kib() -> usize {
         .unwrap_or(0)
 }
 
+/// `config` with the librdkafka settings of `POLYBUS_BENCH_KAFKA_SET`
+/// (`key=value,key=value`).
+fn extra_settings(mut config: KafkaConfig) -> KafkaConfig {
+    for pair in std::env::var("POLYBUS_BENCH_KAFKA_SET")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if let Some((key, value)) = pair.split_once('=') {
+            config = config.set(key.trim(), value.trim());
+        }
+    }
+    config
+}
+
 fn main() {
     let brokers = std::env::var("POLYBUS_BENCH_KAFKA_BROKERS")
         .or_else(|_| std::env::var("POLYBUS_TEST_KAFKA_BROKERS"))
@@ -64,6 +78,7 @@ fn main() {
         drop(conn);
         let mut consumer_config = KafkaConfig::from_url(&format!("kafka://{brokers}")).expect("broker list");
         consumer_config.buffer = buffer;
+        consumer_config = extra_settings(consumer_config);
         let slow = polybus_kafka::connect_with(consumer_config).await.expect("connect");
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = rss_kib();

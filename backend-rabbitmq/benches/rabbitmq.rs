@@ -32,10 +32,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, ConnectionProperties};
+use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
 use polybus_conformance::bench::{self, Check, Seen};
 use polybus_core::{Connection, StartFrom};
 use polybus_rabbitmq::{QueueType, RabbitConfig, RabbitConsumer, group_queue};
@@ -163,6 +163,20 @@ async fn raw_consume(
     (took, seen.check())
 }
 
+/// Where the same-wire loop sends: `polybus` (default: the topic's exchange
+/// polybus declared, the group's queue bound with `#`), or, with
+/// `POLYBUS_BENCH_RMQ_TOPOLOGY`, `fanout` (a fanout exchange bound to a
+/// durable queue) or `default` (a durable queue on the default exchange, as
+/// the raw loop): comparing them splits polybus's format cost from its
+/// topology's.
+fn same_wire_topology() -> &'static str {
+    match std::env::var("POLYBUS_BENCH_RMQ_TOPOLOGY").as_deref() {
+        Ok("fanout") => "fanout",
+        Ok("default") => "default",
+        _ => "polybus",
+    }
+}
+
 fn main() {
     let url = std::env::var("POLYBUS_BENCH_AMQP_URL")
         .or_else(|_| std::env::var("POLYBUS_TEST_AMQP_URL"))
@@ -195,7 +209,11 @@ fn main() {
         let pid = std::process::id();
         for depth in bench::depths() {
             let mut table = bench::Table::new(
-                format!("RabbitMQ, {queue_name} durable queues, depth {depth} (in flight / prefetch)"),
+                format!(
+                    "RabbitMQ, {queue_name} durable queues, depth {depth} (in flight / prefetch), \
+                     same-wire topology {}",
+                    same_wire_topology()
+                ),
                 n,
             );
             for run in 0..runs {
@@ -217,8 +235,59 @@ fn main() {
                     )
                     .await
                     .expect("raw queue");
-                // same-wire raw and polybus: polybus's topology.
-                for t in &names[1..] {
+                // same-wire raw and polybus: polybus's topology (unless the
+                // same-wire topology is overridden, see `same_wire_topology`).
+                let topology = same_wire_topology();
+                let (wire_exchange, wire_key, wire_queue) = match topology {
+                    "default" => (String::new(), names[1].clone(), names[1].clone()),
+                    "fanout" => (names[1].clone(), String::new(), names[1].clone()),
+                    _ => (names[1].clone(), String::new(), group_queue(&names[1], "g")),
+                };
+                if topology != "polybus" {
+                    let mut args = FieldTable::default();
+                    args.insert(
+                        "x-queue-type".into(),
+                        AMQPValue::LongString(LongString::from(queue_name)),
+                    );
+                    let durable = QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    };
+                    raw_channel
+                        .queue_declare(wire_queue.as_str().into(), durable, args)
+                        .await
+                        .expect("same-wire queue");
+                }
+                if topology == "fanout" {
+                    raw_channel
+                        .exchange_declare(
+                            wire_exchange.as_str().into(),
+                            ExchangeKind::Fanout,
+                            ExchangeDeclareOptions {
+                                durable: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                        .expect("fanout exchange");
+                    raw_channel
+                        .queue_bind(
+                            wire_queue.as_str().into(),
+                            wire_exchange.as_str().into(),
+                            "".into(),
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .expect("bind");
+                }
+                let polybus_topics = if topology == "polybus" {
+                    &names[1..]
+                } else {
+                    &names[2..]
+                };
+                for t in polybus_topics {
                     conn.consumer.declare_topic(t).await.expect("topic");
                     conn.consumer
                         .declare_group(t, "g", StartFrom::Latest)
@@ -230,7 +299,10 @@ fn main() {
                     let cpu = bench::cpu_time();
                     publish[v] = match v {
                         0 => raw_publish(&raw_channel, "", &names[0], n, depth, Wire::Bare).await,
-                        1 => raw_publish(&raw_channel, &names[1], "", n, depth, Wire::Polybus).await,
+                        1 => {
+                            raw_publish(&raw_channel, &wire_exchange, &wire_key, n, depth, Wire::Polybus)
+                                .await
+                        }
                         _ => bench::publish_seq(&conn, &names[2], n, depth).await,
                     };
                     publish_cpu[v] = bench::cpu_time() - cpu;
@@ -241,10 +313,7 @@ fn main() {
                     let cpu = bench::cpu_time();
                     consume[v] = match v {
                         0 => raw_consume(&raw_conn, &names[0], n, depth, Wire::Bare).await,
-                        1 => {
-                            raw_consume(&raw_conn, &group_queue(&names[1], "g"), n, depth, Wire::Polybus)
-                                .await
-                        }
+                        1 => raw_consume(&raw_conn, &wire_queue, n, depth, Wire::Polybus).await,
                         _ => bench::consume_seq(&conn, &names[2], "g", n, CONCURRENCY, depth).await,
                     };
                     consume_cpu[v] = bench::cpu_time() - cpu;
@@ -254,7 +323,17 @@ fn main() {
                 let _ = raw_channel
                     .queue_delete(names[0].as_str().into(), QueueDeleteOptions::default())
                     .await;
-                for t in &names[1..] {
+                if topology != "polybus" {
+                    let _ = raw_channel
+                        .queue_delete(wire_queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                if topology == "fanout" {
+                    let _ = raw_channel
+                        .exchange_delete(wire_exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                for t in polybus_topics {
                     let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
                 }
             }
