@@ -127,6 +127,14 @@ fn raw_produce(brokers: &str, topic: &str, n: usize, depth: usize, wire: Wire) -
                     record = back;
                     producer.poll(Duration::from_millis(1));
                 }
+                // A topic created a moment ago may not be in this producer's
+                // metadata yet (seen on tansu).
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic), back))
+                    if began.elapsed() < Duration::from_secs(30) =>
+                {
+                    record = back;
+                    producer.poll(Duration::from_millis(100));
+                }
                 Err((e, _)) => panic!("produce: {e}"),
             }
         }
