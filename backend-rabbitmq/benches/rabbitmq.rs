@@ -177,6 +177,18 @@ fn same_wire_topology() -> &'static str {
     }
 }
 
+/// The raw loops' connection: lapin's defaults, or with
+/// `POLYBUS_BENCH_RMQ_RECOVER=1` lapin's auto-recovery on, as polybus's
+/// producer has it (to measure what recovery costs).
+fn raw_properties() -> ConnectionProperties {
+    let properties = ConnectionProperties::default();
+    if std::env::var("POLYBUS_BENCH_RMQ_RECOVER").is_ok_and(|v| v == "1") {
+        properties.enable_auto_recover()
+    } else {
+        properties
+    }
+}
+
 fn main() {
     let url = std::env::var("POLYBUS_BENCH_AMQP_URL")
         .or_else(|_| std::env::var("POLYBUS_TEST_AMQP_URL"))
@@ -192,7 +204,7 @@ fn main() {
     let runtime = bench::runtime();
     runtime.block_on(async move {
         let raw_conn = Arc::new(
-            lapin::Connection::connect(&url, ConnectionProperties::default())
+            lapin::Connection::connect(&url, raw_properties())
                 .await
                 .expect("RabbitMQ is reachable"),
         );
