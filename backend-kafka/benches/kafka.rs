@@ -312,7 +312,9 @@ fn main() {
                     }
                     table.record(run, publish, consume);
                     table.record_cpu(publish_cpu, consume_cpu);
-                    let topics: Vec<&str> = names.iter().map(String::as_str).collect();
+                    // With the dead-letter topics polybus declared beside them.
+                    let dlqs: Vec<String> = names.iter().map(|t| format!("{t}.dlq")).collect();
+                    let topics: Vec<&str> = names.iter().chain(&dlqs).map(String::as_str).collect();
                     let _ = admin.delete_topics(&topics, &AdminOptions::new()).await;
                 }
                 table.report();

@@ -121,6 +121,7 @@ fn main() {
             .set("bootstrap.servers", brokers.as_str())
             .create()
             .expect("admin");
-        let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
+        let dlq = format!("{topic}.dlq");
+        let _ = admin.delete_topics(&[&topic, &dlq], &AdminOptions::new()).await;
     });
 }

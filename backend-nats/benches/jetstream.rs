@@ -210,7 +210,10 @@ fn main() {
                 table.record(run, publish, consume);
                 table.record_cpu(publish_cpu, consume_cpu);
                 for t in &names {
-                    let _ = js.delete_stream(stream_name(t)).await;
+                    // polybus declared a dead-letter stream beside its topics.
+                    for name in [t.clone(), format!("{t}.dlq")] {
+                        let _ = js.delete_stream(stream_name(&name)).await;
+                    }
                 }
             }
             table.report();
