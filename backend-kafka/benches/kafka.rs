@@ -1,42 +1,65 @@
-//! Kafka throughput of polybus against raw rdkafka, same broker, same run, same
-//! librdkafka settings.
+//! Kafka throughput of polybus against raw rdkafka, same broker, same process,
+//! at each pipelining depth (`POLYBUS_BENCH_DEPTH`, default 256 and 1,000) and
+//! partition count (`POLYBUS_BENCH_PARTITIONS`, default 1 and 4). Three
+//! variants alternate which goes first:
 //!
-//! * **produce**: `N` records of 100 bytes, `IN_FLIGHT` sends in flight, each
-//!   resolving on its delivery report; both producers `acks=all` with
-//!   idempotence. polybus adds its `polybus-id` header.
-//! * **consume + ack**: a new consumer group drains a topic pre-filled with `N`
-//!   records (timed from subscribing, so both include the group join). Raw
-//!   rdkafka is the usual at-least-once loop: a `StreamConsumer` that stores
-//!   each record's offset after handling it, auto-committing stored offsets;
-//!   polybus runs a no-op handler in the runner, which acks, and commits the
-//!   settled offsets itself.
+//! * **raw**: the best-practice rdkafka loop. Produce: a `BaseProducer`
+//!   (`acks=all`, idempotence) that enqueues without awaiting each delivery,
+//!   serving delivery reports with `poll(0)` and waiting only on `QueueFull`:
+//!   librdkafka's queue is its window (`queue.buffering.max.messages`, default
+//!   100,000; `POLYBUS_BENCH_KAFKA_RAW_QUEUE=depth` makes it the depth, which
+//!   with 1 ms waits on a full queue is slower than polybus at the same
+//!   depth); every delivery report is counted. Consume: a `BaseConsumer`
+//!   (librdkafka's fetch defaults) that stores the highest offset per partition
+//!   once per chunk of `depth` records, auto-committing the stored offsets,
+//!   and commits them at the end.
+//! * **same-wire raw**: the same loops writing what polybus writes (the
+//!   `polybus-id` header in polybus's id format, the record timestamp set) and
+//!   reading the id header back.
+//! * **polybus**: `producer.send` with `depth` sends in flight; the runner
+//!   (unordered, concurrency 64, bound `depth`) with a handler that only marks
+//!   what it saw, committing the settled offsets itself. polybus's consumer
+//!   configuration is its default (`POLYBUS_BENCH_KAFKA_BUFFER` sets
+//!   `KafkaConfig::buffer`, `POLYBUS_BENCH_KAFKA_KBYTES` librdkafka's
+//!   `queued.max.messages.kbytes`).
 //!
-//! Topics have 4 partitions and are new for every measurement. Raw and polybus
-//! alternate which goes first.
-//!
-//! Every run also measures polybus with its metrics and tracing on (a metrics
-//! recorder and an OpenTelemetry SDK tracer installed, `bench::observe`):
-//! publishing inside a trace, then draining that topic; the report gives the
-//! ratio to plain polybus (observed first in odd runs, last in even ones).
+//! Every consumer drains what its own variant produced (timed from creating
+//! the consumer, so each includes the group join) and counts lost and
+//! duplicated records by a sequence number in the payload. Topics are new for
+//! every run and deleted afterwards. Prints one table per partition count and
+//! depth.
 //!
 //! ```text
 //! POLYBUS_BENCH_KAFKA_BROKERS=127.0.0.1:9092 cargo bench -p polybus-kafka --bench kafka
-//! POLYBUS_BENCH_MESSAGES=1000000 POLYBUS_BENCH_RUNS=5 cargo bench -p polybus-kafka --bench kafka
+//! POLYBUS_BENCH_MESSAGES=1000000 POLYBUS_BENCH_RUNS=5 POLYBUS_BENCH_PARTITIONS=1 POLYBUS_BENCH_DEPTH=1000 cargo bench -p polybus-kafka --bench kafka
 //! ```
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
-use polybus_conformance::bench;
-use polybus_core::{Bytes, Connection, StartFrom};
+use polybus_conformance::bench::{self, Check, Seen};
+use polybus_core::{Connection, StartFrom};
 use polybus_kafka::KafkaConfig;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
-const IN_FLIGHT: usize = 1024;
 const CONCURRENCY: usize = 64;
-const BOUND: usize = 1024;
+
+/// What a raw loop writes and reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// The payload only.
+    Bare,
+    /// polybus's id header and record timestamp.
+    Polybus,
+}
 
 fn raw_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -44,26 +67,104 @@ fn raw_config(brokers: &str) -> ClientConfig {
     c
 }
 
-async fn raw_produce(producer: &FutureProducer, topic: &str, n: usize, payload: &Bytes) -> Duration {
-    let began = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|_| async move {
-            let record = FutureRecord::<(), [u8]>::to(topic).payload(&payload[..]);
-            producer
-                .send(record, Duration::from_secs(30))
-                .await
-                .map_err(|(e, _)| e)
-                .expect("delivery")
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|_| async {})
-        .await;
-    began.elapsed()
+/// Counts delivery reports.
+#[derive(Default)]
+struct Reports {
+    delivered: AtomicUsize,
+    failed: AtomicUsize,
 }
 
-async fn raw_consume(brokers: &str, topic: &str, group: &str, n: usize) -> Duration {
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
+fn raw_produce(brokers: &str, topic: &str, n: usize, depth: usize, wire: Wire) -> Duration {
+    let mut config = raw_config(brokers);
+    config
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "60000");
+    if std::env::var("POLYBUS_BENCH_KAFKA_RAW_QUEUE").is_ok_and(|q| q == "depth") {
+        config.set("queue.buffering.max.messages", depth.to_string());
+    }
+    let producer: BaseProducer<Reports> = config
+        .create_with_context(Reports::default())
+        .expect("raw producer");
     let began = Instant::now();
-    let consumer: StreamConsumer = raw_config(brokers)
+    for i in 0..n {
+        let payload = bench::payload(i);
+        let id;
+        let mut record = BaseRecord::<(), [u8]>::to(topic).payload(&payload[..]);
+        if wire == Wire::Polybus {
+            id = bench::wire_id();
+            record = record
+                .headers(OwnedHeaders::new_with_capacity(1).insert(Header {
+                    key: polybus_core::wire::ID,
+                    value: Some(id.as_bytes()),
+                }))
+                .timestamp(now_millis());
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(1));
+                }
+                // A topic created a moment ago may not be in this producer's
+                // metadata yet (seen on tansu).
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic), back))
+                    if began.elapsed() < Duration::from_secs(30) =>
+                {
+                    record = back;
+                    producer.poll(Duration::from_millis(100));
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    let took = began.elapsed();
+    let reports = producer.context();
+    assert_eq!(
+        (
+            reports.delivered.load(Ordering::Relaxed),
+            reports.failed.load(Ordering::Relaxed)
+        ),
+        (n, 0),
+        "every record delivered"
+    );
+    took
+}
+
+fn raw_consume(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    n: usize,
+    depth: usize,
+    wire: Wire,
+) -> (Duration, Check) {
+    let seen = Seen::new(n);
+    let began = Instant::now();
+    let consumer: BaseConsumer = raw_config(brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
@@ -71,38 +172,72 @@ async fn raw_consume(brokers: &str, topic: &str, group: &str, n: usize) -> Durat
         .create()
         .expect("raw consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
-    let mut seen = 0;
-    while seen < n {
-        let message = consumer.recv().await.expect("message");
-        consumer
-            .store_offset_from_message(&message)
-            .expect("store offset");
-        seen += 1;
+    let mut highest: HashMap<i32, i64> = HashMap::new();
+    let store = |highest: &mut HashMap<i32, i64>| {
+        let mut list = TopicPartitionList::new();
+        for (&partition, &offset) in highest.iter() {
+            list.add_partition_offset(topic, partition, Offset::Offset(offset + 1))
+                .expect("offset");
+        }
+        consumer.store_offsets(&list).expect("store offsets");
+        highest.clear();
+    };
+    let (mut in_chunk, mut read, mut last) = (0usize, 0usize, Instant::now());
+    while !seen.complete() && last.elapsed() < bench::IDLE {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.expect("message");
+        if wire == Wire::Polybus {
+            // What polybus reads back: the id (as text) and the timestamp.
+            let id = message
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == polybus_core::wire::ID))
+                .and_then(|h| std::str::from_utf8(h.value?).ok());
+            read += id.map_or(0, str::len) + message.timestamp().to_millis().map_or(0, |_| 1);
+        }
+        seen.mark(message.payload().unwrap_or_default());
+        highest.insert(message.partition(), message.offset());
+        last = Instant::now();
+        in_chunk += 1;
+        if in_chunk == depth {
+            store(&mut highest);
+            in_chunk = 0;
+        }
     }
+    store(&mut highest);
     let took = began.elapsed();
-    consumer
-        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
-        .expect("commit");
-    took
+    std::hint::black_box(read);
+    consumer.commit_consumer_state(CommitMode::Sync).expect("commit");
+    (took, seen.check())
 }
 
-async fn polybus_consume(conn: &Connection, topic: &str, group: &str, n: usize) -> Duration {
+async fn polybus_consume(
+    conn: &Connection,
+    topic: &str,
+    group: &str,
+    n: usize,
+    depth: usize,
+) -> (Duration, Check) {
     conn.consumer
         .declare_group(topic, group, StartFrom::Earliest)
         .await
         .expect("group");
-    bench::consume(conn, topic, group, n, CONCURRENCY, BOUND).await
+    bench::consume_seq(conn, topic, group, n, CONCURRENCY, depth).await
 }
 
-/// Publishes `n` records to a new topic and drains it with a new group, both
-/// with polybus's metrics and tracing on (`bench::observe`).
-async fn observed(conn: &Connection, topic: &str, group: &str, n: usize, payload: &Bytes) -> [Duration; 2] {
-    conn.consumer.declare_topic(topic).await.expect("topic");
-    bench::observe(true);
-    let sent = bench::publish(conn, topic, n, payload, IN_FLIGHT).await;
-    let consumed = polybus_consume(conn, topic, group, n).await;
-    bench::observe(false);
-    [sent, consumed]
+/// `config` with the librdkafka settings of `POLYBUS_BENCH_KAFKA_SET`
+/// (`key=value,key=value`).
+fn extra_settings(mut config: KafkaConfig) -> KafkaConfig {
+    for pair in std::env::var("POLYBUS_BENCH_KAFKA_SET")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if let Some((key, value)) = pair.split_once('=') {
+            config = config.set(key.trim(), value.trim());
+        }
+    }
+    config
 }
 
 fn main() {
@@ -111,60 +246,79 @@ fn main() {
         .unwrap_or_else(|_| "127.0.0.1:9092".into());
     let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 1_000_000);
     let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
+    let buffer = std::env::var("POLYBUS_BENCH_KAFKA_BUFFER")
+        .ok()
+        .and_then(|b| b.parse::<usize>().ok());
     let runtime = bench::runtime();
     runtime.block_on(async move {
-        let config = KafkaConfig::from_url(&format!("kafka://{brokers}"))
-            .expect("broker list")
-            .partitions(4);
-        let conn = polybus_kafka::connect_with(config).await.expect("connect");
-        let raw: FutureProducer = raw_config(&brokers)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .expect("raw producer");
-        let payload = Bytes::from(vec![b'x'; 100]);
-        let mut rates = bench::Rates::new(n);
-        let id = std::process::id();
-        println!("Kafka at {brokers}, {n} records of 100 bytes per measurement, {runs} runs");
-        for run in 0..runs {
-            let raw_topic = format!("bench-raw-{id}-{run}");
-            let pb_topic = format!("bench-pb-{id}-{run}");
-            let (obs_topic, obs_group) = (format!("bench-obs-{id}-{run}"), format!("obs-{id}-{run}"));
-            // Observed first in odd runs, last in even ones.
-            let early = if run % 2 == 1 && bench::observation_available() {
-                Some(observed(&conn, &obs_topic, &obs_group, n, &payload).await)
-            } else {
-                None
-            };
-            for t in [&raw_topic, &pb_topic] {
-                conn.consumer.declare_topic(t).await.expect("topic");
+        let admin: AdminClient<DefaultClientContext> = raw_config(&brokers).create().expect("admin");
+        let brokers = Arc::new(brokers);
+        let pid = std::process::id();
+        for partitions in bench::list_or("POLYBUS_BENCH_PARTITIONS", &[1, 4]) {
+            let mut config = KafkaConfig::from_url(&format!("kafka://{brokers}"))
+                .expect("broker list")
+                .partitions(partitions as i32);
+            if let Some(buffer) = buffer {
+                config.buffer = buffer;
             }
-            let (raw_pub, pb_pub) = if run % 2 == 0 {
-                let r = raw_produce(&raw, &raw_topic, n, &payload).await;
-                (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
-            } else {
-                let p = bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await;
-                (raw_produce(&raw, &raw_topic, n, &payload).await, p)
-            };
-            // Each consumer drains the other's topic, so both read the same data
-            // within a run (polybus's records carry its id header either way).
-            let (raw_group, pb_group) = (format!("raw-{id}-{run}"), format!("pb-{id}-{run}"));
-            let (raw_con, pb_con) = if run % 2 == 0 {
-                let r = raw_consume(&brokers, &pb_topic, &raw_group, n).await;
-                (r, polybus_consume(&conn, &raw_topic, &pb_group, n).await)
-            } else {
-                let p = polybus_consume(&conn, &raw_topic, &pb_group, n).await;
-                (raw_consume(&brokers, &pb_topic, &raw_group, n).await, p)
-            };
-            rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
-            if let Some(observed) = early {
-                rates.record_observed(run, observed);
-            } else if bench::observation_available() {
-                let observed = observed(&conn, &obs_topic, &obs_group, n, &payload).await;
-                rates.record_observed(run, observed);
+            if let Ok(kbytes) = std::env::var("POLYBUS_BENCH_KAFKA_KBYTES") {
+                config = config.set("queued.max.messages.kbytes", kbytes);
+            }
+            config = extra_settings(config);
+            let buffer = config.buffer;
+            let conn = polybus_kafka::connect_with(config).await.expect("connect");
+            for depth in bench::depths() {
+                let mut table = bench::Table::new(
+                    format!(
+                        "Kafka at {brokers}, {partitions} partition(s), depth {depth} \
+                         (in flight / runner bound), polybus buffer {buffer}"
+                    ),
+                    n,
+                );
+                for run in 0..runs {
+                    let names = [0, 1, 2].map(|v| format!("bench-{pid}-p{partitions}-d{depth}-r{run}-v{v}"));
+                    for t in &names {
+                        conn.consumer.declare_topic(t).await.expect("topic");
+                    }
+                    let (mut publish, mut publish_cpu) = ([Duration::ZERO; 3], [Duration::ZERO; 3]);
+                    for v in bench::order(run) {
+                        let wire = [Wire::Bare, Wire::Polybus][v.min(1)];
+                        let cpu = bench::cpu_time();
+                        publish[v] = if v < 2 {
+                            let (b, t) = (Arc::clone(&brokers), names[v].clone());
+                            tokio::task::spawn_blocking(move || raw_produce(&b, &t, n, depth, wire))
+                                .await
+                                .expect("raw produce")
+                        } else {
+                            bench::publish_seq(&conn, &names[2], n, depth).await
+                        };
+                        publish_cpu[v] = bench::cpu_time() - cpu;
+                    }
+                    let (mut consume, mut consume_cpu) =
+                        ([(Duration::ZERO, Check::default()); 3], [Duration::ZERO; 3]);
+                    for v in bench::order(run) {
+                        let group = format!("g-{}", names[v]);
+                        let wire = [Wire::Bare, Wire::Polybus][v.min(1)];
+                        let cpu = bench::cpu_time();
+                        consume[v] = if v < 2 {
+                            let (b, t) = (Arc::clone(&brokers), names[v].clone());
+                            tokio::task::spawn_blocking(move || raw_consume(&b, &t, &group, n, depth, wire))
+                                .await
+                                .expect("raw consume")
+                        } else {
+                            polybus_consume(&conn, &names[2], &group, n, depth).await
+                        };
+                        consume_cpu[v] = bench::cpu_time() - cpu;
+                    }
+                    table.record(run, publish, consume);
+                    table.record_cpu(publish_cpu, consume_cpu);
+                    // With the dead-letter topics polybus declared beside them.
+                    let dlqs: Vec<String> = names.iter().map(|t| format!("{t}.dlq")).collect();
+                    let topics: Vec<&str> = names.iter().chain(&dlqs).map(String::as_str).collect();
+                    let _ = admin.delete_topics(&topics, &AdminOptions::new()).await;
+                }
+                table.report();
             }
         }
-        rates.report();
     });
 }

@@ -725,7 +725,10 @@ pub(crate) fn consumer_config(config: &KafkaConfig, group: &str) -> rdkafka::Cli
         );
     if !config.properties.contains_key("queued.max.messages.kbytes") {
         // Per partition, since each has a queue of its own (librdkafka: 64 MiB).
-        c.set("queued.max.messages.kbytes", "16384");
+        c.set(
+            "queued.max.messages.kbytes",
+            crate::DEFAULT_QUEUE_KBYTES.to_string(),
+        );
     }
     c
 }

@@ -58,6 +58,13 @@ pub use consumer::KafkaConsumer;
 pub use producer::KafkaProducer;
 pub use security::SaslMechanism;
 
+/// The default [`KafkaConfig::buffer`] (librdkafka's `queued.min.messages` default).
+pub const DEFAULT_BUFFER: usize = 100_000;
+
+/// The default byte bound of each partition's fetch queue, in KiB
+/// (`queued.max.messages.kbytes`; librdkafka's own is 64 MiB).
+pub const DEFAULT_QUEUE_KBYTES: usize = 4 * 1024;
+
 const BACKEND: &str = "kafka";
 
 /// Room kept in [`KafkaConfig::max_message_bytes`] for the key, the headers and
@@ -102,11 +109,17 @@ pub struct KafkaConfig {
     /// redelivered to the new owner: duplicates, never loss.
     pub revoke_timeout: Duration,
     /// How many fetched records librdkafka keeps ready per assigned partition
-    /// (`queued.min.messages`, default 1,000; bytes are bounded too, by
-    /// `queued.max.messages.kbytes`, 16 MiB per partition unless set). The
-    /// subscription takes records from these queues only while its runner has
-    /// room, so a slow handler never makes memory grow with the backlog, and
-    /// nothing is paused or fetched twice.
+    /// (`queued.min.messages`, default 100,000, librdkafka's own default;
+    /// bytes are bounded too, by `queued.max.messages.kbytes`, 4 MiB per
+    /// partition unless set, which is the bound that holds for small records).
+    /// The subscription takes records from these queues only while its runner
+    /// has room, so a slow handler never makes memory grow with the backlog,
+    /// and nothing is paused or fetched twice.
+    ///
+    /// A small count starves a partition: librdkafka fetches again only once
+    /// its queue is below it, so with 1,000 (the default before) one partition
+    /// of 100-byte records consumed at about a fifth of the rate it does with
+    /// 100,000 (BENCHMARKS.md, "Kafka consumer fetch buffering").
     pub buffer: usize,
     /// The largest record the producer sends, headers and key included
     /// (librdkafka's `message.max.bytes`, default 1,000,000; the broker's
@@ -246,7 +259,7 @@ impl KafkaConfig {
             max_poll_interval: Duration::from_secs(300),
             commit_interval: Duration::from_secs(1),
             revoke_timeout: Duration::from_secs(10),
-            buffer: 1000,
+            buffer: DEFAULT_BUFFER,
             max_message_bytes: 1_000_000,
             partitioner: Partitioner::default(),
             tls: false,

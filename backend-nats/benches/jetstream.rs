@@ -1,51 +1,77 @@
-//! JetStream throughput of polybus against raw async-nats, same server, same run.
+//! JetStream throughput of polybus against raw async-nats, same server, same
+//! process, at each pipelining depth (`POLYBUS_BENCH_DEPTH`, default 256 and
+//! 1,000: sends in flight and prefetch). Three variants alternate which goes
+//! first:
 //!
-//! * **publish**: `N` messages of 100 bytes, 256 sends in flight, each resolving
-//!   on its PubAck, every message with a `Nats-Msg-Id`.
-//! * **consume + ack**: a durable pull consumer (explicit acks) drains a stream
-//!   pre-filled with `N` messages; raw async-nats acks each message from its
-//!   `messages()` stream, polybus runs a no-op handler in the runner, which acks.
+//! * **raw**: the best-practice async-nats loop. Publish: `send_publish` with
+//!   `depth` PubAcks pipelined, no headers. Consume: a durable pull consumer
+//!   (explicit acks) read through `stream().max_messages_per_batch(depth)`
+//!   (batched pulls), `ack()` per message.
+//! * **same-wire raw**: the same loops sending exactly what polybus sends: a
+//!   `Nats-Msg-Id` in polybus's id format (which the server tracks for
+//!   deduplication) and the `polybus-ts` header, on a stream polybus declared;
+//!   the consumer reads both headers back.
+//! * **polybus**: `producer.send` with `depth` in flight; the runner
+//!   (unordered, concurrency 64, bound `depth`) with a handler that only marks
+//!   what it saw.
 //!
-//! Streams are in memory (the same for both), created fresh for every run and
-//! deleted afterwards. Raw and polybus alternate within each run.
-//!
-//! Every run also measures polybus with its metrics and tracing on (a metrics
-//! recorder and an OpenTelemetry SDK tracer installed, `bench::observe`):
-//! publishing inside a trace, then draining that stream; the report gives the
-//! ratio to plain polybus (observed first in odd runs, last in even ones).
+//! Every consumer drains what its own variant published and counts lost and
+//! duplicated messages by a sequence number in the payload. Streams are
+//! file-backed by default (`POLYBUS_BENCH_STORAGE=memory` for memory), new for
+//! every run and deleted afterwards. Prints one table per depth.
 //!
 //! ```text
 //! POLYBUS_BENCH_NATS_URL=nats://127.0.0.1:4222 cargo bench -p polybus-nats --bench jetstream
-//! POLYBUS_BENCH_MESSAGES=200000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-nats --bench jetstream
+//! POLYBUS_BENCH_MESSAGES=100000 POLYBUS_BENCH_RUNS=5 POLYBUS_BENCH_DEPTH=1000 cargo bench -p polybus-nats --bench jetstream
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
-use polybus_conformance::bench;
-use polybus_core::{Bytes, StartFrom};
+use polybus_conformance::bench::{self, Check, Seen};
+use polybus_core::{Connection, StartFrom};
 use polybus_nats::{NatsConfig, Storage, stream_name};
 
-const IN_FLIGHT: usize = 256;
-const PREFETCH: usize = 256;
+const CONCURRENCY: usize = 64;
 
-fn stream_config(topic: &str) -> stream::Config {
-    stream::Config {
-        name: stream_name(topic),
-        subjects: vec![topic.to_owned()],
-        storage: stream::StorageType::Memory,
-        ..Default::default()
-    }
+/// What a raw publish sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// No headers.
+    Bare,
+    /// polybus's headers.
+    Polybus,
 }
 
-async fn raw_publish(js: &jetstream::Context, topic: &str, n: usize, payload: &Bytes) -> Duration {
+/// Whether the same-wire loop sends the id as `Nats-Msg-Id`, as polybus does
+/// (default), or, with `POLYBUS_BENCH_NATS_ID=header`, as a plain `polybus-id`
+/// header the server does not track: the difference is the cost of the
+/// server's duplicate tracking.
+fn dedup_id() -> bool {
+    std::env::var("POLYBUS_BENCH_NATS_ID").map_or(true, |v| v != "header")
+}
+
+async fn raw_publish(js: &jetstream::Context, topic: &str, n: usize, depth: usize, wire: Wire) -> Duration {
     let began = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
-                .message_id(format!("raw-{topic}-{i}"));
+            let mut publish = jetstream::message::PublishMessage::build().payload(bench::payload(i));
+            if wire == Wire::Polybus {
+                let millis = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis();
+                let mut headers = HeaderMap::new();
+                headers.insert(polybus_core::wire::TIMESTAMP, millis.to_string().as_str());
+                publish = if dedup_id() {
+                    publish.headers(headers).message_id(bench::wire_id())
+                } else {
+                    headers.insert(polybus_core::wire::ID, bench::wire_id().as_str());
+                    publish.headers(headers)
+                };
+            }
             async move {
                 js.send_publish(topic.to_owned(), publish)
                     .await
@@ -54,13 +80,19 @@ async fn raw_publish(js: &jetstream::Context, topic: &str, n: usize, payload: &B
                     .expect("puback")
             }
         })
-        .buffer_unordered(IN_FLIGHT)
+        .buffer_unordered(depth)
         .for_each(|_| async {})
         .await;
     began.elapsed()
 }
 
-async fn raw_consume(js: &jetstream::Context, topic: &str, n: usize) -> Duration {
+async fn raw_consume(
+    js: &jetstream::Context,
+    topic: &str,
+    n: usize,
+    depth: usize,
+    wire: Wire,
+) -> (Duration, Check) {
     let stream = js.get_stream(stream_name(topic)).await.expect("stream");
     let consumer = stream
         .get_or_create_consumer(
@@ -68,59 +100,47 @@ async fn raw_consume(js: &jetstream::Context, topic: &str, n: usize) -> Duration
             pull::Config {
                 durable_name: Some("raw".into()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                max_ack_pending: 1024,
+                max_ack_pending: depth.max(1024) as i64,
                 ..Default::default()
             },
         )
         .await
         .expect("consumer");
+    let seen = Seen::new(n);
     let began = Instant::now();
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(PREFETCH)
+        .max_messages_per_batch(depth)
         .messages()
         .await
         .expect("messages");
-    let mut seen = 0;
-    while seen < n {
-        let message = messages.next().await.expect("open").expect("message");
+    let mut read = 0usize;
+    while !seen.complete() {
+        let message = match tokio::time::timeout(bench::IDLE, messages.next()).await {
+            Ok(m) => m.expect("open").expect("message"),
+            Err(_) => break,
+        };
+        if wire == Wire::Polybus {
+            // What polybus reads back: the id and the creation time.
+            if let Some(headers) = &message.headers {
+                let id = headers
+                    .get("Nats-Msg-Id")
+                    .or_else(|| headers.get(polybus_core::wire::ID));
+                read += id.map_or(0, |id| id.as_str().len());
+                read += headers
+                    .get(polybus_core::wire::TIMESTAMP)
+                    .and_then(|ts| ts.as_str().parse::<u64>().ok())
+                    .map_or(0, |_| 1);
+            }
+        }
+        seen.mark(&message.payload);
         message.ack().await.expect("ack");
-        seen += 1;
     }
     let took = began.elapsed();
-    js.get_stream(stream_name(topic))
-        .await
-        .expect("stream")
-        .delete_consumer("raw")
-        .await
-        .expect("delete consumer");
-    took
-}
-
-async fn polybus_consume(conn: &polybus_core::Connection, topic: &str, n: usize) -> Duration {
-    conn.consumer
-        .declare_group(topic, "polybus", StartFrom::Earliest)
-        .await
-        .expect("group");
-    bench::consume(conn, topic, "polybus", n, 64, PREFETCH).await
-}
-
-/// Publishes `n` messages to a new stream and drains it with a runner, both
-/// with polybus's metrics and tracing on (`bench::observe`).
-async fn observed(
-    js: &jetstream::Context,
-    conn: &polybus_core::Connection,
-    topic: &str,
-    n: usize,
-    payload: &Bytes,
-) -> [Duration; 2] {
-    js.create_stream(stream_config(topic)).await.expect("stream");
-    bench::observe(true);
-    let sent = bench::publish(conn, topic, n, payload, IN_FLIGHT).await;
-    let consumed = polybus_consume(conn, topic, n).await;
-    bench::observe(false);
-    let _ = js.delete_stream(stream_name(topic)).await;
-    [sent, consumed]
+    std::hint::black_box(read);
+    drop(messages);
+    let _ = stream.delete_consumer("raw").await;
+    (took, seen.check())
 }
 
 fn main() {
@@ -129,58 +149,74 @@ fn main() {
         .unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 100_000);
     let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
+    let memory = std::env::var("POLYBUS_BENCH_STORAGE").is_ok_and(|s| s == "memory");
+    let (storage, raw_storage, storage_name) = if memory {
+        (Storage::Memory, stream::StorageType::Memory, "memory")
+    } else {
+        (Storage::File, stream::StorageType::File, "file")
+    };
     let runtime = bench::runtime();
     runtime.block_on(async move {
         let client = async_nats::connect(url.as_str())
             .await
             .expect("NATS is reachable");
         let js = jetstream::new(client);
-        let config = NatsConfig::from_url(&url).expect("url").storage(Storage::Memory);
-        let conn = polybus_nats::connect_with(config).await.expect("connect");
-        let payload = Bytes::from(vec![b'x'; 100]);
-        let mut rates = bench::Rates::new(n);
-        println!("JetStream, {n} messages of 100 bytes per measurement, {runs} runs, {url}");
-        for run in 0..runs {
-            let raw_topic = format!("bench.raw{run}.{}", std::process::id());
-            let pb_topic = format!("bench.pb{run}.{}", std::process::id());
-            let obs_topic = format!("bench.obs{run}.{}", std::process::id());
-            // Observed first in odd runs, last in even ones.
-            let early = if run % 2 == 1 && bench::observation_available() {
-                Some(observed(&js, &conn, &obs_topic, n, &payload).await)
-            } else {
-                None
-            };
-            for t in [&raw_topic, &pb_topic] {
-                js.create_stream(stream_config(t)).await.expect("stream");
+        let config = NatsConfig::from_url(&url).expect("url").storage(storage);
+        let conn: Connection = polybus_nats::connect_with(config).await.expect("connect");
+        let pid = std::process::id();
+        for depth in bench::depths() {
+            let mut table = bench::Table::new(
+                format!("NATS JetStream, {storage_name} streams, depth {depth} (in flight / pull batch)"),
+                n,
+            );
+            for run in 0..runs {
+                let names = [0, 1, 2].map(|v| format!("bench.{pid}.d{depth}.r{run}.v{v}"));
+                js.create_stream(stream::Config {
+                    name: stream_name(&names[0]),
+                    subjects: vec![names[0].clone()],
+                    storage: raw_storage,
+                    ..Default::default()
+                })
+                .await
+                .expect("raw stream");
+                for t in &names[1..] {
+                    conn.consumer.declare_topic(t).await.expect("topic");
+                }
+                conn.consumer
+                    .declare_group(&names[2], "polybus", StartFrom::Earliest)
+                    .await
+                    .expect("group");
+                let (mut publish, mut publish_cpu) = ([Duration::ZERO; 3], [Duration::ZERO; 3]);
+                for v in bench::order(run) {
+                    let cpu = bench::cpu_time();
+                    publish[v] = match v {
+                        0 => raw_publish(&js, &names[0], n, depth, Wire::Bare).await,
+                        1 => raw_publish(&js, &names[1], n, depth, Wire::Polybus).await,
+                        _ => bench::publish_seq(&conn, &names[2], n, depth).await,
+                    };
+                    publish_cpu[v] = bench::cpu_time() - cpu;
+                }
+                let (mut consume, mut consume_cpu) =
+                    ([(Duration::ZERO, Check::default()); 3], [Duration::ZERO; 3]);
+                for v in bench::order(run) {
+                    let cpu = bench::cpu_time();
+                    consume[v] = match v {
+                        0 => raw_consume(&js, &names[0], n, depth, Wire::Bare).await,
+                        1 => raw_consume(&js, &names[1], n, depth, Wire::Polybus).await,
+                        _ => bench::consume_seq(&conn, &names[2], "polybus", n, CONCURRENCY, depth).await,
+                    };
+                    consume_cpu[v] = bench::cpu_time() - cpu;
+                }
+                table.record(run, publish, consume);
+                table.record_cpu(publish_cpu, consume_cpu);
+                for t in &names {
+                    // polybus declared a dead-letter stream beside its topics.
+                    for name in [t.clone(), format!("{t}.dlq")] {
+                        let _ = js.delete_stream(stream_name(&name)).await;
+                    }
+                }
             }
-            // Alternate which goes first, so drift in the machine hits both.
-            let (raw_pub, pb_pub) = if run % 2 == 0 {
-                let r = raw_publish(&js, &raw_topic, n, &payload).await;
-                (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
-            } else {
-                let p = bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await;
-                (raw_publish(&js, &raw_topic, n, &payload).await, p)
-            };
-            // Both consumers drain a stream of n messages (each drains the other's
-            // stream, so the data is the same for both sides within a run).
-            let (raw_con, pb_con) = if run % 2 == 0 {
-                let r = raw_consume(&js, &pb_topic, n).await;
-                (r, polybus_consume(&conn, &raw_topic, n).await)
-            } else {
-                let p = polybus_consume(&conn, &raw_topic, n).await;
-                (raw_consume(&js, &pb_topic, n).await, p)
-            };
-            rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
-            for t in [&raw_topic, &pb_topic] {
-                let _ = js.delete_stream(stream_name(t)).await;
-            }
-            if let Some(observed) = early {
-                rates.record_observed(run, observed);
-            } else if bench::observation_available() {
-                let observed = observed(&js, &conn, &obs_topic, n, &payload).await;
-                rates.record_observed(run, observed);
-            }
+            table.report();
         }
-        rates.report();
     });
 }

@@ -1,55 +1,93 @@
-//! RabbitMQ throughput of polybus against raw lapin, same broker, same run.
+//! RabbitMQ throughput of polybus against raw lapin, same broker, same process,
+//! at each pipelining depth (`POLYBUS_BENCH_DEPTH`, default 256 and 1,000: sends
+//! in flight and prefetch). Three variants alternate which goes first:
 //!
-//! * **publish**: `N` persistent messages of 100 bytes to a topic exchange with
-//!   one quorum queue bound, 256 publishes in flight, each resolving on its
-//!   publisher confirm.
-//! * **consume + ack**: the quorum queue holding `N` messages is drained with
-//!   prefetch 256; raw lapin acks each delivery from its consumer stream with
-//!   up to 256 acks in flight, polybus runs a no-op handler in the runner (concurrency 64, bound 256),
-//!   which acks.
+//! * **raw**: the best-practice lapin loop. Publish: persistent messages to a
+//!   durable queue through the default exchange, `depth` publisher confirms
+//!   pipelined on one confirm channel, no properties beyond persistence.
+//!   Consume: `basic_qos(depth)`, one `basic.ack` per delivery, up to `depth`
+//!   acks in flight.
+//! * **same-wire raw**: the same loops sending exactly what polybus sends,
+//!   on polybus's topology: the topic's exchange (declared by polybus) with
+//!   the group's queue bound, a `message_id` in polybus's id format, the
+//!   timestamp property and the `polybus-ts` header; the consumer reads the id
+//!   and the timestamp header back.
+//! * **polybus**: `producer.send` with `depth` in flight; the runner
+//!   (unordered, concurrency 64, bound `depth`) with a handler that only marks
+//!   what it saw.
 //!
-//! The topology is the same for both (declared by polybus) and deleted after
-//! each run; raw and polybus alternate which goes first.
-//!
-//! Every run also measures polybus with its metrics and tracing on (a metrics
-//! recorder and an OpenTelemetry SDK tracer installed, `bench::observe`):
-//! publishing inside a trace, then draining that topic; the report gives the
-//! ratio to plain polybus (observed first in odd runs, last in even ones).
+//! Every consumer drains what its own variant published and counts lost and
+//! duplicated messages by a sequence number in the payload. Queues are classic
+//! durable by default (`POLYBUS_BENCH_QUEUE=quorum` for quorum queues), new for
+//! every run and deleted afterwards. Prints one table per depth.
 //!
 //! ```text
 //! POLYBUS_BENCH_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo bench -p polybus-rabbitmq --bench rabbitmq
-//! POLYBUS_BENCH_MESSAGES=100000 POLYBUS_BENCH_RUNS=7 cargo bench -p polybus-rabbitmq --bench rabbitmq
+//! POLYBUS_BENCH_MESSAGES=100000 POLYBUS_BENCH_RUNS=5 POLYBUS_BENCH_DEPTH=1000 cargo bench -p polybus-rabbitmq --bench rabbitmq
 //! ```
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, ConnectionProperties};
-use polybus_conformance::bench;
-use polybus_core::{Bytes, StartFrom};
-use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
+use polybus_conformance::bench::{self, Check, Seen};
+use polybus_core::{Connection, StartFrom};
+use polybus_rabbitmq::{QueueType, RabbitConfig, RabbitConsumer, group_queue};
 
-const IN_FLIGHT: usize = 256;
-const PREFETCH: u16 = 256;
+const CONCURRENCY: usize = 64;
 
-async fn raw_publish(channel: &lapin::Channel, exchange: &str, n: usize, payload: &Bytes) -> Duration {
+/// What a raw publish sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// Persistence only.
+    Bare,
+    /// polybus's properties and header.
+    Polybus,
+}
+
+fn properties(wire: Wire) -> BasicProperties {
+    let properties = BasicProperties::default().with_delivery_mode(2);
+    if wire == Wire::Bare {
+        return properties;
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(polybus_core::wire::TIMESTAMP),
+        AMQPValue::LongString(LongString::from(now.as_millis().to_string())),
+    );
+    properties
+        .with_timestamp(now.as_secs())
+        .with_headers(headers)
+        .with_message_id(bench::wire_id().into())
+}
+
+async fn raw_publish(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    n: usize,
+    depth: usize,
+    wire: Wire,
+) -> Duration {
     let began = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(format!("raw-{i}").into());
+            let payload = bench::payload(i);
+            let properties = properties(wire);
             async move {
                 channel
                     .basic_publish(
                         exchange.into(),
-                        "".into(),
+                        routing_key.into(),
                         BasicPublishOptions::default(),
-                        payload,
+                        &payload,
                         properties,
                     )
                     .await
@@ -58,18 +96,28 @@ async fn raw_publish(channel: &lapin::Channel, exchange: &str, n: usize, payload
                     .expect("confirm")
             }
         })
-        .buffer_unordered(IN_FLIGHT)
+        .buffer_unordered(depth)
         .for_each(|_| async {})
         .await;
     began.elapsed()
 }
 
-async fn raw_consume(connection: &lapin::Connection, queue: &str, n: usize) -> Duration {
+async fn raw_consume(
+    connection: &lapin::Connection,
+    queue: &str,
+    n: usize,
+    depth: usize,
+    wire: Wire,
+) -> (Duration, Check) {
     let channel = connection.create_channel().await.expect("channel");
     channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .basic_qos(
+            depth.min(usize::from(u16::MAX)) as u16,
+            BasicQosOptions::default(),
+        )
         .await
         .expect("qos");
+    let seen = Seen::new(n);
     let began = Instant::now();
     let mut consumer = channel
         .basic_consume(
@@ -80,116 +128,228 @@ async fn raw_consume(connection: &lapin::Connection, queue: &str, n: usize) -> D
         )
         .await
         .expect("consume");
-    // Acks pipeline (up to the prefetch in flight), as the runner's do.
+    // Acks pipeline, up to the prefetch in flight.
     let mut acks = futures::stream::FuturesUnordered::new();
-    let (mut received, mut acked) = (0, 0);
-    while acked < n {
+    let mut id_bytes = 0usize;
+    let idle = tokio::time::sleep(bench::IDLE);
+    tokio::pin!(idle);
+    while !(seen.complete() && acks.is_empty()) {
         tokio::select! {
-            delivery = consumer.next(), if received < n && acks.len() < usize::from(PREFETCH) => {
+            delivery = consumer.next(), if acks.len() < depth => {
                 let delivery = delivery.expect("open").expect("delivery");
-                received += 1;
+                if wire == Wire::Polybus {
+                    // What polybus reads back: the id and the creation time.
+                    let props = &delivery.properties;
+                    id_bytes += props.message_id().as_ref().map_or(0, |id| id.as_str().len());
+                    let ts = props
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get(polybus_core::wire::TIMESTAMP))
+                        .and_then(|v| v.as_long_string())
+                        .and_then(|s| std::str::from_utf8(s.as_bytes()).ok()?.parse::<u64>().ok());
+                    id_bytes += ts.map_or(0, |_| 1);
+                }
+                seen.mark(&delivery.data);
+                idle.as_mut().reset(tokio::time::Instant::now() + bench::IDLE);
                 acks.push(async move { delivery.ack(BasicAckOptions::default()).await.expect("ack") });
             }
-            Some(_) = acks.next(), if !acks.is_empty() => acked += 1,
+            Some(_) = acks.next(), if !acks.is_empty() => {}
+            () = &mut idle => break,
         }
     }
     let took = began.elapsed();
+    std::hint::black_box(id_bytes);
     let _ = channel.close(200, "bye".into()).await;
-    took
+    (took, seen.check())
 }
 
-/// Publishes `n` messages to a new topic and drains its group with a runner,
-/// both with polybus's metrics and tracing on (`bench::observe`).
-async fn observed(
-    conn: &polybus_core::Connection,
-    admin: &RabbitConsumer,
-    topic: &str,
-    n: usize,
-    payload: &Bytes,
-) -> [Duration; 2] {
-    conn.consumer.declare_topic(topic).await.expect("topic");
-    conn.consumer
-        .declare_group(topic, "g", StartFrom::Latest)
-        .await
-        .expect("group");
-    bench::observe(true);
-    let sent = bench::publish(conn, topic, n, payload, IN_FLIGHT).await;
-    let consumed = bench::consume(conn, topic, "g", n, 64, usize::from(PREFETCH)).await;
-    bench::observe(false);
-    let _ = admin.delete_topic(topic, &[group_queue(topic, "g")]).await;
-    [sent, consumed]
+/// Where the same-wire loop sends: `polybus` (default: the topic's exchange
+/// polybus declared, the group's queue bound with `#`), or, with
+/// `POLYBUS_BENCH_RMQ_TOPOLOGY`, `fanout` (a fanout exchange bound to a
+/// durable queue) or `default` (a durable queue on the default exchange, as
+/// the raw loop): comparing them splits polybus's format cost from its
+/// topology's.
+fn same_wire_topology() -> &'static str {
+    match std::env::var("POLYBUS_BENCH_RMQ_TOPOLOGY").as_deref() {
+        Ok("fanout") => "fanout",
+        Ok("default") => "default",
+        _ => "polybus",
+    }
+}
+
+/// The raw loops' connection: lapin's defaults, or with
+/// `POLYBUS_BENCH_RMQ_RECOVER=1` lapin's auto-recovery on, as polybus's
+/// producer has it (to measure what recovery costs).
+fn raw_properties() -> ConnectionProperties {
+    let properties = ConnectionProperties::default();
+    if std::env::var("POLYBUS_BENCH_RMQ_RECOVER").is_ok_and(|v| v == "1") {
+        properties.enable_auto_recover()
+    } else {
+        properties
+    }
 }
 
 fn main() {
     let url = std::env::var("POLYBUS_BENCH_AMQP_URL")
         .or_else(|_| std::env::var("POLYBUS_TEST_AMQP_URL"))
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 50_000);
+    let n = bench::env_or("POLYBUS_BENCH_MESSAGES", 100_000);
     let runs = bench::env_or("POLYBUS_BENCH_RUNS", 5);
+    let quorum = std::env::var("POLYBUS_BENCH_QUEUE").is_ok_and(|q| q == "quorum");
+    let (queue_type, queue_name) = if quorum {
+        (QueueType::Quorum, "quorum")
+    } else {
+        (QueueType::Classic, "classic")
+    };
     let runtime = bench::runtime();
     runtime.block_on(async move {
-        let raw_conn = lapin::Connection::connect(&url, ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ is reachable");
+        let raw_conn = Arc::new(
+            lapin::Connection::connect(&url, raw_properties())
+                .await
+                .expect("RabbitMQ is reachable"),
+        );
         let raw_channel = raw_conn.create_channel().await.expect("channel");
         raw_channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirms");
-        let config = RabbitConfig::new(&url).expect("url");
-        let conn = polybus_rabbitmq::connect_with(config.clone())
+        let config = RabbitConfig::new(&url).expect("url").queue_type(queue_type);
+        let conn: Connection = polybus_rabbitmq::connect_with(config.clone())
             .await
             .expect("connect");
         let admin = RabbitConsumer::connect(&config).await.expect("admin");
-        let payload = Bytes::from(vec![b'x'; 100]);
-        let mut rates = bench::Rates::new(n);
-        println!("RabbitMQ, {n} messages of 100 bytes per measurement, {runs} runs, quorum queues");
-        for run in 0..runs {
-            let raw_topic = format!("bench-raw{run}-{}", std::process::id());
-            let pb_topic = format!("bench-pb{run}-{}", std::process::id());
-            let obs_topic = format!("bench-obs{run}-{}", std::process::id());
-            // Observed first in odd runs, last in even ones.
-            let early = if run % 2 == 1 && bench::observation_available() {
-                Some(observed(&conn, &admin, &obs_topic, n, &payload).await)
-            } else {
-                None
-            };
-            for t in [&raw_topic, &pb_topic] {
-                conn.consumer.declare_topic(t).await.expect("topic");
-                conn.consumer
-                    .declare_group(t, "g", StartFrom::Latest)
+        let pid = std::process::id();
+        for depth in bench::depths() {
+            let mut table = bench::Table::new(
+                format!(
+                    "RabbitMQ, {queue_name} durable queues, depth {depth} (in flight / prefetch), \
+                     same-wire topology {}",
+                    same_wire_topology()
+                ),
+                n,
+            );
+            for run in 0..runs {
+                let names = [0, 1, 2].map(|v| format!("bench-{pid}-d{depth}-r{run}-v{v}"));
+                // raw: a durable queue of that name on the default exchange.
+                let mut args = FieldTable::default();
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString(LongString::from(queue_name)),
+                );
+                raw_channel
+                    .queue_declare(
+                        names[0].as_str().into(),
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        args,
+                    )
                     .await
-                    .expect("group");
+                    .expect("raw queue");
+                // same-wire raw and polybus: polybus's topology (unless the
+                // same-wire topology is overridden, see `same_wire_topology`).
+                let topology = same_wire_topology();
+                let (wire_exchange, wire_key, wire_queue) = match topology {
+                    "default" => (String::new(), names[1].clone(), names[1].clone()),
+                    "fanout" => (names[1].clone(), String::new(), names[1].clone()),
+                    _ => (names[1].clone(), String::new(), group_queue(&names[1], "g")),
+                };
+                if topology != "polybus" {
+                    let mut args = FieldTable::default();
+                    args.insert(
+                        "x-queue-type".into(),
+                        AMQPValue::LongString(LongString::from(queue_name)),
+                    );
+                    let durable = QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    };
+                    raw_channel
+                        .queue_declare(wire_queue.as_str().into(), durable, args)
+                        .await
+                        .expect("same-wire queue");
+                }
+                if topology == "fanout" {
+                    raw_channel
+                        .exchange_declare(
+                            wire_exchange.as_str().into(),
+                            ExchangeKind::Fanout,
+                            ExchangeDeclareOptions {
+                                durable: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                        .expect("fanout exchange");
+                    raw_channel
+                        .queue_bind(
+                            wire_queue.as_str().into(),
+                            wire_exchange.as_str().into(),
+                            "".into(),
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .expect("bind");
+                }
+                let polybus_topics = if topology == "polybus" {
+                    &names[1..]
+                } else {
+                    &names[2..]
+                };
+                for t in polybus_topics {
+                    conn.consumer.declare_topic(t).await.expect("topic");
+                    conn.consumer
+                        .declare_group(t, "g", StartFrom::Latest)
+                        .await
+                        .expect("group");
+                }
+                let (mut publish, mut publish_cpu) = ([Duration::ZERO; 3], [Duration::ZERO; 3]);
+                for v in bench::order(run) {
+                    let cpu = bench::cpu_time();
+                    publish[v] = match v {
+                        0 => raw_publish(&raw_channel, "", &names[0], n, depth, Wire::Bare).await,
+                        1 => {
+                            raw_publish(&raw_channel, &wire_exchange, &wire_key, n, depth, Wire::Polybus)
+                                .await
+                        }
+                        _ => bench::publish_seq(&conn, &names[2], n, depth).await,
+                    };
+                    publish_cpu[v] = bench::cpu_time() - cpu;
+                }
+                let (mut consume, mut consume_cpu) =
+                    ([(Duration::ZERO, Check::default()); 3], [Duration::ZERO; 3]);
+                for v in bench::order(run) {
+                    let cpu = bench::cpu_time();
+                    consume[v] = match v {
+                        0 => raw_consume(&raw_conn, &names[0], n, depth, Wire::Bare).await,
+                        1 => raw_consume(&raw_conn, &wire_queue, n, depth, Wire::Polybus).await,
+                        _ => bench::consume_seq(&conn, &names[2], "g", n, CONCURRENCY, depth).await,
+                    };
+                    consume_cpu[v] = bench::cpu_time() - cpu;
+                }
+                table.record(run, publish, consume);
+                table.record_cpu(publish_cpu, consume_cpu);
+                let _ = raw_channel
+                    .queue_delete(names[0].as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                if topology != "polybus" {
+                    let _ = raw_channel
+                        .queue_delete(wire_queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                if topology == "fanout" {
+                    let _ = raw_channel
+                        .exchange_delete(wire_exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                for t in polybus_topics {
+                    let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
+                }
             }
-            let (raw_pub, pb_pub) = if run % 2 == 0 {
-                let r = raw_publish(&raw_channel, &raw_topic, n, &payload).await;
-                (r, bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await)
-            } else {
-                let p = bench::publish(&conn, &pb_topic, n, &payload, IN_FLIGHT).await;
-                (raw_publish(&raw_channel, &raw_topic, n, &payload).await, p)
-            };
-            // Each side drains the other's queue, so both get the same data.
-            let (raw_con, pb_con) = if run % 2 == 0 {
-                let r = raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await;
-                (
-                    r,
-                    bench::consume(&conn, &raw_topic, "g", n, 64, usize::from(PREFETCH)).await,
-                )
-            } else {
-                let p = bench::consume(&conn, &raw_topic, "g", n, 64, usize::from(PREFETCH)).await;
-                (raw_consume(&raw_conn, &group_queue(&pb_topic, "g"), n).await, p)
-            };
-            rates.record(run, [raw_pub, pb_pub, raw_con, pb_con]);
-            for t in [&raw_topic, &pb_topic] {
-                let _ = admin.delete_topic(t, &[group_queue(t, "g")]).await;
-            }
-            if let Some(observed) = early {
-                rates.record_observed(run, observed);
-            } else if bench::observation_available() {
-                let observed = observed(&conn, &admin, &obs_topic, n, &payload).await;
-                rates.record_observed(run, observed);
-            }
+            table.report();
         }
-        rates.report();
     });
 }

@@ -1,6 +1,7 @@
 //! The producer: persistent publishes with publisher confirms.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -50,8 +51,9 @@ pub struct RabbitProducer {
     slots: Vec<Slot>,
     /// Round robin over `slots`.
     next_slot: std::sync::atomic::AtomicUsize,
-    /// Exchanges known to exist (declared on first send to a topic).
-    exchanges: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Exchanges declared (or being declared) by this producer, one cell per
+    /// topic: concurrent first sends to a topic wait for one declaration.
+    exchanges: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::OnceCell<()>>>>,
     config: RabbitConfig,
     gate: SendGate,
 }
@@ -141,28 +143,37 @@ impl RabbitProducer {
 
     /// Declares the topic's exchange once per producer, so a send to a topic
     /// nobody declared is not refused (which would close the channel).
+    ///
+    /// The first sends to a topic share one declaration (a `OnceCell` per
+    /// topic): before, every send that started before the first declaration
+    /// finished opened a channel and declared the exchange itself, so a
+    /// producer starting with 1,000 sends in flight made 1,000 declarations.
+    /// A failed declaration leaves the cell empty, and the next send tries again.
     async fn ensure_exchange(&self, topic: &str) -> Result<()> {
-        if self
-            .exchanges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(topic)
-        {
-            return Ok(());
-        }
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| map_error("opening a channel", e))?;
-        let declared = declare_exchange(&channel, topic).await;
-        let _ = channel.close(200, "bye".into()).await;
-        declared?;
-        self.exchanges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(topic.to_owned());
-        Ok(())
+        let cell = {
+            let mut exchanges = self.exchanges.lock().unwrap_or_else(|p| p.into_inner());
+            match exchanges.get(topic) {
+                Some(cell) if cell.initialized() => return Ok(()),
+                Some(cell) => Arc::clone(cell),
+                None => {
+                    let cell = Arc::new(tokio::sync::OnceCell::new());
+                    exchanges.insert(topic.to_owned(), Arc::clone(&cell));
+                    cell
+                }
+            }
+        };
+        cell.get_or_try_init(|| async {
+            let channel = self
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| map_error("opening a channel", e))?;
+            let declared = declare_exchange(&channel, topic).await;
+            let _ = channel.close(200, "bye".into()).await;
+            declared
+        })
+        .await
+        .map(|_| ())
     }
 
     fn properties(message: &Message) -> BasicProperties {

@@ -282,3 +282,328 @@ mod observed {
         Context::new().with_span(tracer.start("bench publish"))
     }
 }
+
+/// The pipelining depths a bench runs at (sends in flight, prefetch): the
+/// comma-separated `POLYBUS_BENCH_DEPTH`, by default 256 and 1,000.
+pub fn depths() -> Vec<usize> {
+    list_or("POLYBUS_BENCH_DEPTH", &[256, 1000])
+}
+
+/// `name` from the environment as a comma-separated list of numbers, or `default`.
+pub fn list_or(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+/// The size of every benchmark message.
+pub const PAYLOAD_BYTES: usize = 100;
+
+/// A 100-byte payload whose first 8 bytes are `seq` (little endian): consumers
+/// read it back to count what they lost and what they got twice.
+pub fn payload(seq: usize) -> Bytes {
+    let mut bytes = vec![b'x'; PAYLOAD_BYTES];
+    bytes[..8].copy_from_slice(&(seq as u64).to_le_bytes());
+    Bytes::from(bytes)
+}
+
+/// The sequence number [`payload`] wrote.
+pub fn seq_of(payload: &[u8]) -> usize {
+    payload
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(usize::MAX, |b| u64::from_le_bytes(b) as usize)
+}
+
+/// A fresh id in polybus's format (what a same-wire raw loop sends).
+pub fn wire_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Which of `n` sequence numbers a consumer has seen, shared by its tasks.
+#[derive(Debug)]
+pub struct Seen {
+    bits: Vec<std::sync::atomic::AtomicU64>,
+    distinct: AtomicUsize,
+    duplicates: AtomicUsize,
+    foreign: AtomicUsize,
+    n: usize,
+    done: Notify,
+}
+
+/// What a consumer got beyond or short of `n` distinct messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Check {
+    /// Messages never received (by the time the consumer gave up).
+    pub lost: usize,
+    /// Messages received more than once.
+    pub duplicated: usize,
+}
+
+impl Seen {
+    /// Nothing seen of `n`.
+    pub fn new(n: usize) -> Arc<Self> {
+        Arc::new(Seen {
+            bits: (0..n.div_ceil(64)).map(|_| Default::default()).collect(),
+            distinct: AtomicUsize::new(0),
+            duplicates: AtomicUsize::new(0),
+            foreign: AtomicUsize::new(0),
+            n,
+            done: Notify::new(),
+        })
+    }
+
+    /// Marks the message with this payload seen; true when it was the last
+    /// one missing.
+    pub fn mark(&self, payload: &[u8]) -> bool {
+        let seq = seq_of(payload);
+        if seq >= self.n {
+            self.foreign.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let bit = 1u64 << (seq % 64);
+        if self.bits[seq / 64].fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if self.distinct.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.done.notify_one();
+            return true;
+        }
+        false
+    }
+
+    /// Whether every message has been seen.
+    pub fn complete(&self) -> bool {
+        self.distinct.load(Ordering::Acquire) >= self.n
+    }
+
+    /// Waits until every message has been seen, or until nothing new arrived
+    /// for `idle`.
+    pub async fn wait(&self, idle: Duration) {
+        loop {
+            let before = self.distinct.load(Ordering::Acquire);
+            if before >= self.n {
+                return;
+            }
+            let notified = self.done.notified();
+            if self.complete() {
+                return;
+            }
+            if tokio::time::timeout(idle, notified).await.is_err()
+                && self.distinct.load(Ordering::Acquire) == before
+            {
+                return;
+            }
+        }
+    }
+
+    /// Lost and duplicated so far (a message from outside `0..n` counts as a
+    /// duplicate).
+    pub fn check(&self) -> Check {
+        Check {
+            lost: self.n - self.distinct.load(Ordering::Acquire).min(self.n),
+            duplicated: self.duplicates.load(Ordering::Relaxed) + self.foreign.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How long a bench consumer waits with no new message before it reports the
+/// rest lost.
+pub const IDLE: Duration = Duration::from_secs(30);
+
+/// Sends [`payload`]s `0..n` to `topic` through polybus, `in_flight` sends
+/// pipelined, each resolving on the broker's confirmation.
+pub async fn publish_seq(conn: &Connection, topic: &str, n: usize, in_flight: usize) -> Duration {
+    let began = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let message = Message::new(payload(i));
+            async move { conn.producer.send(topic, message).await.expect("send") }
+        })
+        .buffer_unordered(in_flight)
+        .for_each(|_| async {})
+        .await;
+    began.elapsed()
+}
+
+/// Drains [`payload`]s `0..n` of `group` on `topic` through the runner
+/// (unordered, `concurrency` handlers, `bound` held at most) with a handler that
+/// only marks what it saw; returns the time until the last one was handled and
+/// what was lost or duplicated (duplicates counted until shutdown).
+pub async fn consume_seq(
+    conn: &Connection,
+    topic: &str,
+    group: &str,
+    n: usize,
+    concurrency: usize,
+    bound: usize,
+) -> (Duration, Check) {
+    let seen = Seen::new(n);
+    let began = Instant::now();
+    let handle = conn
+        .runner()
+        .topic(topic)
+        .group(group)
+        .order(Order::Unordered)
+        .concurrency(concurrency)
+        .buffer(bound.saturating_sub(concurrency))
+        .run({
+            let seen = Arc::clone(&seen);
+            move |d: Delivery| {
+                seen.mark(d.payload());
+                async { HandlerResult::Ok(()) }
+            }
+        })
+        .await
+        .expect("run");
+    seen.wait(IDLE).await;
+    let took = began.elapsed();
+    handle.shutdown(Duration::from_secs(10)).await;
+    (took, seen.check())
+}
+
+/// The variants a broker bench compares, in table order.
+pub const VARIANTS: [&str; 3] = ["raw", "same-wire raw", "polybus"];
+
+/// The order the three variants run in for `run`: each goes first, second and
+/// third in turn, so drift in the machine hits all of them. For profiling,
+/// `POLYBUS_BENCH_VARIANTS` (comma-separated indexes into [`VARIANTS`]) runs
+/// only some (the others are reported as 0 msg/s).
+pub fn order(run: usize) -> Vec<usize> {
+    let r = run % 3;
+    let only = list_or("POLYBUS_BENCH_VARIANTS", &[0, 1, 2]);
+    [r, (r + 1) % 3, (r + 2) % 3]
+        .into_iter()
+        .filter(|v| only.contains(v))
+        .collect()
+}
+
+/// The CPU time this process has used so far (user and system, every thread;
+/// clock-tick resolution). The broker's own CPU is not in it.
+pub fn cpu_time() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which is in parentheses.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    // Linux reports in USER_HZ, 100 per second on every common configuration.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Publish and consume+ack rates of the three variants over runs, at one depth,
+/// and the client CPU each used per message.
+#[derive(Debug)]
+pub struct Table {
+    title: String,
+    n: usize,
+    publish: [Vec<f64>; 3],
+    consume: [Vec<f64>; 3],
+    publish_cpu: [Vec<f64>; 3],
+    consume_cpu: [Vec<f64>; 3],
+    bad: Vec<String>,
+}
+
+impl Table {
+    /// An empty table for `title`, `n` messages per measurement.
+    pub fn new(title: impl Into<String>, n: usize) -> Self {
+        Table {
+            title: title.into(),
+            n,
+            publish: Default::default(),
+            consume: Default::default(),
+            publish_cpu: Default::default(),
+            consume_cpu: Default::default(),
+            bad: Vec::new(),
+        }
+    }
+
+    /// Records one run (durations indexed like [`VARIANTS`]) and prints it.
+    pub fn record(&mut self, run: usize, publish: [Duration; 3], consume: [(Duration, Check); 3]) {
+        let rate = |d: Duration| {
+            if d.is_zero() {
+                0.0
+            } else {
+                self.n as f64 / d.as_secs_f64()
+            }
+        };
+        let mut line = format!("  run {run}:");
+        for v in 0..3 {
+            let (p, (c, check)) = (rate(publish[v]), (rate(consume[v].0), consume[v].1));
+            self.publish[v].push(p);
+            self.consume[v].push(c);
+            line += &format!(" {} {:.0}/{:.0}", VARIANTS[v], p, c);
+            if check != Check::default() {
+                let note = format!(
+                    "run {run} {}: {} lost, {} duplicated",
+                    VARIANTS[v], check.lost, check.duplicated
+                );
+                line += &format!(" [{note}]");
+                self.bad.push(note);
+            }
+        }
+        println!("{line} (publish/consume msg/s)");
+    }
+
+    /// Records one run's client CPU time per variant (indexed like [`VARIANTS`]).
+    pub fn record_cpu(&mut self, publish: [Duration; 3], consume: [Duration; 3]) {
+        let per_message = |d: Duration| d.as_secs_f64() * 1e6 / self.n as f64;
+        for v in 0..3 {
+            self.publish_cpu[v].push(per_message(publish[v]));
+            self.consume_cpu[v].push(per_message(consume[v]));
+        }
+    }
+
+    /// Prints the medians and the ratios of polybus to both raw baselines as a
+    /// Markdown table.
+    pub fn report(&self) {
+        let runs = self.publish[0].len();
+        println!(
+            "\n{} — median of {runs} runs, {} messages each",
+            self.title, self.n
+        );
+        println!(
+            "| measurement | raw msg/s | same-wire raw msg/s | polybus msg/s | polybus / raw | polybus / same-wire |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        for (name, rates) in [("publish", &self.publish), ("consume + ack", &self.consume)] {
+            let [raw, wire, pb] = [0, 1, 2].map(|v| median(rates[v].clone()));
+            println!(
+                "| {name} | {raw:.0} | {wire:.0} | {pb:.0} | **{:.2}** | **{:.2}** |",
+                pb / raw,
+                pb / wire
+            );
+        }
+        if !self.publish_cpu[0].is_empty() {
+            println!(
+                "\nclient CPU per message (µs, user + system, every thread of the bench process; median):"
+            );
+            println!("| measurement | raw | same-wire raw | polybus |");
+            println!("|---|---:|---:|---:|");
+            for (name, cpu) in [
+                ("publish", &self.publish_cpu),
+                ("consume + ack", &self.consume_cpu),
+            ] {
+                let [raw, wire, pb] = [0, 1, 2].map(|v| median(cpu[v].clone()));
+                println!("| {name} | {raw:.1} | {wire:.1} | {pb:.1} |");
+            }
+        }
+        if self.bad.is_empty() {
+            println!("every run: 0 lost, 0 duplicated\n");
+        } else {
+            println!("NOT CLEAN: {}\n", self.bad.join("; "));
+        }
+    }
+}
