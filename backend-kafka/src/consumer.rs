@@ -14,6 +14,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::security::{self, GroupClient};
 use crate::subscription::{self, Closer, Start};
 use crate::{BACKEND, KafkaConfig, map_error, millis};
 
@@ -165,14 +166,15 @@ impl KafkaConsumer {
         let meta = Arc::clone(&self.meta);
         let offsets = self.group_client(group)?;
         let topic = topic.to_owned();
-        let timeout = self.settings().request_timeout;
+        let config = self.settings();
+        let timeout = config.request_timeout;
         blocking(move || {
             let Some(count) = partition_count(&meta, &topic, timeout)? else {
                 return Err(Error::NotFound {
                     what: format!("Kafka topic {topic}"),
                 });
             };
-            let committed = committed(&offsets, &topic, count, timeout)?;
+            let committed = committed(&offsets, &config, &topic, count)?;
             let mut lag = 0u64;
             for (partition, committed) in committed.into_iter().enumerate() {
                 let (low, high) = meta
@@ -198,19 +200,15 @@ impl KafkaConsumer {
         };
         let client = self.group_client(group)?;
         let topic = topic.to_owned();
-        let timeout = self.settings().request_timeout;
-        blocking(move || committed(&client, &topic, count, timeout)).await
+        let config = self.settings();
+        blocking(move || committed(&client, &config, &topic, count)).await
     }
 
     /// A client of `group` that never joins it, for reading and committing its
-    /// offsets.
-    fn group_client(&self, group: &str) -> Result<BaseConsumer> {
-        self.settings()
-            .client_config()
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| map_error("creating a Kafka group client", e))
+    /// offsets; a refused login fails its requests at once (see
+    /// [`security::refusable`]).
+    fn group_client(&self, group: &str) -> Result<GroupClient> {
+        security::group_client(&self.settings(), group)
     }
 
     /// Creates `topics` that do not exist yet with the configured partitions.
@@ -359,14 +357,20 @@ pub(crate) fn partition_count(meta: &BaseConsumer, topic: &str, timeout: Duratio
 }
 
 /// The committed offset of each partition of `topic` for `client`'s group.
-fn committed(client: &BaseConsumer, topic: &str, count: i32, timeout: Duration) -> Result<Vec<Option<i64>>> {
+fn committed(
+    client: &GroupClient,
+    config: &KafkaConfig,
+    topic: &str,
+    count: i32,
+) -> Result<Vec<Option<i64>>> {
     let mut tpl = TopicPartitionList::new();
     for partition in 0..count {
         tpl.add_partition(topic, partition);
     }
-    let found = client
-        .committed_offsets(tpl, timeout)
-        .map_err(|e| map_error("reading committed offsets", e))?;
+    let found = security::refusable(config, client, config.request_timeout, |within| {
+        client.committed_offsets(tpl.clone(), within)
+    })?
+    .map_err(|e| map_error("reading committed offsets", e))?;
     let mut offsets = Vec::with_capacity(count as usize);
     for partition in 0..count {
         let Some(elem) = found.find_partition(topic, partition) else {
@@ -428,17 +432,18 @@ fn start_offset(
 /// record published after any declaration returned.
 fn fix_group_start(
     meta: &BaseConsumer,
-    group: &BaseConsumer,
+    group: &GroupClient,
+    config: &KafkaConfig,
     topic: &str,
     count: i32,
     start: StartFrom,
-    timeout: Duration,
 ) -> Result<()> {
+    let timeout = config.request_timeout;
     let mut starts = Vec::with_capacity(count as usize);
     for partition in 0..count {
         starts.push(start_offset(meta, topic, partition, start, timeout)?);
     }
-    if committed(group, topic, count, timeout)?
+    if committed(group, config, topic, count)?
         .iter()
         .any(Option::is_some)
     {
@@ -467,7 +472,7 @@ fn fix_group_start(
 fn reposition_group(
     config: &KafkaConfig,
     meta: &BaseConsumer,
-    group: &BaseConsumer,
+    group: &GroupClient,
     name: &str,
     topic: &str,
     count: i32,
@@ -482,7 +487,7 @@ fn reposition_group(
             "group {name:?} on {topic:?} has {members} active member(s): stop them before repositioning it"
         )));
     }
-    if committed(group, topic, count, timeout)?
+    if committed(group, config, topic, count)?
         .iter()
         .all(Option::is_none)
     {
@@ -637,8 +642,8 @@ impl Consumer for KafkaConsumer {
         let meta = Arc::clone(&self.meta);
         let client = self.group_client(group)?;
         let topic = topic.to_owned();
-        let timeout = self.settings().request_timeout;
-        blocking(move || fix_group_start(&meta, &client, &topic, count, start, timeout)).await
+        let config = self.settings();
+        blocking(move || fix_group_start(&meta, &client, &config, &topic, count, start)).await
     }
 
     async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {

@@ -347,6 +347,66 @@ impl ProbeContext {
 
 impl ConsumerContext for ProbeContext {}
 
+impl ProbeContext {
+    /// The first refusal among the errors recorded since the last call (see
+    /// [`classify`]); the others are dropped.
+    fn take_refusal(&self, config: &KafkaConfig) -> Option<Error> {
+        let errors = std::mem::take(&mut *self.errors.lock().unwrap_or_else(|p| p.into_inner()));
+        errors
+            .iter()
+            .find_map(|(code, reason)| classify(config, *code, reason))
+    }
+}
+
+/// A client of a group that never joins it (for reading and committing the
+/// group's offsets), whose error events are kept: see [`refusable`].
+pub(crate) type GroupClient = BaseConsumer<ProbeContext>;
+
+/// Creates a [`GroupClient`] of `group`.
+pub(crate) fn group_client(config: &KafkaConfig, group: &str) -> Result<GroupClient> {
+    config
+        .client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create_with_context(ProbeContext::default())
+        .map_err(|e| crate::map_error("creating a Kafka group client", e))
+}
+
+/// Runs `call`, a blocking request through `client` given the time it may
+/// take, until it answers or `timeout` has passed, serving the client's error
+/// events between attempts. librdkafka reports a refused login or TLS
+/// handshake only as an error event and retries it for ever, so without this
+/// a request with wrong credentials ends as a retryable timeout; with it, it
+/// ends at once with [`Error::Unauthenticated`] or [`Error::Tls`]. Attempts
+/// start at 250 ms and double, so a slow but healthy broker still answers.
+pub(crate) fn refusable<T>(
+    config: &KafkaConfig,
+    client: &GroupClient,
+    timeout: Duration,
+    mut call: impl FnMut(Duration) -> rdkafka::error::KafkaResult<T>,
+) -> Result<rdkafka::error::KafkaResult<T>> {
+    let deadline = Instant::now() + timeout;
+    let mut slice = Duration::from_millis(250);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = call(slice.min(left));
+        let timed_out =
+            matches!(&result, Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut));
+        if !timed_out {
+            return Ok(result);
+        }
+        // Serve the queue where librdkafka's broker threads leave their errors.
+        client.poll(Duration::from_millis(20));
+        if let Some(refusal) = client.context().take_refusal(config) {
+            return Err(refusal);
+        }
+        if Instant::now() >= deadline {
+            return Ok(result);
+        }
+        slice = slice.saturating_mul(2);
+    }
+}
+
 /// What a refusal reported by librdkafka's error callback means, if it is one
 /// that retrying cannot cure.
 pub(crate) fn classify(config: &KafkaConfig, code: RDKafkaErrorCode, reason: &str) -> Option<Error> {

@@ -415,10 +415,15 @@ fn rotated_credentials_are_used_by_the_next_login() {
         .await
         .err()
         .expect("a subscription with a wrong password must not start");
-        eprintln!(
-            "refused subscription after {:?}: {refused}",
-            subscribing.elapsed()
+        let took = subscribing.elapsed();
+        eprintln!("refused subscription after {took:?}: {refused}");
+        // Refused as the login it is, and well within the request timeout.
+        assert!(
+            matches!(refused, Error::Unauthenticated { .. }),
+            "a wrong password at subscribe is Unauthenticated, not {refused:?}"
         );
+        assert!(took < secs(5.0), "refused after {took:?}");
+        assert!(!format!("{refused} {refused:?}").contains("not-the-password"));
         consumer.rotate_credentials("polybus", &password).unwrap();
         let connection = Connection {
             producer: producer.clone(),
