@@ -83,3 +83,63 @@ fn catch_up_waits_for_the_whole_last_batch_on_broker() {
         .expect("runtime")
         .block_on(catch_up_waits_for_the_whole_last_batch::<true>());
 }
+
+/// A run that starts at the log's end (`Latest`) has nothing to catch up
+/// on, however the last batch was written: tansu reports the high watermark
+/// inside a batch of many records, where a consumer starting there is given
+/// nothing of that batch.
+async fn catch_up_from_latest_after_a_batch<const REAL: bool>(group: bool) {
+    let test = "catch_up_from_latest_after_a_batch";
+    let Some(h) = harness::<REAL>(test).await else {
+        return;
+    };
+    let config = h
+        .config
+        .clone()
+        .set("batch.num.messages", "10000")
+        .set("linger.ms", "100");
+    let conn = h.connect_with(config).await.expect("connect");
+    let topic = h.unique_name("catch-up-latest");
+    conn.consumer.declare_topic(&topic).await.expect("declare");
+    let messages: Vec<Message> = (0..20)
+        .map(|i| Message::new(format!("m-{i}")).with_key("k"))
+        .collect();
+    conn.producer.send_batch(&topic, messages).await.expect("send");
+    let mut runner = conn
+        .runner()
+        .topic(&topic)
+        .start(StartFrom::Latest)
+        .catch_up(CatchUp::Follow);
+    if group {
+        runner = runner.group(h.unique_name("g"));
+    }
+    let handle = runner
+        .run(|_: Delivery| async { HandlerResult::Ok(()) })
+        .await
+        .expect("run");
+    let report = tokio::time::timeout(
+        Duration::from_secs_f64(15.0 * timeout_multiplier()),
+        handle.caught_up(),
+    )
+    .await;
+    let handled = handle.stats().handled;
+    handle.shutdown(Duration::from_secs(10)).await;
+    h.cleanup(&[topic]).await;
+    report
+        .unwrap_or_else(|_| panic!("no catch-up report for a run from the end ({handled} handled)"))
+        .expect("caught up");
+}
+
+#[test]
+fn catch_up_from_latest_after_a_batch_on_broker() {
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(catch_up_from_latest_after_a_batch::<true>(false));
+}
+
+#[test]
+fn catch_up_from_latest_after_a_batch_in_a_group_on_broker() {
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(catch_up_from_latest_after_a_batch::<true>(true));
+}
