@@ -1,0 +1,98 @@
+//! Catch-up mode on JetStream under a hostile server (issue 14 review).
+//! Skips loudly without `POLYBUS_TEST_NATS_URL`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use polybus_conformance::broker_url;
+use polybus_core::{CatchUp, Delivery, Ended, HandlerResult, Message, Order, StartFrom};
+use polybus_nats::{JetStreamConsumer, NatsConfig, Storage, stream_name};
+
+fn config(test: &str) -> Option<NatsConfig> {
+    let url = broker_url("POLYBUS_TEST_NATS_URL", test)?;
+    let mut config = NatsConfig::from_url(&url)
+        .unwrap()
+        .storage(Storage::Memory)
+        .ack_wait(Duration::from_secs(30));
+    config.pull_expiry = Duration::from_secs(2);
+    Some(config)
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &Message::new("").id[..8])
+}
+
+/// A private replay (no group) in Stop mode whose ephemeral consumer the
+/// server removes mid-run (as after an outage longer than its inactivity
+/// threshold): the pump makes a new one where the old one stopped, and the
+/// replay must still end at the log's end instead of running forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_survives_its_ephemeral_consumer_being_recreated() {
+    let Some(config) = config("a_replay_survives_its_ephemeral_consumer_being_recreated") else {
+        return;
+    };
+    let topic = unique("cu-ephemeral");
+    let conn = polybus_nats::connect_with(config.clone()).await.unwrap();
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    for i in 0..20 {
+        conn.producer
+            .send(&topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let handled = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let handled = handled.clone();
+        move |_: Delivery| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                handled.fetch_add(1, Ordering::SeqCst);
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .start(StartFrom::Earliest)
+        .order(Order::Sequential)
+        .buffer(2)
+        .catch_up(CatchUp::Stop)
+        .run(handler)
+        .await
+        .unwrap();
+    while handled.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = async_nats::connect(config.servers[0].as_str()).await.unwrap();
+    let stream = jetstream::new(client)
+        .get_stream(stream_name(&topic))
+        .await
+        .unwrap();
+    let names: Vec<String> = futures::StreamExt::collect::<Vec<_>>(stream.consumer_names())
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    stream.delete_consumer(&names[0]).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), handle.wait()).await;
+    let caught_up = handle.caught_up().await;
+    let done = handled.load(Ordering::SeqCst);
+    if ended.is_err() {
+        handle.shutdown(Duration::from_secs(5)).await;
+    }
+    JetStreamConsumer::connect(&config)
+        .await
+        .unwrap()
+        .delete_topic(&topic)
+        .await
+        .unwrap();
+    let ended = ended.unwrap_or_else(|_| {
+        panic!("the Stop replay did not end within 30 s ({done} of 20 handled; catch-up: {caught_up:?})")
+    });
+    assert_eq!(ended.ended, Some(Ended::CaughtUp), "{ended:?}");
+}
