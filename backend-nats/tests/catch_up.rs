@@ -96,3 +96,80 @@ async fn a_replay_survives_its_ephemeral_consumer_being_recreated() {
     });
     assert_eq!(ended.ended, Some(Ended::CaughtUp), "{ended:?}");
 }
+
+/// The stream's last message at the start was deleted (an interior delete,
+/// or a max-msgs limit dropping it) and new messages keep arriving, so the
+/// consumer is never idle: the report must still come, from the ack floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_last_message_under_live_traffic() {
+    let Some(config) = config("a_deleted_last_message_under_live_traffic") else {
+        return;
+    };
+    let topic = unique("cu-deleted");
+    let conn = polybus_nats::connect_with(config.clone()).await.unwrap();
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    for i in 0..10 {
+        conn.producer
+            .send(&topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let client = async_nats::connect(config.servers[0].as_str()).await.unwrap();
+    let stream = jetstream::new(client)
+        .get_stream(stream_name(&topic))
+        .await
+        .unwrap();
+    assert!(
+        stream.delete_message(10).await.unwrap(),
+        "deleted the last message"
+    );
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let traffic = {
+        let producer = conn.producer.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            for i in 0.. {
+                let _ = producer.send(&topic, Message::new(format!("live{i}"))).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group(unique("g"))
+        .start(StartFrom::Earliest)
+        .catch_up(CatchUp::Follow)
+        .run({
+            let seen = seen.clone();
+            move |d: Delivery| {
+                let seen = seen.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    seen.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(d.payload()).into_owned());
+                    HandlerResult::Ok(())
+                }
+            }
+        })
+        .await
+        .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(20), handle.caught_up()).await;
+    let backlog = seen.lock().unwrap().iter().filter(|p| p.starts_with('m')).count();
+    traffic.abort();
+    handle.shutdown(Duration::from_secs(5)).await;
+    JetStreamConsumer::connect(&config)
+        .await
+        .unwrap()
+        .delete_topic(&topic)
+        .await
+        .unwrap();
+    report
+        .expect("a catch-up report within 20 s under live traffic")
+        .expect("caught up");
+    assert_eq!(
+        backlog, 9,
+        "caught up with {backlog} of the 9 messages left handled"
+    );
+}
