@@ -218,3 +218,93 @@ async fn a_private_replay_stops_at_the_end() {
     assert_eq!(ended.ended, Some(Ended::CaughtUp), "{ended:?}");
     assert_eq!(ended.handled, 3);
 }
+
+mod panicking {
+    //! A backend (memory underneath) whose catch-up probe panics: a bug in a
+    //! third-party backend's probe.
+    use std::sync::Arc;
+
+    use polybus_core::{
+        Capabilities, CatchUpProbe, Consumer, Event, Result, StartFrom, SubscribeOptions, Subscription,
+        async_trait,
+    };
+
+    pub(crate) struct PanickyConsumer(pub(crate) Arc<dyn Consumer>);
+
+    #[async_trait]
+    impl Consumer for PanickyConsumer {
+        fn capabilities(&self) -> Capabilities {
+            self.0.capabilities()
+        }
+        async fn declare_topic_unchecked(&self, topic: &str) -> Result<()> {
+            self.0.declare_topic_unchecked(topic).await
+        }
+        async fn declare_group_unchecked(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+            self.0.declare_group_unchecked(topic, group, start).await
+        }
+        async fn subscribe_unchecked(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+            Ok(Box::new(PanickySubscription(
+                self.0.subscribe_unchecked(options).await?,
+            )))
+        }
+        async fn close(&self) -> Result<()> {
+            self.0.close().await
+        }
+    }
+
+    struct PanickySubscription(Box<dyn Subscription>);
+
+    #[async_trait]
+    impl Subscription for PanickySubscription {
+        async fn next(&mut self) -> Option<Result<Event>> {
+            self.0.next().await
+        }
+        fn try_next(&mut self) -> Option<Option<Result<Event>>> {
+            self.0.try_next()
+        }
+        async fn control(&mut self) -> Option<Result<Event>> {
+            self.0.control().await
+        }
+        async fn stop(&mut self) -> Result<()> {
+            self.0.stop().await
+        }
+        async fn close(self: Box<Self>) -> Result<()> {
+            self.0.close().await
+        }
+        async fn catch_up_probe(&mut self) -> Result<Box<dyn CatchUpProbe>> {
+            Ok(Box::new(Panics))
+        }
+    }
+
+    struct Panics;
+
+    #[async_trait]
+    impl CatchUpProbe for Panics {
+        async fn caught_up(&self) -> Result<bool> {
+            panic!("a bug in the backend's probe");
+        }
+    }
+}
+
+/// A probe that panics: `caught_up()` must say it cannot tell
+/// (`NotCaughtUp::Probe`), as for a probe error, instead of waiting forever
+/// with the watcher task gone.
+#[tokio::test]
+async fn a_panicking_probe_is_reported() {
+    let broker = MemoryBroker::new();
+    send(&broker, "t", &["a"], "k").await;
+    let conn = broker.connection();
+    let consumer = Arc::new(panicking::PanickyConsumer(conn.consumer.clone()));
+    let handle = polybus_core::Runner::new(consumer, conn.producer.clone())
+        .topic("t")
+        .group("g")
+        .start(StartFrom::Earliest)
+        .catch_up(CatchUp::Follow)
+        .run(|_: Delivery| async { HandlerResult::Ok(()) })
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), handle.caught_up()).await;
+    handle.shutdown(Duration::from_secs(5)).await;
+    let got = got.expect("caught_up() never answered: the probe's panic killed the watcher silently");
+    assert!(matches!(got, Err(NotCaughtUp::Probe(_))), "{got:?}");
+}
