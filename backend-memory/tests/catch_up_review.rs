@@ -308,3 +308,51 @@ async fn a_panicking_probe_is_reported() {
     let got = got.expect("caught_up() never answered: the probe's panic killed the watcher silently");
     assert!(matches!(got, Err(NotCaughtUp::Probe(_))), "{got:?}");
 }
+
+/// A Stop run caught up and began its drain (with the settle timeout, 30 s
+/// by default, as deadline) while a handler for a later message still runs;
+/// then the application shuts down with 500 ms (SIGTERM). The shorter
+/// deadline must hold: the drain must not keep the process for 30 s.
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_a_stop_drain_keeps_its_deadline() {
+    let broker = MemoryBroker::new();
+    send(&broker, "t", &["a"], "k").await;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let started = started.clone();
+        move |d: Delivery| {
+            let started = started.clone();
+            async move {
+                if payload(&d) == "slow" {
+                    started.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                // The backlog's message waits until the later one runs.
+                started.notified().await;
+                started.notify_one();
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let handle = broker
+        .connection()
+        .runner()
+        .topic("t")
+        .group("g")
+        .start(StartFrom::Earliest)
+        .concurrency(4)
+        .order(Order::Unordered)
+        .catch_up(CatchUp::Stop)
+        .run(handler)
+        .await
+        .unwrap();
+    send(&broker, "t", &["slow"], "s").await;
+    report(&handle).await.unwrap();
+    let asked = tokio::time::Instant::now();
+    let ended = handle.shutdown(Duration::from_millis(500)).await;
+    let took = asked.elapsed();
+    assert!(
+        took <= Duration::from_secs(3),
+        "shutdown(500 ms) during the Stop drain took {took:?} ({ended:?})"
+    );
+}

@@ -79,6 +79,7 @@ pub(super) async fn watch(probe: Box<dyn CatchUpProbe>, mode: CatchUp, shared: A
             if deadline.is_none() {
                 *deadline = Some(later(Instant::now(), drain));
                 shared.stopped_caught_up.store(true, Ordering::Release);
+                shared.deadline_by_catch_up.store(true, Ordering::Release);
             }
         }
         shared.stop.cancel();
