@@ -1,6 +1,8 @@
 //! Catch-up mode on JetStream under a hostile server (issue 14 review).
 //! Skips loudly without `POLYBUS_TEST_NATS_URL`.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -172,4 +174,54 @@ async fn a_deleted_last_message_under_live_traffic() {
         backlog, 9,
         "caught up with {backlog} of the 9 messages left handled"
     );
+}
+
+/// The backlog's last message is one async-nats cannot parse (a header value
+/// that is not UTF-8, from another client): it costs the connection, is
+/// fetched by sequence and dead-lettered. The report must still come, after
+/// it and the rest are settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_message_at_the_end_is_caught_up() {
+    let Some(url) = broker_url(support::URL_ENV, "a_poison_message_at_the_end_is_caught_up") else {
+        return;
+    };
+    let config = support::test_config(&url, false);
+    let conn = polybus_nats::connect_with(config.clone()).await.unwrap();
+    let (topic, group) = (unique("cu-poison"), unique("g"));
+    conn.consumer.declare_topic(&topic).await.unwrap();
+    conn.consumer
+        .declare_topic(&polybus_core::names::dead_letter_topic(&topic))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        conn.producer
+            .send(&topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let poison = polybus_conformance::ForeignRecord::new("poison").header("X-City", Some(b"Z\xfcrich"));
+    support::foreign::publish(&url, &topic, &poison, true)
+        .await
+        .unwrap();
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group(&group)
+        .start(StartFrom::Earliest)
+        .catch_up(CatchUp::Stop)
+        .run(|_: Delivery| async { HandlerResult::Ok(()) })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(40), handle.wait()).await;
+    if ended.is_err() {
+        handle.shutdown(Duration::from_secs(5)).await;
+    }
+    let _ = JetStreamConsumer::connect(&config)
+        .await
+        .unwrap()
+        .delete_topic(&topic)
+        .await;
+    let ended = ended.expect("the Stop run ends within 40 s");
+    assert_eq!(ended.ended, Some(Ended::CaughtUp), "{ended:?}");
+    assert_eq!((ended.handled, ended.dead_lettered), (5, 1), "{ended:?}");
 }
