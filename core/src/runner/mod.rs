@@ -370,6 +370,9 @@ impl Runner {
         }
         let limits = self.limits()?;
         self.checked_topics()?;
+        // Before subscribing: a refused handler must not declare the group
+        // (fixing its start) or join it (a rebalance for its live members).
+        handler.validate()?;
         if self.catch_up.is_some() && !self.consumer.capabilities().catch_up {
             return Err(Error::Unsupported(format!(
                 "{} cannot run in catch-up mode: it cannot tell where its log ends (capabilities.catch_up = false)",
