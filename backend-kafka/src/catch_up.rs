@@ -20,7 +20,11 @@
 //! appended since, stamped later: not counted), so the end stays the high
 //! watermark. The stamp is the record's timestamp (the producer's clock for
 //! create time): a producer whose clock runs ahead can make a record of the
-//! last batch look later, and the report come before it.
+//! last batch look later, and the report come before it. A partition the run
+//! starts on at or past the high watermark (a `Latest` start, a group whose
+//! commit is there) keeps the high watermark as its end: tansu gives a
+//! consumer starting inside a batch nothing of it, so waiting for the rest of
+//! that batch never ended.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,7 +54,7 @@ struct End {
 /// is past `high - 1`.
 fn fetchable_ends(
     config: &rdkafka::ClientConfig,
-    ends: &[End],
+    ends: &[&End],
     read_at: SystemTime,
     timeout: Duration,
 ) -> Result<HashMap<(String, i32), i64>> {
@@ -145,6 +149,8 @@ impl KafkaCatchUp {
         let timeout = config.request_timeout;
         let topics = topics.to_vec();
         let meta_config = config.client_config();
+        let group_client = group.clone();
+        let starts = assigned.clone();
         let ends = blocking(move || {
             let mut ends: Vec<End> = Vec::new();
             for topic in topics {
@@ -164,7 +170,39 @@ impl KafkaCatchUp {
                 }
             }
             let read_at = SystemTime::now();
-            let fetchable = fetchable_ends(&meta_config, &ends, read_at, timeout)?;
+            // Where the run starts on each partition: a partition it starts at
+            // or past the high watermark on has nothing before it to wait for
+            // (on tansu the rest of the last batch there is never given to a
+            // consumer starting inside it).
+            let starts = match &group_client {
+                None => starts,
+                Some(group) => {
+                    let mut tpl = TopicPartitionList::new();
+                    for e in &ends {
+                        tpl.add_partition(&e.topic, e.partition);
+                    }
+                    let found = group
+                        .committed_offsets(tpl, timeout)
+                        .map_err(|e| map_error("reading committed offsets", e))?;
+                    ends.iter()
+                        .filter_map(|e| {
+                            match found.find_partition(&e.topic, e.partition).map(|p| p.offset()) {
+                                Some(Offset::Offset(o)) => Some(((e.topic.clone(), e.partition), o)),
+                                _ => None,
+                            }
+                        })
+                        .collect()
+                }
+            };
+            let open: Vec<&End> = ends
+                .iter()
+                .filter(|e| {
+                    starts
+                        .get(&(e.topic.clone(), e.partition))
+                        .is_none_or(|start| *start < e.end)
+                })
+                .collect();
+            let fetchable = fetchable_ends(&meta_config, &open, read_at, timeout)?;
             for end in &mut ends {
                 if let Some(last) = fetchable.get(&(end.topic.clone(), end.partition)) {
                     end.end = end.end.max(last + 1);

@@ -62,3 +62,29 @@ async fn registering_a_type_twice_is_refused() {
             .is_clean()
     );
 }
+
+/// A refused router is refused before `run` subscribes: the group it names
+/// is not declared (which would fix its start), and on a broker with groups
+/// no member joins and leaves (a rebalance for the live ones).
+#[tokio::test]
+async fn a_refused_router_declares_nothing() {
+    let broker = MemoryBroker::new();
+    let conn = broker.connection();
+    conn.consumer.declare_topic("rides").await.unwrap();
+    let events = Events::new(&conn, ());
+    let router = events.router().on(on_created).on(on_created_again);
+    let refused = conn
+        .runner()
+        .topic("rides")
+        .group("projection")
+        .start(polybus_core::StartFrom::Earliest)
+        .catch_up(polybus_core::CatchUp::Stop)
+        .run(router)
+        .await;
+    assert!(matches!(&refused, Err(Error::InvalidConfig(_))), "{refused:?}");
+    let lag = conn.consumer.lag("rides", "projection").await;
+    assert!(
+        matches!(lag, Err(Error::NotFound { .. })),
+        "the refused run declared the group: lag = {lag:?}"
+    );
+}

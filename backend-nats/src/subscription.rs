@@ -103,6 +103,16 @@ impl Shared {
             .push((pump, stream, name));
     }
 
+    /// The current name of pump `pump`'s ephemeral consumer (`None` for a group's).
+    fn ephemeral_name(&self, pump: usize) -> Option<String> {
+        self.ephemeral
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(p, _, _)| *p == pump)
+            .map(|(_, _, name)| name.clone())
+    }
+
     fn poisoned(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u64), bool>> {
         self.poisoned.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -933,6 +943,8 @@ impl Subscription for JetStreamSubscription {
         Ok(Box::new(JetStreamCatchUp {
             ends,
             timeout: self.request_timeout,
+            shared: Arc::clone(&self.shared),
+            ephemeral: self.shared.ephemeral_name(0).is_some(),
         }))
     }
 
@@ -1011,12 +1023,21 @@ struct JetStreamCatchUp {
     /// Topic, stream, consumer name, last stream sequence at the start.
     ends: Vec<(String, stream::Stream, String, u64)>,
     timeout: Duration,
+    /// For the current names of ephemeral consumers, which a pump makes
+    /// again (under a new name) when the server removes one.
+    shared: Arc<Shared>,
+    /// No group: the consumers are ephemeral.
+    ephemeral: bool,
 }
 
 #[async_trait]
 impl polybus_core::CatchUpProbe for JetStreamCatchUp {
     async fn caught_up(&self) -> Result<bool> {
-        for (topic, stream, consumer, end) in &self.ends {
+        for (index, (topic, stream, consumer, end)) in self.ends.iter().enumerate() {
+            // A recreated ephemeral consumer starts where the old one stopped:
+            // its ack floor goes on from there.
+            let current = self.shared.ephemeral_name(index);
+            let consumer = current.as_deref().unwrap_or(consumer);
             let info = tokio::time::timeout(self.timeout, stream.consumer_info(consumer))
                 .await
                 .map_err(|_| {
@@ -1024,6 +1045,8 @@ impl polybus_core::CatchUpProbe for JetStreamCatchUp {
                 })?;
             let info = match info {
                 Ok(info) => info,
+                // Removed, and its pump is making a new one: ask again.
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound && self.ephemeral => return Ok(false),
                 Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
                     return Err(Error::NotFound {
                         what: format!(

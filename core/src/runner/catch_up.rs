@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::time::Instant;
 
 use super::handle::{CatchUp, NotCaughtUp, Shared};
 use crate::backend::CatchUpProbe;
+use crate::error::Error;
 use crate::time::later;
 
 /// The probe is asked again at the latest after this long without a
@@ -26,7 +28,21 @@ pub(super) async fn watch(probe: Box<dyn CatchUpProbe>, mode: CatchUp, shared: A
     let mut report = shared.report.clone();
     loop {
         // A permit stored by a settlement during the question wakes the wait below.
-        match probe.caught_up().await {
+        // A panicking probe (a backend bug) is a probe that cannot tell: the
+        // watcher must not die silently and leave `caught_up()` waiting.
+        let answer = match std::panic::AssertUnwindSafe(probe.caught_up())
+            .catch_unwind()
+            .await
+        {
+            Ok(answer) => answer,
+            Err(_) => Err(Error::Backend {
+                backend: "polybus",
+                message: "the backend's catch-up probe panicked".into(),
+                retryable: false,
+                source: None,
+            }),
+        };
+        match answer {
             Ok(true) => break,
             Ok(false) => {}
             Err(e) if e.is_retryable() => {
@@ -63,6 +79,7 @@ pub(super) async fn watch(probe: Box<dyn CatchUpProbe>, mode: CatchUp, shared: A
             if deadline.is_none() {
                 *deadline = Some(later(Instant::now(), drain));
                 shared.stopped_caught_up.store(true, Ordering::Release);
+                shared.deadline_by_catch_up.store(true, Ordering::Release);
             }
         }
         shared.stop.cancel();

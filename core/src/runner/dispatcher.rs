@@ -680,6 +680,8 @@ impl Dispatcher {
                 event = self.pool.next() => self.pool_event(event, true),
                 _ = keep_alive.tick(), if self.keep_alive.is_some() => self.keep_alive_all(),
                 _ = stop.cancelled(), if !stop.is_cancelled() => {}
+                // A shutdown during a catch-up run's own drain (its deadline is earlier).
+                _ = self.shared.deadline_moved.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }

@@ -213,6 +213,11 @@ pub(super) struct Shared {
     pub(super) settled: tokio::sync::Notify,
     /// The stop was asked by a catch-up run in [`CatchUp::Stop`] mode.
     pub(super) stopped_caught_up: std::sync::atomic::AtomicBool,
+    /// The deadline was set by a catch-up run in [`CatchUp::Stop`] mode, not
+    /// by a `shutdown` call: the first `shutdown` may bring it forward.
+    pub(super) deadline_by_catch_up: std::sync::atomic::AtomicBool,
+    /// Woken when `shutdown` brings the deadline forward during a drain.
+    pub(super) deadline_moved: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -228,6 +233,8 @@ impl Shared {
             catch_up: watch::Sender::new(None),
             settled: tokio::sync::Notify::new(),
             stopped_caught_up: std::sync::atomic::AtomicBool::new(false),
+            deadline_by_catch_up: std::sync::atomic::AtomicBool::new(false),
+            deadline_moved: tokio::sync::Notify::new(),
         }
     }
 
@@ -313,8 +320,16 @@ impl RunHandle {
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         {
             let mut deadline = self.shared.deadline.lock().unwrap_or_else(|p| p.into_inner());
-            if deadline.is_none() {
-                *deadline = Some(later(Instant::now(), timeout));
+            let asked = later(Instant::now(), timeout);
+            match *deadline {
+                None => *deadline = Some(asked),
+                // A catch-up run stopping by itself drains with the settle
+                // timeout; the first shutdown call's own deadline still counts.
+                Some(set) if self.shared.deadline_by_catch_up.swap(false, Ordering::AcqRel) => {
+                    *deadline = Some(set.min(asked));
+                    self.shared.deadline_moved.notify_one();
+                }
+                Some(_) => {}
             }
         }
         self.shared.stop.cancel();

@@ -370,6 +370,9 @@ impl Runner {
         }
         let limits = self.limits()?;
         self.checked_topics()?;
+        // Before subscribing: a refused handler must not declare the group
+        // (fixing its start) or join it (a rebalance for its live members).
+        handler.validate()?;
         if self.catch_up.is_some() && !self.consumer.capabilities().catch_up {
             return Err(Error::Unsupported(format!(
                 "{} cannot run in catch-up mode: it cannot tell where its log ends (capabilities.catch_up = false)",
@@ -389,7 +392,7 @@ impl Runner {
         let mut subscription = self.consumer.subscribe(options).await?;
         let probe = match self.catch_up {
             None => None,
-            Some(_) => match subscription.catch_up_probe().await {
+            Some(_) => match read_the_end(&mut *subscription).await {
                 Ok(probe) => Some(probe),
                 Err(e) => {
                     let _ = subscription.close().await;
@@ -523,6 +526,28 @@ impl Runner {
             tokio::spawn(lag);
         }
         Ok(RunHandle { shared })
+    }
+}
+
+/// How many times `run` asks a subscription where its log ends before giving
+/// up on a retryable error.
+const END_READ_ATTEMPTS: u32 = 3;
+
+/// Asks `subscription` for its catch-up probe, again after a retryable error
+/// (a connection lost meanwhile: on JetStream a message the client cannot
+/// parse costs the connection as the subscription starts fetching, and the
+/// subscription recovers on its own while `run` waits).
+async fn read_the_end(subscription: &mut dyn Subscription) -> Result<Box<dyn CatchUpProbe>> {
+    let mut attempt = 1;
+    loop {
+        match subscription.catch_up_probe().await {
+            Err(e) if e.is_retryable() && attempt < END_READ_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, "catch-up: reading where the log ends failed; trying again");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
     }
 }
 
