@@ -1,6 +1,6 @@
 //! Kafka throughput of polybus against raw rdkafka, same broker, same process,
 //! at each pipelining depth (`POLYBUS_BENCH_DEPTH`, default 256 and 1,000) and
-//! partition count (`POLYBUS_BENCH_PARTITIONS`, default 1 and 4). Three
+//! partition count (`POLYBUS_BENCH_PARTITIONS`, default 1 and 4). Four
 //! variants alternate which goes first:
 //!
 //! * **raw**: the best-practice rdkafka loop. Produce: a `BaseProducer`
@@ -22,6 +22,12 @@
 //!   configuration is its default (`POLYBUS_BENCH_KAFKA_BUFFER` sets
 //!   `KafkaConfig::buffer`, `POLYBUS_BENCH_KAFKA_KBYTES` librdkafka's
 //!   `queued.max.messages.kbytes`).
+//! * **polybus observed**: the polybus variant with its metrics and tracing
+//!   on (`bench::observing`: a metrics recorder and an OpenTelemetry SDK
+//!   tracer sampling every span, the sends made inside a trace), on its own
+//!   topic; the table gives observed / polybus. It runs when the bench is
+//!   built with polybus-conformance's `metrics` and `opentelemetry` features
+//!   (this crate's dev-dependency turns them on).
 //!
 //! Every consumer drains what its own variant produced (timed from creating
 //! the consumer, so each includes the group join) and counts lost and
@@ -276,11 +282,12 @@ fn main() {
                     n,
                 );
                 for run in 0..runs {
-                    let names = [0, 1, 2].map(|v| format!("bench-{pid}-p{partitions}-d{depth}-r{run}-v{v}"));
+                    let names =
+                        [0, 1, 2, 3].map(|v| format!("bench-{pid}-p{partitions}-d{depth}-r{run}-v{v}"));
                     for t in &names {
                         conn.consumer.declare_topic(t).await.expect("topic");
                     }
-                    let (mut publish, mut publish_cpu) = ([Duration::ZERO; 3], [Duration::ZERO; 3]);
+                    let (mut publish, mut publish_cpu) = ([Duration::ZERO; 4], [Duration::ZERO; 4]);
                     for v in bench::order(run) {
                         let wire = [Wire::Bare, Wire::Polybus][v.min(1)];
                         let cpu = bench::cpu_time();
@@ -290,12 +297,13 @@ fn main() {
                                 .await
                                 .expect("raw produce")
                         } else {
-                            bench::publish_seq(&conn, &names[2], n, depth).await
+                            let observed = v == bench::OBSERVED;
+                            bench::observing(observed, bench::publish_seq(&conn, &names[v], n, depth)).await
                         };
                         publish_cpu[v] = bench::cpu_time() - cpu;
                     }
                     let (mut consume, mut consume_cpu) =
-                        ([(Duration::ZERO, Check::default()); 3], [Duration::ZERO; 3]);
+                        ([(Duration::ZERO, Check::default()); 4], [Duration::ZERO; 4]);
                     for v in bench::order(run) {
                         let group = format!("g-{}", names[v]);
                         let wire = [Wire::Bare, Wire::Polybus][v.min(1)];
@@ -306,7 +314,9 @@ fn main() {
                                 .await
                                 .expect("raw consume")
                         } else {
-                            polybus_consume(&conn, &names[2], &group, n, depth).await
+                            let observed = v == bench::OBSERVED;
+                            bench::observing(observed, polybus_consume(&conn, &names[v], &group, n, depth))
+                                .await
                         };
                         consume_cpu[v] = bench::cpu_time() - cpu;
                     }

@@ -1,6 +1,6 @@
 //! JetStream throughput of polybus against raw async-nats, same server, same
 //! process, at each pipelining depth (`POLYBUS_BENCH_DEPTH`, default 256 and
-//! 1,000: sends in flight and prefetch). Three variants alternate which goes
+//! 1,000: sends in flight and prefetch). Four variants alternate which goes
 //! first:
 //!
 //! * **raw**: the best-practice async-nats loop. Publish: `send_publish` with
@@ -14,6 +14,12 @@
 //! * **polybus**: `producer.send` with `depth` in flight; the runner
 //!   (unordered, concurrency 64, bound `depth`) with a handler that only marks
 //!   what it saw.
+//! * **polybus observed**: the polybus variant with its metrics and tracing
+//!   on (`bench::observing`: a metrics recorder and an OpenTelemetry SDK
+//!   tracer sampling every span, the sends made inside a trace), on its own
+//!   stream; the table gives observed / polybus. It runs when the bench is
+//!   built with polybus-conformance's `metrics` and `opentelemetry` features
+//!   (this crate's dev-dependency turns them on).
 //!
 //! Every consumer drains what its own variant published and counts lost and
 //! duplicated messages by a sequence number in the payload. Streams are
@@ -170,7 +176,7 @@ fn main() {
                 n,
             );
             for run in 0..runs {
-                let names = [0, 1, 2].map(|v| format!("bench.{pid}.d{depth}.r{run}.v{v}"));
+                let names = [0, 1, 2, 3].map(|v| format!("bench.{pid}.d{depth}.r{run}.v{v}"));
                 js.create_stream(stream::Config {
                     name: stream_name(&names[0]),
                     subjects: vec![names[0].clone()],
@@ -182,28 +188,37 @@ fn main() {
                 for t in &names[1..] {
                     conn.consumer.declare_topic(t).await.expect("topic");
                 }
-                conn.consumer
-                    .declare_group(&names[2], "polybus", StartFrom::Earliest)
-                    .await
-                    .expect("group");
-                let (mut publish, mut publish_cpu) = ([Duration::ZERO; 3], [Duration::ZERO; 3]);
+                for t in &names[2..] {
+                    conn.consumer
+                        .declare_group(t, "polybus", StartFrom::Earliest)
+                        .await
+                        .expect("group");
+                }
+                let (mut publish, mut publish_cpu) = ([Duration::ZERO; 4], [Duration::ZERO; 4]);
                 for v in bench::order(run) {
                     let cpu = bench::cpu_time();
                     publish[v] = match v {
                         0 => raw_publish(&js, &names[0], n, depth, Wire::Bare).await,
                         1 => raw_publish(&js, &names[1], n, depth, Wire::Polybus).await,
-                        _ => bench::publish_seq(&conn, &names[2], n, depth).await,
+                        _ => {
+                            let observed = v == bench::OBSERVED;
+                            bench::observing(observed, bench::publish_seq(&conn, &names[v], n, depth)).await
+                        }
                     };
                     publish_cpu[v] = bench::cpu_time() - cpu;
                 }
                 let (mut consume, mut consume_cpu) =
-                    ([(Duration::ZERO, Check::default()); 3], [Duration::ZERO; 3]);
+                    ([(Duration::ZERO, Check::default()); 4], [Duration::ZERO; 4]);
                 for v in bench::order(run) {
                     let cpu = bench::cpu_time();
                     consume[v] = match v {
                         0 => raw_consume(&js, &names[0], n, depth, Wire::Bare).await,
                         1 => raw_consume(&js, &names[1], n, depth, Wire::Polybus).await,
-                        _ => bench::consume_seq(&conn, &names[2], "polybus", n, CONCURRENCY, depth).await,
+                        _ => {
+                            let consume =
+                                bench::consume_seq(&conn, &names[v], "polybus", n, CONCURRENCY, depth);
+                            bench::observing(v == bench::OBSERVED, consume).await
+                        }
                     };
                     consume_cpu[v] = bench::cpu_time() - cpu;
                 }

@@ -1,6 +1,6 @@
 //! RabbitMQ throughput of polybus against raw lapin, same broker, same process,
 //! at each pipelining depth (`POLYBUS_BENCH_DEPTH`, default 256 and 1,000: sends
-//! in flight and prefetch). Three variants alternate which goes first:
+//! in flight and prefetch). Four variants alternate which goes first:
 //!
 //! * **raw**: the best-practice lapin loop. Publish: persistent messages to a
 //!   durable queue through the default exchange, `depth` publisher confirms
@@ -15,6 +15,12 @@
 //! * **polybus**: `producer.send` with `depth` in flight; the runner
 //!   (unordered, concurrency 64, bound `depth`) with a handler that only marks
 //!   what it saw.
+//! * **polybus observed**: the polybus variant with its metrics and tracing
+//!   on (`bench::observing`: a metrics recorder and an OpenTelemetry SDK
+//!   tracer sampling every span, the sends made inside a trace), on its own
+//!   topic; the table gives observed / polybus. It runs when the bench is
+//!   built with polybus-conformance's `metrics` and `opentelemetry` features
+//!   (this crate's dev-dependency turns them on).
 //!
 //! Every consumer drains what its own variant published and counts lost and
 //! duplicated messages by a sequence number in the payload. Queues are classic
@@ -229,7 +235,7 @@ fn main() {
                 n,
             );
             for run in 0..runs {
-                let names = [0, 1, 2].map(|v| format!("bench-{pid}-d{depth}-r{run}-v{v}"));
+                let names = [0, 1, 2, 3].map(|v| format!("bench-{pid}-d{depth}-r{run}-v{v}"));
                 // raw: a durable queue of that name on the default exchange.
                 let mut args = FieldTable::default();
                 args.insert(
@@ -306,7 +312,7 @@ fn main() {
                         .await
                         .expect("group");
                 }
-                let (mut publish, mut publish_cpu) = ([Duration::ZERO; 3], [Duration::ZERO; 3]);
+                let (mut publish, mut publish_cpu) = ([Duration::ZERO; 4], [Duration::ZERO; 4]);
                 for v in bench::order(run) {
                     let cpu = bench::cpu_time();
                     publish[v] = match v {
@@ -315,18 +321,24 @@ fn main() {
                             raw_publish(&raw_channel, &wire_exchange, &wire_key, n, depth, Wire::Polybus)
                                 .await
                         }
-                        _ => bench::publish_seq(&conn, &names[2], n, depth).await,
+                        _ => {
+                            let observed = v == bench::OBSERVED;
+                            bench::observing(observed, bench::publish_seq(&conn, &names[v], n, depth)).await
+                        }
                     };
                     publish_cpu[v] = bench::cpu_time() - cpu;
                 }
                 let (mut consume, mut consume_cpu) =
-                    ([(Duration::ZERO, Check::default()); 3], [Duration::ZERO; 3]);
+                    ([(Duration::ZERO, Check::default()); 4], [Duration::ZERO; 4]);
                 for v in bench::order(run) {
                     let cpu = bench::cpu_time();
                     consume[v] = match v {
                         0 => raw_consume(&raw_conn, &names[0], n, depth, Wire::Bare).await,
                         1 => raw_consume(&raw_conn, &wire_queue, n, depth, Wire::Polybus).await,
-                        _ => bench::consume_seq(&conn, &names[2], "g", n, CONCURRENCY, depth).await,
+                        _ => {
+                            let consume = bench::consume_seq(&conn, &names[v], "g", n, CONCURRENCY, depth);
+                            bench::observing(v == bench::OBSERVED, consume).await
+                        }
                     };
                     consume_cpu[v] = bench::cpu_time() - cpu;
                 }

@@ -23,38 +23,6 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Sends `n` messages of `payload` to `topic` with `in_flight` sends pipelined,
-/// each resolving on the broker's confirmation; returns how long it took.
-/// While [`observe`] is on, every send is made inside a span of one trace (as
-/// a traced service sends), so each one starts a `send` span and carries
-/// `traceparent`.
-pub async fn publish(
-    conn: &Connection,
-    topic: &str,
-    n: usize,
-    payload: &Bytes,
-    in_flight: usize,
-) -> Duration {
-    let began = Instant::now();
-    #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
-    let traced = observed::caller_context();
-    futures::stream::iter(0..n)
-        .map(|_| {
-            let message = Message::new(payload.clone());
-            let send = async move { conn.producer.send(topic, message).await.expect("send") };
-            #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
-            let send = {
-                use opentelemetry::context::FutureExt;
-                send.with_context(traced.clone())
-            };
-            send
-        })
-        .buffer_unordered(in_flight)
-        .for_each(|_| async {})
-        .await;
-    began.elapsed()
-}
-
 /// Whether this build can turn observation on (the crate's `metrics` and
 /// `opentelemetry` features).
 pub fn observation_available() -> bool {
@@ -76,45 +44,17 @@ pub fn observe(on: bool) {
     let _ = on;
 }
 
-/// Drains `n` messages of `group` on `topic` through the runner (unordered,
-/// `concurrency` handlers, `bound` held at most) with a no-op handler that the
-/// runner acks; returns how long it took.
-pub async fn consume(
-    conn: &Connection,
-    topic: &str,
-    group: &str,
-    n: usize,
-    concurrency: usize,
-    bound: usize,
-) -> Duration {
-    let count = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
-    let began = Instant::now();
-    let handle = conn
-        .runner()
-        .topic(topic)
-        .group(group)
-        .order(Order::Unordered)
-        .concurrency(concurrency)
-        .buffer(bound.saturating_sub(concurrency))
-        .run({
-            let (count, done) = (Arc::clone(&count), Arc::clone(&done));
-            move |_d: Delivery| {
-                let (count, done) = (Arc::clone(&count), Arc::clone(&done));
-                async move {
-                    if count.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                        done.notify_one();
-                    }
-                    HandlerResult::Ok(())
-                }
-            }
-        })
-        .await
-        .expect("run");
-    done.notified().await;
-    let took = began.elapsed();
-    handle.shutdown(Duration::from_secs(10)).await;
-    took
+/// Runs `measure` with observation on ([`observe`]) when `on`, turning it off
+/// again afterwards; as is otherwise. The [`OBSERVED`] variant is the polybus
+/// variant's code run through this.
+pub async fn observing<F: std::future::Future>(on: bool, measure: F) -> F::Output {
+    if !on {
+        return measure.await;
+    }
+    observe(true);
+    let out = measure.await;
+    observe(false);
+    out
 }
 
 /// The multi-threaded runtime every backend bench runs in.
@@ -128,75 +68,6 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
-}
-
-/// The measurements of a raw-against-polybus bench, run after run: sending
-/// (raw, polybus) and consuming with acks (raw, polybus), each over `n`
-/// messages, and polybus again with metrics and tracing on ([`observe`]).
-#[derive(Debug)]
-pub struct Rates {
-    n: usize,
-    runs: [Vec<f64>; 6],
-}
-
-impl Rates {
-    /// Rates of measurements over `n` messages each.
-    pub fn new(n: usize) -> Self {
-        Rates {
-            n,
-            runs: Default::default(),
-        }
-    }
-
-    fn rate(&self, d: Duration) -> f64 {
-        self.n as f64 / d.as_secs_f64()
-    }
-
-    /// Records one run's durations (raw send, polybus send, raw consume,
-    /// polybus consume) and prints them as rates.
-    pub fn record(&mut self, run: usize, [raw_send, pb_send, raw_con, pb_con]: [Duration; 4]) {
-        for (i, d) in [raw_send, pb_send, raw_con, pb_con].into_iter().enumerate() {
-            let rate = self.rate(d);
-            self.runs[i].push(rate);
-        }
-        println!(
-            "run {run}: publish raw {:.0}/s polybus {:.0}/s | consume+ack raw {:.0}/s polybus {:.0}/s",
-            self.rate(raw_send),
-            self.rate(pb_send),
-            self.rate(raw_con),
-            self.rate(pb_con)
-        );
-    }
-
-    /// Records one run's durations of polybus with metrics and tracing on
-    /// (send, consume) and prints them as rates.
-    pub fn record_observed(&mut self, run: usize, [send, consume]: [Duration; 2]) {
-        let (send, consume) = (self.rate(send), self.rate(consume));
-        self.runs[4].push(send);
-        self.runs[5].push(consume);
-        println!("run {run}: observed polybus: publish {send:.0}/s | consume+ack {consume:.0}/s");
-    }
-
-    /// Prints the median of every measurement and the polybus/raw ratios (and
-    /// observed/plain polybus, when observed runs were recorded).
-    pub fn report(self) {
-        let [raw_send, pb_send, raw_con, pb_con, obs_send, obs_con] = self.runs.map(median);
-        println!(
-            "median publish:     raw {raw_send:.0}/s, polybus {pb_send:.0}/s, ratio {:.2}",
-            pb_send / raw_send
-        );
-        println!(
-            "median consume+ack: raw {raw_con:.0}/s, polybus {pb_con:.0}/s, ratio {:.2}",
-            pb_con / raw_con
-        );
-        if !obs_send.is_nan() {
-            println!(
-                "observed (metrics + tracing) / plain polybus: publish {obs_send:.0}/s, ratio {:.3}; consume+ack {obs_con:.0}/s, ratio {:.3}",
-                obs_send / pb_send,
-                obs_con / pb_con
-            );
-        }
-    }
 }
 
 /// The switchable observation of [`observe`].
@@ -273,13 +144,13 @@ mod observed {
         }
     }
 
-    /// The context sends are made in: inside a span while observation is on.
-    pub(super) fn caller_context() -> Context {
+    /// The context sends are made in while observation is on: inside a span.
+    pub(super) fn caller_context() -> Option<Context> {
         if !ON.load(Ordering::Acquire) {
-            return Context::new();
+            return None;
         }
         let tracer = global::tracer_provider().tracer("polybus-bench");
-        Context::new().with_span(tracer.start("bench publish"))
+        Some(Context::new().with_span(tracer.start("bench publish")))
     }
 }
 
@@ -420,12 +291,27 @@ pub const IDLE: Duration = Duration::from_secs(30);
 
 /// Sends [`payload`]s `0..n` to `topic` through polybus, `in_flight` sends
 /// pipelined, each resolving on the broker's confirmation.
+/// While [`observe`] is on, every send is made inside a span of one trace (as
+/// a traced service sends), so each one starts a `send` span and carries
+/// `traceparent`; while it is off, the sends are not wrapped at all.
 pub async fn publish_seq(conn: &Connection, topic: &str, n: usize, in_flight: usize) -> Duration {
     let began = Instant::now();
+    #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
+    let traced = observed::caller_context();
     futures::stream::iter(0..n)
         .map(|i| {
             let message = Message::new(payload(i));
-            async move { conn.producer.send(topic, message).await.expect("send") }
+            let send = async move { conn.producer.send(topic, message).await.expect("send") };
+            #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
+            let send = {
+                use futures::future::Either;
+                use opentelemetry::context::FutureExt;
+                match &traced {
+                    Some(traced) => Either::Left(send.with_context(traced.clone())),
+                    None => Either::Right(send),
+                }
+            };
+            send
         })
         .buffer_unordered(in_flight)
         .for_each(|_| async {})
@@ -470,17 +356,34 @@ pub async fn consume_seq(
 }
 
 /// The variants a broker bench compares, in table order.
-pub const VARIANTS: [&str; 3] = ["raw", "same-wire raw", "polybus"];
+pub const VARIANTS: [&str; 4] = ["raw", "same-wire raw", "polybus", "polybus observed"];
 
-/// The order the three variants run in for `run`: each goes first, second and
-/// third in turn, so drift in the machine hits all of them. For profiling,
-/// `POLYBUS_BENCH_VARIANTS` (comma-separated indexes into [`VARIANTS`]) runs
-/// only some (the others are reported as 0 msg/s).
+/// The index in [`VARIANTS`] of polybus with its metrics and tracing on: the
+/// polybus variant's publish and consume run through [`observing`], on topics
+/// of their own. Runs only with [`observation_available`].
+pub const OBSERVED: usize = 3;
+
+/// How many variants run in rotation: all of [`VARIANTS`], or without
+/// [`OBSERVED`] when this build cannot observe.
+fn rotation() -> usize {
+    if observation_available() {
+        VARIANTS.len()
+    } else {
+        OBSERVED
+    }
+}
+
+/// The order the variants run in for `run`: each goes first, second, third
+/// (and fourth) in turn, so drift in the machine hits all of them. For
+/// profiling, `POLYBUS_BENCH_VARIANTS` (comma-separated indexes into
+/// [`VARIANTS`]) runs only some (the others are reported as 0 msg/s);
+/// [`OBSERVED`] is left out when [`observation_available`] is false.
 pub fn order(run: usize) -> Vec<usize> {
-    let r = run % 3;
-    let only = list_or("POLYBUS_BENCH_VARIANTS", &[0, 1, 2]);
-    [r, (r + 1) % 3, (r + 2) % 3]
-        .into_iter()
+    let count = rotation();
+    let r = run % count;
+    let only = list_or("POLYBUS_BENCH_VARIANTS", &[0, 1, 2, 3]);
+    (0..count)
+        .map(|i| (r + i) % count)
         .filter(|v| only.contains(v))
         .collect()
 }
@@ -503,16 +406,28 @@ pub fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// Publish and consume+ack rates of the three variants over runs, at one depth,
-/// and the client CPU each used per message.
+/// The number of variants of a [`Table`].
+const V: usize = VARIANTS.len();
+
+/// `a / b` as a table cell, or "—" when either side did not run (0 msg/s).
+fn ratio(a: f64, b: f64, decimals: usize) -> String {
+    if a > 0.0 && b > 0.0 {
+        format!("**{:.*}**", decimals, a / b)
+    } else {
+        "—".into()
+    }
+}
+
+/// Publish and consume+ack rates of the variants over runs, at one depth, and
+/// the client CPU each used per message.
 #[derive(Debug)]
 pub struct Table {
     title: String,
     n: usize,
-    publish: [Vec<f64>; 3],
-    consume: [Vec<f64>; 3],
-    publish_cpu: [Vec<f64>; 3],
-    consume_cpu: [Vec<f64>; 3],
+    publish: [Vec<f64>; V],
+    consume: [Vec<f64>; V],
+    publish_cpu: [Vec<f64>; V],
+    consume_cpu: [Vec<f64>; V],
     bad: Vec<String>,
 }
 
@@ -530,8 +445,9 @@ impl Table {
         }
     }
 
-    /// Records one run (durations indexed like [`VARIANTS`]) and prints it.
-    pub fn record(&mut self, run: usize, publish: [Duration; 3], consume: [(Duration, Check); 3]) {
+    /// Records one run (durations indexed like [`VARIANTS`]; zero for a
+    /// variant that did not run) and prints it.
+    pub fn record(&mut self, run: usize, publish: [Duration; V], consume: [(Duration, Check); V]) {
         let rate = |d: Duration| {
             if d.is_zero() {
                 0.0
@@ -540,7 +456,7 @@ impl Table {
             }
         };
         let mut line = format!("  run {run}:");
-        for v in 0..3 {
+        for v in 0..rotation() {
             let (p, (c, check)) = (rate(publish[v]), (rate(consume[v].0), consume[v].1));
             self.publish[v].push(p);
             self.consume[v].push(c);
@@ -558,46 +474,62 @@ impl Table {
     }
 
     /// Records one run's client CPU time per variant (indexed like [`VARIANTS`]).
-    pub fn record_cpu(&mut self, publish: [Duration; 3], consume: [Duration; 3]) {
+    pub fn record_cpu(&mut self, publish: [Duration; V], consume: [Duration; V]) {
         let per_message = |d: Duration| d.as_secs_f64() * 1e6 / self.n as f64;
-        for v in 0..3 {
+        for v in 0..rotation() {
             self.publish_cpu[v].push(per_message(publish[v]));
             self.consume_cpu[v].push(per_message(consume[v]));
         }
     }
 
-    /// Prints the medians and the ratios of polybus to both raw baselines as a
-    /// Markdown table.
+    /// Prints the medians, the ratios of polybus to both raw baselines and of
+    /// observed polybus to plain polybus as a Markdown table.
     pub fn report(&self) {
         let runs = self.publish[0].len();
+        let observed = observation_available();
         println!(
             "\n{} — median of {runs} runs, {} messages each",
             self.title, self.n
         );
-        println!(
-            "| measurement | raw msg/s | same-wire raw msg/s | polybus msg/s | polybus / raw | polybus / same-wire |"
-        );
-        println!("|---|---:|---:|---:|---:|---:|");
-        for (name, rates) in [("publish", &self.publish), ("consume + ack", &self.consume)] {
-            let [raw, wire, pb] = [0, 1, 2].map(|v| median(rates[v].clone()));
+        if observed {
             println!(
-                "| {name} | {raw:.0} | {wire:.0} | {pb:.0} | **{:.2}** | **{:.2}** |",
-                pb / raw,
-                pb / wire
+                "| measurement | raw msg/s | same-wire raw msg/s | polybus msg/s | polybus observed msg/s \
+                 | polybus / raw | polybus / same-wire | observed / polybus |"
             );
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        } else {
+            println!(
+                "| measurement | raw msg/s | same-wire raw msg/s | polybus msg/s | polybus / raw | polybus / same-wire |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|");
+        }
+        for (name, rates) in [("publish", &self.publish), ("consume + ack", &self.consume)] {
+            let [raw, wire, pb, obs] = [0, 1, 2, 3].map(|v| median(rates[v].clone()));
+            let (to_raw, to_wire) = (ratio(pb, raw, 2), ratio(pb, wire, 2));
+            if observed {
+                println!(
+                    "| {name} | {raw:.0} | {wire:.0} | {pb:.0} | {obs:.0} | {to_raw} | {to_wire} | {} |",
+                    ratio(obs, pb, 3)
+                );
+            } else {
+                println!("| {name} | {raw:.0} | {wire:.0} | {pb:.0} | {to_raw} | {to_wire} |");
+            }
         }
         if !self.publish_cpu[0].is_empty() {
             println!(
                 "\nclient CPU per message (µs, user + system, every thread of the bench process; median):"
             );
-            println!("| measurement | raw | same-wire raw | polybus |");
-            println!("|---|---:|---:|---:|");
+            let shown = rotation();
+            println!("| measurement | {} |", VARIANTS[..shown].join(" | "));
+            println!("|---|{}", "---:|".repeat(shown));
             for (name, cpu) in [
                 ("publish", &self.publish_cpu),
                 ("consume + ack", &self.consume_cpu),
             ] {
-                let [raw, wire, pb] = [0, 1, 2].map(|v| median(cpu[v].clone()));
-                println!("| {name} | {raw:.1} | {wire:.1} | {pb:.1} |");
+                let cells: Vec<String> = (0..shown)
+                    .map(|v| format!("{:.1}", median(cpu[v].clone())))
+                    .collect();
+                println!("| {name} | {} |", cells.join(" | "));
             }
         }
         if self.bad.is_empty() {
