@@ -46,6 +46,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 mod catch_up;
 mod consumer;
 mod credentials;
+mod group_offsets;
 mod offsets;
 mod poll;
 mod producer;
