@@ -272,14 +272,12 @@ impl AckHandle for KafkaAck {
         self.shared.ack(self).map_err(|stale| not_settled("ack", stale))
     }
 
-    /// Keeps the offset held and hands the message out again (or, on a
+    /// Keeps the offset held and hands the message out again at once (or, on a
     /// partition being revoked or a subscription closing, only holds the commit
     /// back); `Error::NotSettled` when the partition was revoked meanwhile.
-    async fn release(&self, delay: Option<Duration>) -> Result<()> {
-        if let Some(delay) = delay.filter(|d| !d.is_zero()) {
-            // The offset stays held (uncommitted) meanwhile.
-            tokio::time::sleep(delay).await;
-        }
+    /// The delay is ignored (`Capabilities::delayed_release` is false: the
+    /// runner waits out an overloaded message's backoff itself).
+    async fn release(&self, _delay: Option<Duration>) -> Result<()> {
         self.shared
             .release(self)
             .map_err(|stale| not_settled("release", stale))

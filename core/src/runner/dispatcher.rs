@@ -413,7 +413,8 @@ impl Dispatcher {
                 // commit past it). An overloaded handler's message comes back after
                 // the retry policy's first backoff, not at once, so an overload
                 // that lasts does not turn into a redelivery loop.
-                let delay = if matches!(done, Done::Release) && !stopping {
+                // (A broker that cannot delay a redelivery got it held above.)
+                let delay = if matches!(done, Done::Release) && !stopping && self.broker_delays {
                     Some(self.settings.retry.initial_backoff)
                 } else {
                     None
