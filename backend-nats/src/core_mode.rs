@@ -12,6 +12,7 @@ use polybus_core::{
     SendGate, StartFrom, SubscribeOptions, Subscription,
 };
 
+use crate::markers::Markers;
 use crate::security::{Denied, Violation, Violations};
 use crate::{NatsConfig, backend_error, headers};
 
@@ -33,10 +34,7 @@ fn capabilities(server_max: usize) -> Capabilities {
 pub struct CoreProducer {
     client: Client,
     violations: Violations,
-    /// The marker subject (see `security::Markers`) and its subscription,
-    /// whose one-message buffer stays full (never read).
-    marker: String,
-    _markers: async_nats::Subscriber,
+    markers: Arc<Markers>,
     timeout: Duration,
     server_max: usize,
     gate: SendGate,
@@ -62,16 +60,11 @@ impl CoreProducer {
             .client_watched("polybus-core-producer", None, &violations)
             .await?;
         let server_max = client.server_info().max_payload;
-        let marker = crate::probe_subject(&client);
+        let markers = Arc::clone(violations.markers().ok_or_else(|| {
+            Error::InvalidConfig("NATS: the core producer's connection has no markers".into())
+        })?);
         let mut seen = violations.watch();
-        let markers = client
-            .subscribe(marker.clone())
-            .await
-            .map_err(|e| backend_error("subscribing to the producer's marker subject", e, true))?;
-        client
-            .publish(marker.clone(), polybus_core::Bytes::new())
-            .await
-            .map_err(|e| backend_error("publishing the producer's first marker", e, true))?;
+        let marker = markers.start(&client).await?;
         // After the answer the first marker is in the buffer: the next ones
         // are reported as slow-consumer events. A user who may not use the
         // marker subject is told so here.
@@ -81,25 +74,18 @@ impl CoreProducer {
             })
             .await
             .map_err(|e| match e {
-                Error::PermissionDenied {
-                    backend,
-                    message,
-                    source,
-                } => Error::PermissionDenied {
-                    backend,
-                    message: format!(
-                        "{message} (a core NATS producer confirms each send with a marker message \
-                         on `_POLYBUS.PING.>`: allow the user to publish and subscribe there)"
-                    ),
-                    source,
-                },
+                Error::PermissionDenied { message, .. } if message.contains(&marker) => {
+                    crate::markers::marker_error(&crate::security::Violation {
+                        denied: Denied::Publish,
+                        subject: marker.clone(),
+                    })
+                }
                 other => other,
             })?;
         Ok(CoreProducer {
             client,
             violations,
-            marker,
-            _markers: markers,
+            markers,
             timeout: config.request_timeout,
             server_max,
             gate: SendGate::new("producer"),
@@ -130,21 +116,27 @@ impl Producer for CoreProducer {
         // Violations reported from before the publish on: its -ERR, if any,
         // comes before the round trip's answer.
         let mut seen = self.violations.watch();
-        self.client
-            .publish_with_headers(topic.to_owned(), headers, message.payload)
-            .await
-            .map_err(|e| backend_error(&format!("publishing to '{topic}'"), e, true))?;
-        self.violations
-            .confirm(&self.client, &self.marker, self.timeout, &mut seen, |v| {
-                v.denied == Denied::Publish && v.subject == topic
-            })
+        let data = async {
+            self.client
+                .publish_with_headers(topic.to_owned(), headers, message.payload)
+                .await
+                .map_err(|e| backend_error(&format!("publishing to '{topic}'"), e, true))
+        };
+        self.markers
+            .confirm(
+                &self.client,
+                self.timeout,
+                &mut seen,
+                |v| v.denied == Denied::Publish && v.subject == topic,
+                data,
+            )
             .await
     }
 
     async fn flush(&self) -> Result<()> {
         let mut seen = self.violations.watch();
-        self.violations
-            .confirm(&self.client, &self.marker, self.timeout, &mut seen, |_| false)
+        self.markers
+            .confirm(&self.client, self.timeout, &mut seen, |_| false, async { Ok(()) })
             .await
     }
 

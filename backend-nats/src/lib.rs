@@ -35,6 +35,7 @@ mod consumer_config;
 mod core_mode;
 mod headers;
 mod jetstream;
+mod markers;
 mod poison;
 mod security;
 mod status;
@@ -409,8 +410,8 @@ impl NatsConfig {
                         return;
                     }
                     match &event {
-                        async_nats::Event::SlowConsumer(_) if violations.marker_handled() => return,
-                        async_nats::Event::Disconnected => violations.reconnected(),
+                        async_nats::Event::SlowConsumer(sid) if violations.marker_event(*sid) => return,
+                        async_nats::Event::Disconnected => violations.disconnected(),
                         _ => {}
                     }
                     match (&event, &drops) {

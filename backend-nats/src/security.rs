@@ -26,6 +26,7 @@ use async_nats::rustls;
 use polybus_core::{Error, Result, percent_decode};
 use tokio::sync::broadcast;
 
+use crate::markers::Markers;
 use crate::{BACKEND, NatsConfig};
 
 /// What a permission violation refused.
@@ -95,7 +96,7 @@ const SETTLE_YIELDS: usize = 3;
 #[derive(Clone)]
 pub(crate) struct Violations {
     tx: broadcast::Sender<Arc<Violation>>,
-    /// The core producer's markers (see [`Markers`]), if this connection has them.
+    /// The core producer's markers (see [`crate::markers`]), if this connection has them.
     markers: Option<Arc<Markers>>,
 }
 
@@ -108,58 +109,6 @@ impl Default for Violations {
     }
 }
 
-/// Proof that the client's event task has handled every server error read
-/// before a point, for the core producer (whose `send` must fail when the
-/// server refused its publish).
-///
-/// async-nats hands a `-ERR` to the event callback through a queue served by a
-/// task of its own, so a `-ERR` read before a round trip's answer may reach
-/// polybus after the caller has seen the answer (measured: a yield or three
-/// is not enough on a loaded machine). A marker goes through that same queue,
-/// behind the `-ERR`: the producer's connection has a subscription buffer of
-/// one message and a subscription of its own to a marker subject, filled once
-/// at connect and never read; every later marker message published by a send
-/// after its data finds the buffer full, and async-nats reports it as a
-/// slow-consumer event, in order with the server's errors. When the marker
-/// event of a send has been handled, every `-ERR` the server sent before it
-/// (so every refusal of that send's publish) has been recorded. The marker is
-/// also the send's round trip: it costs what the request did before, one
-/// message each way.
-pub(crate) struct Markers {
-    state: std::sync::Mutex<MarkerState>,
-    handled: tokio::sync::Notify,
-    /// Serializes publishing a marker with counting it.
-    order: tokio::sync::Mutex<()>,
-    /// Bounds the markers in flight, so they never fill async-nats's event
-    /// queue (128; an event that does not fit is dropped).
-    in_flight: tokio::sync::Semaphore,
-}
-
-#[derive(Default)]
-struct MarkerState {
-    published: u64,
-    handled: u64,
-    /// Bumped at each reconnect: markers in flight then may be lost.
-    generation: u64,
-}
-
-impl Default for Markers {
-    fn default() -> Self {
-        Markers {
-            state: std::sync::Mutex::new(MarkerState::default()),
-            handled: tokio::sync::Notify::new(),
-            order: tokio::sync::Mutex::new(()),
-            in_flight: tokio::sync::Semaphore::new(32),
-        }
-    }
-}
-
-impl Markers {
-    fn state(&self) -> std::sync::MutexGuard<'_, MarkerState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 impl Violations {
     /// Violations of a connection that uses markers (the core producer's).
     pub(crate) fn with_markers() -> Self {
@@ -169,96 +118,27 @@ impl Violations {
         }
     }
 
-    /// Handles a slow-consumer event; returns whether it was a marker.
-    pub(crate) fn marker_handled(&self) -> bool {
-        let Some(markers) = &self.markers else {
-            return false;
-        };
-        markers.state().handled += 1;
-        markers.handled.notify_waiters();
-        true
+    /// The core producer's markers, if this connection has them.
+    pub(crate) fn markers(&self) -> Option<&Arc<Markers>> {
+        self.markers.as_ref()
     }
 
-    /// The connection is back after a loss: markers in flight may be lost.
-    pub(crate) fn reconnected(&self) {
+    /// Handles a slow-consumer event of subscription `sid`; returns whether
+    /// it was a marker's (every one on a connection with markers is).
+    pub(crate) fn marker_event(&self, sid: u64) -> bool {
+        match &self.markers {
+            Some(markers) => {
+                markers.event(sid);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection was lost: the markers on their way may be lost too.
+    pub(crate) fn disconnected(&self) {
         if let Some(markers) = &self.markers {
-            let mut state = markers.state();
-            state.generation += 1;
-            state.published = 0;
-            state.handled = 0;
-            drop(state);
-            markers.handled.notify_waiters();
-        }
-    }
-
-    /// Publishes a marker to `subject` after what this task published on
-    /// `client`, and waits until its event is handled (so every `-ERR` before
-    /// it is recorded), failing as soon as a violation that `concerns` the
-    /// caller is seen in `seen` (made before the caller's publish).
-    pub(crate) async fn confirm(
-        &self,
-        client: &async_nats::Client,
-        subject: &str,
-        timeout: std::time::Duration,
-        seen: &mut broadcast::Receiver<Arc<Violation>>,
-        concerns: impl Fn(&Violation) -> bool,
-    ) -> Result<()> {
-        let Some(markers) = &self.markers else {
-            return self.round_trip(client, timeout, seen, concerns).await;
-        };
-        let deadline = tokio::time::Instant::now() + timeout;
-        let expired = || Error::timeout("confirming a send with the NATS server", timeout);
-        let _permit = tokio::time::timeout_at(deadline, markers.in_flight.acquire())
-            .await
-            .map_err(|_| expired())?
-            .map_err(|_| Error::Closed("producer"))?;
-        let (target, generation) = {
-            let _order = markers.order.lock().await;
-            client
-                .publish(subject.to_owned(), bytes::Bytes::new())
-                .await
-                .map_err(|e| crate::backend_error("publishing a NATS marker", e, true))?;
-            let mut state = markers.state();
-            state.published += 1;
-            (state.published, state.generation)
-        };
-        loop {
-            let handled = markers.handled.notified();
-            tokio::pin!(handled);
-            handled.as_mut().enable();
-            {
-                let state = markers.state();
-                if state.generation != generation {
-                    return Err(Error::Connection {
-                        backend: BACKEND,
-                        message: "the NATS connection was lost before the server confirmed the send \
-                                  (core NATS: the message may or may not have been delivered)"
-                            .into(),
-                        source: None,
-                    });
-                }
-                if state.handled >= target {
-                    break;
-                }
-            }
-            tokio::select! {
-                biased;
-                got = seen.recv() => match got {
-                    Ok(v) if concerns(&v) => return Err(v.error()),
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed("producer")),
-                },
-                () = &mut handled => {}
-                () = tokio::time::sleep_until(deadline) => return Err(expired()),
-            }
-        }
-        // Everything the event task was given before the marker is recorded.
-        loop {
-            match seen.try_recv() {
-                Ok(v) if concerns(&v) => return Err(v.error()),
-                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => return Ok(()),
-            }
+            markers.retire(None);
         }
     }
 

@@ -1,0 +1,360 @@
+//! The core producer's send markers (issue 16): proof that the client's
+//! event task has handled every server error read before a send's answer.
+//!
+//! async-nats hands a `-ERR` to the event callback through a queue served by a
+//! task of its own, so a `-ERR` read before a round trip's answer may reach
+//! polybus after the caller has seen the answer (measured: a yield or three is
+//! not enough on a loaded machine). A marker goes through that same queue,
+//! behind the `-ERR`: the producer's connection has a subscription buffer of
+//! one message and a marker subscription of its own, filled once and never
+//! read; every later marker published by a send after its data finds the
+//! buffer full, and async-nats reports it as a slow-consumer event carrying
+//! the subscription's id, in order with the server's errors. When the marker
+//! event of a send has been handled, every `-ERR` the server sent before it
+//! (so every refusal of that send's publish) has been recorded. The marker is
+//! also the send's round trip: one message each way.
+//!
+//! What keeps the count exact (the hostile review of issue 16 broke each of
+//! these in the first version, which counted every slow-consumer event and
+//! freed a send's slot when the send returned):
+//!
+//! * **A slot per marker, not per waiting send.** At most [`IN_FLIGHT`]
+//!   markers (and as many data publishes) are on their way: a slot is taken
+//!   before the data is published and given back only when the marker's event
+//!   is handled, not when the send returns, fails early on another send's
+//!   `-ERR`, or is dropped by its caller. async-nats's event queue holds 128
+//!   events and drops what does not fit; a dropped marker event used to shift
+//!   every later count, so each lone send then waited out its timeout.
+//! * **A subscription per generation.** A lost connection (or a marker not
+//!   confirmed in time) retires the marker subscription: events about its id
+//!   are ignored from then on, and the next send subscribes anew (a fresh
+//!   subject, filled once). Markers published before a loss but written after
+//!   the reconnect used to count for sends of the next generation, releasing
+//!   them before their own `-ERR` arrived: `Ok` for a denied subject.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use polybus_core::{Error, Result};
+use tokio::sync::{Notify, Semaphore, broadcast};
+
+use crate::BACKEND;
+use crate::security::{Denied, Violation};
+
+/// Markers (and data publishes) on their way at most. Across a reconnect two
+/// generations' worth may be queued (markers and `-ERR`s of each): 4 × 24 is
+/// well under async-nats's event queue of 128.
+pub(crate) const IN_FLIGHT: usize = 24;
+
+/// The markers of one core producer connection.
+pub(crate) struct Markers {
+    state: Mutex<MarkerState>,
+    handled: Notify,
+    /// Serializes installing a marker subscription and publishing a marker
+    /// with counting it; holds the current subscription (never read).
+    order: tokio::sync::Mutex<Option<Installed>>,
+    /// One permit per marker on its way (see the module docs).
+    slots: Semaphore,
+}
+
+struct Installed {
+    subject: String,
+    _subscriber: async_nats::Subscriber,
+}
+
+#[derive(Default)]
+struct MarkerState {
+    /// The id of the subscription whose events count; `None` once retired.
+    sid: Option<u64>,
+    /// Markers published and handled on it.
+    published: u64,
+    handled: u64,
+    /// Bumped when a subscription is retired or installed.
+    generation: u64,
+}
+
+impl Default for Markers {
+    fn default() -> Self {
+        Markers {
+            state: Mutex::new(MarkerState::default()),
+            handled: Notify::new(),
+            order: tokio::sync::Mutex::new(None),
+            slots: Semaphore::new(IN_FLIGHT),
+        }
+    }
+}
+
+/// The subscription id in async-nats's `Debug` of a `Subscriber`
+/// (`Subscriber { sid: 3, … }`): async-nats does not expose it otherwise, and
+/// its slow-consumer events name nothing else.
+fn parse_sid(shown: &str) -> Option<u64> {
+    let rest = shown.strip_prefix("Subscriber { sid: ")?;
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
+
+impl Markers {
+    fn state(&self) -> MutexGuard<'_, MarkerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handles a slow-consumer event of subscription `sid` (every one on this
+    /// connection is a marker's; only the current subscription's count).
+    pub(crate) fn event(&self, sid: u64) {
+        let mut state = self.state();
+        if state.sid == Some(sid) && state.handled < state.published {
+            state.handled += 1;
+            drop(state);
+            self.slots.add_permits(1);
+            self.handled.notify_waiters();
+        }
+    }
+
+    /// Retires the current subscription (the connection was lost): its
+    /// markers' slots are given back and their sends fail; the next send
+    /// installs a new one. With `only` set, only if that generation is still
+    /// the current one.
+    pub(crate) fn retire(&self, only: Option<u64>) {
+        let mut state = self.state();
+        if state.sid.is_none() || only.is_some_and(|g| g != state.generation) {
+            return;
+        }
+        let outstanding = state.published - state.handled;
+        state.sid = None;
+        state.published = 0;
+        state.handled = 0;
+        state.generation += 1;
+        drop(state);
+        self.slots
+            .add_permits(usize::try_from(outstanding).unwrap_or(IN_FLIGHT));
+        self.handled.notify_waiters();
+    }
+
+    /// Subscribes to a fresh marker subject and fills its one-message buffer;
+    /// the caller holds the `order` lock. Returns the subject.
+    async fn install(&self, client: &async_nats::Client, slot: &mut Option<Installed>) -> Result<String> {
+        let subject = crate::probe_subject(client);
+        let subscriber = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| crate::backend_error("subscribing to the producer's marker subject", e, true))?;
+        let sid = parse_sid(&format!("{subscriber:?}")).ok_or_else(|| Error::Backend {
+            backend: BACKEND,
+            message: "cannot identify the core producer's marker subscription (async-nats's Subscriber \
+                      no longer shows its id)"
+                .into(),
+            retryable: false,
+            source: None,
+        })?;
+        client
+            .publish(subject.clone(), bytes::Bytes::new())
+            .await
+            .map_err(|e| crate::backend_error("publishing the producer's first marker", e, true))?;
+        {
+            let mut state = self.state();
+            state.sid = Some(sid);
+            state.published = 0;
+            state.handled = 0;
+            state.generation += 1;
+        }
+        // The retired subscription, if any, is dropped (unsubscribed) here.
+        *slot = Some(Installed {
+            subject: subject.clone(),
+            _subscriber: subscriber,
+        });
+        Ok(subject)
+    }
+
+    /// Installs the first marker subscription at connect; returns its subject.
+    pub(crate) async fn start(&self, client: &async_nats::Client) -> Result<String> {
+        let mut slot = self.order.lock().await;
+        self.install(client, &mut slot).await
+    }
+
+    /// Publishes the data (`publish`), then a marker, and waits until the
+    /// marker's event is handled (so every `-ERR` before it is recorded),
+    /// failing as soon as a violation that `concerns` the caller is seen in
+    /// `seen` (made before the data was published).
+    pub(crate) async fn confirm(
+        &self,
+        client: &async_nats::Client,
+        timeout: Duration,
+        seen: &mut broadcast::Receiver<Arc<Violation>>,
+        concerns: impl Fn(&Violation) -> bool,
+        publish: impl Future<Output = Result<()>>,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let expired = || Error::timeout("confirming a send with the NATS server", timeout);
+        let lost = || Error::Connection {
+            backend: BACKEND,
+            message: "the NATS connection was lost (or the server did not confirm in time) before the \
+                      send was confirmed (core NATS: the message may or may not have been delivered)"
+                .into(),
+            source: None,
+        };
+        // Taken before the data goes out, so `-ERR`s are bounded too.
+        let slot = tokio::time::timeout_at(deadline, self.slots.acquire())
+            .await
+            .map_err(|_| expired())?
+            .map_err(|_| Error::Closed("producer"))?;
+        publish.await?;
+        let (target, generation, subject) = {
+            let mut order = tokio::time::timeout_at(deadline, self.order.lock())
+                .await
+                .map_err(|_| expired())?;
+            let current = self.state().sid.is_some();
+            let subject = match &*order {
+                Some(installed) if current => installed.subject.clone(),
+                _ => self.install(client, &mut order).await?,
+            };
+            // Counted before it goes out: its event may be handled before
+            // this task runs again (measured on a loaded machine). The slot
+            // is given back when the event is handled (or the subscription
+            // retired), whatever happens to this call.
+            let (target, generation) = {
+                let mut state = self.state();
+                state.published += 1;
+                (state.published, state.generation)
+            };
+            slot.forget();
+            // A marker counted but never published (an error, or this call
+            // dropped while the client's queue is full) would stall the count:
+            // the subscription is retired instead.
+            let unsent = RetireOnDrop {
+                markers: self,
+                generation: Some(generation),
+            };
+            client
+                .publish(subject.clone(), bytes::Bytes::new())
+                .await
+                .map_err(|e| crate::backend_error("publishing a NATS marker", e, true))?;
+            unsent.disarm();
+            (target, generation, subject)
+        };
+        let marker_refused = |v: &Violation| v.denied == Denied::Publish && v.subject == subject;
+        loop {
+            let handled = self.handled.notified();
+            tokio::pin!(handled);
+            handled.as_mut().enable();
+            {
+                let state = self.state();
+                if state.generation != generation {
+                    return Err(lost());
+                }
+                if state.handled >= target {
+                    break;
+                }
+            }
+            tokio::select! {
+                biased;
+                got = seen.recv() => match got {
+                    Ok(v) if concerns(&v) => return Err(v.error()),
+                    Ok(v) if marker_refused(&v) => return Err(marker_error(&v)),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed("producer")),
+                },
+                () = &mut handled => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    // A marker that never came: start afresh rather than let
+                    // every later send wait for one more.
+                    self.retire(Some(generation));
+                    return Err(expired());
+                }
+            }
+        }
+        // Everything the event task was given before the marker is recorded.
+        loop {
+            match seen.try_recv() {
+                Ok(v) if concerns(&v) => return Err(v.error()),
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Retires a generation when dropped armed (see [`Markers::confirm`]).
+struct RetireOnDrop<'a> {
+    markers: &'a Markers,
+    generation: Option<u64>,
+}
+
+impl RetireOnDrop<'_> {
+    fn disarm(mut self) {
+        self.generation = None;
+    }
+}
+
+impl Drop for RetireOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(generation) = self.generation {
+            self.markers.retire(Some(generation));
+        }
+    }
+}
+
+/// The error for a refused marker: the user may not use `_POLYBUS.PING.>`.
+pub(crate) fn marker_error(v: &Violation) -> Error {
+    match v.error() {
+        Error::PermissionDenied {
+            backend,
+            message,
+            source,
+        } => Error::PermissionDenied {
+            backend,
+            message: format!(
+                "{message} (a core NATS producer confirms each send with a marker message \
+                 on `_POLYBUS.PING.>`: allow the user to publish and subscribe there)"
+            ),
+            source,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sids_are_read_from_the_debug_form() {
+        assert_eq!(
+            parse_sid("Subscriber { sid: 17, receiver: Receiver { chan: … } }"),
+            Some(17)
+        );
+        assert_eq!(parse_sid("Subscriber { sid: 3 }"), Some(3));
+        assert_eq!(parse_sid("Subscriber { id: 3 }"), None);
+        assert_eq!(parse_sid("Subscriber { sid: x }"), None);
+    }
+
+    #[test]
+    fn only_the_current_subscription_counts_and_retiring_frees_the_slots() {
+        let markers = Markers::default();
+        {
+            let mut state = markers.state();
+            state.sid = Some(5);
+            state.published = 3;
+        }
+        // Three markers on their way: three slots taken.
+        markers.slots.try_acquire_many(3).unwrap().forget();
+        markers.event(4); // a retired subscription's: ignored
+        assert_eq!(markers.state().handled, 0);
+        markers.event(5);
+        assert_eq!(markers.state().handled, 1);
+        assert_eq!(markers.slots.available_permits(), IN_FLIGHT - 2);
+        markers.retire(Some(0));
+        let state = markers.state();
+        assert_eq!(
+            (state.sid, state.published, state.handled, state.generation),
+            (None, 0, 0, 1)
+        );
+        drop(state);
+        assert_eq!(markers.slots.available_permits(), IN_FLIGHT);
+        // More events than markers (the old subscription's) never count.
+        markers.event(5);
+        assert_eq!(markers.state().handled, 0);
+        // Retiring an older generation again does nothing.
+        markers.retire(Some(0));
+        assert_eq!(markers.slots.available_permits(), IN_FLIGHT);
+    }
+}
