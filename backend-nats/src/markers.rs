@@ -197,7 +197,12 @@ impl Markers {
             .await
             .map_err(|_| expired())?
             .map_err(|_| Error::Closed("producer"))?;
-        publish.await?;
+        // Every step is bounded by the send's deadline: while the
+        // connection is down async-nats queues commands, and a full queue
+        // would hold a publish until the server is back.
+        tokio::time::timeout_at(deadline, publish)
+            .await
+            .map_err(|_| expired())??;
         let (target, generation, subject) = {
             let mut order = tokio::time::timeout_at(deadline, self.order.lock())
                 .await
@@ -205,7 +210,9 @@ impl Markers {
             let current = self.state().sid.is_some();
             let subject = match &*order {
                 Some(installed) if current => installed.subject.clone(),
-                _ => self.install(client, &mut order).await?,
+                _ => tokio::time::timeout_at(deadline, self.install(client, &mut order))
+                    .await
+                    .map_err(|_| expired())??,
             };
             // Counted before it goes out: its event may be handled before
             // this task runs again (measured on a loaded machine). The slot
@@ -224,9 +231,9 @@ impl Markers {
                 markers: self,
                 generation: Some(generation),
             };
-            client
-                .publish(subject.clone(), bytes::Bytes::new())
+            tokio::time::timeout_at(deadline, client.publish(subject.clone(), bytes::Bytes::new()))
                 .await
+                .map_err(|_| expired())?
                 .map_err(|e| crate::backend_error("publishing a NATS marker", e, true))?;
             unsent.disarm();
             (target, generation, subject)

@@ -226,6 +226,44 @@ async fn a_restart_never_confirms_a_denied_send() {
     producer.close().await.unwrap();
 }
 
+/// The server gone for good while thousands of sends are made at once: each
+/// ends within its request timeout (with a retryable error), none waits for
+/// the server to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_during_an_outage_end_within_their_timeout() {
+    const TEST: &str = "sends_during_an_outage_end_within_their_timeout";
+    let Some(mut server) = Server::start(TEST) else {
+        return;
+    };
+    let config = server.config().request_timeout(secs(1.0));
+    let producer = Arc::new(CoreProducer::connect(&config).await.unwrap());
+    producer.send("allowed.before", Message::new("x")).await.unwrap();
+    drop(server.process.take());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let sends: Vec<_> = (0..3000)
+        .map(|i| {
+            let producer = Arc::clone(&producer);
+            tokio::spawn(async move { (i, producer.send("allowed.during", Message::new("x")).await) })
+        })
+        .collect();
+    let limit = secs(1.0) + secs(3.0);
+    let all = tokio::time::timeout(limit, futures::future::join_all(sends)).await;
+    let Ok(results) = all else {
+        panic!(
+            "sends still waiting {:?} after the outage began (timeout 1 s)",
+            started.elapsed()
+        );
+    };
+    for result in results {
+        let (i, sent) = result.unwrap();
+        match sent {
+            Err(e) => assert!(e.is_retryable(), "send {i}: {e:?}"),
+            Ok(()) => panic!("send {i} cannot be confirmed without a server"),
+        }
+    }
+}
+
 /// `send` and `flush` after `close` are `Closed`, at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_after_close_is_closed() {
