@@ -35,9 +35,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Message as _, Timestamp};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::consumer::{blocking, partition_count};
+use crate::consumer::{Settings, blocking, topic_partitions};
+use crate::security::{self, GroupClient};
 use crate::subscription::Shared;
-use crate::{BACKEND, KafkaConfig, map_error};
+use crate::{BACKEND, map_error};
 
 /// One partition's end at the start, and where its position started.
 struct End {
@@ -52,34 +53,55 @@ struct End {
 /// The last offset of each partition that can be fetched from `high - 1`
 /// and was stamped at or before `read_at` (see the module docs), where it
 /// is past `high - 1`.
+///
+/// Each partition is read through a queue of its own until its own end of
+/// partition: librdkafka's end-of-partition event names the partition but
+/// not the topic, and comes again each time a partition that grew is read
+/// to its new end, so counting those events on one queue could end the read
+/// before another partition was read at all (the hostile review of issue 16
+/// proved it: `a_partition_that_grows_cannot_end_the_read_of_another`).
 fn fetchable_ends(
     config: &rdkafka::ClientConfig,
     ends: &[&End],
     read_at: SystemTime,
     timeout: Duration,
 ) -> Result<HashMap<(String, i32), i64>> {
-    let mut tpl = TopicPartitionList::new();
-    let mut waiting = 0usize;
-    for e in ends.iter().filter(|e| e.end > e.low) {
-        tpl.add_partition_offset(&e.topic, e.partition, Offset::Offset(e.end - 1))
-            .map_err(|err| map_error("building offsets", err))?;
-        waiting += 1;
-    }
     let mut found = HashMap::new();
-    if waiting == 0 {
+    let wanted: Vec<&&End> = ends.iter().filter(|e| e.end > e.low).collect();
+    if wanted.is_empty() {
         return Ok(found);
     }
-    let reader: BaseConsumer = config
-        .clone()
-        // librdkafka wants a group id to assign; this reader never joins or commits.
-        .set(
-            "group.id",
-            format!("polybus-private-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .map_err(|e| map_error("creating a Kafka reader", e))?;
+    let reader: Arc<BaseConsumer> = Arc::new(
+        config
+            .clone()
+            // librdkafka wants a group id to assign; this reader never joins or commits.
+            .set(
+                "group.id",
+                format!("polybus-private-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(|e| map_error("creating a Kafka reader", e))?,
+    );
+    let mut tpl = TopicPartitionList::new();
+    let mut pending = Vec::with_capacity(wanted.len());
+    for e in &wanted {
+        tpl.add_partition_offset(&e.topic, e.partition, Offset::Offset(e.end - 1))
+            .map_err(|err| map_error("building offsets", err))?;
+        let queue = reader
+            .split_partition_queue(&e.topic, e.partition)
+            .ok_or_else(|| Error::Backend {
+                backend: BACKEND,
+                message: format!(
+                    "cannot read where {}/{} ends: librdkafka gave no queue for it",
+                    e.topic, e.partition
+                ),
+                retryable: true,
+                source: None,
+            })?;
+        pending.push(((e.topic.clone(), e.partition), queue));
+    }
     reader
         .assign(&tpl)
         .map_err(|e| map_error("assigning partitions to read their ends", e))?;
@@ -89,23 +111,44 @@ fn fetchable_ends(
     let until = Instant::now() + timeout;
     // Each partition is read until its end of partition: what was there at
     // the start, and what came since (not counted unless stamped before).
-    while waiting > 0 && Instant::now() < until {
-        match reader.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Ok(record)) => {
-                let stamped = match record.timestamp() {
-                    Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => t,
-                    Timestamp::NotAvailable => i64::MAX,
-                };
-                if stamped <= read_at {
-                    let last = found
-                        .entry((record.topic().to_owned(), record.partition()))
-                        .or_insert(record.offset());
-                    *last = (*last).max(record.offset());
+    while !pending.is_empty() && Instant::now() < until {
+        // Errors and other events of the client come on its main queue.
+        if let Some(Err(e)) = reader.poll(Duration::ZERO) {
+            return Err(map_error("reading where the partitions end", e));
+        }
+        let mut idle = true;
+        let mut index = 0;
+        while index < pending.len() {
+            let (key, queue) = &pending[index];
+            let mut ended = false;
+            while let Some(event) = queue.poll(Duration::ZERO) {
+                idle = false;
+                match event {
+                    Ok(record) => {
+                        let stamped = match record.timestamp() {
+                            Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => t,
+                            Timestamp::NotAvailable => i64::MAX,
+                        };
+                        if stamped <= read_at {
+                            let last = found.entry(key.clone()).or_insert(record.offset());
+                            *last = (*last).max(record.offset());
+                        }
+                    }
+                    Err(rdkafka::error::KafkaError::PartitionEOF(_)) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(e) => return Err(map_error("reading where the partitions end", e)),
                 }
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => waiting -= 1,
-            Some(Err(e)) => return Err(map_error("reading where the partitions end", e)),
+            if ended {
+                pending.swap_remove(index);
+            } else {
+                index += 1;
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
     Ok(found)
@@ -115,52 +158,76 @@ fn fetchable_ends(
 pub(crate) struct KafkaCatchUp {
     shared: Arc<Shared>,
     ends: Vec<End>,
-    /// A client of the group that never joins it (reads committed offsets).
-    group: Option<Arc<BaseConsumer>>,
+    /// A client of the group that never joins it (reads committed offsets);
+    /// listed in `shared.probes`, so a rotation reaches it.
+    group: Option<Arc<GroupClient>>,
+    /// The consumer's settings (for redacting the current secrets).
+    settings: Settings,
     /// Without a group: the offset each partition was assigned at.
     assigned: HashMap<(String, i32), i64>,
     timeout: Duration,
 }
 
+/// A refused login or TLS handshake as the final error it is; anything else
+/// as `map_error` says.
+fn answered<T>(what: &str, result: Result<rdkafka::error::KafkaResult<T>>) -> Result<T> {
+    result?.map_err(|e| map_error(what, e))
+}
+
 impl KafkaCatchUp {
-    /// Reads the high watermark of every partition of `topics` now.
+    /// Reads the high watermark of every partition of `topics` now, with the
+    /// consumer's current credentials; a refused login is
+    /// [`Error::Unauthenticated`] at once, not a timeout.
     pub(crate) async fn new(
-        config: &KafkaConfig,
+        settings: &Settings,
         shared: Arc<Shared>,
         topics: &[String],
         assigned: HashMap<(String, i32), i64>,
     ) -> Result<Self> {
-        let meta: BaseConsumer = config
-            .client_config()
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| map_error("creating the Kafka metadata client", e))?;
-        let group = match &shared.group {
-            Some(group) => Some(Arc::new(
-                config
-                    .client_config()
-                    .set("group.id", group)
-                    .set("enable.auto.commit", "false")
-                    .create::<BaseConsumer>()
-                    .map_err(|e| map_error("creating a Kafka group client", e))?,
-            )),
-            None => None,
+        // Made and listed while the settings are held: a rotation either
+        // came before (and these clients are made with its credentials) or
+        // comes after (and finds the group client in the list).
+        let (config, group) = {
+            let current = settings.read().unwrap_or_else(|p| p.into_inner());
+            let config = Arc::clone(&current);
+            let group = match &shared.group {
+                Some(group) => {
+                    let client = Arc::new(security::group_client(&config, group)?);
+                    shared
+                        .probes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Arc::downgrade(&client));
+                    Some(client)
+                }
+                None => None,
+            };
+            (config, group)
         };
+        let meta = security::watched_client(&config)?;
         let timeout = config.request_timeout;
         let topics = topics.to_vec();
-        let meta_config = config.client_config();
         let group_client = group.clone();
         let starts = assigned.clone();
         let ends = blocking(move || {
             let mut ends: Vec<End> = Vec::new();
             for topic in topics {
-                let count = partition_count(&meta, &topic, timeout)?.ok_or_else(|| Error::NotFound {
+                let metadata = answered(
+                    &format!("reading metadata of {topic}"),
+                    security::refusable(&config, &meta, timeout, |within| {
+                        meta.fetch_metadata(Some(&topic), within)
+                    }),
+                )?;
+                let count = topic_partitions(&metadata, &topic)?.ok_or_else(|| Error::NotFound {
                     what: format!("Kafka topic {topic}"),
                 })?;
                 for partition in 0..count {
-                    let (low, end) = meta
-                        .fetch_watermarks(&topic, partition, timeout)
-                        .map_err(|e| map_error("reading watermarks", e))?;
+                    let (low, end) = answered(
+                        "reading watermarks",
+                        security::refusable(&config, &meta, timeout, |within| {
+                            meta.fetch_watermarks(&topic, partition, within)
+                        }),
+                    )?;
                     ends.push(End {
                         topic: topic.clone(),
                         partition,
@@ -181,9 +248,12 @@ impl KafkaCatchUp {
                     for e in &ends {
                         tpl.add_partition(&e.topic, e.partition);
                     }
-                    let found = group
-                        .committed_offsets(tpl, timeout)
-                        .map_err(|e| map_error("reading committed offsets", e))?;
+                    let found = answered(
+                        "reading committed offsets",
+                        security::refusable(&config, group, timeout, |within| {
+                            group.committed_offsets(tpl.clone(), within)
+                        }),
+                    )?;
                     ends.iter()
                         .filter_map(|e| {
                             match found.find_partition(&e.topic, e.partition).map(|p| p.offset()) {
@@ -202,7 +272,7 @@ impl KafkaCatchUp {
                         .is_none_or(|start| *start < e.end)
                 })
                 .collect();
-            let fetchable = fetchable_ends(&meta_config, &open, read_at, timeout)?;
+            let fetchable = fetchable_ends(&config.client_config(), &open, read_at, timeout)?;
             for end in &mut ends {
                 if let Some(last) = fetchable.get(&(end.topic.clone(), end.partition)) {
                     end.end = end.end.max(last + 1);
@@ -215,6 +285,7 @@ impl KafkaCatchUp {
             shared,
             ends,
             group,
+            settings: Arc::clone(settings),
             assigned,
             timeout,
         })
@@ -262,10 +333,14 @@ impl CatchUpProbe for KafkaCatchUp {
             .collect();
         let group = Arc::clone(group);
         let timeout = self.timeout;
+        let config = Arc::clone(&self.settings.read().unwrap_or_else(|p| p.into_inner()));
         blocking(move || {
-            let found = group
-                .committed_offsets(tpl, timeout)
-                .map_err(|e| map_error("reading committed offsets", e))?;
+            let found = answered(
+                "reading committed offsets",
+                security::refusable(&config, &group, timeout, |within| {
+                    group.committed_offsets(tpl.clone(), within)
+                }),
+            )?;
             for (topic, partition, end, low) in wanted {
                 let committed = match found.find_partition(&topic, partition).map(|p| p.offset()) {
                     Some(Offset::Offset(o)) => o.max(low),
@@ -287,5 +362,80 @@ impl CatchUpProbe for KafkaCatchUp {
             },
             other => other,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+
+    fn produce(producer: &BaseProducer, topic: &str, n: usize) {
+        for i in 0..n {
+            let payload = format!("{i}");
+            producer
+                .send(BaseRecord::<(), String>::to(topic).payload(&payload))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    /// librdkafka's end-of-partition event carries no topic and comes again
+    /// each time a growing partition is read to its new end: two of them for
+    /// partition 0 of topic `a` must not end the read of partition 0 of topic
+    /// `b` (whose leader answers slowly here) before `b` was read.
+    #[test]
+    fn a_partition_that_grows_cannot_end_the_read_of_another() {
+        let mock = MockCluster::new(2).unwrap();
+        mock.create_topic("a", 1, 1).unwrap();
+        mock.create_topic("b", 1, 1).unwrap();
+        mock.partition_leader("a", 0, Some(1)).unwrap();
+        mock.partition_leader("b", 0, Some(2)).unwrap();
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", mock.bootstrap_servers());
+        let producer: BaseProducer = config.create().unwrap();
+        produce(&producer, "a", 3);
+        produce(&producer, "b", 3);
+        let read_at = SystemTime::now() + Duration::from_millis(1);
+        std::thread::sleep(Duration::from_millis(5));
+        let a = End {
+            topic: "a".into(),
+            partition: 0,
+            end: 3,
+            low: 0,
+        };
+        let b = End {
+            topic: "b".into(),
+            partition: 0,
+            end: 3,
+            low: 0,
+        };
+        mock.broker_round_trip_time(2, Duration::from_millis(1500))
+            .unwrap();
+        // `a` keeps growing while its end is read.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let growing = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            let producer: BaseProducer = config.create().unwrap();
+            move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    produce(&producer, "a", 1);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        let started = Instant::now();
+        let found = fetchable_ends(&config, &[&a, &b], read_at, Duration::from_secs(20));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        growing.join().unwrap();
+        let found = found.unwrap();
+        assert_eq!(
+            found.get(&("b".to_owned(), 0)),
+            Some(&2),
+            "topic b was never read ({found:?} after {:?})",
+            started.elapsed()
+        );
+        assert_eq!(found.get(&("a".to_owned(), 0)), Some(&2), "{found:?}");
     }
 }

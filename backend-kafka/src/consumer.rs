@@ -23,7 +23,7 @@ use crate::{BACKEND, KafkaConfig, map_error, millis};
 pub struct KafkaConsumer {
     /// The settings clients are made with (SASL credentials rotated by
     /// [`rotate_credentials`](Self::rotate_credentials)).
-    config: std::sync::RwLock<Arc<KafkaConfig>>,
+    config: Settings,
     admin: AdminClient<DefaultClientContext>,
     /// A client in no group, for metadata and watermarks.
     meta: Arc<BaseConsumer>,
@@ -39,6 +39,10 @@ impl std::fmt::Debug for KafkaConsumer {
             .finish_non_exhaustive()
     }
 }
+
+/// A consumer's settings, shared with its subscriptions (whose catch-up
+/// probes are made with the credentials of the last rotation).
+pub(crate) type Settings = Arc<std::sync::RwLock<Arc<KafkaConfig>>>;
 
 /// Runs a blocking librdkafka call off the async threads.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -100,7 +104,7 @@ impl KafkaConsumer {
         blocking(move || crate::security::probe(&probe, timeout)).await?;
         let meta = Arc::new(meta);
         Ok(KafkaConsumer {
-            config: std::sync::RwLock::new(Arc::new(config)),
+            config: Arc::new(std::sync::RwLock::new(Arc::new(config))),
             admin,
             meta,
             subscriptions: Mutex::new(Vec::new()),
@@ -339,6 +343,12 @@ pub(crate) fn partition_count(meta: &BaseConsumer, topic: &str, timeout: Duratio
     let metadata = meta
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| map_error(&format!("reading metadata of {topic}"), e))?;
+    topic_partitions(&metadata, topic)
+}
+
+/// The number of partitions of `topic` in `metadata`, or `None` when it does
+/// not exist.
+pub(crate) fn topic_partitions(metadata: &rdkafka::metadata::Metadata, topic: &str) -> Result<Option<i32>> {
     let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
         return Ok(None);
     };
@@ -446,19 +456,23 @@ impl Consumer for KafkaConsumer {
             }
         };
         let settings = self.settings();
-        let sub = subscription::open(Arc::clone(&settings), options, start).await?;
+        let sub = subscription::open(Arc::clone(&settings), Arc::clone(&self.config), options, start).await?;
         {
             let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
             subscriptions.retain(Closer::is_open);
             subscriptions.push(sub.closer());
         }
-        // Credentials rotated while it was being opened: give it the new ones.
-        let now = self.settings();
-        if !Arc::ptr_eq(&settings, &now)
-            && let Some((user, pass)) = now.sasl_credentials()
+        // Credentials rotated while it was being opened: give it the new ones,
+        // holding the settings so that no rotation runs in between (one that
+        // runs later finds the subscription in the list).
         {
-            let (user, pass) = crate::credentials::check(&user, &pass)?;
-            sub.closer().rotate(&user, &pass)?;
+            let now = self.config.read().unwrap_or_else(|p| p.into_inner());
+            if !Arc::ptr_eq(&settings, &now)
+                && let Some((user, pass)) = now.sasl_credentials()
+            {
+                let (user, pass) = crate::credentials::check(&user, &pass)?;
+                sub.closer().rotate(&user, &pass)?;
+            }
         }
         if self.closed.load(Ordering::Acquire) {
             // `close` ran while this subscription was being opened.

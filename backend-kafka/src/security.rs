@@ -362,6 +362,16 @@ impl ProbeContext {
 /// group's offsets), whose error events are kept: see [`refusable`].
 pub(crate) type GroupClient = BaseConsumer<ProbeContext>;
 
+/// A client in no group whose error events are kept (for metadata and
+/// watermarks through [`refusable`]).
+pub(crate) fn watched_client(config: &KafkaConfig) -> Result<GroupClient> {
+    config
+        .client_config()
+        .set("enable.auto.commit", "false")
+        .create_with_context(ProbeContext::default())
+        .map_err(|e| crate::map_error("creating a Kafka metadata client", e))
+}
+
 /// Creates a [`GroupClient`] of `group`.
 pub(crate) fn group_client(config: &KafkaConfig, group: &str) -> Result<GroupClient> {
     config
@@ -641,6 +651,51 @@ mod tests {
             base().tls_ca_file("/no/such/ca.pem").validate(),
             Err(Error::InvalidConfig(m)) if m.contains("/no/such/ca.pem")
         ));
+    }
+
+    /// A broker that accepts and never answers, and a port nobody listens
+    /// on: a group request through [`refusable`] ends at its timeout as the
+    /// request's own (retryable) timeout, never as a refusal.
+    #[test]
+    fn a_silent_or_unreachable_broker_is_not_a_refusal() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_port = silent.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in silent.incoming() {
+                held.push(stream);
+            }
+        });
+        let closed_port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        for port in [silent_port, closed_port] {
+            let config = KafkaConfig::new(vec![format!("127.0.0.1:{port}")]).sasl(
+                SaslMechanism::ScramSha512,
+                "u",
+                "pw-123456",
+            );
+            let client = group_client(&config, "g").unwrap();
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition("t", 0);
+            let started = Instant::now();
+            let result = refusable(&config, &client, Duration::from_secs(2), |within| {
+                client.committed_offsets(tpl.clone(), within)
+            });
+            let took = started.elapsed();
+            match result {
+                Ok(Err(e)) => {
+                    let mapped = crate::map_error("reading committed offsets", e);
+                    assert!(mapped.is_retryable(), "port {port}: {mapped:?}");
+                }
+                other => panic!("port {port}: expected the request's timeout, got {other:?}"),
+            }
+            assert!(
+                took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+                "port {port}: {took:?}"
+            );
+        }
     }
 
     #[test]

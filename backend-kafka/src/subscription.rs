@@ -25,10 +25,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::consumer::consumer_config;
+use crate::consumer::{Settings, consumer_config};
 use crate::offsets::{Book, Stale, Status};
 use crate::poll::Poller;
 use crate::rebalance::Context;
+use crate::security::GroupClient;
 use crate::{BACKEND, KafkaConfig, map_error};
 
 /// How a subscription starts.
@@ -101,6 +102,9 @@ pub(crate) struct Shared {
     pub(crate) prefetch: usize,
     /// The consumer group, if any.
     pub(crate) group: Option<String>,
+    /// The group clients of this subscription's catch-up probes, given
+    /// rotated credentials with the subscription's own consumer.
+    pub(crate) probes: Mutex<Vec<Weak<GroupClient>>>,
 }
 
 impl Shared {
@@ -227,12 +231,20 @@ impl Closer {
         self.shared.upgrade().is_some_and(|s| !s.lock().ended)
     }
 
-    /// Sets the SASL credentials of the subscription's consumer, if it lives.
+    /// Sets the SASL credentials of the subscription's consumer and of its
+    /// catch-up probes' group clients, those that live.
     pub(crate) fn rotate(&self, user: &std::ffi::CStr, pass: &std::ffi::CStr) -> Result<()> {
-        match self.client.upgrade() {
-            Some(consumer) => crate::credentials::set(consumer.client(), user, pass),
-            None => Ok(()),
+        if let Some(consumer) = self.client.upgrade() {
+            crate::credentials::set(consumer.client(), user, pass)?;
         }
+        if let Some(shared) = self.shared.upgrade() {
+            let mut probes = shared.probes.lock().unwrap_or_else(|p| p.into_inner());
+            probes.retain(|probe| probe.strong_count() > 0);
+            for probe in probes.iter().filter_map(Weak::upgrade) {
+                crate::credentials::set(probe.client(), user, pass)?;
+            }
+        }
+        Ok(())
     }
 
     /// Closes the subscription if it is still open.
@@ -291,9 +303,10 @@ pub(crate) struct KafkaSubscription {
     items: mpsc::UnboundedReceiver<Redelivery>,
     close_timeout: Duration,
     closed: bool,
-    /// For catch-up probes: the settings, the topics, and (in no group) the
-    /// offset each partition was assigned at.
-    config: Arc<KafkaConfig>,
+    /// For catch-up probes: the consumer's settings as they are now (SASL
+    /// credentials rotated), the topics, and (in no group) the offset each
+    /// partition was assigned at.
+    settings: Settings,
     topics: Vec<String>,
     assigned: HashMap<(String, i32), i64>,
 }
@@ -301,6 +314,7 @@ pub(crate) struct KafkaSubscription {
 /// Builds the consumer, starts its poll thread and waits for the first assignment.
 pub(crate) async fn open(
     config: Arc<KafkaConfig>,
+    settings: Settings,
     options: SubscribeOptions,
     start: Start,
 ) -> Result<KafkaSubscription> {
@@ -320,6 +334,7 @@ pub(crate) async fn open(
         freed: Notify::new(),
         control_ready: Notify::new(),
         group: group.clone(),
+        probes: Mutex::new(Vec::new()),
     });
     let (items_tx, items) = mpsc::unbounded_channel();
     let (first_tx, first_rx) = oneshot::channel();
@@ -393,7 +408,7 @@ pub(crate) async fn open(
         items,
         close_timeout: config.request_timeout + config.session_timeout,
         closed: false,
-        config: Arc::clone(&config),
+        settings,
         topics: options.topics.clone(),
         assigned,
     };
@@ -511,7 +526,7 @@ impl Subscription for KafkaSubscription {
     /// positions and the group's commits (see the `catch_up` module).
     async fn catch_up_probe(&mut self) -> Result<Box<dyn polybus_core::CatchUpProbe>> {
         let probe = crate::catch_up::KafkaCatchUp::new(
-            &self.config,
+            &self.settings,
             Arc::clone(&self.shared),
             &self.topics,
             self.assigned.clone(),

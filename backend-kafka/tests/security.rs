@@ -449,3 +449,54 @@ fn rotated_credentials_are_used_by_the_next_login() {
         let _ = connection.close().await;
     });
 }
+
+/// The catch-up probe (hostile review of issue 16) is made with the
+/// consumer's credentials as they are now, not as they were when the
+/// subscription was opened, and a refused login there is a fast, final
+/// `Unauthenticated` instead of a retryable timeout: after the consumer is
+/// rotated to a wrong password, a new probe is refused; rotated back, it
+/// works.
+#[test]
+fn catch_up_probes_use_rotated_credentials_and_are_refused_fast() {
+    let Some(url) = broker_url(
+        SASL_ENV,
+        "catch_up_probes_use_rotated_credentials_and_are_refused_fast",
+    ) else {
+        return;
+    };
+    run(async {
+        let right = config(&url);
+        let password = password_of(&url);
+        let topic = unique("probe-rotated");
+        let consumer = KafkaConsumer::connect(right).await.unwrap();
+        polybus_core::Consumer::declare_topic(&consumer, &topic)
+            .await
+            .unwrap();
+        let mut sub = polybus_core::Consumer::subscribe(
+            &consumer,
+            polybus_core::SubscribeOptions::new(&topic).group("g"),
+        )
+        .await
+        .unwrap();
+        consumer
+            .rotate_credentials("polybus", "not-the-password")
+            .unwrap();
+        let started = Instant::now();
+        let refused = match sub.catch_up_probe().await {
+            Ok(_) => panic!("a probe made after a rotation to a wrong password must be refused"),
+            Err(e) => e,
+        };
+        let took = started.elapsed();
+        eprintln!("probe refused after {took:?}: {refused}");
+        assert!(unauthenticated(&refused), "{refused:?}");
+        assert!(!refused.is_retryable());
+        assert!(took < secs(5.0), "refused after {took:?}");
+        assert!(!format!("{refused} {refused:?}").contains("not-the-password"));
+        consumer.rotate_credentials("polybus", &password).unwrap();
+        let probe = sub.catch_up_probe().await.unwrap();
+        // An empty topic: nothing to wait for.
+        assert!(probe.caught_up().await.unwrap());
+        let _ = sub.close().await;
+        let _ = polybus_core::Consumer::close(&consumer).await;
+    });
+}
