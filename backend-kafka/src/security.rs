@@ -349,11 +349,21 @@ impl ConsumerContext for ProbeContext {}
 
 impl ProbeContext {
     /// The first refusal among the errors recorded since the last call (see
-    /// [`classify`]); the others are dropped.
+    /// [`classify`]); the others are dropped. For requests made after the
+    /// connect probe succeeded ([`refusable`]): a connection closed during
+    /// the TLS handshake without an alert is not one of them. The probe
+    /// takes it as a listener that does not speak TLS, but once the broker
+    /// has answered through TLS it is a broker restarting or a connection
+    /// shed, and librdkafka reconnects (the hostile review of issue 16 saw a
+    /// group request fail as a final `Tls` error after one such close:
+    /// `a_connection_closed_once_in_the_tls_handshake_is_not_a_refusal`).
     fn take_refusal(&self, config: &KafkaConfig) -> Option<Error> {
         let errors = std::mem::take(&mut *self.errors.lock().unwrap_or_else(|p| p.into_inner()));
         errors
             .iter()
+            .filter(|(code, reason)| {
+                *code != RDKafkaErrorCode::BrokerTransportFailure || reason.contains("SSL alert")
+            })
             .find_map(|(code, reason)| classify(config, *code, reason))
     }
 }
@@ -400,17 +410,19 @@ pub(crate) fn refusable<T>(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let result = call(slice.min(left));
-        let timed_out =
-            matches!(&result, Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut));
-        if !timed_out {
+        let Err(e) = &result else {
             return Ok(result);
-        }
-        // Serve the queue where librdkafka's broker threads leave their errors.
+        };
+        let timed_out = e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut);
+        // Serve the queue where librdkafka's broker threads leave their
+        // errors: a refused login also fails the requests waiting on that
+        // connection at once (a metadata request with `BrokerTransportFailure`),
+        // so every failure is checked, not only a timeout.
         client.poll(Duration::from_millis(20));
         if let Some(refusal) = client.context().take_refusal(config) {
             return Err(refusal);
         }
-        if Instant::now() >= deadline {
+        if !timed_out || Instant::now() >= deadline {
             return Ok(result);
         }
         slice = slice.saturating_mul(2);

@@ -500,3 +500,77 @@ fn catch_up_probes_use_rotated_credentials_and_are_refused_fast() {
         let _ = polybus_core::Consumer::close(&consumer).await;
     });
 }
+
+/// A TCP proxy in front of `target` that closes the next `close` connections
+/// at once (a broker restarting, a load balancer shedding) and forwards the
+/// others (threads: the test's runtime has no tokio io utilities).
+fn flaky_proxy(target: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let close = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let closing = std::sync::Arc::clone(&close);
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { break };
+            if closing.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+                drop(inbound);
+                continue;
+            }
+            let Ok(outbound) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            let (mut in_read, mut out_write) = (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+            let (mut out_read, mut in_write) = (outbound, inbound);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut in_read, &mut out_write);
+                let _ = out_write.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut out_read, &mut in_write);
+                let _ = in_write.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (port, close)
+}
+
+/// A TLS connection closed during its handshake once (a broker restarting)
+/// is not a TLS refusal: a group request after a successful connect goes on
+/// (librdkafka reconnects) or fails as retryable, never as a final `Tls`.
+#[test]
+fn a_connection_closed_once_in_the_tls_handshake_is_not_a_refusal() {
+    let Some(url) = broker_url(
+        SECURE_ENV,
+        "a_connection_closed_once_in_the_tls_handshake_is_not_a_refusal",
+    ) else {
+        return;
+    };
+    run(async {
+        let (host_port, rest) = url.split_once('@').unwrap().1.split_once('?').unwrap();
+        let target_port = host_port.rsplit_once(':').unwrap().1;
+        let (port, close) = flaky_proxy(format!("127.0.0.1:{target_port}"));
+        let proxied = url.replace(
+            &format!("localhost:{target_port}?"),
+            &format!("localhost:{port}?"),
+        );
+        assert!(proxied.contains(&format!(":{port}?{rest}")), "proxied URL");
+        let consumer = KafkaConsumer::connect(config(&proxied)).await.unwrap();
+        let topic = unique("tls-flaky");
+        polybus_core::Consumer::declare_topic(&consumer, &topic)
+            .await
+            .unwrap();
+        // Every new client bootstraps through the proxy: the next ones are
+        // closed at once, as a restarting broker would.
+        close.store(2, std::sync::atomic::Ordering::SeqCst);
+        let lag = consumer.lag(&topic, "g").await;
+        match &lag {
+            Ok(_) => {}
+            Err(e) => assert!(
+                e.is_retryable() && !matches!(e, Error::Tls { .. }),
+                "a handshake cut short once is not a final TLS refusal: {e:?}"
+            ),
+        }
+        let _ = polybus_core::Consumer::close(&consumer).await;
+    });
+}
