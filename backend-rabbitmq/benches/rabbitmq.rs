@@ -25,7 +25,10 @@
 //! Every consumer drains what its own variant published and counts lost and
 //! duplicated messages by a sequence number in the payload. Queues are classic
 //! durable by default (`POLYBUS_BENCH_QUEUE=quorum` for quorum queues), new for
-//! every run and deleted afterwards. Prints one table per depth.
+//! every run and deleted afterwards. Prints one table per depth. polybus
+//! coalesces its acks (multiple acks, 2 ms bound) unless
+//! `POLYBUS_BENCH_RMQ_ACKS=single` (one `basic.ack` per delivery) or
+//! `POLYBUS_BENCH_RMQ_ACKS=<ms>` (another bound).
 //!
 //! ```text
 //! POLYBUS_BENCH_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo bench -p polybus-rabbitmq --bench rabbitmq
@@ -219,7 +222,18 @@ fn main() {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirms");
-        let config = RabbitConfig::new(&url).expect("url").queue_type(queue_type);
+        let mut config = RabbitConfig::new(&url).expect("url").queue_type(queue_type);
+        // `POLYBUS_BENCH_RMQ_ACKS=single`: one basic.ack per delivery (no
+        // coalescing), as before multiple acks; `=<ms>`: another bound.
+        match std::env::var("POLYBUS_BENCH_RMQ_ACKS").as_deref() {
+            Ok("single") => config = config.ack_coalescing(None),
+            Ok(ms) => {
+                if let Ok(ms) = ms.parse::<u64>() {
+                    config = config.ack_coalescing(Some(Duration::from_millis(ms)));
+                }
+            }
+            Err(_) => {}
+        }
         let conn: Connection = polybus_rabbitmq::connect_with(config.clone())
             .await
             .expect("connect");

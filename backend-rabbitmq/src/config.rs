@@ -14,6 +14,11 @@ use crate::security::{self, TlsParams};
 /// default, applied on every version.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 
+/// How long an ack above a delivery still being handled waits, by default,
+/// for a multiple ack to cover it before it is written on its own
+/// ([`RabbitConfig::ack_coalescing`]).
+pub const DEFAULT_ACK_COALESCING: Duration = Duration::from_millis(2);
+
 /// The queue type of group queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -65,6 +70,13 @@ pub struct RabbitConfig {
     /// How long a confirm or a declaration may take, including waiting for the
     /// connection to recover (default 10 s).
     pub request_timeout: Duration,
+    /// Coalesced consumer acks (default `Some(2 ms)`): acks of contiguous
+    /// delivery tags are written as one `basic.ack` with `multiple = true`,
+    /// and an ack above a tag still being handled waits at most this long
+    /// before it is written on its own (at once once that tag is known to be
+    /// slow). Releases are never delayed. `None`: every ack is its own
+    /// `basic.ack`, written at once.
+    pub ack_coalescing: Option<Duration>,
 }
 
 impl fmt::Debug for RabbitConfig {
@@ -82,6 +94,7 @@ impl fmt::Debug for RabbitConfig {
             .field("max_payload", &self.max_payload)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("ack_coalescing", &self.ack_coalescing)
             .finish()
     }
 }
@@ -116,6 +129,7 @@ impl RabbitConfig {
             max_payload: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            ack_coalescing: Some(DEFAULT_ACK_COALESCING),
         })
     }
 
@@ -134,6 +148,12 @@ impl RabbitConfig {
     /// Sets the delivery limit of quorum group queues (`None`: declare none).
     pub fn delivery_limit(mut self, limit: Option<u32>) -> Self {
         self.delivery_limit = limit;
+        self
+    }
+
+    /// Sets how acks are coalesced (`None`: one `basic.ack` per delivery).
+    pub fn ack_coalescing(mut self, bound: Option<Duration>) -> Self {
+        self.ack_coalescing = bound;
         self
     }
 

@@ -26,7 +26,11 @@
 //!   `basic.nack` with requeue (RabbitMQ has no delayed requeue, so the runner
 //!   retries in process). Settlement goes through lapin's per-delivery acker,
 //!   which is single-use and poisoned when its channel dies, so a stale delivery
-//!   tag never acks another message after a reconnect.
+//!   tag never acks another message after a reconnect. Acks of contiguous
+//!   delivery tags are coalesced into one `basic.ack` with `multiple = true`
+//!   per channel (never past a tag still held or being released; an ack above
+//!   a held tag waits at most [`RabbitConfig::ack_coalescing`], 2 ms by
+//!   default, then goes alone); an ack returns once its frame is written.
 //! * `amqps://` connections verify the server's certificate (a CA file of
 //!   their own or the system roots), optionally present a client certificate,
 //!   and may check another server name ([`RabbitConfig::tls_ca_file`],
@@ -55,6 +59,7 @@
 //! # Ok(()) }
 //! ```
 
+mod acks;
 mod config;
 mod consumer;
 mod errors;
@@ -68,7 +73,7 @@ use std::sync::Arc;
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, LongString};
 use polybus_core::{Connection, Result};
 
-pub use config::{DEFAULT_DELIVERY_LIMIT, QueueType, RabbitConfig};
+pub use config::{DEFAULT_ACK_COALESCING, DEFAULT_DELIVERY_LIMIT, QueueType, RabbitConfig};
 pub use consumer::RabbitConsumer;
 pub use names::{SEPARATOR, dead_letter_queue, group_queue};
 pub use producer::RabbitProducer;

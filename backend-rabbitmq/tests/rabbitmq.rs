@@ -807,3 +807,251 @@ async fn queues_declared_with_older_arguments_stay_declarable() {
     declared.unwrap();
     assert_eq!(ready.unwrap(), 1, "the kept queue is bound and receives");
 }
+
+// ---- multiple acks (issue 15) ----------------------------------------------
+
+/// Takes every delivery a fresh subscription of `(topic, "g")` gets within
+/// `within` of quiet, acks each and returns their payloads.
+async fn drain_payloads(conn: &polybus_core::Connection, topic: &str, within: Duration) -> Vec<String> {
+    let options = polybus_core::SubscribeOptions::new(topic).group("g");
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut payloads = Vec::new();
+    while let Some((d, a)) = next_delivery(&mut sub, within).await {
+        payloads.push(String::from_utf8_lossy(d.payload()).into_owned());
+        a.ack().await.unwrap();
+    }
+    sub.close().await.unwrap();
+    payloads.sort();
+    payloads
+}
+
+/// A permutation of `0..n` (deterministic), for acking out of order.
+fn shuffled(n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (i as u64).wrapping_mul(2_654_435_761) % 1009);
+    order
+}
+
+/// Acks arrive out of order while one delivery in the middle is still held;
+/// it is released only after everything above it was acked. A multiple ack
+/// that covered it (sent before its nack, or past the held tag) would settle
+/// it without its handler: it must come back, and none of the acked ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coalesced_acks_never_cover_a_released_delivery() {
+    let Some(config) = config("coalesced_acks_never_cover_a_released_delivery") else {
+        return;
+    };
+    // A long bound: the acks above the held delivery are still waiting in the
+    // book when it is released.
+    let config = config.ack_coalescing(Some(Duration::from_millis(500)));
+    let topic = unique("acks-release");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let n = 60;
+    for i in 0..n {
+        conn.producer
+            .send(&topic, Message::new(format!("m{i:02}")))
+            .await
+            .unwrap();
+    }
+    let options = polybus_core::SubscribeOptions::new(&topic).group("g").prefetch(n);
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(
+            next_delivery(&mut sub, Duration::from_secs(10))
+                .await
+                .expect("a delivery"),
+        );
+    }
+    // Released: m17 (after the acks above it) and m40 (before them).
+    let (late, early) = (17, 40);
+    held[early].1.release(None).await.unwrap();
+    let acking: Vec<_> = shuffled(n)
+        .into_iter()
+        .filter(|&i| i != late && i != early)
+        .map(|i| {
+            let acker = held[i].1.clone();
+            tokio::spawn(async move { (i, acker.ack().await) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    held[late].1.release(None).await.unwrap();
+    let mut failed = Vec::new();
+    for task in acking {
+        let (i, result) = task.await.unwrap();
+        if let Err(e) = result {
+            failed.push(format!("m{i:02}: {e}"));
+        }
+    }
+    sub.close().await.unwrap();
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(3)).await;
+    let ready = ready_in(&config, &group_queue(&topic, "g")).await;
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    assert!(failed.is_empty(), "acks failed: {failed:?}");
+    assert_eq!(
+        back,
+        vec![format!("m{late:02}"), format!("m{early:02}")],
+        "exactly the released deliveries come back"
+    );
+    assert_eq!(ready, Some(0));
+}
+
+/// The runner (unordered, concurrency 64) acks out of order; one handler in
+/// the middle never finishes, so the tags above it cannot be coalesced past
+/// it. Its acks still go out within the bound (everything else is handled and
+/// settled while it runs), and at shutdown it is released: it alone comes
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_handler_in_the_middle_delays_no_ack_and_alone_comes_back() {
+    let Some(config) = config("a_slow_handler_in_the_middle_delays_no_ack_and_alone_comes_back") else {
+        return;
+    };
+    let topic = unique("acks-slow");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let n = 400;
+    let stuck = 123;
+    for i in 0..n {
+        conn.producer
+            .send(&topic, Message::new(format!("m{i:03}")))
+            .await
+            .unwrap();
+    }
+    let seen = Recorder::new();
+    let handler = {
+        let seen = seen.clone();
+        move |d: Delivery| {
+            let seen = seen.clone();
+            async move {
+                let i: usize = String::from_utf8_lossy(d.payload())[1..].parse().unwrap();
+                if i == stuck {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(Duration::from_micros(fastrand_like(i) % 2000)).await;
+                seen.record(&d);
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .order(Order::Unordered)
+        .concurrency(64)
+        .buffer(200)
+        .run(handler)
+        .await
+        .unwrap();
+    seen.wait_for(n - 1, Duration::from_secs(60)).await.unwrap();
+    // Every ack above the stuck tag was written while it still runs: once
+    // its handler is cancelled and its message released, nothing else is
+    // unacknowledged.
+    handle.shutdown(Duration::from_millis(500)).await;
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(3)).await;
+    let ids = seen.ids();
+    let handled_twice = ids.len() - ids.iter().collect::<std::collections::HashSet<_>>().len();
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    assert_eq!(back, vec![format!("m{stuck:03}")]);
+    assert_eq!(handled_twice, 0);
+}
+
+/// Acks waiting in the book (a held tag below them, a long bound) when the
+/// connection goes away are not reported settled, and the broker redelivers
+/// them; acks reported settled never come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ack_not_written_before_the_channel_is_lost_is_not_settled() {
+    let Some(config) = config("an_ack_not_written_before_the_channel_is_lost_is_not_settled") else {
+        return;
+    };
+    let config = config.ack_coalescing(Some(Duration::from_secs(30)));
+    let topic = unique("acks-lost");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let n = 20;
+    for i in 0..n {
+        conn.producer
+            .send(&topic, Message::new(format!("m{i:02}")))
+            .await
+            .unwrap();
+    }
+    let options = polybus_core::SubscribeOptions::new(&topic).group("g").prefetch(n);
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(
+            next_delivery(&mut sub, Duration::from_secs(10))
+                .await
+                .expect("a delivery"),
+        );
+    }
+    // 0..5 acked contiguously: one multiple ack, settled.
+    for (_, acker) in &held[..5] {
+        let acker = acker.clone();
+        tokio::spawn(async move { acker.ack().await })
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // 6..20 acked above the held m05: they wait for it (30 s bound).
+    let waiting: Vec<_> = (6..n)
+        .map(|i| {
+            let acker = held[i].1.clone();
+            tokio::spawn(async move { (i, acker.ack().await) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The connection goes away under them.
+    let closing = tokio::spawn(sub.close());
+    let mut settled = vec![0, 1, 2, 3, 4];
+    let mut not_settled = Vec::new();
+    for task in waiting {
+        match tokio::time::timeout(Duration::from_secs(10), task).await {
+            Ok(Ok((i, Ok(())))) => settled.push(i),
+            Ok(Ok((i, Err(Error::NotSettled { .. })))) => not_settled.push(i),
+            other => panic!("an ack neither settled nor refused in time: {other:?}"),
+        }
+    }
+    closing.await.unwrap().unwrap();
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(3)).await;
+    let admin = RabbitConsumer::connect(&config).await.unwrap();
+    admin
+        .delete_topic(&topic, &[group_queue(&topic, "g")])
+        .await
+        .unwrap();
+    for i in &settled {
+        assert!(
+            !back.contains(&format!("m{i:02}")),
+            "m{i:02} was reported settled but came back: {back:?}"
+        );
+    }
+    for i in not_settled.iter().chain(&[5]) {
+        assert!(
+            back.contains(&format!("m{i:02}")),
+            "m{i:02} was not settled and must come back: {back:?}"
+        );
+    }
+    assert_eq!(
+        settled.len(),
+        5,
+        "the acks waiting for m05 were never written: {settled:?}"
+    );
+}
