@@ -17,11 +17,14 @@
 //! With the features `metrics` and `opentelemetry` there are two more,
 //! `observed0` and `observed4`: the same runners with a Prometheus recorder
 //! and an OpenTelemetry SDK tracer (every span sampled, batch exporter)
-//! installed, every send made inside a trace:
+//! installed, every send made inside a caller's trace (1,024 root spans taken
+//! in turn). `POLYBUS_BENCH_SAMPLE_RATIO=0.01` samples with a parent-based
+//! trace-id ratio sampler instead (about 1 % of the traces):
 //!
 //! ```text
 //! cargo bench --bench core_path --features metrics,opentelemetry
 //! FEATURES=metrics,opentelemetry scripts/callgrind-core-path.sh polybus4 observed4
+//! POLYBUS_BENCH_SAMPLE_RATIO=0.01 FEATURES=metrics,opentelemetry scripts/callgrind-core-path.sh observed4
 //! ```
 //! `POLYBUS_BENCH_HELD=N` instead makes a runner hold N deliveries in backoff
 //! and stop there (what `scripts/held-memory.sh` measures the heap of);
@@ -86,16 +89,18 @@ async fn polybus_once(n: usize, layers: usize, payload: &[u8], observed: bool) -
         .await
         .expect("run");
     #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
-    let caller = if observed {
-        observed::caller_context()
+    let callers = if observed {
+        observed::caller_contexts()
     } else {
-        opentelemetry::Context::new()
+        vec![opentelemetry::Context::new()]
     };
     let started = Instant::now();
-    for _ in 0..n {
+    for i in 0..n {
         let send = conn.producer.send(topic, Message::new(payload.to_vec()));
         #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
-        let send = opentelemetry::context::FutureExt::with_context(send, caller.clone());
+        let send = opentelemetry::context::FutureExt::with_context(send, callers[i % callers.len()].clone());
+        #[cfg(not(all(feature = "metrics", feature = "opentelemetry")))]
+        let _ = i;
         send.await.expect("send");
     }
     done.notified().await;
@@ -285,7 +290,7 @@ mod observed {
     use opentelemetry::trace::{TraceContextExt, Tracer, TracerProvider as _};
     use opentelemetry::{Context, global};
     use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 
     /// Drops every span: the cost measured is polybus's and the SDK's (span
     /// creation, sampling, the batch processor's queue), not a network's.
@@ -311,15 +316,26 @@ mod observed {
             {
                 polybus::observe::describe_metrics();
             }
-            let provider = SdkTracerProvider::builder().with_batch_exporter(Discard).build();
-            global::set_tracer_provider(provider);
+            let mut builder = SdkTracerProvider::builder().with_batch_exporter(Discard);
+            if let Some(ratio) = std::env::var("POLYBUS_BENCH_SAMPLE_RATIO")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|r| (0.0..1.0).contains(r))
+            {
+                builder =
+                    builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))));
+            }
+            global::set_tracer_provider(builder.build());
         });
     }
 
-    /// A context with a sampled span: sends made in it start `send` spans and
-    /// carry `traceparent`.
-    pub(super) fn caller_context() -> Context {
+    /// 1,024 contexts, each with the root span of its own trace (sampled, or
+    /// not, by the provider's sampler), that the sends take in turn: sends
+    /// made in them start `send` spans and carry `traceparent`.
+    pub(super) fn caller_contexts() -> Vec<Context> {
         let tracer = global::tracer_provider().tracer("core-path-bench");
-        Context::new().with_span(tracer.start("bench publish"))
+        (0..1024)
+            .map(|_| Context::new().with_span(tracer.start("bench publish")))
+            .collect()
     }
 }

@@ -32,9 +32,9 @@ pub fn observation_available() -> bool {
 /// Turns polybus's metrics and tracing on (`true`) or off for what starts
 /// next: on, a `metrics` recorder keeps every series in atomics (what an
 /// exporter keeps between scrapes) and an OpenTelemetry SDK tracer provider
-/// samples every span into a batch exporter; off, the recorder hands out
-/// no-op handles and the tracer provider is the no-op one (the hooks stay
-/// compiled in). A runner registers its handles when it starts and `send` on
+/// samples every span (or a share of the traces, see [`sample_ratio`]) into
+/// a batch exporter; off, the recorder hands out no-op handles and the tracer
+/// provider is the no-op one (the hooks stay compiled in). A runner registers its handles when it starts and `send` on
 /// the first send of a topic on a thread, so measure each side on its own
 /// topics. Does nothing without [`observation_available`].
 pub fn observe(on: bool) {
@@ -80,7 +80,7 @@ mod observed {
     use opentelemetry::trace::{TraceContextExt, Tracer, TracerProvider as _};
     use opentelemetry::{Context, global};
     use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 
     static ON: AtomicBool = AtomicBool::new(false);
 
@@ -137,21 +137,46 @@ mod observed {
     pub(super) fn set(on: bool) {
         ON.store(on, Ordering::Release);
         if on {
-            let provider = SdkTracerProvider::builder().with_batch_exporter(Discard).build();
-            global::set_tracer_provider(provider);
+            let mut builder = SdkTracerProvider::builder().with_batch_exporter(Discard);
+            if let Some(ratio) = super::sample_ratio() {
+                builder =
+                    builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))));
+            }
+            global::set_tracer_provider(builder.build());
         } else {
             global::set_tracer_provider(opentelemetry::trace::noop::NoopTracerProvider::new());
         }
     }
 
-    /// The context sends are made in while observation is on: inside a span.
-    pub(super) fn caller_context() -> Option<Context> {
+    /// How many caller contexts [`caller_contexts`] makes: sends take them in
+    /// turn, so with a ratio sampler about that share of them is sampled.
+    const CALLERS: usize = 1024;
+
+    /// The contexts sends are made in while observation is on: each inside a
+    /// root span of its own trace (made before the clock starts), so a ratio
+    /// sampler keeps about its share of the sends' traces.
+    pub(super) fn caller_contexts() -> Option<Vec<Context>> {
         if !ON.load(Ordering::Acquire) {
             return None;
         }
         let tracer = global::tracer_provider().tracer("polybus-bench");
-        Some(Context::new().with_span(tracer.start("bench publish")))
+        Some(
+            (0..CALLERS)
+                .map(|_| Context::new().with_span(tracer.start("bench publish")))
+                .collect(),
+        )
     }
+}
+
+/// `POLYBUS_BENCH_SAMPLE_RATIO`: with a value in `[0, 1)`, the observed
+/// variant's tracer samples with a parent-based trace-id ratio sampler at that
+/// ratio (what production tracing usually runs, e.g. `0.01`) instead of
+/// sampling every span.
+pub fn sample_ratio() -> Option<f64> {
+    std::env::var("POLYBUS_BENCH_SAMPLE_RATIO")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|r| (0.0..1.0).contains(r))
 }
 
 /// The pipelining depths a bench runs at (sends in flight, prefetch): the
@@ -291,13 +316,14 @@ pub const IDLE: Duration = Duration::from_secs(30);
 
 /// Sends [`payload`]s `0..n` to `topic` through polybus, `in_flight` sends
 /// pipelined, each resolving on the broker's confirmation.
-/// While [`observe`] is on, every send is made inside a span of one trace (as
-/// a traced service sends), so each one starts a `send` span and carries
-/// `traceparent`; while it is off, the sends are not wrapped at all.
+/// While [`observe`] is on, every send is made inside a caller's span (as a
+/// traced service sends; the sends take 1,024 root spans, each its own trace,
+/// in turn), so each one starts a `send` span and carries `traceparent`;
+/// while it is off, the sends are not wrapped at all.
 pub async fn publish_seq(conn: &Connection, topic: &str, n: usize, in_flight: usize) -> Duration {
-    let began = Instant::now();
     #[cfg(all(feature = "metrics", feature = "opentelemetry"))]
-    let traced = observed::caller_context();
+    let traced = observed::caller_contexts();
+    let began = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
             let message = Message::new(payload(i));
@@ -307,7 +333,7 @@ pub async fn publish_seq(conn: &Connection, topic: &str, n: usize, in_flight: us
                 use futures::future::Either;
                 use opentelemetry::context::FutureExt;
                 match &traced {
-                    Some(traced) => Either::Left(send.with_context(traced.clone())),
+                    Some(traced) => Either::Left(send.with_context(traced[i % traced.len()].clone())),
                     None => Either::Right(send),
                 }
             };

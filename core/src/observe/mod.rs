@@ -15,7 +15,9 @@
 //!
 //! Install the recorder **before** starting runners: a runner registers its
 //! metric handles when it starts (and when it first sees a topic), so a recorder
-//! installed later does not see that runner's metrics.
+//! installed later does not see that runner's metrics. The same holds for the
+//! OpenTelemetry tracer provider (feature `opentelemetry`): a runner takes its
+//! tracer when it starts (see the `trace` module).
 
 use std::time::Duration;
 
@@ -45,8 +47,14 @@ where
 {
     #[cfg(feature = "metrics")]
     let started = std::time::Instant::now();
+    // The traced send (a span, headers) is boxed: the untraced one, the
+    // common case, keeps a future no larger than the publish it awaits.
     #[cfg(feature = "opentelemetry")]
-    let result = trace::send(system, topic, message, publish).await;
+    let result = if trace::in_trace() {
+        Box::pin(trace::send(system, topic, message, publish)).await
+    } else {
+        publish(message).await
+    };
     #[cfg(not(feature = "opentelemetry"))]
     let result = publish(message).await;
     #[cfg(feature = "metrics")]
@@ -344,9 +352,7 @@ pub(crate) struct Observer {
     #[cfg(feature = "metrics")]
     metrics: Option<std::sync::Arc<recorder::RunnerMetrics>>,
     #[cfg(feature = "opentelemetry")]
-    system: &'static str,
-    #[cfg(feature = "opentelemetry")]
-    group: Option<std::sync::Arc<str>>,
+    trace: Option<std::sync::Arc<trace::RunnerTracer>>,
 }
 
 impl std::fmt::Debug for Observer {
@@ -364,9 +370,7 @@ impl Observer {
             #[cfg(feature = "metrics")]
             metrics: Some(std::sync::Arc::new(recorder::RunnerMetrics::new(system, group))),
             #[cfg(feature = "opentelemetry")]
-            system,
-            #[cfg(feature = "opentelemetry")]
-            group: group.map(std::sync::Arc::from),
+            trace: Some(std::sync::Arc::new(trace::RunnerTracer::new(system, group))),
         }
     }
 
@@ -379,15 +383,9 @@ impl Observer {
         attempt: impl std::future::Future<Output = std::thread::Result<crate::handler::HandlerResult>>,
     ) -> std::thread::Result<crate::handler::HandlerResult> {
         #[cfg(feature = "opentelemetry")]
-        {
-            trace::process(
-                self.system,
-                self.group.as_deref(),
-                delivery,
-                attempt,
-                handler_error_type,
-            )
-            .await
+        match &self.trace {
+            Some(trace) => trace.process(delivery, attempt, handler_error_type).await,
+            None => attempt.await,
         }
         #[cfg(not(feature = "opentelemetry"))]
         {
@@ -406,8 +404,9 @@ impl Observer {
         publish: impl std::future::Future<Output = crate::error::Result<()>>,
     ) -> crate::error::Result<()> {
         #[cfg(feature = "opentelemetry")]
-        {
-            trace::dead_letter(self.system, topic, delivery, publish).await
+        match &self.trace {
+            Some(trace) => trace.dead_letter(topic, delivery, publish).await,
+            None => publish.await,
         }
         #[cfg(not(feature = "opentelemetry"))]
         {

@@ -29,36 +29,54 @@ pub(super) fn describe_all() {
 }
 
 /// The handles of successful sends to one topic.
+#[derive(Clone)]
 struct SendHandles {
     sent: Counter,
     duration: Histogram,
 }
 
-/// Send handles per backend, then per topic.
-type SendCache = HashMap<&'static str, HashMap<String, SendHandles>>;
+/// Send handles per backend, then per topic, with the last one used in front
+/// (a thread usually sends to one topic at a time: a hit is two string
+/// comparisons, no hashing).
+#[derive(Default)]
+struct SendCache {
+    last: Option<(&'static str, String, SendHandles)>,
+    all: HashMap<&'static str, HashMap<String, SendHandles>>,
+}
 
 thread_local! {
     /// Send handles, registered on a thread's first send to a topic (so, like
     /// a runner's, they belong to the recorder installed then). Per thread: a
-    /// hit costs a hash lookup and no shared atomics.
-    static SEND_HANDLES: RefCell<SendCache> = RefCell::new(HashMap::new());
+    /// hit costs a comparison or a hash lookup and no shared atomics.
+    static SEND_HANDLES: RefCell<SendCache> = RefCell::new(SendCache::default());
 }
 
 fn with_send_handles(system: &'static str, topic: &str, f: impl FnOnce(&SendHandles)) {
     SEND_HANDLES.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let topics = cache.entry(system).or_default();
-        if let Some(found) = topics.get(topic) {
-            return f(found);
+        if let Some((s, t, handles)) = &cache.last
+            && *s == system
+            && t == topic
+        {
+            return f(handles);
         }
-        let labels = send_labels(system, topic, None);
-        let mut with_type = labels.clone();
-        with_type.push(Label::from_static_parts(OPERATION_TYPE, "send"));
-        let made = SendHandles {
-            sent: metrics::counter!(SENT_MESSAGES, labels),
-            duration: metrics::histogram!(OPERATION_DURATION, with_type),
+        let topics = cache.all.entry(system).or_default();
+        let handles = match topics.get(topic) {
+            Some(found) => found.clone(),
+            None => {
+                let labels = send_labels(system, topic, None);
+                let mut with_type = labels.clone();
+                with_type.push(Label::from_static_parts(OPERATION_TYPE, "send"));
+                let made = SendHandles {
+                    sent: metrics::counter!(SENT_MESSAGES, labels),
+                    duration: metrics::histogram!(OPERATION_DURATION, with_type),
+                };
+                topics.insert(topic.to_owned(), made.clone());
+                made
+            }
         };
-        f(topics.entry(topic.to_owned()).or_insert(made));
+        f(&handles);
+        cache.last = Some((system, topic.to_owned(), handles));
     });
 }
 
