@@ -11,28 +11,14 @@
 //! POLYBUS_BENCH_KAFKA_BROKERS=127.0.0.1:9092 cargo bench -p polybus-kafka --bench kafka_rss
 //! ```
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use polybus_conformance::bench;
-use polybus_core::{Delivery, HandlerResult, Order, StartFrom};
+use polybus_core::StartFrom;
 use polybus_kafka::KafkaConfig;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-
-/// The resident set of this process, in KiB.
-fn rss_kib() -> usize {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 /// `config` with the librdkafka settings of `POLYBUS_BENCH_KAFKA_SET`
 /// (`key=value,key=value`).
@@ -81,41 +67,14 @@ fn main() {
         consumer_config = extra_settings(consumer_config);
         let slow = polybus_kafka::connect_with(consumer_config).await.expect("connect");
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let before = rss_kib();
-        let handled = Arc::new(AtomicUsize::new(0));
-        let handle = slow
-            .runner()
-            .topic(&topic)
-            .group("slow")
-            .order(Order::Unordered)
-            .concurrency(4)
-            .buffer(1000 - 4)
-            .run({
-                let handled = Arc::clone(&handled);
-                move |_d: Delivery| {
-                    let handled = Arc::clone(&handled);
-                    async move {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                        handled.fetch_add(1, Ordering::Relaxed);
-                        HandlerResult::Ok(())
-                    }
-                }
-            })
-            .await
-            .expect("run");
-        let mut peak = before;
-        for _ in 0..seconds * 10 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            peak = peak.max(rss_kib());
-        }
-        handle.shutdown(Duration::from_secs(10)).await;
+        let rss = bench::slow_consumer_rss(&slow, &topic, "slow", seconds).await;
         println!(
             "Kafka slow consumer, {partitions} partition(s), backlog {n} records of 100 bytes, buffer {buffer}: \
              RSS before subscribing {:.1} MiB, peak while consuming {:.1} MiB (+{:.1} MiB), handled {} in {seconds} s",
-            before as f64 / 1024.0,
-            peak as f64 / 1024.0,
-            (peak - before) as f64 / 1024.0,
-            handled.load(Ordering::Relaxed)
+            rss.before_kib as f64 / 1024.0,
+            rss.peak_kib as f64 / 1024.0,
+            rss.growth_mib(),
+            rss.handled
         );
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers.as_str())

@@ -565,3 +565,75 @@ impl Table {
         }
     }
 }
+
+/// The resident set of this process, in KiB (0 where `/proc` cannot tell).
+pub fn rss_kib() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What [`slow_consumer_rss`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Rss {
+    /// The process's resident set just before the runner subscribed, KiB.
+    pub before_kib: usize,
+    /// The largest resident set sampled while the runner consumed, KiB.
+    pub peak_kib: usize,
+    /// Messages handled while sampling.
+    pub handled: usize,
+}
+
+impl Rss {
+    /// `peak − before`, in MiB.
+    pub fn growth_mib(&self) -> f64 {
+        self.peak_kib.saturating_sub(self.before_kib) as f64 / 1024.0
+    }
+}
+
+/// The memory a slow consumer takes with a backlog: a runner on `group` of
+/// `topic` (unordered, concurrency 4, bound 1,000) whose handler sleeps 1 ms
+/// per message consumes for `seconds` while the process's resident set is
+/// sampled every 100 ms; then it shuts down. Fill the topic first, and let the
+/// connection settle, so `before` holds the clients' own memory.
+pub async fn slow_consumer_rss(conn: &Connection, topic: &str, group: &str, seconds: usize) -> Rss {
+    let before_kib = rss_kib();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let handle = conn
+        .runner()
+        .topic(topic)
+        .group(group)
+        .order(Order::Unordered)
+        .concurrency(4)
+        .buffer(1000 - 4)
+        .run({
+            let handled = Arc::clone(&handled);
+            move |_d: Delivery| {
+                let handled = Arc::clone(&handled);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    handled.fetch_add(1, Ordering::Relaxed);
+                    HandlerResult::Ok(())
+                }
+            }
+        })
+        .await
+        .expect("run");
+    let mut peak_kib = before_kib;
+    for _ in 0..seconds * 10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak_kib = peak_kib.max(rss_kib());
+    }
+    let handled = handled.load(Ordering::Relaxed);
+    handle.shutdown(Duration::from_secs(10)).await;
+    Rss {
+        before_kib,
+        peak_kib,
+        handled,
+    }
+}
