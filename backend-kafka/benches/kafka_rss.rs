@@ -11,10 +11,7 @@
 //! POLYBUS_BENCH_KAFKA_BROKERS=127.0.0.1:9092 cargo bench -p polybus-kafka --bench kafka_rss
 //! ```
 
-use std::time::Duration;
-
 use polybus_conformance::bench;
-use polybus_core::StartFrom;
 use polybus_kafka::KafkaConfig;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -55,27 +52,22 @@ fn main() {
         let buffer = config.buffer;
         let conn = polybus_kafka::connect_with(config).await.expect("connect");
         let topic = format!("bench-rss-{}", std::process::id());
-        conn.consumer.declare_topic(&topic).await.expect("topic");
-        conn.consumer
-            .declare_group(&topic, "slow", StartFrom::Earliest)
-            .await
-            .expect("group");
-        bench::publish_seq(&conn, &topic, n, 1000).await;
-        drop(conn);
         let mut consumer_config = KafkaConfig::from_url(&format!("kafka://{brokers}")).expect("broker list");
         consumer_config.buffer = buffer;
         consumer_config = extra_settings(consumer_config);
-        let slow = polybus_kafka::connect_with(consumer_config).await.expect("connect");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss = bench::slow_consumer_rss(&slow, &topic, "slow", seconds).await;
-        println!(
-            "Kafka slow consumer, {partitions} partition(s), backlog {n} records of 100 bytes, buffer {buffer}: \
-             RSS before subscribing {:.1} MiB, peak while consuming {:.1} MiB (+{:.1} MiB), handled {} in {seconds} s",
-            rss.before_kib as f64 / 1024.0,
-            rss.peak_kib as f64 / 1024.0,
-            rss.growth_mib(),
-            rss.handled
-        );
+        bench::backlog_rss(
+            &format!("Kafka slow consumer, {partitions} partition(s), buffer {buffer}"),
+            conn,
+            || async {
+                polybus_kafka::connect_with(consumer_config)
+                    .await
+                    .expect("connect")
+            },
+            &topic,
+            n,
+            seconds,
+        )
+        .await;
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers.as_str())
             .create()

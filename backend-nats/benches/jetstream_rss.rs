@@ -11,11 +11,8 @@
 //! POLYBUS_BENCH_NATS_URL=nats://127.0.0.1:4222 cargo bench -p polybus-nats --bench jetstream_rss
 //! ```
 
-use std::time::Duration;
-
 use async_nats::jetstream;
 use polybus_conformance::bench;
-use polybus_core::StartFrom;
 use polybus_nats::{NatsConfig, Storage, stream_name};
 
 fn main() {
@@ -29,27 +26,18 @@ fn main() {
         let config = NatsConfig::from_url(&url).expect("url").storage(Storage::File);
         let conn = polybus_nats::connect_with(config.clone()).await.expect("connect");
         let topic = format!("bench.rss.{}", std::process::id());
-        conn.consumer.declare_topic(&topic).await.expect("topic");
-        conn.consumer
-            .declare_group(&topic, "slow", StartFrom::Earliest)
+        bench::backlog_rss(
+            "JetStream slow consumer, file stream, bound 1,000",
+            conn,
+            || async { polybus_nats::connect_with(config).await.expect("connect") },
+            &topic,
+            n,
+            seconds,
+        )
+        .await;
+        let client = async_nats::connect(url.as_str())
             .await
-            .expect("group");
-        let published = bench::publish_seq(&conn, &topic, n, 1000).await;
-        eprintln!("published {n} in {:.1} s", published.as_secs_f64());
-        drop(conn);
-        let slow = polybus_nats::connect_with(config).await.expect("connect");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss = bench::slow_consumer_rss(&slow, &topic, "slow", seconds).await;
-        println!(
-            "JetStream slow consumer, file stream, backlog {n} messages of 100 bytes, bound 1,000: \
-             RSS before subscribing {:.1} MiB, peak while consuming {:.1} MiB (+{:.1} MiB), handled {} in {seconds} s",
-            rss.before_kib as f64 / 1024.0,
-            rss.peak_kib as f64 / 1024.0,
-            rss.growth_mib(),
-            rss.handled
-        );
-        drop(slow);
-        let client = async_nats::connect(url.as_str()).await.expect("NATS is reachable");
+            .expect("NATS is reachable");
         let js = jetstream::new(client);
         for name in [topic.clone(), format!("{topic}.dlq")] {
             let _ = js.delete_stream(stream_name(&name)).await;

@@ -11,12 +11,9 @@
 //! POLYBUS_BENCH_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo bench -p polybus-rabbitmq --bench rabbitmq_rss
 //! ```
 
-use std::time::Duration;
-
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection as AmqpConnection, ConnectionProperties};
 use polybus_conformance::bench;
-use polybus_core::StartFrom;
 use polybus_rabbitmq::{RabbitConfig, dead_letter_queue, group_queue};
 
 fn main() {
@@ -28,28 +25,19 @@ fn main() {
     let runtime = bench::runtime();
     runtime.block_on(async move {
         let config = RabbitConfig::new(&url).expect("url");
-        let conn = polybus_rabbitmq::connect_with(config.clone()).await.expect("connect");
-        let topic = format!("bench-rss-{}", std::process::id());
-        conn.consumer.declare_topic(&topic).await.expect("topic");
-        conn.consumer
-            .declare_group(&topic, "slow", StartFrom::Earliest)
+        let conn = polybus_rabbitmq::connect_with(config.clone())
             .await
-            .expect("group");
-        let published = bench::publish_seq(&conn, &topic, n, 1000).await;
-        eprintln!("published {n} in {:.1} s", published.as_secs_f64());
-        drop(conn);
-        let slow = polybus_rabbitmq::connect_with(config).await.expect("connect");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss = bench::slow_consumer_rss(&slow, &topic, "slow", seconds).await;
-        println!(
-            "RabbitMQ slow consumer, classic durable queue, backlog {n} messages of 100 bytes, prefetch 1,000: \
-             RSS before subscribing {:.1} MiB, peak while consuming {:.1} MiB (+{:.1} MiB), handled {} in {seconds} s",
-            rss.before_kib as f64 / 1024.0,
-            rss.peak_kib as f64 / 1024.0,
-            rss.growth_mib(),
-            rss.handled
-        );
-        drop(slow);
+            .expect("connect");
+        let topic = format!("bench-rss-{}", std::process::id());
+        bench::backlog_rss(
+            "RabbitMQ slow consumer, classic durable queue, prefetch 1,000",
+            conn,
+            || async { polybus_rabbitmq::connect_with(config).await.expect("connect") },
+            &topic,
+            n,
+            seconds,
+        )
+        .await;
         let raw = AmqpConnection::connect(&url, ConnectionProperties::default())
             .await
             .expect("RabbitMQ is reachable");

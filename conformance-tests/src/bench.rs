@@ -596,6 +596,45 @@ impl Rss {
     }
 }
 
+/// Fills `topic` with `n` [`payload`]s for a group `slow` (declared first, so
+/// it starts at the earliest message), then measures [`slow_consumer_rss`]
+/// for `seconds` on a second connection made by `connect` (so the publisher's
+/// buffers are gone), after a second's settling; prints one line naming
+/// `what`. Returns the figures.
+pub async fn backlog_rss<F, Fut>(
+    what: &str,
+    conn: Connection,
+    connect: F,
+    topic: &str,
+    n: usize,
+    seconds: usize,
+) -> Rss
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Connection>,
+{
+    conn.consumer.declare_topic(topic).await.expect("topic");
+    conn.consumer
+        .declare_group(topic, "slow", polybus_core::StartFrom::Earliest)
+        .await
+        .expect("group");
+    let published = publish_seq(&conn, topic, n, 1000).await;
+    eprintln!("published {n} in {:.1} s", published.as_secs_f64());
+    drop(conn);
+    let slow = connect().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = slow_consumer_rss(&slow, topic, "slow", seconds).await;
+    println!(
+        "{what}, backlog {n} messages of {PAYLOAD_BYTES} bytes: RSS before subscribing {:.1} MiB, \
+         peak while consuming {:.1} MiB (+{:.1} MiB), handled {} in {seconds} s",
+        rss.before_kib as f64 / 1024.0,
+        rss.peak_kib as f64 / 1024.0,
+        rss.growth_mib(),
+        rss.handled
+    );
+    rss
+}
+
 /// The memory a slow consumer takes with a backlog: a runner on `group` of
 /// `topic` (unordered, concurrency 4, bound 1,000) whose handler sleeps 1 ms
 /// per message consumes for `seconds` while the process's resident set is
