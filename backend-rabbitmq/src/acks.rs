@@ -259,8 +259,12 @@ impl<W> AckBook<W> {
 
     /// When the oldest ack still waiting has waited `bound` (possibly
     /// earlier: an entry a multiple ack covered is only dropped by `plan`).
+    /// `None` also when that instant is past what an `Instant` can hold (a
+    /// bound such as `Duration::MAX`: the ack waits for the tags below it).
     pub(crate) fn next_deadline(&self, bound: Duration) -> Option<Instant> {
-        self.waiting.front().map(|(since, _)| *since + bound)
+        self.waiting
+            .front()
+            .and_then(|(since, _)| since.checked_add(bound))
     }
 
     /// Every waiter still in the book (acked, not planned), for failing them.
@@ -863,6 +867,21 @@ mod tests {
         let plan = book.plan(now, BOUND, true);
         assert_eq!(plan.multiple.as_ref().map(|(t, _)| *t), Some(2));
         assert_eq!(singles(&plan), vec![4, 5]);
+    }
+
+    #[test]
+    fn a_bound_past_what_an_instant_holds_does_not_panic() {
+        // `ack_coalescing(Some(Duration::MAX))`: the deadline of an ack above
+        // a held tag overflowed `Instant` and panicked the channel's ack task,
+        // after which every ack on the (still open) channel was `NotSettled`.
+        let now = Instant::now();
+        let mut book = book(1..=2);
+        ack(&mut book, &[2], now);
+        assert!(book.plan(now, Duration::MAX, false).is_empty());
+        assert_eq!(book.next_deadline(Duration::MAX), None);
+        ack(&mut book, &[1], now);
+        let plan = book.plan(now, Duration::MAX, false);
+        assert_eq!(plan.multiple.as_ref().map(|(t, _)| *t), Some(2));
     }
 
     #[test]

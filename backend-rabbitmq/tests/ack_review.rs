@@ -1,0 +1,274 @@
+//! Hostile review of coalesced acks (issue 15): configurations and
+//! interleavings the first tests did not try. Skips loudly without
+//! `POLYBUS_TEST_AMQP_URL` (a failure under `POLYBUS_TEST_REQUIRE_BROKERS=1`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use polybus_conformance::{Recorder, broker_url};
+use polybus_core::{Delivery, HandlerResult, Message, Order, StartFrom, SubscribeOptions};
+use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
+
+fn config(test: &str) -> Option<RabbitConfig> {
+    let url = broker_url("POLYBUS_TEST_AMQP_URL", test)?;
+    Some(RabbitConfig::new(&url).unwrap())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &Message::new("").id[..8])
+}
+
+async fn next_delivery(
+    sub: &mut Box<dyn polybus_core::Subscription>,
+    within: Duration,
+) -> Option<(Delivery, polybus_core::Acker)> {
+    match tokio::time::timeout(within, sub.next()).await {
+        Ok(Some(Ok(polybus_core::Event::Delivery(d, a)))) => Some((d, a)),
+        Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
+        Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
+        Ok(None) | Err(_) => None,
+    }
+}
+
+/// Takes every delivery a fresh subscription of `(topic, "g")` gets within
+/// `within` of quiet, acks each and returns their payloads, sorted.
+async fn drain_payloads(conn: &polybus_core::Connection, topic: &str, within: Duration) -> Vec<String> {
+    let options = SubscribeOptions::new(topic).group("g");
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut payloads = Vec::new();
+    while let Some((d, a)) = next_delivery(&mut sub, within).await {
+        payloads.push(String::from_utf8_lossy(d.payload()).into_owned());
+        a.ack().await.unwrap();
+    }
+    sub.close().await.unwrap();
+    payloads.sort();
+    payloads
+}
+
+async fn declare_and_send(conn: &polybus_core::Connection, topic: &str, n: usize) {
+    conn.consumer
+        .declare_group(topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    for i in 0..n {
+        conn.producer
+            .send(topic, Message::new(format!("m{i:04}")))
+            .await
+            .unwrap();
+    }
+}
+
+async fn delete(config: &RabbitConfig, topics: &[&str]) {
+    let admin = RabbitConsumer::connect(config).await.unwrap();
+    for topic in topics {
+        let _ = admin.delete_topic(topic, &[group_queue(topic, "g")]).await;
+    }
+}
+
+/// A permutation of `0..n` (deterministic), for acking out of order.
+fn shuffled(n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (i as u64).wrapping_mul(2_654_435_761) % 1009);
+    order
+}
+
+/// `ack_coalescing(Some(Duration::MAX))` ("coalesce as long as it takes"):
+/// an ack above a held tag computed its deadline as `Instant + Duration::MAX`,
+/// which panicked the channel's ack task. Every ack on the channel was then
+/// answered `NotSettled` while the channel stayed open, so nothing was ever
+/// acked again: the prefetch filled and the subscription stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalescing_bound_past_what_an_instant_holds_still_acks() {
+    let Some(config) = config("a_coalescing_bound_past_what_an_instant_holds_still_acks") else {
+        return;
+    };
+    let config = config.ack_coalescing(Some(Duration::MAX));
+    let topic = unique("review-max-bound");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    declare_and_send(&conn, &topic, 3).await;
+    let options = SubscribeOptions::new(&topic).group("g").prefetch(3);
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            next_delivery(&mut sub, Duration::from_secs(10))
+                .await
+                .expect("a delivery"),
+        );
+    }
+    // m0001 is acked above the held m0000: it waits for it.
+    let above = {
+        let acker = held[1].1.clone();
+        tokio::spawn(async move { acker.ack().await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let head = held[0].1.ack().await;
+    let above = tokio::time::timeout(Duration::from_secs(10), above).await;
+    let last = held[2].1.ack().await;
+    sub.close().await.unwrap();
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(2)).await;
+    delete(&config, &[&topic]).await;
+    head.unwrap_or_else(|e| panic!("the head's ack: {e}"));
+    above
+        .expect("the ack above the head was answered")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the ack above the head: {e}"));
+    last.unwrap_or_else(|e| panic!("the last ack: {e}"));
+    assert!(back.is_empty(), "acked messages came back: {back:?}");
+}
+
+/// Two topics in one subscription: two consumers on one channel, their tags
+/// interleaved. Everything is acked out of order and concurrently, some acks
+/// past the bound (a slow lower tag). Had any frame settled a tag twice or an
+/// unknown one, the broker would close the channel (406) and the subscription
+/// would reconnect and get the unacked messages again; so the channel must
+/// still be the same one afterwards: a message sent later arrives on it as
+/// a first delivery and nothing else is redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_consumers_on_one_channel_ack_out_of_order_and_keep_the_channel() {
+    let Some(config) = config("two_consumers_on_one_channel_ack_out_of_order_and_keep_the_channel") else {
+        return;
+    };
+    let (a, b) = (unique("review-two-a"), unique("review-two-b"));
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    let n = 150;
+    declare_and_send(&conn, &a, n).await;
+    declare_and_send(&conn, &b, n).await;
+    let options = SubscribeOptions::new(&a).topic(&b).group("g").prefetch(2 * n);
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut held = Vec::new();
+    for k in 0..2 * n {
+        held.push(
+            next_delivery(&mut sub, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("delivery {k} of {}", 2 * n)),
+        );
+    }
+    let acking: Vec<_> = shuffled(2 * n)
+        .into_iter()
+        .map(|i| {
+            let acker = held[i].1.clone();
+            tokio::spawn(async move {
+                // Some acks come late (past the 2 ms bound), some at once.
+                tokio::time::sleep(Duration::from_millis((i as u64 * 7) % 13)).await;
+                (i, acker.ack().await)
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for task in acking {
+        let (i, result) = task.await.unwrap();
+        if let Err(e) = result {
+            failed.push(format!("#{i}: {e}"));
+        }
+    }
+    // Still the same channel: one later message arrives as a first delivery
+    // and nothing acked comes back.
+    conn.producer.send(&a, Message::new("later")).await.unwrap();
+    let mut after = Vec::new();
+    while let Some((d, acker)) = next_delivery(&mut sub, Duration::from_secs(2)).await {
+        after.push((String::from_utf8_lossy(d.payload()).into_owned(), d.attempt()));
+        acker.ack().await.unwrap();
+    }
+    sub.close().await.unwrap();
+    let back_a = drain_payloads(&conn, &a, Duration::from_secs(2)).await;
+    let back_b = drain_payloads(&conn, &b, Duration::from_secs(2)).await;
+    delete(&config, &[&a, &b]).await;
+    assert!(failed.is_empty(), "acks failed: {failed:?}");
+    assert_eq!(after, vec![("later".to_owned(), 1)]);
+    assert!(back_a.is_empty() && back_b.is_empty(), "{back_a:?} {back_b:?}");
+}
+
+/// The runner over one subscription: handlers of every speed (many past the
+/// bound), permanent failures (dead-lettered, then acked) in the middle, a
+/// few handlers that never finish, and a shutdown while acks are batched:
+/// the waiting deliveries are released, the stuck ones cancelled and
+/// released. No message may be lost (each was handled, dead-lettered or comes
+/// back), and none may be handled twice during the run (a channel closed by
+/// the broker would redeliver).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_runner_shut_down_mid_run_loses_nothing_and_redelivers_nothing() {
+    let Some(config) = config("a_busy_runner_shut_down_mid_run_loses_nothing_and_redelivers_nothing") else {
+        return;
+    };
+    let topic = unique("review-busy");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    let n = 1500;
+    declare_and_send(&conn, &topic, n).await;
+    conn.consumer
+        .declare_group(&format!("{topic}.dlq"), "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let seen = Recorder::new();
+    let handler = {
+        let seen = seen.clone();
+        move |d: Delivery| {
+            let seen = seen.clone();
+            async move {
+                let i: u64 = String::from_utf8_lossy(d.payload())[1..].parse().unwrap();
+                if i % 397 == 5 {
+                    std::future::pending::<()>().await;
+                }
+                let pause = match i % 10 {
+                    0 => 15_000,
+                    1..=3 => 3_000,
+                    _ => i * 31 % 900,
+                };
+                tokio::time::sleep(Duration::from_micros(pause)).await;
+                seen.record(&d);
+                if i % 50 == 7 {
+                    return HandlerResult::Err(polybus_core::HandlerError::permanent("review: poison"));
+                }
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .order(Order::Unordered)
+        .concurrency(32)
+        .buffer(300)
+        .run(handler)
+        .await
+        .unwrap();
+    seen.wait_for(n / 2, Duration::from_secs(120)).await.unwrap();
+    handle.shutdown(Duration::from_millis(300)).await;
+    let handled: Vec<String> = seen
+        .all()
+        .iter()
+        .map(|d| String::from_utf8_lossy(d.payload()).into_owned())
+        .collect();
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(3)).await;
+    let dead = drain_payloads(&conn, &format!("{topic}.dlq"), Duration::from_secs(2)).await;
+    delete(&config, &[&topic, &format!("{topic}.dlq")]).await;
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for p in &handled {
+        *count.entry(p.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = count.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "handled twice during the run: {twice:?}");
+    let lost: Vec<String> = (0..n)
+        .map(|i| format!("m{i:04}"))
+        .filter(|m| !count.contains_key(m.as_str()) && !back.contains(m))
+        .collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    let expected_dead: Vec<&String> = handled
+        .iter()
+        .filter(|p| p[1..].parse::<u64>().unwrap() % 50 == 7)
+        .collect();
+    for p in &expected_dead {
+        assert!(
+            dead.contains(p) || back.contains(p),
+            "{p} failed permanently but is neither dead-lettered nor back"
+        );
+    }
+    for i in (0..n as u64).filter(|i| i % 397 == 5) {
+        let m = format!("m{i:04}");
+        if count.contains_key(m.as_str()) {
+            continue;
+        }
+        assert!(back.contains(&m), "the stuck {m} did not come back");
+    }
+}
