@@ -272,3 +272,128 @@ async fn a_busy_runner_shut_down_mid_run_loses_nothing_and_redelivers_nothing() 
         assert!(back.contains(&m), "the stuck {m} did not come back");
     }
 }
+
+/// The ordered-by-key runner on a quorum group queue (the default): many
+/// deliveries wait in their key's lane (held) while later keys are acked,
+/// some fail once and retry in process (held past the bound), the acks of a
+/// lane's messages come in lane order, not tag order. Every message must be
+/// handled successfully exactly once, in key order, with no broker
+/// redelivery, and nothing may be left in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ordered_runner_on_a_quorum_queue_settles_each_message_once() {
+    let Some(config) = config("the_ordered_runner_on_a_quorum_queue_settles_each_message_once") else {
+        return;
+    };
+    let topic = unique("review-ordered");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    conn.consumer
+        .declare_group(&topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    let (keys, per_key) = (40usize, 25usize);
+    for seq in 0..per_key {
+        for key in 0..keys {
+            conn.producer
+                .send(
+                    &topic,
+                    Message::new(format!("k{key:02}-{seq:02}")).with_key(format!("k{key:02}")),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let seen = Recorder::new();
+    let failed_once = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let handler = {
+        let seen = seen.clone();
+        move |d: Delivery| {
+            let (seen, failed_once) = (seen.clone(), failed_once.clone());
+            async move {
+                let payload = String::from_utf8_lossy(d.payload()).into_owned();
+                let seq: u64 = payload[4..].parse().unwrap();
+                let key: u64 = payload[1..3].parse().unwrap();
+                tokio::time::sleep(Duration::from_micros((key * 37 + seq * 11) % 4000)).await;
+                if (key + seq).is_multiple_of(13) && failed_once.lock().unwrap().insert(payload.clone()) {
+                    return HandlerResult::Err(polybus_core::HandlerError::retryable("review: once"));
+                }
+                seen.record(&d);
+                HandlerResult::Ok(())
+            }
+        }
+    };
+    let retry = polybus_core::RetryPolicy {
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        ..polybus_core::RetryPolicy::default()
+    };
+    let handle = conn
+        .runner()
+        .topic(&topic)
+        .group("g")
+        .order(Order::ByKey)
+        .concurrency(16)
+        .buffer(200)
+        .retry(retry)
+        .run(handler)
+        .await
+        .unwrap();
+    let all = seen.wait_for(keys * per_key, Duration::from_secs(120)).await;
+    handle.shutdown(Duration::from_secs(2)).await;
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(2)).await;
+    delete(&config, &[&topic]).await;
+    let all = all.unwrap();
+    let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+    for d in &all {
+        let payload = String::from_utf8_lossy(d.payload()).into_owned();
+        by_key.entry(payload[..3].to_owned()).or_default().push(payload);
+    }
+    for (key, got) in &by_key {
+        let want: Vec<String> = (0..per_key).map(|seq| format!("{key}-{seq:02}")).collect();
+        assert_eq!(got, &want, "key {key}: handled out of order or twice");
+    }
+    assert_eq!(all.len(), keys * per_key);
+    assert!(back.is_empty(), "settled messages came back: {back:?}");
+}
+
+/// On an idle channel, an ack above a held tag is answered within (about)
+/// the bound: nothing else wakes the ack task, so its deadline must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_above_a_held_tag_on_an_idle_channel_is_answered_within_the_bound() {
+    let Some(config) = config("an_ack_above_a_held_tag_on_an_idle_channel_is_answered_within_the_bound")
+    else {
+        return;
+    };
+    let config = config.ack_coalescing(Some(Duration::from_millis(50)));
+    let topic = unique("review-idle");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    declare_and_send(&conn, &topic, 3).await;
+    let options = SubscribeOptions::new(&topic).group("g").prefetch(3);
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            next_delivery(&mut sub, Duration::from_secs(10))
+                .await
+                .expect("a delivery"),
+        );
+    }
+    let started = tokio::time::Instant::now();
+    let second = held[1].1.ack().await;
+    let waited = started.elapsed();
+    // The head is now known to be slow: the next ack above it goes at once.
+    let started = tokio::time::Instant::now();
+    let third = held[2].1.ack().await;
+    let then = started.elapsed();
+    held[0].1.ack().await.unwrap();
+    sub.close().await.unwrap();
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(2)).await;
+    delete(&config, &[&topic]).await;
+    second.unwrap();
+    third.unwrap();
+    assert!(
+        waited >= Duration::from_millis(45) && waited < Duration::from_millis(1000),
+        "{waited:?}"
+    );
+    assert!(then < Duration::from_millis(45), "{then:?}");
+    assert!(back.is_empty(), "{back:?}");
+}
