@@ -397,3 +397,79 @@ async fn an_ack_above_a_held_tag_on_an_idle_channel_is_answered_within_the_bound
     assert!(then < Duration::from_millis(45), "{then:?}");
     assert!(back.is_empty(), "{back:?}");
 }
+
+/// Rounds of releases and out-of-order acks on one channel: every third
+/// delivery of a round is released (requeued, so it comes back on the same
+/// channel with a new tag, above tags still waiting in the book) and the rest
+/// are acked concurrently in shuffled order. A closed channel (406 for a tag
+/// settled twice or unknown) or a multiple ack covering a released tag would
+/// show as a delivery count other than `n + releases`, or a message missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn released_deliveries_come_back_on_the_same_channel_among_coalesced_acks() {
+    let Some(config) = config("released_deliveries_come_back_on_the_same_channel_among_coalesced_acks")
+    else {
+        return;
+    };
+    let topic = unique("review-requeue");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    let n = 120;
+    declare_and_send(&conn, &topic, n).await;
+    let options = SubscribeOptions::new(&topic).group("g").prefetch(n);
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut deliveries = 0usize;
+    let mut releases = 0usize;
+    let mut acked: HashMap<String, usize> = HashMap::new();
+    let mut round = 0u64;
+    while acked.len() < n {
+        round += 1;
+        assert!(round < 50, "no progress: {} of {n} acked", acked.len());
+        let mut batch = Vec::new();
+        while let Some(pair) = next_delivery(&mut sub, Duration::from_millis(500)).await {
+            batch.push(pair);
+        }
+        deliveries += batch.len();
+        let tasks: Vec<_> = shuffled(batch.len())
+            .into_iter()
+            .map(|i| {
+                let (d, acker) = (batch[i].0.clone(), batch[i].1.clone());
+                let release = (i as u64 + round).is_multiple_of(3) && round < 6;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(i as u64 % 5)).await;
+                    let payload = String::from_utf8_lossy(d.payload()).into_owned();
+                    let result = if release {
+                        acker.release(None).await
+                    } else {
+                        acker.ack().await
+                    };
+                    (payload, release, result)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (payload, release, result) = task.await.unwrap();
+            result.unwrap_or_else(|e| panic!("{payload}: {e}"));
+            if release {
+                releases += 1;
+            } else {
+                *acked.entry(payload).or_default() += 1;
+            }
+        }
+    }
+    // Anything still coming is a redelivery nobody asked for.
+    let extra = next_delivery(&mut sub, Duration::from_secs(2))
+        .await
+        .map(|(d, _)| String::from_utf8_lossy(d.payload()).into_owned());
+    sub.close().await.unwrap();
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(2)).await;
+    delete(&config, &[&topic]).await;
+    assert_eq!(extra, None);
+    assert!(back.is_empty(), "{back:?}");
+    let twice: Vec<_> = acked.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "delivered again after its ack: {twice:?}");
+    assert!(releases > 0);
+    assert_eq!(
+        deliveries,
+        n + releases,
+        "deliveries beyond the releases: a channel was lost"
+    );
+}
