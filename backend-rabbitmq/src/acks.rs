@@ -331,8 +331,10 @@ impl<W> AckBook<W> {
             tracing::warn!(
                 target: "polybus_rabbitmq",
                 floor = self.floor,
-                tracked = self.tags.len(),
-                "a delivery tag never reached the ack book; acks on this channel are written one by one"
+                unsettled = self.tags.len(),
+                settled_runs = self.settled.len(),
+                "the ack book tracks too many entries (delivery tags that never reached it?); \
+                 acks on this channel are written one by one"
             );
         }
         self.singles_only = true;
