@@ -521,11 +521,23 @@ async fn run(
             }
         }
         // Once every handle is gone nothing more can be acked: whatever is
-        // waiting is written alone (held tags stay with the broker).
-        let plan = book.plan(Instant::now(), bound, !open);
-        if !plan.is_empty() && !write(&mut book, plan, &channel, &mut alive).await {
-            fail_all(&mut book, &mut commands);
-            return;
+        // waiting is written alone (held tags stay with the broker). A write
+        // that settled tags alone (a nack, single acks) may let the floor
+        // pass them: plan again at once, or acks waiting above a released tag
+        // would wait for the next command or the bound.
+        loop {
+            let plan = book.plan(Instant::now(), bound, !open);
+            if plan.is_empty() {
+                break;
+            }
+            let settled_alone = !plan.singles.is_empty() || !plan.nacks.is_empty();
+            if !write(&mut book, plan, &channel, &mut alive).await {
+                fail_all(&mut book, &mut commands);
+                return;
+            }
+            if !settled_alone {
+                break;
+            }
         }
         if !open {
             for waiter in book.drain_waiters() {

@@ -480,3 +480,47 @@ async fn released_deliveries_come_back_on_the_same_channel_among_coalesced_acks(
         "deliveries beyond the releases: a channel was lost"
     );
 }
+
+/// An ack waiting above a held tag that is then released: once the nack is
+/// written nothing holds the floor, so the ack goes at once, not when the
+/// bound runs out (with a long bound, a shutdown that releases the waiting
+/// deliveries waited that long for the acks of the handlers that finished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_waiting_on_a_released_tag_goes_once_the_nack_is_written() {
+    let Some(config) = config("an_ack_waiting_on_a_released_tag_goes_once_the_nack_is_written") else {
+        return;
+    };
+    let config = config.ack_coalescing(Some(Duration::from_secs(10)));
+    let topic = unique("review-release-floor");
+    let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
+    declare_and_send(&conn, &topic, 2).await;
+    let options = SubscribeOptions::new(&topic).group("g").prefetch(2);
+    let mut sub = conn.consumer.subscribe(options).await.unwrap();
+    let mut held = Vec::new();
+    while held.len() < 2 {
+        match next_delivery(&mut sub, Duration::from_secs(10)).await {
+            Some(pair) => held.push(pair),
+            None => break,
+        }
+    }
+    assert_eq!(held.len(), 2);
+    let started = tokio::time::Instant::now();
+    let above = {
+        let acker = held[1].1.clone();
+        tokio::spawn(async move { acker.ack().await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let released = held[0].1.release(None).await;
+    let above = tokio::time::timeout(Duration::from_secs(15), above).await;
+    let waited = started.elapsed();
+    sub.close().await.unwrap();
+    let back = drain_payloads(&conn, &topic, Duration::from_secs(2)).await;
+    delete(&config, &[&topic]).await;
+    released.unwrap();
+    above.expect("answered").unwrap().unwrap();
+    assert_eq!(back, vec!["m0000".to_owned()]);
+    assert!(
+        waited < Duration::from_secs(2),
+        "the ack above the released tag waited {waited:?} (the bound is 10 s)"
+    );
+}
