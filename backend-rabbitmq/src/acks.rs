@@ -302,12 +302,15 @@ impl<W> AckBook<W> {
 
     /// When the oldest ack still waiting has waited `bound` (possibly
     /// earlier: an entry a multiple ack covered is only dropped by `plan`).
-    /// `None` also when that instant is past what an `Instant` can hold (a
-    /// bound such as `Duration::MAX`: the ack waits for the tags below it).
+    /// `None` also when that instant is past, or at the edge of, what an
+    /// `Instant` can hold (a bound such as `Duration::MAX`: the ack waits for
+    /// the tags below it). The edge matters: tokio rounds a deadline up by
+    /// almost 1 ms, which must not overflow either.
     pub(crate) fn next_deadline(&self, bound: Duration) -> Option<Instant> {
         self.waiting
             .front()
             .and_then(|(since, _)| since.checked_add(bound))
+            .filter(|at| at.checked_add(Duration::from_secs(1)).is_some())
     }
 
     /// Every waiter still in the book (acked, not planned), for failing them.
@@ -976,6 +979,37 @@ mod tests {
         let plan = book.plan(start + BOUND, BOUND, false);
         assert_eq!(plan.multiple.as_ref().map(|(t, _)| *t), Some(last + 10));
         assert!(plan.singles.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_deadline_at_the_edge_of_what_an_instant_holds_is_sleepable() {
+        // tokio rounds a deadline up by just under 1 ms (`t + 999_999 ns`),
+        // so a deadline that an `Instant` barely holds panicked the timer
+        // (and with it the channel's ack task).
+        let now = Instant::now();
+        let (mut low, mut high) = (Duration::ZERO, Duration::MAX);
+        while high - low > Duration::from_nanos(1) {
+            let mid = low + (high - low) / 2;
+            if now.checked_add(mid).is_some() {
+                low = mid;
+            } else {
+                high = mid;
+            }
+        }
+        let mut book = book(1..=2);
+        ack(&mut book, &[2], now);
+        for bound in [low, low - Duration::from_micros(500)] {
+            if let Some(at) = book.next_deadline(bound) {
+                let sleeping = tokio::spawn(tokio::time::sleep_until(at.into()));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                sleeping.abort();
+                let ended = sleeping.await;
+                assert!(
+                    ended.as_ref().is_err_and(|e| e.is_cancelled()),
+                    "the deadline's timer failed: {ended:?}"
+                );
+            }
+        }
     }
 
     #[test]
