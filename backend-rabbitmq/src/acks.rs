@@ -358,6 +358,9 @@ enum Command {
     Delivered(u64),
     Ack(u64, Waiter),
     Release(u64, Waiter),
+    /// Makes the task panic (tests of the guard in `Acks::start`).
+    #[cfg(test)]
+    Panic,
 }
 
 /// The coalescing acknowledger of one channel: a handle on the task that
@@ -372,10 +375,43 @@ pub(crate) struct Acks {
 impl Acks {
     /// Starts the task for `channel`. `alive` ends when the subscription sees
     /// the channel's connection lost.
+    ///
+    /// If the task ends while the channel is still open (a panic, or a write
+    /// lapin refused on a live channel), the channel is closed: every ack
+    /// from then on is `NotSettled`, and that must be true (the broker
+    /// redelivers what the channel held, and the subscription, whose
+    /// consumers end with the channel, reconnects) rather than leave the
+    /// deliveries unacknowledged on an open channel until the prefetch fills.
     pub(crate) fn start(channel: lapin::Channel, alive: watch::Receiver<()>, bound: Duration) -> Self {
+        use futures::FutureExt;
         let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(receiver, channel, alive, bound));
+        tokio::spawn(async move {
+            let ran = std::panic::AssertUnwindSafe(run(receiver, channel.clone(), alive, bound))
+                .catch_unwind()
+                .await;
+            let lost_by_lapin = matches!(ran, Ok(Ended::Lost));
+            if !lost_by_lapin && alive_channel(&channel) {
+                tracing::error!(
+                    target: "polybus_rabbitmq",
+                    panicked = ran.is_err(),
+                    "the ack task of an open channel ended; closing the channel so the broker redelivers what it holds"
+                );
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    channel.close(
+                        200,
+                        "polybus: acks can no longer be written on this channel".into(),
+                    ),
+                )
+                .await;
+            }
+        });
         Acks { commands }
+    }
+
+    #[cfg(test)]
+    fn panic_task(&self) {
+        let _ = self.commands.send(Command::Panic);
     }
 
     /// Records a delivery before it is handed out.
@@ -480,12 +516,20 @@ enum Wake {
     Lost,
 }
 
+/// How the task ended.
+enum Ended {
+    /// The channel or its connection was lost (or every handle is gone).
+    Lost,
+    /// A write failed on a channel that may still be open.
+    WriteFailed,
+}
+
 async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     channel: lapin::Channel,
     mut alive: watch::Receiver<()>,
     bound: Duration,
-) {
+) -> Ended {
     let mut book: AckBook<Waiter> = AckBook::new();
     loop {
         let deadline = book.next_deadline(bound);
@@ -504,7 +548,7 @@ async fn run(
         match wake {
             Wake::Lost => {
                 fail_all(&mut book, &mut commands);
-                return;
+                return Ended::Lost;
             }
             Wake::Closed => open = false,
             Wake::Deadline => {}
@@ -536,7 +580,7 @@ async fn run(
             let settled_alone = !plan.singles.is_empty() || !plan.nacks.is_empty();
             if !write(&mut book, plan, &channel, &mut alive).await {
                 fail_all(&mut book, &mut commands);
-                return;
+                return Ended::WriteFailed;
             }
             if !settled_alone {
                 break;
@@ -547,7 +591,7 @@ async fn run(
                 let operation = waiter.operation;
                 answer(waiter, Err(lost(operation)));
             }
-            return;
+            return Ended::Lost;
         }
     }
 }
@@ -567,6 +611,8 @@ fn apply(book: &mut AckBook<Waiter>, command: Command) {
                 answer(waiter, Err(refused("release")));
             }
         }
+        #[cfg(test)]
+        Command::Panic => panic!("ack task: panic requested by a test"),
     }
 }
 
@@ -660,6 +706,8 @@ fn fail_all(book: &mut AckBook<Waiter>, commands: &mut mpsc::UnboundedReceiver<C
             Command::Delivered(_) => {}
             Command::Ack(_, waiter) => answer(waiter, Err(lost("ack"))),
             Command::Release(_, waiter) => answer(waiter, Err(lost("release"))),
+            #[cfg(test)]
+            Command::Panic => {}
         }
     }
 }
@@ -1010,6 +1058,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The guard in `Acks::start`: an ack task that ends (here: panics)
+    /// while its channel is open closes the channel, so what it held is
+    /// redelivered and the subscription reconnects, instead of every later
+    /// ack being `NotSettled` on a channel that stays open (the wedge the
+    /// `Instant` overflows caused). Needs the broker
+    /// (`POLYBUS_TEST_AMQP_URL`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_task_that_ends_on_an_open_channel_closes_it() {
+        let Some(url) = polybus_conformance::broker_url(
+            "POLYBUS_TEST_AMQP_URL",
+            "an_ack_task_that_ends_on_an_open_channel_closes_it",
+        ) else {
+            return;
+        };
+        let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let (alive_sender, alive) = watch::channel(());
+        let acks = Acks::start(channel.clone(), alive, BOUND);
+        acks.panic_task();
+        let until = Instant::now() + Duration::from_secs(5);
+        while alive_channel(&channel) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let closed = !alive_channel(&channel);
+        let _ = connection.close(200, "bye".into()).await;
+        drop(alive_sender);
+        assert!(closed, "the channel stayed open with its ack task gone");
     }
 
     #[test]
