@@ -45,10 +45,9 @@ enum State<W> {
     Held,
     /// Acked by polybus, waiting to be written (in a multiple ack or alone).
     Acked { waiter: W },
-    /// A single ack or a nack for it is being written.
+    /// A single ack or a nack for it is being written (once written, the tag
+    /// moves to the book's `settled` runs).
     Sending,
-    /// Settled on the wire on its own (single ack or nack written).
-    Done,
 }
 
 /// What one flush writes. The multiple ack never covers a tag of `singles` or
@@ -88,8 +87,13 @@ pub(crate) enum Refused {
 pub(crate) struct AckBook<W> {
     /// Every tag `<= floor` is settled (or in a multiple ack already planned).
     floor: u64,
-    /// Tags above the floor the book has seen.
+    /// Tags above the floor the book has seen and not settled on the wire.
     tags: BTreeMap<u64, State<W>>,
+    /// Tags above the floor settled on the wire on their own (single ack or
+    /// nack written), as runs `start -> end` (inclusive), merged as they
+    /// touch: with a stuck lowest tag, everything settled above it is one
+    /// run, not one entry per tag.
+    settled: BTreeMap<u64, u64>,
     /// Nacks to write at the next flush.
     releases: Vec<(u64, W)>,
     /// The acked tags, in the order (and with the time) they were acked;
@@ -103,9 +107,10 @@ pub(crate) struct AckBook<W> {
     singles_only: bool,
 }
 
-/// How many tags above the floor the book keeps before it gives up
-/// coalescing on this channel (a tag that never reaches the book would
-/// otherwise hold the floor, and the book would grow, forever). Twice the
+/// How many entries (unsettled tags and settled runs) above the floor the
+/// book keeps before it gives up coalescing on this channel (tags that never
+/// reach the book, every other one, would otherwise hold the floor and keep
+/// the settled runs apart, and the book would grow, forever). Twice the
 /// largest prefetch AMQP can express.
 const MAX_TRACKED: usize = 2 * (u16::MAX as usize + 1);
 
@@ -114,6 +119,7 @@ impl<W> Default for AckBook<W> {
         AckBook {
             floor: 0,
             tags: BTreeMap::new(),
+            settled: BTreeMap::new(),
             releases: Vec::new(),
             waiting: VecDeque::new(),
             slow: None,
@@ -134,14 +140,44 @@ impl<W> AckBook<W> {
         self.floor
     }
 
+    /// How many entries the book keeps above the floor.
+    fn tracked(&self) -> usize {
+        self.tags.len() + self.settled.len()
+    }
+
+    /// Whether `tag` is in a run settled on the wire.
+    fn is_settled(&self, tag: u64) -> bool {
+        self.settled
+            .range(..=tag)
+            .next_back()
+            .is_some_and(|(_, &end)| end >= tag)
+    }
+
+    /// Adds `tag` to the settled runs, merging it with its neighbours.
+    fn mark_settled(&mut self, tag: u64) {
+        let (mut start, mut end) = (tag, tag);
+        if let Some((&before, &last)) = self.settled.range(..tag).next_back()
+            && last.checked_add(1) == Some(tag)
+        {
+            self.settled.remove(&before);
+            start = before;
+        }
+        if let Some(next) = tag.checked_add(1)
+            && let Some(last) = self.settled.remove(&next)
+        {
+            end = last;
+        }
+        self.settled.insert(start, end);
+    }
+
     /// Records a delivery handed out on this channel. A tag seen before (or at
     /// or below the floor) is ignored: `false`.
     pub(crate) fn delivered(&mut self, tag: u64) -> bool {
-        if tag <= self.floor || self.tags.contains_key(&tag) {
+        if tag <= self.floor || self.tags.contains_key(&tag) || self.is_settled(tag) {
             return false;
         }
         self.tags.insert(tag, State::Held);
-        if self.tags.len() > MAX_TRACKED {
+        if self.tracked() > MAX_TRACKED {
             self.give_up_coalescing();
         }
         true
@@ -174,13 +210,17 @@ impl<W> AckBook<W> {
 
     /// A single ack or nack planned earlier is written: the floor may pass it.
     pub(crate) fn written(&mut self, tag: u64) {
-        if self.singles_only {
-            // Nothing advances the floor any more: forget the tag.
-            if matches!(self.tags.get(&tag), Some(State::Sending)) {
-                self.tags.remove(&tag);
+        if !matches!(self.tags.get(&tag), Some(State::Sending)) {
+            return;
+        }
+        self.tags.remove(&tag);
+        // With coalescing given up nothing advances the floor any more: the
+        // tag is forgotten.
+        if !self.singles_only {
+            self.mark_settled(tag);
+            if self.tracked() > MAX_TRACKED {
+                self.give_up_coalescing();
             }
-        } else if let Some(state @ State::Sending) = self.tags.get_mut(&tag) {
-            *state = State::Done;
         }
     }
 
@@ -194,13 +234,16 @@ impl<W> AckBook<W> {
         let mut covered = Vec::new();
         let mut top = None;
         if !self.singles_only {
-            while let Some(entry) = self.tags.first_entry() {
-                if *entry.key() != self.floor.saturating_add(1) {
-                    break;
+            while let Some(next) = self.floor.checked_add(1) {
+                if let Some(end) = self.settled.remove(&next) {
+                    self.floor = end;
+                    continue;
                 }
-                match entry.get() {
-                    State::Acked { .. } | State::Done => {}
-                    State::Held | State::Sending => break,
+                let Some(entry) = self.tags.first_entry() else {
+                    break;
+                };
+                if *entry.key() != next || !matches!(entry.get(), State::Acked { .. }) {
+                    break;
                 }
                 let (tag, state) = entry.remove_entry();
                 self.floor = tag;
@@ -259,8 +302,15 @@ impl<W> AckBook<W> {
 
     /// When the oldest ack still waiting has waited `bound` (possibly
     /// earlier: an entry a multiple ack covered is only dropped by `plan`).
+    /// `None` also when that instant is past, or at the edge of, what an
+    /// `Instant` can hold (a bound such as `Duration::MAX`: the ack waits for
+    /// the tags below it). The edge matters: tokio rounds a deadline up by
+    /// almost 1 ms, which must not overflow either.
     pub(crate) fn next_deadline(&self, bound: Duration) -> Option<Instant> {
-        self.waiting.front().map(|(since, _)| *since + bound)
+        self.waiting
+            .front()
+            .and_then(|(since, _)| since.checked_add(bound))
+            .filter(|at| at.checked_add(Duration::from_secs(1)).is_some())
     }
 
     /// Every waiter still in the book (acked, not planned), for failing them.
@@ -284,12 +334,14 @@ impl<W> AckBook<W> {
             tracing::warn!(
                 target: "polybus_rabbitmq",
                 floor = self.floor,
-                tracked = self.tags.len(),
-                "a delivery tag never reached the ack book; acks on this channel are written one by one"
+                unsettled = self.tags.len(),
+                settled_runs = self.settled.len(),
+                "the ack book tracks too many entries (delivery tags that never reached it?); \
+                 acks on this channel are written one by one"
             );
         }
         self.singles_only = true;
-        self.tags.retain(|_, state| !matches!(state, State::Done));
+        self.settled.clear();
     }
 }
 
@@ -306,6 +358,9 @@ enum Command {
     Delivered(u64),
     Ack(u64, Waiter),
     Release(u64, Waiter),
+    /// Makes the task panic (tests of the guard in `Acks::start`).
+    #[cfg(test)]
+    Panic,
 }
 
 /// The coalescing acknowledger of one channel: a handle on the task that
@@ -320,10 +375,43 @@ pub(crate) struct Acks {
 impl Acks {
     /// Starts the task for `channel`. `alive` ends when the subscription sees
     /// the channel's connection lost.
+    ///
+    /// If the task ends while the channel is still open (a panic, or a write
+    /// lapin refused on a live channel), the channel is closed: every ack
+    /// from then on is `NotSettled`, and that must be true (the broker
+    /// redelivers what the channel held, and the subscription, whose
+    /// consumers end with the channel, reconnects) rather than leave the
+    /// deliveries unacknowledged on an open channel until the prefetch fills.
     pub(crate) fn start(channel: lapin::Channel, alive: watch::Receiver<()>, bound: Duration) -> Self {
+        use futures::FutureExt;
         let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(receiver, channel, alive, bound));
+        tokio::spawn(async move {
+            let ran = std::panic::AssertUnwindSafe(run(receiver, channel.clone(), alive, bound))
+                .catch_unwind()
+                .await;
+            let lost_by_lapin = matches!(ran, Ok(Ended::Lost));
+            if !lost_by_lapin && alive_channel(&channel) {
+                tracing::error!(
+                    target: "polybus_rabbitmq",
+                    panicked = ran.is_err(),
+                    "the ack task of an open channel ended; closing the channel so the broker redelivers what it holds"
+                );
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    channel.close(
+                        200,
+                        "polybus: acks can no longer be written on this channel".into(),
+                    ),
+                )
+                .await;
+            }
+        });
         Acks { commands }
+    }
+
+    #[cfg(test)]
+    fn panic_task(&self) {
+        let _ = self.commands.send(Command::Panic);
     }
 
     /// Records a delivery before it is handed out.
@@ -428,12 +516,20 @@ enum Wake {
     Lost,
 }
 
+/// How the task ended.
+enum Ended {
+    /// The channel or its connection was lost (or every handle is gone).
+    Lost,
+    /// A write failed on a channel that may still be open.
+    WriteFailed,
+}
+
 async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     channel: lapin::Channel,
     mut alive: watch::Receiver<()>,
     bound: Duration,
-) {
+) -> Ended {
     let mut book: AckBook<Waiter> = AckBook::new();
     loop {
         let deadline = book.next_deadline(bound);
@@ -452,7 +548,7 @@ async fn run(
         match wake {
             Wake::Lost => {
                 fail_all(&mut book, &mut commands);
-                return;
+                return Ended::Lost;
             }
             Wake::Closed => open = false,
             Wake::Deadline => {}
@@ -472,18 +568,30 @@ async fn run(
             }
         }
         // Once every handle is gone nothing more can be acked: whatever is
-        // waiting is written alone (held tags stay with the broker).
-        let plan = book.plan(Instant::now(), bound, !open);
-        if !plan.is_empty() && !write(&mut book, plan, &channel, &mut alive).await {
-            fail_all(&mut book, &mut commands);
-            return;
+        // waiting is written alone (held tags stay with the broker). A write
+        // that settled tags alone (a nack, single acks) may let the floor
+        // pass them: plan again at once, or acks waiting above a released tag
+        // would wait for the next command or the bound.
+        loop {
+            let plan = book.plan(Instant::now(), bound, !open);
+            if plan.is_empty() {
+                break;
+            }
+            let settled_alone = !plan.singles.is_empty() || !plan.nacks.is_empty();
+            if !write(&mut book, plan, &channel, &mut alive).await {
+                fail_all(&mut book, &mut commands);
+                return Ended::WriteFailed;
+            }
+            if !settled_alone {
+                break;
+            }
         }
         if !open {
             for waiter in book.drain_waiters() {
                 let operation = waiter.operation;
                 answer(waiter, Err(lost(operation)));
             }
-            return;
+            return Ended::Lost;
         }
     }
 }
@@ -503,6 +611,8 @@ fn apply(book: &mut AckBook<Waiter>, command: Command) {
                 answer(waiter, Err(refused("release")));
             }
         }
+        #[cfg(test)]
+        Command::Panic => panic!("ack task: panic requested by a test"),
     }
 }
 
@@ -596,6 +706,8 @@ fn fail_all(book: &mut AckBook<Waiter>, commands: &mut mpsc::UnboundedReceiver<C
             Command::Delivered(_) => {}
             Command::Ack(_, waiter) => answer(waiter, Err(lost("ack"))),
             Command::Release(_, waiter) => answer(waiter, Err(lost("release"))),
+            #[cfg(test)]
+            Command::Panic => {}
         }
     }
 }
@@ -866,6 +978,120 @@ mod tests {
     }
 
     #[test]
+    fn a_bound_past_what_an_instant_holds_does_not_panic() {
+        // `ack_coalescing(Some(Duration::MAX))`: the deadline of an ack above
+        // a held tag overflowed `Instant` and panicked the channel's ack task,
+        // after which every ack on the (still open) channel was `NotSettled`.
+        let now = Instant::now();
+        let mut book = book(1..=2);
+        ack(&mut book, &[2], now);
+        assert!(book.plan(now, Duration::MAX, false).is_empty());
+        assert_eq!(book.next_deadline(Duration::MAX), None);
+        ack(&mut book, &[1], now);
+        let plan = book.plan(now, Duration::MAX, false);
+        assert_eq!(plan.multiple.as_ref().map(|(t, _)| *t), Some(2));
+    }
+
+    #[test]
+    fn a_long_stuck_head_neither_grows_the_book_nor_ends_coalescing() {
+        // One handler runs for the whole of a long run (tag 1): everything
+        // above it is acked alone and settled while it holds the floor. The
+        // book kept every one of those tags, and past 2 x 65,536 of them gave
+        // up coalescing on the channel for good, even after tag 1 was acked.
+        let start = Instant::now();
+        let mut book = book(1..=1);
+        let last = MAX_TRACKED as u64 + 1_000;
+        let mut largest = 0;
+        for tag in 2..=last {
+            assert!(book.delivered(tag));
+            book.ack(tag, tag, start).unwrap();
+            let plan = book.plan(start + BOUND, BOUND, false);
+            assert_eq!(singles(&plan), vec![tag]);
+            written(&mut book, &plan);
+            largest = largest.max(book.tracked());
+        }
+        assert!(
+            largest <= 4,
+            "tags settled alone above the stuck head are kept one by one: {largest}"
+        );
+        ack(&mut book, &[1], start + BOUND);
+        let plan = book.plan(start + BOUND, BOUND, false);
+        assert_eq!(plan.multiple.as_ref().map(|(t, _)| *t), Some(1));
+        assert_eq!(book.floor(), last);
+        // Coalescing resumes once the head is settled.
+        let tags: Vec<u64> = (last + 1..=last + 10).collect();
+        for &tag in &tags {
+            book.delivered(tag);
+        }
+        ack(&mut book, &tags, start + BOUND);
+        let plan = book.plan(start + BOUND, BOUND, false);
+        assert_eq!(plan.multiple.as_ref().map(|(t, _)| *t), Some(last + 10));
+        assert!(plan.singles.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_deadline_at_the_edge_of_what_an_instant_holds_is_sleepable() {
+        // tokio rounds a deadline up by just under 1 ms (`t + 999_999 ns`),
+        // so a deadline that an `Instant` barely holds panicked the timer
+        // (and with it the channel's ack task).
+        let now = Instant::now();
+        let (mut low, mut high) = (Duration::ZERO, Duration::MAX);
+        while high - low > Duration::from_nanos(1) {
+            let mid = low + (high - low) / 2;
+            if now.checked_add(mid).is_some() {
+                low = mid;
+            } else {
+                high = mid;
+            }
+        }
+        let mut book = book(1..=2);
+        ack(&mut book, &[2], now);
+        for bound in [low, low - Duration::from_micros(500)] {
+            if let Some(at) = book.next_deadline(bound) {
+                let sleeping = tokio::spawn(tokio::time::sleep_until(at.into()));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                sleeping.abort();
+                let ended = sleeping.await;
+                assert!(
+                    ended.as_ref().is_err_and(|e| e.is_cancelled()),
+                    "the deadline's timer failed: {ended:?}"
+                );
+            }
+        }
+    }
+
+    /// The guard in `Acks::start`: an ack task that ends (here: panics)
+    /// while its channel is open closes the channel, so what it held is
+    /// redelivered and the subscription reconnects, instead of every later
+    /// ack being `NotSettled` on a channel that stays open (the wedge the
+    /// `Instant` overflows caused). Needs the broker
+    /// (`POLYBUS_TEST_AMQP_URL`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_task_that_ends_on_an_open_channel_closes_it() {
+        let Some(url) = polybus_conformance::broker_url(
+            "POLYBUS_TEST_AMQP_URL",
+            "an_ack_task_that_ends_on_an_open_channel_closes_it",
+        ) else {
+            return;
+        };
+        let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let (alive_sender, alive) = watch::channel(());
+        let acks = Acks::start(channel.clone(), alive, BOUND);
+        acks.panic_task();
+        let until = Instant::now() + Duration::from_secs(5);
+        while alive_channel(&channel) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let closed = !alive_channel(&channel);
+        let _ = connection.close(200, "bye".into()).await;
+        drop(alive_sender);
+        assert!(closed, "the channel stayed open with its ack task gone");
+    }
+
+    #[test]
     fn tags_are_u64_and_large_ones_work() {
         let now = Instant::now();
         let mut book = AckBook::new();
@@ -879,24 +1105,194 @@ mod tests {
     }
 
     #[test]
-    fn a_tag_that_never_arrives_stops_coalescing_instead_of_growing_the_book() {
+    fn tags_that_never_arrive_stop_coalescing_instead_of_growing_the_book() {
         let now = Instant::now();
         let mut book = AckBook::new();
-        // Tag 1 never reaches the book; everything above it is settled alone.
+        // Every other tag (1, 3, 5, ...) never reaches the book: the tags
+        // settled alone between them cannot merge into runs.
         let mut tag = 2;
         while !book.singles_only {
             book.delivered(tag);
             book.ack(tag, tag, now).unwrap();
             let plan = book.plan(now + BOUND, BOUND, false);
             written(&mut book, &plan);
-            tag += 1;
+            tag += 2;
         }
-        assert!(book.tags.len() <= MAX_TRACKED);
-        assert!(book.tags.values().all(|s| !matches!(s, State::Done)));
+        assert!(book.tracked() <= MAX_TRACKED);
+        assert!(book.settled.is_empty());
         book.delivered(tag);
         ack(&mut book, &[tag], now);
         let plan = book.plan(now, BOUND, false);
         assert_eq!(singles(&plan), vec![tag]);
         assert!(plan.multiple.is_none());
+    }
+
+    #[test]
+    fn settled_runs_merge_in_any_order() {
+        let now = Instant::now();
+        let mut book = book(1..=7);
+        for tag in [5, 3, 6, 4, 2] {
+            book.release(tag, tag).unwrap();
+            let plan = book.plan(now, BOUND, false);
+            written(&mut book, &plan);
+        }
+        assert_eq!(book.settled.len(), 1, "{:?}", book.settled);
+        ack(&mut book, &[1], now);
+        let plan = book.plan(now, BOUND, false);
+        assert_eq!(plan.multiple.as_ref().map(|(t, _)| *t), Some(1));
+        assert_eq!(book.floor(), 6);
+        assert!(!book.delivered(4), "settled already");
+    }
+
+    /// A small deterministic generator (no test dependency for it).
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n.max(1)
+        }
+    }
+
+    /// The broker's side of one channel: what it holds unacknowledged, with
+    /// RabbitMQ's rules (a multiple ack settles every unacked tag up to its
+    /// own, which must be unacked; any other unknown tag closes the channel).
+    #[derive(Default)]
+    struct Broker {
+        unacked: std::collections::BTreeSet<u64>,
+        next: u64,
+    }
+
+    /// Random interleavings of deliveries (handed out in any order, as with
+    /// several consumers on a channel), acks, releases, flushes, writes that
+    /// finish later and the passing of time, against a model of the broker:
+    /// no frame may name a tag the broker does not hold (406, a redelivery
+    /// storm), no multiple ack may cover a tag polybus has not acked (loss),
+    /// every ack and release is answered once, and everything acked is
+    /// settled in the end.
+    #[test]
+    fn random_interleavings_never_cover_an_unacked_tag_or_name_an_unknown_one() {
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut broker = Broker::default();
+            let mut book: AckBook<u64> = AckBook::new();
+            let start = Instant::now();
+            let mut now = start;
+            let mut buffered: Vec<u64> = Vec::new();
+            let mut held: Vec<u64> = Vec::new();
+            let mut acked = std::collections::BTreeSet::new();
+            let mut released = std::collections::BTreeSet::new();
+            let mut answered = std::collections::BTreeSet::new();
+            let mut writing: Vec<u64> = Vec::new();
+            let steps = 400 + rng.below(400);
+            let apply = |plan: Plan<u64>,
+                         broker: &mut Broker,
+                         acked: &std::collections::BTreeSet<u64>,
+                         released: &std::collections::BTreeSet<u64>,
+                         answered: &mut std::collections::BTreeSet<u64>,
+                         writing: &mut Vec<u64>| {
+                if let Some((top, waiters)) = plan.multiple {
+                    assert!(
+                        broker.unacked.contains(&top),
+                        "seed {seed}: multiple ack of unknown tag {top}"
+                    );
+                    let covered: Vec<u64> = broker.unacked.range(..=top).copied().collect();
+                    for tag in &covered {
+                        assert!(
+                            acked.contains(tag),
+                            "seed {seed}: multiple ack {top} covers {tag}, not acked"
+                        );
+                        broker.unacked.remove(tag);
+                    }
+                    assert_eq!(waiters.last(), Some(&top));
+                    for w in waiters {
+                        assert!(answered.insert(w), "seed {seed}: {w} answered twice");
+                    }
+                }
+                for (tag, w) in plan.singles {
+                    assert!(
+                        acked.contains(&tag),
+                        "seed {seed}: single ack of {tag}, not acked"
+                    );
+                    assert!(
+                        broker.unacked.remove(&tag),
+                        "seed {seed}: single ack of unknown tag {tag}"
+                    );
+                    assert!(answered.insert(w), "seed {seed}: {w} answered twice");
+                    writing.push(tag);
+                }
+                for (tag, w) in plan.nacks {
+                    assert!(
+                        released.contains(&tag),
+                        "seed {seed}: nack of {tag}, not released"
+                    );
+                    assert!(
+                        broker.unacked.remove(&tag),
+                        "seed {seed}: nack of unknown tag {tag}"
+                    );
+                    assert!(answered.insert(w), "seed {seed}: {w} answered twice");
+                    writing.push(tag);
+                }
+            };
+            for _ in 0..steps {
+                match rng.below(10) {
+                    0 | 1 => {
+                        broker.next += 1;
+                        broker.unacked.insert(broker.next);
+                        buffered.push(broker.next);
+                    }
+                    2 | 3 if !buffered.is_empty() => {
+                        // Another consumer's buffer may be taken first.
+                        let i = rng.below(buffered.len().min(3) as u64) as usize;
+                        let tag = buffered.remove(i);
+                        assert!(book.delivered(tag));
+                        held.push(tag);
+                    }
+                    4 | 5 if !held.is_empty() => {
+                        let tag = held.swap_remove(rng.below(held.len() as u64) as usize);
+                        book.ack(tag, tag, now).unwrap();
+                        acked.insert(tag);
+                    }
+                    6 if !held.is_empty() => {
+                        let tag = held.swap_remove(rng.below(held.len() as u64) as usize);
+                        book.release(tag, tag).unwrap();
+                        released.insert(tag);
+                    }
+                    7 => {
+                        // The previous flush's writes finish; a new one starts.
+                        for tag in writing.drain(..) {
+                            book.written(tag);
+                        }
+                        let plan = book.plan(now, BOUND, rng.below(20) == 0);
+                        apply(plan, &mut broker, &acked, &released, &mut answered, &mut writing);
+                    }
+                    _ => now += Duration::from_micros(rng.below(3000)),
+                }
+            }
+            // The end: everything handed out is settled, then flushed.
+            for tag in buffered.drain(..) {
+                assert!(book.delivered(tag));
+                held.push(tag);
+            }
+            for tag in held.drain(..) {
+                book.ack(tag, tag, now).unwrap();
+                acked.insert(tag);
+            }
+            for _ in 0..4 {
+                for tag in writing.drain(..) {
+                    book.written(tag);
+                }
+                let plan = book.plan(now, BOUND, true);
+                apply(plan, &mut broker, &acked, &released, &mut answered, &mut writing);
+            }
+            assert!(
+                broker.unacked.is_empty(),
+                "seed {seed}: left unacked {:?}",
+                broker.unacked
+            );
+            assert_eq!(answered.len(), acked.len() + released.len(), "seed {seed}");
+        }
     }
 }

@@ -75,7 +75,9 @@ pub struct RabbitConfig {
     /// and an ack above a tag still being handled waits at most this long
     /// before it is written on its own (at once once that tag is known to be
     /// slow). Releases are never delayed. `None`: every ack is its own
-    /// `basic.ack`, written at once.
+    /// `basic.ack`, written at once. A bound too large for a deadline
+    /// (`Duration::MAX`) makes such an ack wait for the tags below it,
+    /// however long that takes.
     pub ack_coalescing: Option<Duration>,
 }
 
