@@ -64,7 +64,7 @@ impl CoreProducer {
             Error::InvalidConfig("NATS: the core producer's connection has no markers".into())
         })?);
         let mut seen = violations.watch();
-        let marker = markers.start(&client).await?;
+        let marker = markers.start(&client, config.request_timeout).await?;
         // After the answer the first marker is in the buffer: the next ones
         // are reported as slow-consumer events. A user who may not use the
         // marker subject is told so here.
