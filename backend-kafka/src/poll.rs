@@ -30,6 +30,9 @@ pub(crate) struct Poller {
     pub(crate) topics_group: String,
 }
 
+/// At most this many records are booked under one lock.
+const BATCH: usize = 64;
+
 enum Flow {
     Close(oneshot::Sender<Result<()>>),
     Crash,
@@ -41,6 +44,8 @@ impl Poller {
         let mut next_queue = 0usize;
         let mut idle = false;
         let mut last_commit = Instant::now();
+        // Where a batch's bookings go (kept, not allocated per batch).
+        let mut booked = Vec::with_capacity(BATCH);
         tracing::debug!(group = %self.topics_group, "Kafka poll thread started");
         let flow = 'run: loop {
             // Commands first; when there was nothing to do, wait for one (new
@@ -106,7 +111,10 @@ impl Poller {
                 self.shared.starved.store(false, Ordering::Release);
                 room = 1;
             }
+            // Records are booked a batch at a time (one lock per batch), then
+            // decoded and sent in the order they were taken.
             let queues = self.shared.queues();
+            let mut batch = Vec::new();
             let mut empty = 0;
             while room > 0 && empty < queues.len() {
                 let (_, _, queue) = &queues[next_queue % queues.len()];
@@ -117,13 +125,28 @@ impl Poller {
                         empty = 0;
                         room -= 1;
                         idle = false;
-                        if !self.on_message(&message) {
+                        if batch.capacity() == 0 {
+                            batch.reserve_exact(room.saturating_add(1).min(BATCH));
+                        }
+                        batch.push(message);
+                        if batch.len() >= BATCH && !self.on_messages(&mut batch, &mut booked) {
                             break 'run Flow::Crash;
                         }
                     }
-                    Some(Err(e)) if self.on_error(&e) => break 'run Flow::Fatal,
-                    Some(Err(_)) => empty += 1,
+                    Some(Err(e)) => {
+                        // What was taken before the error goes first.
+                        if !self.on_messages(&mut batch, &mut booked) {
+                            break 'run Flow::Crash;
+                        }
+                        if self.on_error(&e) {
+                            break 'run Flow::Fatal;
+                        }
+                        empty += 1;
+                    }
                 }
+            }
+            if !self.on_messages(&mut batch, &mut booked) {
+                break 'run Flow::Crash;
             }
         };
         // The partition queues hold the consumer too: let them go first, so that
@@ -160,6 +183,42 @@ impl Poller {
         let Some((name, generation)) = self.shared.lock().book.fetched(topic, partition, offset) else {
             return true;
         };
+        self.send(message, name, generation)
+    }
+
+    /// Books a batch of fetched messages under one lock, then sends them on
+    /// in order, and empties the batch; false when nobody listens any more.
+    fn on_messages(
+        &self,
+        batch: &mut Vec<BorrowedMessage<'_>>,
+        booked: &mut Vec<Option<(Arc<str>, u64)>>,
+    ) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        booked.clear();
+        {
+            let mut state = self.shared.lock();
+            booked.extend(
+                batch
+                    .iter()
+                    .map(|m| state.book.fetched(m.topic(), m.partition(), m.offset())),
+            );
+        }
+        let mut open = true;
+        for (message, booked) in batch.drain(..).zip(booked.drain(..)) {
+            if let Some((name, generation)) = booked
+                && open
+            {
+                open = self.send(&message, name, generation);
+            }
+        }
+        open
+    }
+
+    /// Decodes a booked message and sends it to the async side.
+    fn send(&self, message: &BorrowedMessage<'_>, name: Arc<str>, generation: u64) -> bool {
+        let (partition, offset) = (message.partition(), message.offset());
         let group = self.shared.group.clone();
         // No panic may escape into the poll thread: one would stop every
         // partition of the group. A record whose decoding panics is dead-lettered.

@@ -146,7 +146,7 @@ impl Shared {
     /// revoked or the subscription is closing (then it is not handed out).
     fn hand_out(&self, topic: &str, partition: i32, generation: u64, offset: i64) -> bool {
         let mut state = self.lock();
-        if state.closing || !state.book.hand_out(topic, partition, generation, offset) {
+        if !Self::hand_out_locked(&mut state, topic, partition, generation, offset) {
             return false;
         }
         let queued = state.book.queued;
@@ -155,14 +155,25 @@ impl Shared {
         true
     }
 
+    /// [`Shared::hand_out`] under a lock already held (the caller wakes the
+    /// poll thread if there is room).
+    fn hand_out_locked(state: &mut State, topic: &str, partition: i32, generation: u64, offset: i64) -> bool {
+        !state.closing && state.book.hand_out(topic, partition, generation, offset)
+    }
+
     fn ack(&self, ack: &KafkaAck) -> std::result::Result<(), Stale> {
         let result = self
             .lock()
             .book
             .ack(&ack.topic, ack.partition, ack.generation, ack.offset);
-        self.settled.notify_all();
+        // Only a revocation waits on `settled`, and only for partitions it
+        // marked revoking (under the lock, before it waits): waking it for
+        // any other ack would cost a futex call per record.
+        if result == Ok(true) {
+            self.settled.notify_all();
+        }
         self.freed.notify_one();
-        result
+        result.map(|_| ())
     }
 
     fn release(&self, ack: &KafkaAck) -> std::result::Result<(), Stale> {
@@ -441,7 +452,7 @@ pub(crate) async fn open(
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Option<Result<Event>> {
         loop {
-            let (control, redelivery, full) = {
+            let (control, redelivery, full, ready) = {
                 let mut state = self.shared.lock();
                 let control = state.controls.pop_front();
                 let full = state.book.yielded >= self.shared.prefetch;
@@ -454,10 +465,35 @@ impl Subscription for KafkaSubscription {
                 } else {
                     state.redeliver.pop_front()
                 };
-                (control, redelivery, full)
+                // The usual case: a fetched message is waiting; hand it out
+                // under this same lock instead of taking it again.
+                let ready = match (&control, &redelivery, full) {
+                    (None, None, false) => match self.items.try_recv() {
+                        Ok(r) => {
+                            let handed = Shared::hand_out_locked(
+                                &mut state,
+                                &r.topic,
+                                r.partition,
+                                r.generation,
+                                r.offset,
+                            );
+                            Some((r, handed, state.book.queued))
+                        }
+                        Err(_) => None,
+                    },
+                    _ => None,
+                };
+                (control, redelivery, full, ready)
             };
             if let Some(event) = control {
                 return Some(event);
+            }
+            if let Some((r, handed, queued)) = ready {
+                if !handed {
+                    continue;
+                }
+                self.shared.wake_if_room(queued);
+                return Some(Ok(self.delivery(r)));
             }
             if full {
                 // `prefetch` deliveries are out: wait for one to be settled (a
@@ -490,15 +526,7 @@ impl Subscription for KafkaSubscription {
             {
                 continue;
             }
-            let acker = Acker::new(KafkaAck {
-                shared: Arc::clone(&self.shared),
-                delivery: r.delivery.clone(),
-                topic: r.topic,
-                partition: r.partition,
-                generation: r.generation,
-                offset: r.offset,
-            });
-            return Some(Ok(Event::Delivery(r.delivery, acker)));
+            return Some(Ok(self.delivery(r)));
         }
     }
 
@@ -537,6 +565,19 @@ impl Subscription for KafkaSubscription {
 }
 
 impl KafkaSubscription {
+    /// The event for a message handed out, with its settlement handle.
+    fn delivery(&self, r: Redelivery) -> Event {
+        let acker = Acker::new(KafkaAck {
+            shared: Arc::clone(&self.shared),
+            delivery: r.delivery.clone(),
+            topic: r.topic,
+            partition: r.partition,
+            generation: r.generation,
+            offset: r.offset,
+        });
+        Event::Delivery(r.delivery, acker)
+    }
+
     /// A handle that lets the consumer end this subscription.
     pub(crate) fn closer(&self) -> Closer {
         Closer {
