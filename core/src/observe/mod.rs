@@ -18,6 +18,13 @@
 //! installed later does not see that runner's metrics. The same holds for the
 //! OpenTelemetry tracer provider (feature `opentelemetry`): a runner takes its
 //! tracer when it starts (see the `trace` module).
+//!
+//! A runner started with no recorder installed has no metric hooks at all (no
+//! handles, no clock readings) for its whole life; a thread's sends to a topic
+//! are decided the same way on its first send there. polybus takes a
+//! zero-sized recorder (a unit struct, like the facade's own `NoopRecorder`)
+//! for none: the `metrics` facade cannot say whether a recorder is installed,
+//! and every exporter's recorder holds state.
 
 use std::time::Duration;
 
@@ -46,19 +53,23 @@ where
     Fut: std::future::Future<Output = crate::error::Result<()>>,
 {
     #[cfg(feature = "metrics")]
-    let started = std::time::Instant::now();
-    // The traced send (a span, headers) is boxed: the untraced one, the
-    // common case, keeps a future no larger than the publish it awaits.
+    let started = recorder::send_started(system, topic);
+    // Outside a trace the send is `publish(message)` and nothing else (its
+    // future no larger); inside one the publish runs in the span's context.
     #[cfg(feature = "opentelemetry")]
-    let result = if trace::in_trace() {
-        Box::pin(trace::send(system, topic, message, publish)).await
-    } else {
-        publish(message).await
+    let result = {
+        let mut message = message;
+        match trace::start_send(system, topic, &mut message) {
+            Some(active) => trace::in_span(active, publish(message)).await,
+            None => publish(message).await,
+        }
     };
     #[cfg(not(feature = "opentelemetry"))]
     let result = publish(message).await;
     #[cfg(feature = "metrics")]
-    recorder::send_metrics(system, topic, started.elapsed(), &result);
+    if let Some(started) = started {
+        recorder::send_metrics(system, topic, started.elapsed(), &result);
+    }
     #[cfg(not(any(feature = "metrics", feature = "opentelemetry")))]
     let _ = (system, topic);
     result
@@ -323,25 +334,18 @@ impl Outcome {
     }
 }
 
-/// A started timer; nothing without the `metrics` feature.
+/// A started timer ([`Observer::timer`]); nothing without the `metrics`
+/// feature, and no clock reading for a runner without a recorder.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timer {
     #[cfg(feature = "metrics")]
-    started: std::time::Instant,
+    started: Option<std::time::Instant>,
 }
 
 impl Timer {
-    #[inline(always)]
-    pub(crate) fn start() -> Self {
-        Timer {
-            #[cfg(feature = "metrics")]
-            started: std::time::Instant::now(),
-        }
-    }
-
     #[cfg(feature = "metrics")]
     pub(crate) fn elapsed(&self) -> Duration {
-        self.started.elapsed()
+        self.started.map_or(Duration::ZERO, |started| started.elapsed())
     }
 }
 
@@ -364,13 +368,26 @@ impl std::fmt::Debug for Observer {
 #[allow(clippy::unused_self)]
 impl Observer {
     /// The hooks of a runner on `system` (the backend's name) in `group`.
+    /// Without a recorder installed at this moment the runner has no metric
+    /// hooks at all (no handles, no clock readings), for good.
     pub(crate) fn new(system: &'static str, group: Option<&str>) -> Self {
         let _ = (system, group);
         Observer {
             #[cfg(feature = "metrics")]
-            metrics: Some(std::sync::Arc::new(recorder::RunnerMetrics::new(system, group))),
+            metrics: recorder::installed()
+                .then(|| std::sync::Arc::new(recorder::RunnerMetrics::new(system, group))),
             #[cfg(feature = "opentelemetry")]
             trace: Some(std::sync::Arc::new(trace::RunnerTracer::new(system, group))),
+        }
+    }
+
+    /// Starts a timer for a handler attempt or a settlement call: no clock
+    /// reading when the runner has no recorder.
+    #[inline(always)]
+    pub(crate) fn timer(&self) -> Timer {
+        Timer {
+            #[cfg(feature = "metrics")]
+            started: self.metrics.is_some().then(std::time::Instant::now),
         }
     }
 

@@ -28,11 +28,30 @@ pub(super) fn describe_all() {
     }
 }
 
+/// Whether a recorder is installed (for this thread or globally), as
+/// polybus decides it: the current recorder is not zero-sized. The facade
+/// uses `metrics::NoopRecorder` (a unit struct) when none is installed, and
+/// gives no way to ask whether it is the one in use; every exporter's
+/// recorder holds state. Asked when a runner starts and on a thread's first
+/// send to a topic: without a recorder the hooks take no clock readings and
+/// touch no handles.
+///
+/// The rule this makes (README, "Observability"): a zero-sized recorder (a
+/// unit struct that forwards to statics) is taken for none, and polybus
+/// emits nothing to it. (Comparing vtables with `NoopRecorder`'s does not
+/// work: the facade's is another copy of it, as a debug build showed.)
+pub(super) fn installed() -> bool {
+    metrics::with_recorder(|recorder| std::mem::size_of_val(recorder) != 0)
+}
+
 /// The handles of successful sends to one topic.
 #[derive(Clone)]
 struct SendHandles {
     sent: Counter,
     duration: Histogram,
+    /// A recorder was installed when they were registered: the send is
+    /// timed and counted (else the handles are no-ops and it is neither).
+    live: bool,
 }
 
 /// Send handles per backend, then per topic, with the last one used in front
@@ -51,7 +70,7 @@ thread_local! {
     static SEND_HANDLES: RefCell<SendCache> = RefCell::new(SendCache::default());
 }
 
-fn with_send_handles(system: &'static str, topic: &str, f: impl FnOnce(&SendHandles)) {
+fn with_send_handles<R>(system: &'static str, topic: &str, f: impl FnOnce(&SendHandles) -> R) -> R {
     SEND_HANDLES.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some((s, t, handles)) = &cache.last
@@ -68,6 +87,7 @@ fn with_send_handles(system: &'static str, topic: &str, f: impl FnOnce(&SendHand
                 let mut with_type = labels.clone();
                 with_type.push(Label::from_static_parts(OPERATION_TYPE, "send"));
                 let made = SendHandles {
+                    live: installed(),
                     sent: metrics::counter!(SENT_MESSAGES, labels),
                     duration: metrics::histogram!(OPERATION_DURATION, with_type),
                 };
@@ -75,9 +95,17 @@ fn with_send_handles(system: &'static str, topic: &str, f: impl FnOnce(&SendHand
                 made
             }
         };
-        f(&handles);
+        let result = f(&handles);
         cache.last = Some((system, topic.to_owned(), handles));
-    });
+        result
+    })
+}
+
+/// When a send to `topic` starts: `None` when this thread registered its
+/// handles for `topic` without a recorder (then it is neither timed nor
+/// counted, failures included, like a send through no-op handles).
+pub(super) fn send_started(system: &'static str, topic: &str) -> Option<std::time::Instant> {
+    with_send_handles(system, topic, |handles| handles.live).then(std::time::Instant::now)
 }
 
 fn send_labels(system: &'static str, topic: &str, error: Option<&'static str>) -> Vec<Label> {
@@ -284,4 +312,81 @@ fn base_labels(system: &'static str, group: Option<&str>, topic: Option<&str>) -
         labels.push(Label::new(GROUP, group.to_owned()));
     }
     labels
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    use super::installed;
+
+    static FORWARDED: AtomicU64 = AtomicU64::new(0);
+
+    /// A zero-sized recorder that records (into a static): taken for none.
+    struct Forwarding;
+
+    struct ToStatic;
+
+    impl metrics::CounterFn for ToStatic {
+        fn increment(&self, value: u64) {
+            FORWARDED.fetch_add(value, Ordering::Relaxed);
+        }
+        fn absolute(&self, value: u64) {
+            FORWARDED.store(value, Ordering::Relaxed);
+        }
+    }
+
+    impl Recorder for Forwarding {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(Arc::new(ToStatic))
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn a_recorder_is_installed_when_it_is_not_zero_sized() {
+        // No recorder in this test binary: the facade's NoopRecorder.
+        assert!(!installed());
+        metrics::with_local_recorder(&metrics::NoopRecorder, || assert!(!installed()));
+        let sized = sized_recorder();
+        metrics::with_local_recorder(&sized, || assert!(installed()));
+        // The documented limit: a zero-sized recorder that records is taken
+        // for none (it still receives what others record through it).
+        metrics::with_local_recorder(&Forwarding, || {
+            assert!(!installed());
+            metrics::counter!("x").increment(3);
+        });
+        assert_eq!(FORWARDED.load(Ordering::Relaxed), 3);
+    }
+
+    /// A recorder with state (not zero-sized).
+    fn sized_recorder() -> impl Recorder {
+        struct Sized(#[allow(dead_code)] u64);
+        impl Recorder for Sized {
+            fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+            fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+                Counter::noop()
+            }
+            fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+                Gauge::noop()
+            }
+            fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+                Histogram::noop()
+            }
+        }
+        Sized(0)
+    }
 }

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
 
 use opentelemetry::context::FutureExt;
-use opentelemetry::global::BoxedTracer;
+use opentelemetry::global::{BoxedSpan, BoxedTracer};
 use opentelemetry::trace::{
     Link, SamplingDecision, SamplingResult, Span, SpanBuilder, SpanContext, SpanId, SpanKind, Status,
     TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
@@ -116,6 +116,14 @@ fn parse_traceparent(b: &[u8]) -> Option<(u128, u64, u8)> {
     Some((trace, span, flags))
 }
 
+/// `value` without leading and trailing spaces and tabs.
+fn trim_blanks(value: &[u8]) -> &[u8] {
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = value.iter().position(|b| !blank(b)).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !blank(b)).map_or(start, |i| i + 1);
+    &value[start..end]
+}
+
 /// The longest `tracestate` kept (W3C Trace Context: vendors propagate at
 /// least 512 characters; a longer one is dropped, not truncated).
 pub const MAX_TRACESTATE: usize = 512;
@@ -134,12 +142,17 @@ const MAX_TRACESTATE_MEMBERS: usize = 32;
 /// CR/LF or other control characters) and small.
 pub(crate) fn extract(headers: &Headers) -> Option<SpanContext> {
     let mut parents = headers.get_all(TRACEPARENT);
-    let parent = parents.next()?.as_str()?.trim_matches([' ', '\t']);
+    let parent = trim_blanks(parents.next()?.as_bytes()?);
     if parents.next().is_some() {
         // Several parents: none of them is the parent.
         return None;
     }
-    let (trace, span, flags) = parse_traceparent(parent.as_bytes())?;
+    let (trace, span, flags) = parse_traceparent(parent)?;
+    // The fields parsed are ASCII; a later version's tail must be text too
+    // (no UTF-8 check on the common 55-byte value).
+    if parent.len() > 55 && std::str::from_utf8(&parent[55..]).is_err() {
+        return None;
+    }
     let (trace_id, span_id) = (TraceId::from(trace), SpanId::from(span));
     let state = trace_state(headers).unwrap_or_default();
     let cx = SpanContext::new(trace_id, span_id, TraceFlags::new(flags & 1), true, state);
@@ -192,6 +205,15 @@ fn base(system: &'static str, destination: Value, operation: &'static str) -> Ve
     attributes
 }
 
+/// A span builder with its fields set in place (the builder is large: each
+/// `with_…` call moves it).
+fn builder(name: &'static str, kind: SpanKind, attributes: Vec<KeyValue>) -> SpanBuilder {
+    let mut builder = SpanBuilder::from_name(name);
+    builder.span_kind = Some(kind);
+    builder.attributes = Some(attributes);
+    builder
+}
+
 /// `"<operation> <topic>"` without the formatting machinery.
 fn span_name(operation: &str, topic: &str) -> String {
     let mut name = String::with_capacity(operation.len() + 1 + topic.len());
@@ -201,8 +223,40 @@ fn span_name(operation: &str, topic: &str) -> String {
     name
 }
 
-fn end(cx: &Context, error: Option<&'static str>) {
-    let span = cx.span();
+/// A context with a polybus span active, and whether that span records.
+pub(super) struct Active {
+    cx: Context,
+    recording: bool,
+}
+
+/// `cx` with `span` active. A span that does not record (the sampler
+/// dropped it) is carried by its span context alone: the API gives such a
+/// span nothing to do (attributes, events, status and `end` are ignored; the
+/// SDK calls no span processor for it), and its context is all that a child
+/// span or an injected `traceparent` reads. That saves, per unsampled span,
+/// the second box `Context::with_span` puts around the global API's boxed
+/// span, and the clock reading and lock of its `end`.
+fn with_span(cx: &Context, span: BoxedSpan) -> Active {
+    if span.is_recording() {
+        Active {
+            cx: cx.with_span(span),
+            recording: true,
+        }
+    } else {
+        Active {
+            cx: cx.with_remote_span_context(span.span_context().clone()),
+            recording: false,
+        }
+    }
+}
+
+/// Ends the span of `active` (nothing for one that does not record), with
+/// `error.type` and an error status when `error` names one.
+fn end(active: &Active, error: Option<&'static str>) {
+    if !active.recording {
+        return;
+    }
+    let span = active.cx.span();
     if let Some(kind) = error {
         span.set_attribute(KeyValue::new(ERROR_TYPE, kind));
         span.set_status(Status::error(kind));
@@ -228,6 +282,59 @@ fn makes_spans(tracer: &BoxedTracer) -> bool {
         .is_valid()
 }
 
+/// The span names and destination of one topic, made once per topic for the
+/// life of the process: a span builder takes its name as a
+/// `Cow<'static, str>`, so a name borrowed from here costs no allocation per
+/// span (an owned one did: two allocations per message even when the sampler
+/// drops the span). Topics are a bounded set (they are metric labels too), and
+/// so is this table.
+struct TopicNames {
+    topic: Box<str>,
+    /// `send <topic>`.
+    send: String,
+    /// `process <topic>`.
+    process: String,
+    /// The topic as a shared attribute value (cloning it counts a reference).
+    destination: Value,
+}
+
+/// The names of `topic`, made the first time any runner or send of the
+/// process sees it.
+fn topic_names(topic: &str) -> &'static TopicNames {
+    static ALL: OnceLock<RwLock<HashMap<Box<str>, &'static TopicNames>>> = OnceLock::new();
+    let all = ALL.get_or_init(RwLock::default);
+    if let Some(found) = all.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
+        return found;
+    }
+    let mut all = all.write().unwrap_or_else(|p| p.into_inner());
+    all.entry(topic.into()).or_insert_with(|| {
+        Box::leak(Box::new(TopicNames {
+            topic: topic.into(),
+            send: span_name("send", topic),
+            process: span_name("process", topic),
+            destination: Value::from(std::sync::Arc::<str>::from(topic)),
+        }))
+    })
+}
+
+thread_local! {
+    /// The names of the topic this thread last sent to in a trace (a hit is
+    /// one string comparison, no lock).
+    static LAST_SENT: std::cell::Cell<Option<&'static TopicNames>> = const { std::cell::Cell::new(None) };
+}
+
+/// [`topic_names`] for a send, through this thread's last entry.
+fn sent_topic(topic: &str) -> &'static TopicNames {
+    LAST_SENT.with(|last| match last.get() {
+        Some(names) if *names.topic == *topic => names,
+        _ => {
+            let names = topic_names(topic);
+            last.set(Some(names));
+            names
+        }
+    })
+}
+
 /// The tracer of a runner's `process` and dead-letter spans and what they
 /// share, made once when the runner starts.
 ///
@@ -243,28 +350,8 @@ pub(crate) struct RunnerTracer {
     tracer: Option<BoxedTracer>,
     system: &'static str,
     group: Option<Value>,
-    /// The runner's first topic, inline (no lock on the per-message path).
-    first: OnceLock<TopicSpans>,
-    topics: RwLock<HashMap<String, TopicSpans>>,
-}
-
-/// What every `process` span of one topic shares.
-struct TopicSpans {
-    topic: String,
-    /// `process <topic>`.
-    name: String,
-    /// The topic as a shared attribute value.
-    destination: Value,
-}
-
-impl TopicSpans {
-    fn new(topic: &str) -> Self {
-        TopicSpans {
-            topic: topic.to_owned(),
-            name: span_name("process", topic),
-            destination: Value::from(std::sync::Arc::<str>::from(topic)),
-        }
-    }
+    /// The runner's first topic (no lock on the per-message path).
+    first: OnceLock<&'static TopicNames>,
 }
 
 impl RunnerTracer {
@@ -277,26 +364,17 @@ impl RunnerTracer {
             system,
             group: group.map(|g| Value::from(std::sync::Arc::<str>::from(g))),
             first: OnceLock::new(),
-            topics: RwLock::new(HashMap::new()),
         }
     }
 
-    /// The span name and destination of `topic`'s `process` spans.
-    fn topic(&self, topic: &str) -> (String, Value) {
-        let pick = |t: &TopicSpans| (t.name.clone(), t.destination.clone());
-        let first = self.first.get_or_init(|| TopicSpans::new(topic));
-        if first.topic == topic {
-            return pick(first);
+    /// The names of `topic`'s spans.
+    fn topic(&self, topic: &str) -> &'static TopicNames {
+        let first = *self.first.get_or_init(|| topic_names(topic));
+        if *first.topic == *topic {
+            first
+        } else {
+            topic_names(topic)
         }
-        if let Some(found) = self.topics.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
-            return pick(found);
-        }
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        pick(
-            topics
-                .entry(topic.to_owned())
-                .or_insert_with(|| TopicSpans::new(topic)),
-        )
     }
 
     /// Runs one handler attempt inside a `process <topic>` CONSUMER span,
@@ -317,23 +395,22 @@ impl RunnerTracer {
             // No tracer: no span; the handler runs in the producer's context.
             return attempt.with_context(parent).await;
         };
-        let (name, destination) = self.topic(delivery.topic());
-        let mut attributes = base(self.system, destination, "process");
+        let names = self.topic(delivery.topic());
+        let mut attributes = base(self.system, names.destination.clone(), "process");
         if let Some(group) = &self.group {
             attributes.push(KeyValue::new(GROUP, group.clone()));
         }
-        let mut span = tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Consumer)
-            .with_attributes(attributes)
-            .start_with_context(tracer, &parent);
+        let mut span = tracer.build_with_context(
+            builder(names.process.as_str(), SpanKind::Consumer, attributes),
+            &parent,
+        );
         if span.is_recording() {
             span.set_attribute(KeyValue::new(MESSAGE_ID, delivery.id().to_owned()));
             span.set_attribute(KeyValue::new(DELIVERY_ATTEMPT, i64::from(delivery.attempt())));
         }
-        let cx = parent.with_span(span);
-        let result = attempt.with_context(cx.clone()).await;
-        end(&cx, error(&result));
+        let active = with_span(&parent, span);
+        let result = attempt.with_context(active.cx.clone()).await;
+        end(&active, error(&result));
         result
     }
 
@@ -349,60 +426,42 @@ impl RunnerTracer {
         let Some(tracer) = &self.tracer else {
             return publish.with_context(Context::new()).await;
         };
-        let destination = Value::from(dead_letter_topic.to_owned());
-        let mut builder = tracer
-            .span_builder(span_name("send", dead_letter_topic))
-            .with_kind(SpanKind::Producer)
-            .with_attributes(base(self.system, destination, "send"));
+        let names = topic_names(dead_letter_topic);
+        let attributes = base(self.system, names.destination.clone(), "send");
+        let mut builder = builder(names.send.as_str(), SpanKind::Producer, attributes);
         if let Some(original) = extract(&delivery.message().headers) {
-            builder = builder.with_links(vec![Link::with_context(original)]);
+            builder.links = Some(vec![Link::with_context(original)]);
         }
-        let span = builder.start_with_context(tracer, &Context::new());
-        let cx = Context::new().with_span(span);
-        let result = publish.with_context(cx.clone()).await;
-        end(&cx, result.as_ref().err().map(|e: &Error| error_type(e)));
+        let span = tracer.build_with_context(builder, &Context::new());
+        let active = with_span(&Context::new(), span);
+        let result = publish.with_context(active.cx.clone()).await;
+        end(&active, result.as_ref().err().map(|e: &Error| error_type(e)));
         result
     }
 }
 
-/// Whether the current context is inside a trace (has a valid span context):
-/// only then does `send` start a span and write trace headers.
-pub(crate) fn in_trace() -> bool {
-    Context::map_current(|cx| cx.span().span_context().is_valid())
-}
-
-/// Sends `message` through `publish` inside a `send <topic>` PRODUCER span,
-/// with the span's context written into the message's headers. Outside a
-/// trace, sends it unchanged.
+/// Starts a `send <topic>` PRODUCER span when the current context is inside
+/// a trace (has a valid span context) and writes the span's context into the
+/// message's headers; returns the context to publish in (end it with [`end`]).
+/// Outside a trace, `None` and the message unchanged.
 ///
 /// The tracer is the global provider's at each send (a producer has no state
-/// of its own to keep one in); the message id attribute is set only when the
-/// span records.
-pub(crate) async fn send<F, Fut>(
-    system: &'static str,
-    topic: &str,
-    mut message: Message,
-    publish: F,
-) -> Result<()>
-where
-    F: FnOnce(Message) -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    if !in_trace() {
-        return publish(message).await;
-    }
-    let current = Context::current();
+/// of its own to keep one in); the span's name and destination are the
+/// topic's shared ones, and the message id attribute is set only when the
+/// span records, so an unsampled span allocates only what the SDK needs.
+pub(super) fn start_send(system: &'static str, topic: &str, message: &mut Message) -> Option<Active> {
+    let current = Context::map_current(|cx| cx.span().span_context().is_valid().then(|| cx.clone()))?;
+    let names = sent_topic(topic);
     let tracer = global::tracer(SCOPE);
-    let mut span = tracer
-        .span_builder(span_name("send", topic))
-        .with_kind(SpanKind::Producer)
-        .with_attributes(base(system, Value::from(topic.to_owned()), "send"))
-        .start_with_context(&tracer, &current);
+    let attributes = base(system, names.destination.clone(), "send");
+    let mut span = tracer.build_with_context(
+        builder(names.send.as_str(), SpanKind::Producer, attributes),
+        &current,
+    );
     if span.is_recording() {
         span.set_attribute(KeyValue::new(MESSAGE_ID, message.id.clone()));
     }
     let span_context = span.span_context().clone();
-    let cx = current.with_span(span);
     if span_context.is_valid() {
         message.headers.insert(TRACEPARENT, traceparent(&span_context));
         let state = span_context.trace_state().header();
@@ -412,9 +471,30 @@ where
             message.headers.insert(TRACESTATE, state);
         }
     }
-    let result = publish(message).with_context(cx.clone()).await;
-    end(&cx, result.as_ref().err().map(error_type));
+    Some(with_span(&current, span))
+}
+
+/// Runs `publish` (the send of a message [`start_send`] prepared) in the
+/// span's context, then ends the span.
+pub(super) async fn in_span(active: Active, publish: impl Future<Output = Result<()>>) -> Result<()> {
+    let result = publish.with_context(active.cx.clone()).await;
+    end(&active, result.as_ref().err().map(error_type));
     result
+}
+
+/// Sends `message` through `publish` inside a `send <topic>` PRODUCER span,
+/// with the span's context written into the message's headers. Outside a
+/// trace, sends it unchanged. (What `observe::send` does, for the tests.)
+#[cfg(test)]
+async fn send<F, Fut>(system: &'static str, topic: &str, mut message: Message, publish: F) -> Result<()>
+where
+    F: FnOnce(Message) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    match start_send(system, topic, &mut message) {
+        Some(active) => in_span(active, publish(message)).await,
+        None => publish(message).await,
+    }
 }
 
 #[cfg(test)]
@@ -499,6 +579,10 @@ mod tests {
         assert!(cx.is_sampled() && cx.is_remote());
         assert_eq!(traceparent(&cx), parent);
         assert_eq!(cx.trace_state().header(), "congo=t61rcWkgMzE");
+        // Spaces and tabs around the value are not part of it.
+        let padded = extract(&headers(&format!(" \t{parent}\t "), None)).unwrap();
+        assert_eq!(traceparent(&padded), parent);
+        assert!(extract(&headers(&format!("\n{parent}"), None)).is_none());
     }
 
     /// Headers as a foreign producer may write them: raw values, repeated keys.
@@ -549,6 +633,13 @@ mod tests {
                 raw(&[(
                     TRACEPARENT,
                     b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                )]),
+            ),
+            (
+                "a later version with a tail that is not UTF-8",
+                raw(&[(
+                    TRACEPARENT,
+                    b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-\xff",
                 )]),
             ),
             (

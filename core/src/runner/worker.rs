@@ -33,7 +33,7 @@ use crate::handler::HandlerError;
 use crate::message::{Delivery, Message, dlq_headers};
 use crate::middleware::Pipeline;
 use crate::names;
-use crate::observe::{Observer, Timer};
+use crate::observe::Observer;
 
 /// What the runner needs to settle and dead-letter, shared by every worker.
 pub(super) struct Settings {
@@ -164,7 +164,7 @@ async fn run(
         };
         return after_failure(settings, delivery, acker, failure, stage).await;
     }
-    let timer = Timer::start();
+    let timer = settings.observe.timer();
     let call = AssertUnwindSafe(async { pipeline.call(delivery.clone()).await });
     let result = settings.observe.process(delivery, call.catch_unwind()).await;
     settings
@@ -247,7 +247,7 @@ pub(super) async fn settle(
     operation: &'static str,
     call: impl Future<Output = Result<()>>,
 ) -> Result<()> {
-    let timer = Timer::start();
+    let timer = settings.observe.timer();
     let result = match tokio::time::timeout(settings.settle_timeout, call).await {
         Ok(result) => result,
         Err(_) => Err(Error::timeout(operation, settings.settle_timeout)),
