@@ -372,10 +372,18 @@ impl Observer {
     /// hooks at all (no handles, no clock readings), for good.
     pub(crate) fn new(system: &'static str, group: Option<&str>) -> Self {
         let _ = (system, group);
+        #[cfg(feature = "metrics")]
+        let recording = recorder::installed();
+        #[cfg(feature = "metrics")]
+        if !recording {
+            // Discoverable: a zero-sized recorder is taken for none.
+            tracing::debug!(
+                "no metrics recorder installed (or a zero-sized one, taken for none): this runner records no metrics"
+            );
+        }
         Observer {
             #[cfg(feature = "metrics")]
-            metrics: recorder::installed()
-                .then(|| std::sync::Arc::new(recorder::RunnerMetrics::new(system, group))),
+            metrics: recording.then(|| std::sync::Arc::new(recorder::RunnerMetrics::new(system, group))),
             #[cfg(feature = "opentelemetry")]
             trace: Some(std::sync::Arc::new(trace::RunnerTracer::new(system, group))),
         }
