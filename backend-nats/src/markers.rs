@@ -188,7 +188,16 @@ impl Markers {
     /// the current one.
     pub(crate) fn retire(&self, only: Option<u64>) {
         let mut state = self.state();
-        if state.sid.is_none() || only.is_some_and(|g| g != state.generation) {
+        if only.is_some_and(|g| g != state.generation) {
+            return;
+        }
+        if state.sid.is_none() {
+            // Nothing installed (a loss right after another, or before any
+            // send since): a send whose data went out before this loss and
+            // that installs the next subscription must still see it.
+            if only.is_none() {
+                state.retirements += 1;
+            }
             return;
         }
         let outstanding = state.published - state.handled;
@@ -507,5 +516,78 @@ mod grace_tests {
         // A late event of that subscription gives nothing back twice.
         markers.event(7);
         assert_eq!(markers.slots.available_permits(), IN_FLIGHT);
+    }
+}
+
+#[cfg(test)]
+mod loss_tests {
+    use super::*;
+
+    /// A client on the shared test server whose slow-consumer events go to
+    /// `markers` (as the producer's event callback does); `None` (skipped
+    /// loudly) without `POLYBUS_TEST_NATS_URL`.
+    async fn client(markers: &Arc<Markers>) -> Option<async_nats::Client> {
+        let Ok(url) = std::env::var("POLYBUS_TEST_NATS_URL") else {
+            assert!(
+                std::env::var_os("POLYBUS_TEST_REQUIRE_BROKERS").is_none(),
+                "POLYBUS_TEST_REQUIRE_BROKERS is set but POLYBUS_TEST_NATS_URL is not"
+            );
+            eprintln!("skipping: POLYBUS_TEST_NATS_URL is not set");
+            return None;
+        };
+        let events = Arc::clone(markers);
+        let client = async_nats::ConnectOptions::new()
+            .subscription_capacity(1)
+            .event_callback(move |event| {
+                let events = Arc::clone(&events);
+                async move {
+                    if let async_nats::Event::SlowConsumer(sid) = event {
+                        events.event(sid);
+                    }
+                }
+            })
+            .connect(url)
+            .await
+            .expect("connecting to POLYBUS_TEST_NATS_URL");
+        Some(client)
+    }
+
+    /// Two losses in a row with no send between them: the first retires the
+    /// subscription, and nothing is installed until the next send. A send
+    /// whose data goes out on the connection lost second (its loss handled
+    /// before the send installs a subscription and counts its marker) must
+    /// fail as lost: its marker, on the third connection, would confirm a
+    /// publish the server never saw.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_loss_while_no_subscription_is_installed_fails_the_send() {
+        let markers = Arc::new(Markers::default());
+        let Some(client) = client(&markers).await else {
+            return;
+        };
+        let timeout = Duration::from_secs(5);
+        markers.start(&client, timeout).await.unwrap();
+        // The first marker is in the buffer once the flush is answered.
+        client.flush().await.unwrap();
+        let (violations, _) = broadcast::channel(16);
+        let mut seen = violations.subscribe();
+        markers
+            .confirm(&client, timeout, &mut seen, |_| false, async { Ok(()) })
+            .await
+            .expect("a send is confirmed by its marker");
+        // The first loss (its Disconnected event handled).
+        markers.retire(None);
+        // The data goes out, the connection is lost and that loss is handled
+        // before the marker is counted.
+        let data = async {
+            markers.retire(None);
+            Ok(())
+        };
+        let sent = markers
+            .confirm(&client, timeout, &mut seen, |_| false, data)
+            .await;
+        assert!(
+            matches!(sent, Err(Error::Connection { .. })),
+            "a send whose data went out on a lost connection: {sent:?}"
+        );
     }
 }
