@@ -314,6 +314,17 @@ impl Markers {
         // one, would confirm a publish the server never saw (and so never
         // refused).
         let retirements = self.state().retirements;
+        // The same for a reconnect whose `Disconnected` event never reached
+        // polybus (async-nats drops events when its queue is full): a marker
+        // written on a later connection than its data is caught by the
+        // client's own count of connections, read after the marker's event.
+        let connects = || {
+            client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        let connected = connects();
         // Every step is bounded by the send's deadline: while the
         // connection is down async-nats queues commands, and a full queue
         // would hold a publish until the server is back.
@@ -388,6 +399,12 @@ impl Markers {
                     return Err(expired());
                 }
             }
+        }
+        // The marker's event was raised after any reconnect that carried the
+        // marker to another connection than its data.
+        if connects() != connected {
+            self.retire(Some(generation));
+            return Err(lost());
         }
         // Everything the event task was given before the marker is recorded.
         loop {
@@ -588,6 +605,54 @@ mod loss_tests {
         assert!(
             matches!(sent, Err(Error::Connection { .. })),
             "a send whose data went out on a lost connection: {sent:?}"
+        );
+    }
+
+    /// async-nats drops an event (a `Disconnected` included) when its queue
+    /// of 128 is full. A reconnect between a send's data and its marker
+    /// whose `Disconnected` event never reached polybus must still fail the
+    /// send: its marker, on the new connection, would confirm a publish the
+    /// server may never have seen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reconnect_without_its_event_fails_the_send() {
+        let markers = Arc::new(Markers::default());
+        let Some(client) = client(&markers).await else {
+            return;
+        };
+        let timeout = Duration::from_secs(5);
+        markers.start(&client, timeout).await.unwrap();
+        client.flush().await.unwrap();
+        let (violations, _) = broadcast::channel(16);
+        let mut seen = violations.subscribe();
+        // The data goes out, then the client reconnects; the Disconnected
+        // event is lost (the test's callback drops it, as a full queue would).
+        let data = async {
+            let before = client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed);
+            client.force_reconnect().await.unwrap();
+            let until = tokio::time::Instant::now() + timeout;
+            while client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == before
+                || client.connection_state() != async_nats::connection::State::Connected
+            {
+                assert!(tokio::time::Instant::now() < until, "no reconnect");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        };
+        let sent = markers
+            .confirm(&client, timeout, &mut seen, |_| false, data)
+            .await;
+        // (Its marker is sometimes not reported at all after a forced
+        // reconnect: the send then times out, which is an error too.)
+        assert!(
+            matches!(sent, Err(Error::Connection { .. } | Error::Timeout { .. })),
+            "a send whose data went out before a reconnect: {sent:?}"
         );
     }
 }
