@@ -223,6 +223,18 @@ impl Markers {
     /// Subscribes to a fresh marker subject and fills its one-message buffer;
     /// the caller holds the `order` lock. Returns the subject.
     async fn install(&self, client: &async_nats::Client, slot: &mut Option<Installed>) -> Result<String> {
+        // A loss while installing may take the first marker with it: the
+        // buffer would then stay empty on the next connection, and each marker
+        // would fill it instead of raising an event (a count one short for
+        // good: every send released by the next one's marker, the last one
+        // waiting out its timeout).
+        let connects = || {
+            client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        let (retirements, connected) = (self.state().retirements, connects());
         let subject = crate::probe_subject(client);
         let subscriber = client
             .subscribe(subject.clone())
@@ -240,11 +252,22 @@ impl Markers {
             .publish(subject.clone(), bytes::Bytes::new())
             .await
             .map_err(|e| crate::backend_error("publishing the producer's first marker", e, true))?;
+        // Checked under the lock that installs it: a loss handled after
+        // this retires the new subscription.
+        let mut state = self.state();
+        if state.retirements != retirements || connects() != connected {
+            return Err(Error::Connection {
+                backend: BACKEND,
+                message: "the NATS connection was lost while the producer subscribed to its markers \
+                          (core NATS: the message may or may not have been delivered)"
+                    .into(),
+                source: None,
+            });
+        }
         let old = slot.replace(Installed {
             subject: subject.clone(),
             _subscriber: subscriber,
         });
-        let mut state = self.state();
         state.sid = Some(sid);
         state.published = 0;
         state.handled = 0;
