@@ -45,6 +45,14 @@
 //!   the dead connection and the marker on the new one, and the marker's event
 //!   would then confirm a publish the server never saw, so never refused (seen
 //!   in CI: 4 denied sends `Ok` across six restarts, after the first review).
+//!   Every loss counts as a retirement, also one handled while no
+//!   subscription is installed (after another loss, before the next send
+//!   installs one: the second review found such a send confirmed `Ok`), and
+//!   the client's own count of connections is compared too, after the
+//!   marker's event, for a loss whose `Disconnected` event async-nats dropped.
+//!   A loss while a subscription is installed fails the install: its first
+//!   marker may be lost with the connection, leaving the buffer empty and
+//!   the count one short.
 //! * **No publish while the client is not connected.** async-nats queues
 //!   commands while it reconnects and writes them all on reconnect; sends made
 //!   during an outage fail at once (retryable) instead, so a reconnect does
