@@ -321,6 +321,16 @@ impl Markers {
                 .into(),
             source: None,
         };
+        // More violations recorded after this send's data than the watch
+        // keeps: this send's own refusal may be among those lost.
+        let lagged = || Error::Backend {
+            backend: BACKEND,
+            message: "too many permission violations at once to tell whether the NATS server refused \
+                      this send (core NATS: the message may or may not have been delivered)"
+                .into(),
+            retryable: true,
+            source: None,
+        };
         // Taken before the data goes out, so `-ERR`s are bounded too.
         let slot = loop {
             let until = self.expire_retired().map_or(deadline, |next| next.min(deadline));
@@ -345,6 +355,9 @@ impl Markers {
         // one, would confirm a publish the server never saw (and so never
         // refused).
         let retirements = self.state().retirements;
+        // Violations from here on only: what came while this send waited for
+        // a slot is other sends' (and would only make it lag, below).
+        *seen = seen.resubscribe();
         // The same for a reconnect whose `Disconnected` event never reached
         // polybus (async-nats drops events when its queue is full): a marker
         // written on a later connection than its data is caught by the
@@ -419,7 +432,8 @@ impl Markers {
                 got = seen.recv() => match got {
                     Ok(v) if concerns(&v) => return Err(v.error()),
                     Ok(v) if marker_refused(&v) => return Err(marker_error(&v)),
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(lagged()),
                     Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed("producer")),
                 },
                 () = &mut handled => {}
@@ -441,7 +455,8 @@ impl Markers {
         loop {
             match seen.try_recv() {
                 Ok(v) if concerns(&v) => return Err(v.error()),
-                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Ok(_) => {}
+                Err(broadcast::error::TryRecvError::Lagged(_)) => return Err(lagged()),
                 Err(_) => return Ok(()),
             }
         }
@@ -685,5 +700,46 @@ mod loss_tests {
             matches!(sent, Err(Error::Connection { .. } | Error::Timeout { .. })),
             "a send whose data went out before a reconnect: {sent:?}"
         );
+    }
+
+    /// The violations a send watches are a broadcast of 1,024: a send not
+    /// polled while more than that many are recorded after its own loses its
+    /// own (`Lagged`), and must not take that for "not refused".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_that_lagged_past_its_own_refusal_is_not_ok() {
+        let markers = Arc::new(Markers::default());
+        let Some(client) = client(&markers).await else {
+            return;
+        };
+        let timeout = Duration::from_secs(5);
+        markers.start(&client, timeout).await.unwrap();
+        client.flush().await.unwrap();
+        let (violations, _) = broadcast::channel(1024);
+        let mut seen = violations.subscribe();
+        let data = async {
+            // This send's refusal, then other sends' (a burst while this
+            // task was not polled).
+            let refusal = |subject: &str| {
+                Arc::new(Violation {
+                    denied: Denied::Publish,
+                    subject: subject.to_owned(),
+                })
+            };
+            violations.send(refusal("secret.mine")).unwrap();
+            for i in 0..1100 {
+                violations.send(refusal(&format!("secret.other.{i}"))).unwrap();
+            }
+            Ok(())
+        };
+        let sent = markers
+            .confirm(
+                &client,
+                timeout,
+                &mut seen,
+                |v| v.denied == Denied::Publish && v.subject == "secret.mine",
+                data,
+            )
+            .await;
+        assert!(sent.is_err(), "a send whose refusal was lagged past: {sent:?}");
     }
 }
