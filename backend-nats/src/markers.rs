@@ -431,7 +431,12 @@ impl Markers {
                 biased;
                 got = seen.recv() => match got {
                     Ok(v) if concerns(&v) => return Err(v.error()),
-                    Ok(v) if marker_refused(&v) => return Err(marker_error(&v)),
+                    Ok(v) if marker_refused(&v) => {
+                        // A refused marker raises no event: the count would
+                        // stay one short (each later send timing out).
+                        self.retire(Some(generation));
+                        return Err(marker_error(&v));
+                    }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => return Err(lagged()),
                     Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed("producer")),
