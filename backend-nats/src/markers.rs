@@ -24,7 +24,10 @@
 //!   is handled, not when the send returns, fails early on another send's
 //!   `-ERR`, or is dropped by its caller. async-nats's event queue holds 128
 //!   events and drops what does not fit; a dropped marker event used to shift
-//!   every later count, so each lone send then waited out its timeout.
+//!   every later count, so each lone send then waited out its timeout. A
+//!   send that waits a whole timeout for a slot retires the subscription:
+//!   markers whose events never come, of sends all dropped by their callers,
+//!   held every slot for good (second review).
 //! * **A subscription per generation.** A lost connection (or a marker not
 //!   confirmed in time) retires the marker subscription: events about its id
 //!   are ignored from then on, and the next send subscribes anew (a fresh
@@ -336,7 +339,15 @@ impl Markers {
             let until = self.expire_retired().map_or(deadline, |next| next.min(deadline));
             match tokio::time::timeout_at(until, self.slots.acquire()).await {
                 Ok(slot) => break slot.map_err(|_| Error::Closed("producer"))?,
-                Err(_) if tokio::time::Instant::now() >= deadline => return Err(expired()),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    // No slot came back for a whole timeout: the current
+                    // subscription's markers are not coming (their sends may
+                    // all be gone, so none would retire it). Retired, they
+                    // hold their slots for the grace at most.
+                    let generation = self.state().generation;
+                    self.retire(Some(generation));
+                    return Err(expired());
+                }
                 Err(_) => {}
             }
         };
@@ -746,5 +757,43 @@ mod loss_tests {
             )
             .await;
         assert!(sent.is_err(), "a send whose refusal was lagged past: {sent:?}");
+    }
+
+    /// Every slot held by markers of the current subscription whose events
+    /// never come (their sends dropped by their callers, so none times out
+    /// and retires it; the events lost, e.g. a `Disconnected` event async-nats
+    /// dropped): sends that time out waiting for a slot must not leave the
+    /// producer stalled for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slots_held_by_markers_that_never_come_are_given_back() {
+        let markers = Arc::new(Markers::default());
+        let Some(client) = client(&markers).await else {
+            return;
+        };
+        let timeout = Duration::from_millis(300);
+        markers.start(&client, timeout).await.unwrap();
+        client.flush().await.unwrap();
+        // Every slot held by a counted marker whose event never comes.
+        markers.state().published = IN_FLIGHT as u64;
+        markers.slots.try_acquire_many(IN_FLIGHT as u32).unwrap().forget();
+        let (violations, _) = broadcast::channel(16);
+        let mut seen = violations.subscribe();
+        let first = markers
+            .confirm(&client, timeout, &mut seen, |_| false, async { Ok(()) })
+            .await;
+        assert!(matches!(first, Err(Error::Timeout { .. })), "{first:?}");
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let sent = markers
+                .confirm(&client, timeout, &mut seen, |_| false, async { Ok(()) })
+                .await;
+            if sent.is_ok() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the producer stays stalled: {sent:?}"
+            );
+        }
     }
 }
