@@ -24,7 +24,10 @@
 //!   is handled, not when the send returns, fails early on another send's
 //!   `-ERR`, or is dropped by its caller. async-nats's event queue holds 128
 //!   events and drops what does not fit; a dropped marker event used to shift
-//!   every later count, so each lone send then waited out its timeout.
+//!   every later count, so each lone send then waited out its timeout. A
+//!   send that waits a whole timeout for a slot retires the subscription:
+//!   markers whose events never come, of sends all dropped by their callers,
+//!   held every slot for good (second review).
 //! * **A subscription per generation.** A lost connection (or a marker not
 //!   confirmed in time) retires the marker subscription: events about its id
 //!   are ignored from then on, and the next send subscribes anew (a fresh
@@ -45,6 +48,14 @@
 //!   the dead connection and the marker on the new one, and the marker's event
 //!   would then confirm a publish the server never saw, so never refused (seen
 //!   in CI: 4 denied sends `Ok` across six restarts, after the first review).
+//!   Every loss counts as a retirement, also one handled while no
+//!   subscription is installed (after another loss, before the next send
+//!   installs one: the second review found such a send confirmed `Ok`), and
+//!   the client's own count of connections is compared too, after the
+//!   marker's event, for a loss whose `Disconnected` event async-nats dropped.
+//!   A loss while a subscription is installed fails the install: its first
+//!   marker may be lost with the connection, leaving the buffer empty and
+//!   the count one short.
 //! * **No publish while the client is not connected.** async-nats queues
 //!   commands while it reconnects and writes them all on reconnect; sends made
 //!   during an outage fail at once (retryable) instead, so a reconnect does
@@ -188,7 +199,16 @@ impl Markers {
     /// the current one.
     pub(crate) fn retire(&self, only: Option<u64>) {
         let mut state = self.state();
-        if state.sid.is_none() || only.is_some_and(|g| g != state.generation) {
+        if only.is_some_and(|g| g != state.generation) {
+            return;
+        }
+        if state.sid.is_none() {
+            // Nothing installed (a loss right after another, or before any
+            // send since): a send whose data went out before this loss and
+            // that installs the next subscription must still see it.
+            if only.is_none() {
+                state.retirements += 1;
+            }
             return;
         }
         let outstanding = state.published - state.handled;
@@ -214,6 +234,18 @@ impl Markers {
     /// Subscribes to a fresh marker subject and fills its one-message buffer;
     /// the caller holds the `order` lock. Returns the subject.
     async fn install(&self, client: &async_nats::Client, slot: &mut Option<Installed>) -> Result<String> {
+        // A loss while installing may take the first marker with it: the
+        // buffer would then stay empty on the next connection, and each marker
+        // would fill it instead of raising an event (a count one short for
+        // good: every send released by the next one's marker, the last one
+        // waiting out its timeout).
+        let connects = || {
+            client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        let (retirements, connected) = (self.state().retirements, connects());
         let subject = crate::probe_subject(client);
         let subscriber = client
             .subscribe(subject.clone())
@@ -231,11 +263,22 @@ impl Markers {
             .publish(subject.clone(), bytes::Bytes::new())
             .await
             .map_err(|e| crate::backend_error("publishing the producer's first marker", e, true))?;
+        // Checked under the lock that installs it: a loss handled after
+        // this retires the new subscription.
+        let mut state = self.state();
+        if state.retirements != retirements || connects() != connected {
+            return Err(Error::Connection {
+                backend: BACKEND,
+                message: "the NATS connection was lost while the producer subscribed to its markers \
+                          (core NATS: the message may or may not have been delivered)"
+                    .into(),
+                source: None,
+            });
+        }
         let old = slot.replace(Installed {
             subject: subject.clone(),
             _subscriber: subscriber,
         });
-        let mut state = self.state();
         state.sid = Some(sid);
         state.published = 0;
         state.handled = 0;
@@ -281,12 +324,30 @@ impl Markers {
                 .into(),
             source: None,
         };
+        // More violations recorded after this send's data than the watch
+        // keeps: this send's own refusal may be among those lost.
+        let lagged = || Error::Backend {
+            backend: BACKEND,
+            message: "too many permission violations at once to tell whether the NATS server refused \
+                      this send (core NATS: the message may or may not have been delivered)"
+                .into(),
+            retryable: true,
+            source: None,
+        };
         // Taken before the data goes out, so `-ERR`s are bounded too.
         let slot = loop {
             let until = self.expire_retired().map_or(deadline, |next| next.min(deadline));
             match tokio::time::timeout_at(until, self.slots.acquire()).await {
                 Ok(slot) => break slot.map_err(|_| Error::Closed("producer"))?,
-                Err(_) if tokio::time::Instant::now() >= deadline => return Err(expired()),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    // No slot came back for a whole timeout: the current
+                    // subscription's markers are not coming (their sends may
+                    // all be gone, so none would retire it). Retired, they
+                    // hold their slots for the grace at most.
+                    let generation = self.state().generation;
+                    self.retire(Some(generation));
+                    return Err(expired());
+                }
                 Err(_) => {}
             }
         };
@@ -305,6 +366,20 @@ impl Markers {
         // one, would confirm a publish the server never saw (and so never
         // refused).
         let retirements = self.state().retirements;
+        // Violations from here on only: what came while this send waited for
+        // a slot is other sends' (and would only make it lag, below).
+        *seen = seen.resubscribe();
+        // The same for a reconnect whose `Disconnected` event never reached
+        // polybus (async-nats drops events when its queue is full): a marker
+        // written on a later connection than its data is caught by the
+        // client's own count of connections, read after the marker's event.
+        let connects = || {
+            client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        let connected = connects();
         // Every step is bounded by the send's deadline: while the
         // connection is down async-nats queues commands, and a full queue
         // would hold a publish until the server is back.
@@ -367,8 +442,14 @@ impl Markers {
                 biased;
                 got = seen.recv() => match got {
                     Ok(v) if concerns(&v) => return Err(v.error()),
-                    Ok(v) if marker_refused(&v) => return Err(marker_error(&v)),
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(v) if marker_refused(&v) => {
+                        // A refused marker raises no event: the count would
+                        // stay one short (each later send timing out).
+                        self.retire(Some(generation));
+                        return Err(marker_error(&v));
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(lagged()),
                     Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed("producer")),
                 },
                 () = &mut handled => {}
@@ -380,11 +461,18 @@ impl Markers {
                 }
             }
         }
+        // The marker's event was raised after any reconnect that carried the
+        // marker to another connection than its data.
+        if connects() != connected {
+            self.retire(Some(generation));
+            return Err(lost());
+        }
         // Everything the event task was given before the marker is recorded.
         loop {
             match seen.try_recv() {
                 Ok(v) if concerns(&v) => return Err(v.error()),
-                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Ok(_) => {}
+                Err(broadcast::error::TryRecvError::Lagged(_)) => return Err(lagged()),
                 Err(_) => return Ok(()),
             }
         }
@@ -507,5 +595,205 @@ mod grace_tests {
         // A late event of that subscription gives nothing back twice.
         markers.event(7);
         assert_eq!(markers.slots.available_permits(), IN_FLIGHT);
+    }
+}
+
+#[cfg(test)]
+mod loss_tests {
+    use super::*;
+
+    /// A client on the shared test server whose slow-consumer events go to
+    /// `markers` (as the producer's event callback does); `None` (skipped
+    /// loudly) without `POLYBUS_TEST_NATS_URL`.
+    async fn client(markers: &Arc<Markers>) -> Option<async_nats::Client> {
+        let Ok(url) = std::env::var("POLYBUS_TEST_NATS_URL") else {
+            assert!(
+                std::env::var_os("POLYBUS_TEST_REQUIRE_BROKERS").is_none(),
+                "POLYBUS_TEST_REQUIRE_BROKERS is set but POLYBUS_TEST_NATS_URL is not"
+            );
+            eprintln!("skipping: POLYBUS_TEST_NATS_URL is not set");
+            return None;
+        };
+        let events = Arc::clone(markers);
+        let client = async_nats::ConnectOptions::new()
+            .subscription_capacity(1)
+            .event_callback(move |event| {
+                let events = Arc::clone(&events);
+                async move {
+                    if let async_nats::Event::SlowConsumer(sid) = event {
+                        events.event(sid);
+                    }
+                }
+            })
+            .connect(url)
+            .await
+            .expect("connecting to POLYBUS_TEST_NATS_URL");
+        Some(client)
+    }
+
+    /// Two losses in a row with no send between them: the first retires the
+    /// subscription, and nothing is installed until the next send. A send
+    /// whose data goes out on the connection lost second (its loss handled
+    /// before the send installs a subscription and counts its marker) must
+    /// fail as lost: its marker, on the third connection, would confirm a
+    /// publish the server never saw.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_loss_while_no_subscription_is_installed_fails_the_send() {
+        let markers = Arc::new(Markers::default());
+        let Some(client) = client(&markers).await else {
+            return;
+        };
+        let timeout = Duration::from_secs(5);
+        markers.start(&client, timeout).await.unwrap();
+        // The first marker is in the buffer once the flush is answered.
+        client.flush().await.unwrap();
+        let (violations, _) = broadcast::channel(16);
+        let mut seen = violations.subscribe();
+        markers
+            .confirm(&client, timeout, &mut seen, |_| false, async { Ok(()) })
+            .await
+            .expect("a send is confirmed by its marker");
+        // The first loss (its Disconnected event handled).
+        markers.retire(None);
+        // The data goes out, the connection is lost and that loss is handled
+        // before the marker is counted.
+        let data = async {
+            markers.retire(None);
+            Ok(())
+        };
+        let sent = markers
+            .confirm(&client, timeout, &mut seen, |_| false, data)
+            .await;
+        assert!(
+            matches!(sent, Err(Error::Connection { .. })),
+            "a send whose data went out on a lost connection: {sent:?}"
+        );
+    }
+
+    /// async-nats drops an event (a `Disconnected` included) when its queue
+    /// of 128 is full. A reconnect between a send's data and its marker
+    /// whose `Disconnected` event never reached polybus must still fail the
+    /// send: its marker, on the new connection, would confirm a publish the
+    /// server may never have seen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reconnect_without_its_event_fails_the_send() {
+        let markers = Arc::new(Markers::default());
+        let Some(client) = client(&markers).await else {
+            return;
+        };
+        let timeout = Duration::from_secs(5);
+        markers.start(&client, timeout).await.unwrap();
+        client.flush().await.unwrap();
+        let (violations, _) = broadcast::channel(16);
+        let mut seen = violations.subscribe();
+        // The data goes out, then the client reconnects; the Disconnected
+        // event is lost (the test's callback drops it, as a full queue would).
+        let data = async {
+            let before = client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed);
+            client.force_reconnect().await.unwrap();
+            let until = tokio::time::Instant::now() + timeout;
+            while client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == before
+                || client.connection_state() != async_nats::connection::State::Connected
+            {
+                assert!(tokio::time::Instant::now() < until, "no reconnect");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        };
+        let sent = markers
+            .confirm(&client, timeout, &mut seen, |_| false, data)
+            .await;
+        // (Its marker is sometimes not reported at all after a forced
+        // reconnect: the send then times out, which is an error too.)
+        assert!(
+            matches!(sent, Err(Error::Connection { .. } | Error::Timeout { .. })),
+            "a send whose data went out before a reconnect: {sent:?}"
+        );
+    }
+
+    /// The violations a send watches are a broadcast of 1,024: a send not
+    /// polled while more than that many are recorded after its own loses its
+    /// own (`Lagged`), and must not take that for "not refused".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_that_lagged_past_its_own_refusal_is_not_ok() {
+        let markers = Arc::new(Markers::default());
+        let Some(client) = client(&markers).await else {
+            return;
+        };
+        let timeout = Duration::from_secs(5);
+        markers.start(&client, timeout).await.unwrap();
+        client.flush().await.unwrap();
+        let (violations, _) = broadcast::channel(1024);
+        let mut seen = violations.subscribe();
+        let data = async {
+            // This send's refusal, then other sends' (a burst while this
+            // task was not polled).
+            let refusal = |subject: &str| {
+                Arc::new(Violation {
+                    denied: Denied::Publish,
+                    subject: subject.to_owned(),
+                })
+            };
+            violations.send(refusal("secret.mine")).unwrap();
+            for i in 0..1100 {
+                violations.send(refusal(&format!("secret.other.{i}"))).unwrap();
+            }
+            Ok(())
+        };
+        let sent = markers
+            .confirm(
+                &client,
+                timeout,
+                &mut seen,
+                |v| v.denied == Denied::Publish && v.subject == "secret.mine",
+                data,
+            )
+            .await;
+        assert!(sent.is_err(), "a send whose refusal was lagged past: {sent:?}");
+    }
+
+    /// Every slot held by markers of the current subscription whose events
+    /// never come (their sends dropped by their callers, so none times out
+    /// and retires it; the events lost, e.g. a `Disconnected` event async-nats
+    /// dropped): sends that time out waiting for a slot must not leave the
+    /// producer stalled for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slots_held_by_markers_that_never_come_are_given_back() {
+        let markers = Arc::new(Markers::default());
+        let Some(client) = client(&markers).await else {
+            return;
+        };
+        let timeout = Duration::from_millis(300);
+        markers.start(&client, timeout).await.unwrap();
+        client.flush().await.unwrap();
+        // Every slot held by a counted marker whose event never comes.
+        markers.state().published = IN_FLIGHT as u64;
+        markers.slots.try_acquire_many(IN_FLIGHT as u32).unwrap().forget();
+        let (violations, _) = broadcast::channel(16);
+        let mut seen = violations.subscribe();
+        let first = markers
+            .confirm(&client, timeout, &mut seen, |_| false, async { Ok(()) })
+            .await;
+        assert!(matches!(first, Err(Error::Timeout { .. })), "{first:?}");
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let sent = markers
+                .confirm(&client, timeout, &mut seen, |_| false, async { Ok(()) })
+                .await;
+            if sent.is_ok() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the producer stays stalled: {sent:?}"
+            );
+        }
     }
 }

@@ -27,11 +27,10 @@ struct Server {
 
 impl Server {
     fn start(test: &str) -> Option<Server> {
-        let dir = std::env::temp_dir().join(format!(
-            "polybus-nats-markers-{}-{}",
-            std::process::id(),
-            test.len()
-        ));
+        // Named after the test: tests run in parallel, and a directory shared
+        // by two (it was named after the name's length) let one restart its
+        // server from the other's configuration (its port).
+        let dir = std::env::temp_dir().join(format!("polybus-nats-markers-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port().unwrap();
         let file = dir.join("server.conf");
@@ -281,4 +280,40 @@ async fn send_after_close_is_closed() {
     let err = producer.send("allowed.x", Message::new("x")).await.unwrap_err();
     assert!(matches!(err, Error::Closed(_)), "{err:?}");
     assert!(started.elapsed() < secs(1.0));
+}
+
+/// Restarts while the producer is idle (no send between them, so no marker
+/// subscription is installed after the first): sends afterwards are exact,
+/// and a denied one made right after each restart is never `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_restarts_leave_the_producer_exact() {
+    const TEST: &str = "idle_restarts_leave_the_producer_exact";
+    let Some(mut server) = Server::start(TEST) else {
+        return;
+    };
+    let producer = CoreProducer::connect(&server.config()).await.unwrap();
+    producer.send("allowed.before", Message::new("x")).await.unwrap();
+    for round in 0..4 {
+        for _ in 0..3 {
+            server.restart(TEST);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let until = Instant::now() + secs(10.0);
+        loop {
+            match producer
+                .send(&format!("secret.idle.{round}"), Message::new("no"))
+                .await
+            {
+                Ok(()) => panic!("round {round}: a denied send after idle restarts returned Ok"),
+                Err(Error::PermissionDenied { .. }) => break,
+                Err(e) => {
+                    assert!(e.is_retryable(), "round {round}: {e:?}");
+                    assert!(Instant::now() < until, "round {round}: not back: {e:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        still_precise(&producer, "after idle restarts").await;
+    }
+    producer.close().await.unwrap();
 }
