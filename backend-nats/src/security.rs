@@ -202,6 +202,18 @@ impl Violations {
                 None
             }
         };
+        // More violations than the watch holds arrived between two reads: a
+        // refusal of this call may be among those dropped, so it cannot say
+        // "not refused".
+        let lagged = |missed: u64| Error::Backend {
+            backend: BACKEND,
+            message: format!(
+                "cannot tell whether the NATS server refused this: {missed} permission violations \
+                 were reported faster than they could be read; try again"
+            ),
+            retryable: true,
+            source: None,
+        };
         let answered = crate::round_trip_to(client, timeout, probe.clone());
         tokio::pin!(answered);
         loop {
@@ -213,7 +225,7 @@ impl Violations {
                             return Err(e);
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Lagged(missed)) => return Err(lagged(missed)),
                     Err(broadcast::error::RecvError::Closed) => return answered.as_mut().await,
                 },
                 done = &mut answered => {
@@ -229,7 +241,7 @@ impl Violations {
                         return Err(e);
                     }
                 }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => return Err(lagged(missed)),
                 Err(_) => return Ok(()),
             }
         };
@@ -620,5 +632,46 @@ mod tests {
         let (addr, info) = split_userinfo("nats://tok@h:1");
         assert_eq!((addr.as_str(), info), ("nats://h:1", Some(("tok".into(), None))));
         assert_eq!(split_userinfo("nats://h:1"), ("nats://h:1".into(), None));
+    }
+}
+
+#[cfg(test)]
+mod lag_tests {
+    use super::*;
+
+    /// A round trip (the subscribe check, the connect check) whose violation
+    /// watch lagged past its own refusal cannot say it was not refused: more
+    /// than the watch holds (1,024) arrived between two reads, the refusal
+    /// among the ones dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_trip_that_lagged_past_a_refusal_is_not_ok() {
+        let Ok(url) = std::env::var("POLYBUS_TEST_NATS_URL") else {
+            assert!(
+                std::env::var_os("POLYBUS_TEST_REQUIRE_BROKERS").is_none(),
+                "POLYBUS_TEST_REQUIRE_BROKERS is set but POLYBUS_TEST_NATS_URL is not"
+            );
+            eprintln!("skipping: POLYBUS_TEST_NATS_URL is not set");
+            return;
+        };
+        let client = async_nats::connect(url)
+            .await
+            .expect("connecting to POLYBUS_TEST_NATS_URL");
+        let violations = Violations::default();
+        let mut seen = violations.watch();
+        // The refusal this round trip is about, then a burst of others
+        // recorded before the task reads its watch.
+        violations.record("Permissions Violation for Subscription to \"secret.mine\"");
+        for i in 0..1100 {
+            violations.record(&format!(
+                "Permissions Violation for Publish to \"secret.other.{i}\""
+            ));
+        }
+        let checked = violations
+            .round_trip(&client, std::time::Duration::from_secs(5), &mut seen, |v| {
+                v.subject == "secret.mine"
+            })
+            .await;
+        let error = checked.expect_err("a round trip whose refusal was lagged past");
+        assert!(error.is_retryable(), "{error:?}");
     }
 }
