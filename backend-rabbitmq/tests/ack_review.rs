@@ -5,45 +5,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use polybus_conformance::{Recorder, broker_url};
+use polybus_conformance::Recorder;
 use polybus_core::{Delivery, HandlerResult, Message, Order, StartFrom, SubscribeOptions};
 use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
 
-fn config(test: &str) -> Option<RabbitConfig> {
-    let url = broker_url("POLYBUS_TEST_AMQP_URL", test)?;
-    Some(RabbitConfig::new(&url).unwrap())
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &Message::new("").id[..8])
-}
-
-async fn next_delivery(
-    sub: &mut Box<dyn polybus_core::Subscription>,
-    within: Duration,
-) -> Option<(Delivery, polybus_core::Acker)> {
-    match tokio::time::timeout(within, sub.next()).await {
-        Ok(Some(Ok(polybus_core::Event::Delivery(d, a)))) => Some((d, a)),
-        Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
-        Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
-        Ok(None) | Err(_) => None,
-    }
-}
-
-/// Takes every delivery a fresh subscription of `(topic, "g")` gets within
-/// `within` of quiet, acks each and returns their payloads, sorted.
-async fn drain_payloads(conn: &polybus_core::Connection, topic: &str, within: Duration) -> Vec<String> {
-    let options = SubscribeOptions::new(topic).group("g");
-    let mut sub = conn.consumer.subscribe(options).await.unwrap();
-    let mut payloads = Vec::new();
-    while let Some((d, a)) = next_delivery(&mut sub, within).await {
-        payloads.push(String::from_utf8_lossy(d.payload()).into_owned());
-        a.ack().await.unwrap();
-    }
-    sub.close().await.unwrap();
-    payloads.sort();
-    payloads
-}
+#[path = "support/common.rs"]
+mod common;
+use common::{config, drain_payloads, next_delivery, shuffled, unique};
 
 async fn declare_and_send(conn: &polybus_core::Connection, topic: &str, n: usize) {
     conn.consumer
@@ -63,13 +31,6 @@ async fn delete(config: &RabbitConfig, topics: &[&str]) {
     for topic in topics {
         let _ = admin.delete_topic(topic, &[group_queue(topic, "g")]).await;
     }
-}
-
-/// A permutation of `0..n` (deterministic), for acking out of order.
-fn shuffled(n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (i as u64).wrapping_mul(2_654_435_761) % 1009);
-    order
 }
 
 /// `ack_coalescing(Some(Duration::MAX))` ("coalesce as long as it takes"):

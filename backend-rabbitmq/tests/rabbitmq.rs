@@ -6,18 +6,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use polybus_conformance::{Recorder, broker_url};
+use polybus_conformance::Recorder;
 use polybus_core::{Delivery, Error, HandlerResult, Message, Order, StartFrom};
 use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
 
-fn config(test: &str) -> Option<RabbitConfig> {
-    let url = broker_url("POLYBUS_TEST_AMQP_URL", test)?;
-    Some(RabbitConfig::new(&url).unwrap())
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &Message::new("").id[..8])
-}
+#[path = "support/common.rs"]
+mod common;
+use common::{config, drain_payloads, next_delivery, shuffled, unique};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_messages_are_an_error_only_when_mandatory() {
@@ -205,6 +200,7 @@ async fn raw_channel(config: &RabbitConfig) -> (lapin::Connection, lapin::Channe
     let channel = connection.create_channel().await.unwrap();
     (connection, channel)
 }
+
 /// Ready messages in the queue named `queue` (a passive declare), or `None` if
 /// it does not exist.
 async fn ready_in(config: &RabbitConfig, queue: &str) -> Option<u32> {
@@ -223,17 +219,6 @@ async fn ready_in(config: &RabbitConfig, queue: &str) -> Option<u32> {
         .map(|q| q.message_count());
     let _ = connection.close(200, "bye".into()).await;
     found
-}
-async fn next_delivery(
-    sub: &mut Box<dyn polybus_core::Subscription>,
-    within: Duration,
-) -> Option<(Delivery, polybus_core::Acker)> {
-    match tokio::time::timeout(within, sub.next()).await {
-        Ok(Some(Ok(polybus_core::Event::Delivery(d, a)))) => Some((d, a)),
-        Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
-        Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
-        Ok(None) | Err(_) => None,
-    }
 }
 
 /// Issue 12 item 5: lapin hands a basic.return to whichever confirm of a
@@ -809,28 +794,6 @@ async fn queues_declared_with_older_arguments_stay_declarable() {
 }
 
 // ---- multiple acks (issue 15) ----------------------------------------------
-
-/// Takes every delivery a fresh subscription of `(topic, "g")` gets within
-/// `within` of quiet, acks each and returns their payloads.
-async fn drain_payloads(conn: &polybus_core::Connection, topic: &str, within: Duration) -> Vec<String> {
-    let options = polybus_core::SubscribeOptions::new(topic).group("g");
-    let mut sub = conn.consumer.subscribe(options).await.unwrap();
-    let mut payloads = Vec::new();
-    while let Some((d, a)) = next_delivery(&mut sub, within).await {
-        payloads.push(String::from_utf8_lossy(d.payload()).into_owned());
-        a.ack().await.unwrap();
-    }
-    sub.close().await.unwrap();
-    payloads.sort();
-    payloads
-}
-
-/// A permutation of `0..n` (deterministic), for acking out of order.
-fn shuffled(n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (i as u64).wrapping_mul(2_654_435_761) % 1009);
-    order
-}
 
 /// Acks arrive out of order while one delivery in the middle is still held;
 /// it is released only after everything above it was acked. A multiple ack
