@@ -298,19 +298,21 @@ fn record<'a>(topic: &'a str, message: &'a Message) -> FutureRecord<'a, [u8], [u
 pub(crate) fn record_headers(message: &Message) -> OwnedHeaders {
     // Values are bytes or null, as Kafka carries them (a dead-letter copy keeps
     // another producer's non-UTF-8 and null values).
-    let id = (!message.system_headers.contains_key(wire::ID))
-        .then(|| polybus_core::HeaderValue::from(message.id.as_str()));
-    let mut headers =
-        OwnedHeaders::new_with_capacity(message.headers.len() + message.system_headers.len() + 1);
-    for (key, value) in message
-        .headers
-        .iter()
-        .chain(&message.system_headers)
-        .chain(id.as_ref().map(|id| (wire::ID, id)))
-    {
+    // The id is written from the message's own string (no copy per record).
+    let with_id = !message.system_headers.contains_key(wire::ID);
+    let mut headers = OwnedHeaders::new_with_capacity(
+        message.headers.len() + message.system_headers.len() + usize::from(with_id),
+    );
+    for (key, value) in message.headers.iter().chain(&message.system_headers) {
         headers = headers.insert(Header {
             key,
             value: value.as_bytes(),
+        });
+    }
+    if with_id {
+        headers = headers.insert(Header {
+            key: wire::ID,
+            value: Some(message.id.as_bytes()),
         });
     }
     headers
@@ -376,5 +378,41 @@ impl Producer for KafkaProducer {
     async fn close(&self) -> Result<()> {
         self.gate.close().await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::Headers;
+
+    use super::*;
+
+    fn pairs(headers: &OwnedHeaders) -> Vec<(String, Option<Vec<u8>>)> {
+        headers
+            .iter()
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .collect()
+    }
+
+    #[test]
+    fn the_id_follows_the_headers_once() {
+        let m = Message::new("x").with_header("a", "1");
+        assert_eq!(
+            pairs(&record_headers(&m)),
+            vec![
+                ("a".to_owned(), Some(b"1".to_vec())),
+                (wire::ID.to_owned(), Some(m.id.as_bytes().to_vec())),
+            ]
+        );
+        // A dead-letter copy of another producer's record keeps that record's
+        // own id header, and gets no second one.
+        let mut copy = m.clone();
+        copy.system_headers.insert(wire::ID, "theirs");
+        let got = pairs(&record_headers(&copy));
+        assert_eq!(got.iter().filter(|(k, _)| k == wire::ID).count(), 1, "{got:?}");
+        assert!(
+            got.contains(&(wire::ID.to_owned(), Some(b"theirs".to_vec()))),
+            "{got:?}"
+        );
     }
 }
