@@ -602,10 +602,12 @@ mod grace_tests {
 mod loss_tests {
     use super::*;
 
-    /// A client on the shared test server whose slow-consumer events go to
-    /// `markers` (as the producer's event callback does); `None` (skipped
-    /// loudly) without `POLYBUS_TEST_NATS_URL`.
-    async fn client(markers: &Arc<Markers>) -> Option<async_nats::Client> {
+    /// Markers started on a client of the shared test server whose
+    /// slow-consumer events go to them (as the producer's event callback
+    /// does), with the first marker in the buffer; `None` (skipped loudly)
+    /// without `POLYBUS_TEST_NATS_URL`.
+    async fn started(timeout: Duration) -> Option<(Arc<Markers>, async_nats::Client)> {
+        let markers = Arc::new(Markers::default());
         let Ok(url) = std::env::var("POLYBUS_TEST_NATS_URL") else {
             assert!(
                 std::env::var_os("POLYBUS_TEST_REQUIRE_BROKERS").is_none(),
@@ -614,7 +616,7 @@ mod loss_tests {
             eprintln!("skipping: POLYBUS_TEST_NATS_URL is not set");
             return None;
         };
-        let events = Arc::clone(markers);
+        let events = Arc::clone(&markers);
         let client = async_nats::ConnectOptions::new()
             .subscription_capacity(1)
             .event_callback(move |event| {
@@ -628,7 +630,10 @@ mod loss_tests {
             .connect(url)
             .await
             .expect("connecting to POLYBUS_TEST_NATS_URL");
-        Some(client)
+        markers.start(&client, timeout).await.unwrap();
+        // The first marker is in the buffer once the flush is answered.
+        client.flush().await.unwrap();
+        Some((markers, client))
     }
 
     /// Two losses in a row with no send between them: the first retires the
@@ -639,14 +644,10 @@ mod loss_tests {
     /// publish the server never saw.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_loss_while_no_subscription_is_installed_fails_the_send() {
-        let markers = Arc::new(Markers::default());
-        let Some(client) = client(&markers).await else {
+        let timeout = Duration::from_secs(5);
+        let Some((markers, client)) = started(timeout).await else {
             return;
         };
-        let timeout = Duration::from_secs(5);
-        markers.start(&client, timeout).await.unwrap();
-        // The first marker is in the buffer once the flush is answered.
-        client.flush().await.unwrap();
         let (violations, _) = broadcast::channel(16);
         let mut seen = violations.subscribe();
         markers
@@ -677,13 +678,10 @@ mod loss_tests {
     /// server may never have seen.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reconnect_without_its_event_fails_the_send() {
-        let markers = Arc::new(Markers::default());
-        let Some(client) = client(&markers).await else {
+        let timeout = Duration::from_secs(5);
+        let Some((markers, client)) = started(timeout).await else {
             return;
         };
-        let timeout = Duration::from_secs(5);
-        markers.start(&client, timeout).await.unwrap();
-        client.flush().await.unwrap();
         let (violations, _) = broadcast::channel(16);
         let mut seen = violations.subscribe();
         // The data goes out, then the client reconnects; the Disconnected
@@ -723,13 +721,10 @@ mod loss_tests {
     /// own (`Lagged`), and must not take that for "not refused".
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_send_that_lagged_past_its_own_refusal_is_not_ok() {
-        let markers = Arc::new(Markers::default());
-        let Some(client) = client(&markers).await else {
+        let timeout = Duration::from_secs(5);
+        let Some((markers, client)) = started(timeout).await else {
             return;
         };
-        let timeout = Duration::from_secs(5);
-        markers.start(&client, timeout).await.unwrap();
-        client.flush().await.unwrap();
         let (violations, _) = broadcast::channel(1024);
         let mut seen = violations.subscribe();
         let data = async {
@@ -766,13 +761,10 @@ mod loss_tests {
     /// producer stalled for good.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slots_held_by_markers_that_never_come_are_given_back() {
-        let markers = Arc::new(Markers::default());
-        let Some(client) = client(&markers).await else {
+        let timeout = Duration::from_millis(300);
+        let Some((markers, client)) = started(timeout).await else {
             return;
         };
-        let timeout = Duration::from_millis(300);
-        markers.start(&client, timeout).await.unwrap();
-        client.flush().await.unwrap();
         // Every slot held by a counted marker whose event never comes.
         markers.state().published = IN_FLIGHT as u64;
         markers.slots.try_acquire_many(IN_FLIGHT as u32).unwrap().forget();

@@ -11,20 +11,7 @@ use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
 
 #[path = "support/common.rs"]
 mod common;
-use common::{config, drain_payloads, next_delivery, shuffled, unique};
-
-async fn declare_and_send(conn: &polybus_core::Connection, topic: &str, n: usize) {
-    conn.consumer
-        .declare_group(topic, "g", StartFrom::Latest)
-        .await
-        .unwrap();
-    for i in 0..n {
-        conn.producer
-            .send(topic, Message::new(format!("m{i:04}")))
-            .await
-            .unwrap();
-    }
-}
+use common::{config, declare_and_send, drain_payloads, next_delivery, numbered, shuffled, take, unique};
 
 async fn delete(config: &RabbitConfig, topics: &[&str]) {
     let admin = RabbitConsumer::connect(config).await.unwrap();
@@ -49,14 +36,7 @@ async fn a_coalescing_bound_past_what_an_instant_holds_still_acks() {
     declare_and_send(&conn, &topic, 3).await;
     let options = SubscribeOptions::new(&topic).group("g").prefetch(3);
     let mut sub = conn.consumer.subscribe(options).await.unwrap();
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(
-            next_delivery(&mut sub, Duration::from_secs(10))
-                .await
-                .expect("a delivery"),
-        );
-    }
+    let held = take(&mut sub, 3).await;
     // m0001 is acked above the held m0000: it waits for it.
     let above = {
         let acker = held[1].1.clone();
@@ -215,7 +195,7 @@ async fn a_busy_runner_shut_down_mid_run_loses_nothing_and_redelivers_nothing() 
     let twice: Vec<_> = count.iter().filter(|(_, c)| **c > 1).collect();
     assert!(twice.is_empty(), "handled twice during the run: {twice:?}");
     let lost: Vec<String> = (0..n)
-        .map(|i| format!("m{i:04}"))
+        .map(numbered)
         .filter(|m| !count.contains_key(m.as_str()) && !back.contains(m))
         .collect();
     assert!(lost.is_empty(), "lost: {lost:?}");
@@ -230,7 +210,7 @@ async fn a_busy_runner_shut_down_mid_run_loses_nothing_and_redelivers_nothing() 
         );
     }
     for i in (0..n as u64).filter(|i| i % 397 == 5) {
-        let m = format!("m{i:04}");
+        let m = numbered(i as usize);
         if count.contains_key(m.as_str()) {
             continue;
         }
@@ -334,14 +314,7 @@ async fn an_ack_above_a_held_tag_on_an_idle_channel_is_answered_within_the_bound
     declare_and_send(&conn, &topic, 3).await;
     let options = SubscribeOptions::new(&topic).group("g").prefetch(3);
     let mut sub = conn.consumer.subscribe(options).await.unwrap();
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(
-            next_delivery(&mut sub, Duration::from_secs(10))
-                .await
-                .expect("a delivery"),
-        );
-    }
+    let held = take(&mut sub, 3).await;
     let started = tokio::time::Instant::now();
     let second = held[1].1.ack().await;
     let waited = started.elapsed();

@@ -12,7 +12,7 @@ use polybus_rabbitmq::{RabbitConfig, RabbitConsumer, group_queue};
 
 #[path = "support/common.rs"]
 mod common;
-use common::{config, drain_payloads, next_delivery, shuffled, unique};
+use common::{config, declare_and_send, drain_payloads, next_delivery, numbered, shuffled, take, unique};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_messages_are_an_error_only_when_mandatory() {
@@ -304,14 +304,7 @@ async fn stop_keeps_released_deliveries_from_coming_back() {
             .await
             .unwrap();
     }
-    let mut held = Vec::new();
-    for _ in 0..5 {
-        held.push(
-            next_delivery(&mut first, Duration::from_secs(10))
-                .await
-                .expect("a delivery"),
-        );
-    }
+    let held = take(&mut first, 5).await;
     first.stop().await.unwrap();
     first.stop().await.unwrap();
     for (_, acker) in &held {
@@ -809,27 +802,11 @@ async fn coalesced_acks_never_cover_a_released_delivery() {
     let config = config.ack_coalescing(Some(Duration::from_millis(500)));
     let topic = unique("acks-release");
     let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
-    conn.consumer
-        .declare_group(&topic, "g", StartFrom::Latest)
-        .await
-        .unwrap();
     let n = 60;
-    for i in 0..n {
-        conn.producer
-            .send(&topic, Message::new(format!("m{i:02}")))
-            .await
-            .unwrap();
-    }
+    declare_and_send(&conn, &topic, n).await;
     let options = polybus_core::SubscribeOptions::new(&topic).group("g").prefetch(n);
     let mut sub = conn.consumer.subscribe(options).await.unwrap();
-    let mut held = Vec::new();
-    for _ in 0..n {
-        held.push(
-            next_delivery(&mut sub, Duration::from_secs(10))
-                .await
-                .expect("a delivery"),
-        );
-    }
+    let held = take(&mut sub, n).await;
     // Released: m17 (after the acks above it) and m40 (before them).
     let (late, early) = (17, 40);
     held[early].1.release(None).await.unwrap();
@@ -847,7 +824,7 @@ async fn coalesced_acks_never_cover_a_released_delivery() {
     for task in acking {
         let (i, result) = task.await.unwrap();
         if let Err(e) = result {
-            failed.push(format!("m{i:02}: {e}"));
+            failed.push(format!("{}: {e}", numbered(i)));
         }
     }
     sub.close().await.unwrap();
@@ -861,7 +838,7 @@ async fn coalesced_acks_never_cover_a_released_delivery() {
     assert!(failed.is_empty(), "acks failed: {failed:?}");
     assert_eq!(
         back,
-        vec![format!("m{late:02}"), format!("m{early:02}")],
+        vec![numbered(late), numbered(early)],
         "exactly the released deliveries come back"
     );
     assert_eq!(ready, Some(0));
@@ -945,27 +922,11 @@ async fn an_ack_not_written_before_the_channel_is_lost_is_not_settled() {
     let config = config.ack_coalescing(Some(Duration::from_secs(30)));
     let topic = unique("acks-lost");
     let conn = polybus_rabbitmq::connect_with(config.clone()).await.unwrap();
-    conn.consumer
-        .declare_group(&topic, "g", StartFrom::Latest)
-        .await
-        .unwrap();
     let n = 20;
-    for i in 0..n {
-        conn.producer
-            .send(&topic, Message::new(format!("m{i:02}")))
-            .await
-            .unwrap();
-    }
+    declare_and_send(&conn, &topic, n).await;
     let options = polybus_core::SubscribeOptions::new(&topic).group("g").prefetch(n);
     let mut sub = conn.consumer.subscribe(options).await.unwrap();
-    let mut held = Vec::new();
-    for _ in 0..n {
-        held.push(
-            next_delivery(&mut sub, Duration::from_secs(10))
-                .await
-                .expect("a delivery"),
-        );
-    }
+    let held = take(&mut sub, n).await;
     // 0..5 acked contiguously: one multiple ack, settled.
     for (_, acker) in &held[..5] {
         let acker = acker.clone();
@@ -1002,14 +963,16 @@ async fn an_ack_not_written_before_the_channel_is_lost_is_not_settled() {
         .unwrap();
     for i in &settled {
         assert!(
-            !back.contains(&format!("m{i:02}")),
-            "m{i:02} was reported settled but came back: {back:?}"
+            !back.contains(&numbered(*i)),
+            "{} was reported settled but came back: {back:?}",
+            numbered(*i)
         );
     }
     for i in not_settled.iter().chain(&[5]) {
         assert!(
-            back.contains(&format!("m{i:02}")),
-            "m{i:02} was not settled and must come back: {back:?}"
+            back.contains(&numbered(*i)),
+            "{} was not settled and must come back: {back:?}",
+            numbered(*i)
         );
     }
     assert_eq!(

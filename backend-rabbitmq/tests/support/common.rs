@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use polybus_conformance::broker_url;
-use polybus_core::{Delivery, Message, SubscribeOptions};
+use polybus_core::{Acker, Delivery, Message, StartFrom, SubscribeOptions};
 use polybus_rabbitmq::RabbitConfig;
 
 pub(crate) fn config(test: &str) -> Option<RabbitConfig> {
@@ -20,12 +20,44 @@ pub(crate) fn unique(prefix: &str) -> String {
 pub(crate) async fn next_delivery(
     sub: &mut Box<dyn polybus_core::Subscription>,
     within: Duration,
-) -> Option<(Delivery, polybus_core::Acker)> {
+) -> Option<(Delivery, Acker)> {
     match tokio::time::timeout(within, sub.next()).await {
         Ok(Some(Ok(polybus_core::Event::Delivery(d, a)))) => Some((d, a)),
         Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
         Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
         Ok(None) | Err(_) => None,
+    }
+}
+
+/// Takes `n` deliveries, each within 10 s.
+pub(crate) async fn take(sub: &mut Box<dyn polybus_core::Subscription>, n: usize) -> Vec<(Delivery, Acker)> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(
+            next_delivery(sub, Duration::from_secs(10))
+                .await
+                .expect("a delivery"),
+        );
+    }
+    held
+}
+
+/// The payload of the `i`th message [`declare_and_send`] sends.
+pub(crate) fn numbered(i: usize) -> String {
+    format!("m{i:04}")
+}
+
+/// Declares `(topic, "g")` and sends `n` messages, [`numbered`] from 0.
+pub(crate) async fn declare_and_send(conn: &polybus_core::Connection, topic: &str, n: usize) {
+    conn.consumer
+        .declare_group(topic, "g", StartFrom::Latest)
+        .await
+        .unwrap();
+    for i in 0..n {
+        conn.producer
+            .send(topic, Message::new(numbered(i)))
+            .await
+            .unwrap();
     }
 }
 
