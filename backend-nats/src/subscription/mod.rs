@@ -21,7 +21,7 @@ mod ack;
 mod catch_up;
 mod pump;
 
-use ack::{JetStreamAck, PoisonAck};
+use ack::{Credit, JetStreamAck, PoisonAck};
 use catch_up::JetStreamCatchUp;
 pub(crate) use pump::{Pump, PumpSetup};
 
@@ -178,6 +178,18 @@ impl Drop for JetStreamSubscription {
 }
 
 impl JetStreamSubscription {
+    /// The credit a delivery from `pump` (in its consumer's `generation`) holds.
+    fn credit(&self, pump: usize, generation: u64) -> Credit {
+        Credit {
+            pump,
+            generation,
+            shared: Arc::clone(&self.shared),
+            consumer_closed: Arc::clone(&self.consumer_closed),
+            timeout: self.request_timeout,
+            returned: AtomicBool::new(false),
+        }
+    }
+
     fn delivery(&self, pump: usize, generation: u64, fetched: Fetched) -> Event {
         let msg = match fetched {
             Fetched::Js(msg) => msg,
@@ -194,12 +206,7 @@ impl JetStreamSubscription {
                     client: self.client.clone(),
                     ack_subject: p.ack_subject,
                     sequence: p.sequence,
-                    pump,
-                    generation,
-                    shared: Arc::clone(&self.shared),
-                    consumer_closed: Arc::clone(&self.consumer_closed),
-                    timeout: self.request_timeout,
-                    returned: AtomicBool::new(false),
+                    credit: self.credit(pump, generation),
                     acked: AtomicBool::new(false),
                 });
                 return Event::Delivery(Delivery::undecodable(p.message, origin, 1, p.reason), acker);
@@ -232,12 +239,7 @@ impl JetStreamSubscription {
         };
         let acker = Acker::new(JetStreamAck {
             message: msg,
-            pump,
-            generation,
-            shared: Arc::clone(&self.shared),
-            consumer_closed: Arc::clone(&self.consumer_closed),
-            timeout: self.request_timeout,
-            returned: AtomicBool::new(false),
+            credit: self.credit(pump, generation),
         });
         Event::Delivery(Delivery::new(message, origin, attempt), acker)
     }
